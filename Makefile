@@ -1,0 +1,171 @@
+# moed - one non-recursive Makefile. `make help` lists the targets.
+#
+# Sources are found by wildcard: a new engine/*.c, engine/cpu/*.c,
+# server/*.c or cuda/*.cu is built and linked without touching this file,
+# and every tests/check_<module>.c becomes the Check suite build/tests/check_<module>.
+
+.DEFAULT_GOAL := all
+SHELL := /bin/bash
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+BUILD ?= build
+CC ?= cc
+NVCC ?= nvcc
+PYTHON ?= python3
+VENV ?= .venv
+THREADS ?=
+MODEL ?=
+MODEL_CACHE ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/moed
+DEMO_MODEL := $(MODEL_CACHE)/demo-deepseek2-Q8_0.gguf
+FUZZ_TIME ?= 60
+
+# CUDA is built where nvcc exists unless CUDA=0 is given.
+CUDA ?= $(if $(shell command -v $(NVCC) 2>/dev/null),1,0)
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
+CUDA_ARCH ?= -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_90,code=compute_90
+
+PKGS := libmicrohttpd libuv libcjson libpcre2-8 libsystemd
+pkg_cflags = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+pkg_libs = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+check_cflags = $(shell pkg-config --cflags check 2>/dev/null)
+check_libs = $(shell pkg-config --libs check 2>/dev/null)
+
+OPT ?= -O2
+SAN ?=
+CPPFLAGS += -Iengine -Iengine/cpu -Iserver -D_GNU_SOURCE
+CFLAGS ?=
+CFLAGS += -std=c11 $(OPT) -g -pthread -Wall -Wextra -Werror -MMD -MP $(SAN)
+LDLIBS += -lm -lpthread
+LDFLAGS += -pthread $(SAN)
+
+ENGINE_SRC := $(sort $(wildcard engine/*.c engine/cpu/*.c))
+SERVER_SRC := $(sort $(filter-out server/main.c,$(wildcard server/*.c)))
+CUDA_SRC := $(sort $(wildcard cuda/*.cu))
+TEST_SRC := $(sort $(wildcard tests/check_*.c))
+TOOL_SRC := $(sort $(wildcard tests/tool_*.c))
+
+ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/%.o)
+SERVER_OBJ := $(SERVER_SRC:%.c=$(BUILD)/%.o)
+LIB := $(BUILD)/libmoed.a
+BIN := $(BUILD)/moed
+TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+TOOL_BIN := $(TOOL_SRC:tests/%.c=$(BUILD)/tests/%)
+
+ifeq ($(CUDA),1)
+CUDA_OBJ := $(CUDA_SRC:%.cu=$(BUILD)/%.o)
+CPPFLAGS += -DMOE_HAVE_CUDA=1 -Icuda
+LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
+NVCCFLAGS ?= -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -Wall,-Wextra -Werror all-warnings -lineinfo
+else
+CUDA_OBJ :=
+endif
+
+DEPS_STAMP := $(BUILD)/.deps-ok
+
+.PHONY: all deps test check pytest run bench asan fuzz install uninstall clean help venv
+
+all: $(BIN)
+
+help:
+	@echo "make            build $(BIN) (CPU; CUDA too where nvcc exists, CUDA=0 to skip)"
+	@echo "make test       install what is missing, build, run the Check suites and pytest"
+	@echo "make run        serve MODEL=path.gguf (default: a cached random-weight demo model)"
+	@echo "make bench      benchmarks (ratios measured in one run)"
+	@echo "make asan       Check suites under AddressSanitizer + UBSan"
+	@echo "make fuzz       libFuzzer on the GGUF reader for FUZZ_TIME seconds"
+	@echo "make install    PREFIX=$(PREFIX) DESTDIR=; make uninstall"
+	@echo "make deps       install the Debian -dev packages (root), or print the command"
+
+deps: $(DEPS_STAMP)
+
+$(DEPS_STAMP): deploy/install-deps.sh
+	@mkdir -p $(@D)
+	@./deploy/install-deps.sh
+	@touch $@
+
+$(BUILD)/%.o: %.c | $(DEPS_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(pkg_cflags) -c $< -o $@
+
+$(BUILD)/cuda/%.o: cuda/%.cu
+	@mkdir -p $(@D)
+	$(NVCC) $(NVCCFLAGS) -Iengine -Icuda -DMOE_HAVE_CUDA=1 -MMD -MP -c $< -o $@
+
+$(LIB): $(ENGINE_OBJ) $(SERVER_OBJ) $(CUDA_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BIN): $(BUILD)/server/main.o $(LIB)
+	$(CC) $(LDFLAGS) -o $@ $^ $(pkg_libs) $(LDLIBS)
+
+$(BUILD)/tests/%: tests/%.c $(LIB) | $(DEPS_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(pkg_cflags) $(check_cflags) -DMOE_SRC_DIR='"$(CURDIR)"' \
+		-o $@ $< $(LIB) $(LDFLAGS) $(check_libs) $(pkg_libs) $(LDLIBS)
+
+# --- tests ---
+
+$(VENV)/.ok: tests/requirements.txt
+	@WITH_PYTHON=1 ./deploy/install-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
+	@touch $@
+
+venv: $(VENV)/.ok
+
+check: $(TEST_BIN) $(BIN)
+	@fail=0; for t in $(TEST_BIN); do \
+		echo "== $$t"; CK_DEFAULT_TIMEOUT=$${CK_DEFAULT_TIMEOUT:-120} $$t || fail=1; \
+	done; exit $$fail
+
+pytest: $(BIN) $(TOOL_BIN) $(VENV)/.ok
+	MOED_BIN=$(CURDIR)/$(BIN) MOED_BUILD=$(CURDIR)/$(BUILD) $(VENV)/bin/python -m pytest -q tests/py
+
+test: deps
+	@$(MAKE) --no-print-directory check
+	@$(MAKE) --no-print-directory pytest
+
+asan:
+	@$(MAKE) --no-print-directory BUILD=build-asan CUDA=0 OPT=-O1 \
+		SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" check
+
+FUZZ_CC ?= clang
+fuzz: | $(DEPS_STAMP)
+	@WITH_FUZZ=1 ./deploy/install-deps.sh
+	@mkdir -p $(BUILD)/fuzz/corpus
+	$(FUZZ_CC) -std=c11 -g -O1 -D_GNU_SOURCE -Iengine -fsanitize=fuzzer,address,undefined \
+		tests/fuzz/fuzz_gguf.c engine/gguf.c engine/types.c engine/status.c -o $(BUILD)/fuzz/fuzz_gguf
+	cp -n tests/fuzz/seeds/* $(BUILD)/fuzz/corpus/ 2>/dev/null || true
+	$(BUILD)/fuzz/fuzz_gguf -max_total_time=$(FUZZ_TIME) -max_len=65536 -print_final_stats=1 \
+		$(BUILD)/fuzz/corpus
+
+# --- running ---
+
+$(DEMO_MODEL): | $(BIN)
+	@mkdir -p $(@D)
+	$(BIN) mkmodel --arch deepseek2 --preset demo --type Q8_0 -o $@.tmp && mv $@.tmp $@
+
+run: deps $(BIN) $(if $(MODEL),,$(DEMO_MODEL))
+	$(BIN) serve -m $(if $(MODEL),$(MODEL),$(DEMO_MODEL)) $(if $(THREADS),--threads $(THREADS))
+
+bench: $(BIN) $(if $(MODEL),,$(DEMO_MODEL))
+	$(BIN) bench -m $(if $(MODEL),$(MODEL),$(DEMO_MODEL))
+
+# --- install ---
+
+install: $(BIN)
+	install -Dm755 $(BIN) $(DESTDIR)$(PREFIX)/bin/moed
+	install -Dm644 deploy/moed.service $(DESTDIR)$(PREFIX)/lib/systemd/system/moed.service
+	install -Dm644 config/moed.conf $(DESTDIR)$(PREFIX)/share/moed/moed.conf.example
+	install -Dm644 docs/moed.1 $(DESTDIR)$(PREFIX)/share/man/man1/moed.1
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/moed $(DESTDIR)$(PREFIX)/lib/systemd/system/moed.service \
+		$(DESTDIR)$(PREFIX)/share/moed/moed.conf.example $(DESTDIR)$(PREFIX)/share/man/man1/moed.1
+	-rmdir $(DESTDIR)$(PREFIX)/share/moed 2>/dev/null
+
+clean:
+	rm -rf build build-asan
+
+-include $(shell find $(BUILD) build-asan -name '*.d' 2>/dev/null)

@@ -1,0 +1,18 @@
+/* cli.h - the subcommands of the `moed` binary.
+ *
+ * Each takes the arguments after the subcommand name (argv[0] is the
+ * subcommand itself) and returns the process exit status: 0 on success,
+ * 1 on a runtime failure, 2 on a usage error. Main thread only.
+ */
+#ifndef SRV_CLI_H
+#define SRV_CLI_H
+
+int srv_cmd_serve(int argc, char **argv);      /* server/serve.c */
+int srv_cmd_generate(int argc, char **argv);   /* server/cmd_generate.c */
+int srv_cmd_bench(int argc, char **argv);      /* server/cmd_bench.c */
+int srv_cmd_info(int argc, char **argv);       /* server/cmd_info.c */
+int srv_cmd_mkmodel(int argc, char **argv);    /* server/cmd_mkmodel.c */
+int srv_cmd_tokenize(int argc, char **argv);   /* server/cmd_tokenize.c */
+int srv_cmd_detokenize(int argc, char **argv); /* server/cmd_tokenize.c */
+
+#endif
