@@ -1,0 +1,47 @@
+/* cpu_dot.h - internals shared by cpu_matmul.c and the per-ISA kernel files.
+ *
+ * Not a public API: only engine/cpu/cpu_matmul.c and cpu_dot_*.c include it.
+ */
+#ifndef CPU_DOT_H
+#define CPU_DOT_H
+
+#include <stdint.h>
+
+#include "qblocks.h"
+
+/* Activation block for the 32-element weight types: float scale (more
+ * precise than Q8_0's f16) and s = d * sum(qs) for the types with an
+ * offset (Q4_1, Q5_1). qs are in [-127, 127], which the sign trick of the
+ * AVX2 kernels relies on. */
+typedef struct {
+    float d;
+    float s;
+    int8_t qs[32];
+} cpu__q8blk;
+
+/* K-quant activations use llama.cpp's Q8_K (qs in [-127, 127], bsums =
+ * sums of 16 consecutive qs). */
+typedef moe_block_q8_K cpu__q8k;
+
+/* *out = dot(weight row w, activation row x) over n elements; x is f32 for
+ * F32/F16/BF16 weights, cpu__q8blk[] for Q*_0/Q*_1, cpu__q8k[] for K-quants. */
+typedef void (*cpu__dot_fn)(int64_t n, const void *w, const void *x, float *out);
+
+/* Widens n F16/BF16 (or copies F32) weights to f32. */
+typedef void (*cpu__cvt_fn)(int64_t n, const void *w, float *out);
+
+typedef struct {
+    cpu__dot_fn dot[MOE_TYPE_COUNT];
+    cpu__cvt_fn cvt[MOE_TYPE_COUNT];
+} cpu__kernels;
+
+/* Each fills the entries it implements and leaves the others alone, so a
+ * table is built as scalar, then AVX2 over it, then AVX-512 over that.
+ * Contract that keeps results path-independent where it matters: within
+ * one ISA, dot[F16](w) == dot[F32](cvt[F16](w)) bit for bit (same for
+ * BF16), so converting a row once for many tokens changes nothing. */
+void cpu__kernels_scalar(cpu__kernels *k);
+void cpu__kernels_avx2(cpu__kernels *k);
+void cpu__kernels_avx512(cpu__kernels *k);
+
+#endif
