@@ -1,2 +1,349 @@
+/* cpu_dot_avx2.c - AVX2 + FMA + F16C dot-product kernels (see cpu_dot.h).
+ *
+ * Compiled with function-level target attributes, so the file builds with
+ * no -march flag; cpu_matmul.c only installs these after checking the CPU.
+ *
+ * Integer kernels: weights and activations are int8 (or unsigned 4/5/6-bit
+ * levels) multiplied with maddubs (u8 x s8 -> s16 pairs) and widened with
+ * madd. For signed x signed the sign of the weight is moved onto the
+ * activation (|w| * sign(w)*x), which is exact because activations stay in
+ * [-127, 127]. maddubs saturates at 32767; the largest pair sum here is
+ * 2*128*127 = 32512 (a -128 Q8_0 weight), so it never does.
+ */
 #include "cpu_dot.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+
+#include <immintrin.h>
+#include <string.h>
+
+#define TGT __attribute__((target("avx2,fma,f16c")))
+
+TGT static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+TGT static inline float h2f(moe_f16 h) { return _cvtsh_ss(h); }
+
+/* 8 int32 sums of pairs of products of signed bytes. */
+TGT static inline __m256i mul_sum_i8(__m256i w, __m256i x) {
+    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+/* Same for unsigned weight levels (0..63) times signed activations. */
+TGT static inline __m256i mul_sum_u8(__m256i u, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+}
+
+/* 16 bytes of nibble pairs -> 32 levels: low nibbles (elements 0..15)
+ * then high nibbles (16..31), the Q4_0/Q4_1/Q5_x element order. */
+TGT static inline __m256i unpack_nibbles(const uint8_t *p) {
+    __m128i t = _mm_loadu_si128((const __m128i *)p);
+    __m256i v = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+
+/* The 32 bits of qh spread to 32 bytes: 0x10 where bit j is set. Each
+ * byte j picks byte j/8 of qh; OR-ing with all bits except bit j%8 set
+ * gives 0xFF exactly when that bit is set. */
+TGT static inline __m256i q5_high_bits(const uint8_t qh_bytes[4]) {
+    uint32_t qh;
+    memcpy(&qh, qh_bytes, 4);
+    const __m256i pick = _mm256_set_epi64x(0x0303030303030303ll, 0x0202020202020202ll,
+                                           0x0101010101010101ll, 0x0000000000000000ll);
+    __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), pick);
+    b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfell));
+    b = _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
+    return _mm256_and_si256(b, _mm256_set1_epi8(0x10));
+}
+
+/* ---- F32 / F16 / BF16: one summation structure for all three ---- */
+
+TGT static inline __m256 ld_f32(const void *p, int64_t i) { return _mm256_loadu_ps((const float *)p + i); }
+TGT static inline __m256 ld_f16(const void *p, int64_t i) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const moe_f16 *)p + i)));
+}
+TGT static inline __m256 ld_bf16(const void *p, int64_t i) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const moe_bf16 *)p + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+TGT static inline float s_f32(const void *p, int64_t i) { return ((const float *)p)[i]; }
+TGT static inline float s_f16(const void *p, int64_t i) { return _cvtsh_ss(((const moe_f16 *)p)[i]); }
+TGT static inline float s_bf16(const void *p, int64_t i) {
+    uint32_t u = (uint32_t)((const moe_bf16 *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#define AVX2_F_DOT(NAME, LD, SLD)                                                                  \
+    TGT static void NAME(int64_t n, const void *w, const void *xv, float *out) {                   \
+        const float *x = xv;                                                                       \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                \
+        int64_t i = 0;                                                                             \
+        for (; i + 32 <= n; i += 32) {                                                             \
+            a0 = _mm256_fmadd_ps(LD(w, i), _mm256_loadu_ps(x + i), a0);                            \
+            a1 = _mm256_fmadd_ps(LD(w, i + 8), _mm256_loadu_ps(x + i + 8), a1);                    \
+            a2 = _mm256_fmadd_ps(LD(w, i + 16), _mm256_loadu_ps(x + i + 16), a2);                  \
+            a3 = _mm256_fmadd_ps(LD(w, i + 24), _mm256_loadu_ps(x + i + 24), a3);                  \
+        }                                                                                          \
+        for (; i + 8 <= n; i += 8)                                                                 \
+            a0 = _mm256_fmadd_ps(LD(w, i), _mm256_loadu_ps(x + i), a0);                            \
+        float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));              \
+        for (; i < n; i++)                                                                         \
+            s += SLD(w, i) * x[i];                                                                 \
+        *out = s;                                                                                  \
+    }
+
+AVX2_F_DOT(dot_f32, ld_f32, s_f32)
+AVX2_F_DOT(dot_f16, ld_f16, s_f16)
+AVX2_F_DOT(dot_bf16, ld_bf16, s_bf16)
+
+TGT static void cvt_f16(int64_t n, const void *w, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, ld_f16(w, i));
+    for (; i < n; i++)
+        out[i] = s_f16(w, i);
+}
+
+TGT static void cvt_bf16(int64_t n, const void *w, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, ld_bf16(w, i));
+    for (; i < n; i++)
+        out[i] = s_bf16(w, i);
+}
+
+/* ---- 32-element block types; two blocks per step for two FMA chains ---- */
+
+#define BLOCK_LOOP(BODY)                                                                           \
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                 \
+    int64_t nb = n / 32, b = 0;                                                                    \
+    for (; b + 2 <= nb; b += 2) {                                                                  \
+        { BODY(b, acc0) }                                                                          \
+        { BODY(b + 1, acc1) }                                                                      \
+    }                                                                                              \
+    if (b < nb) {                                                                                  \
+        BODY(b, acc0)                                                                              \
+    }
+
+#define Q8_0_BODY(B, ACC)                                                                          \
+    __m256i s = mul_sum_i8(_mm256_loadu_si256((const __m256i *)w[B].qs),                           \
+                           _mm256_loadu_si256((const __m256i *)x[B].qs));                          \
+    ACC = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[B].d) * x[B].d), _mm256_cvtepi32_ps(s), ACC);
+
+TGT static void dot_q8_0(int64_t n, const void *wv, const void *xv, float *out) {
+    const moe_block_q8_0 *w = wv;
+    const cpu__q8blk *x = xv;
+    BLOCK_LOOP(Q8_0_BODY)
+    *out = hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+#define Q4_0_BODY(B, ACC)                                                                          \
+    __m256i q = _mm256_sub_epi8(unpack_nibbles(w[B].qs), _mm256_set1_epi8(8));                    \
+    __m256i s = mul_sum_i8(q, _mm256_loadu_si256((const __m256i *)x[B].qs));                       \
+    ACC = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[B].d) * x[B].d), _mm256_cvtepi32_ps(s), ACC);
+
+TGT static void dot_q4_0(int64_t n, const void *wv, const void *xv, float *out) {
+    const moe_block_q4_0 *w = wv;
+    const cpu__q8blk *x = xv;
+    BLOCK_LOOP(Q4_0_BODY)
+    *out = hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+#define Q4_1_BODY(B, ACC)                                                                          \
+    __m256i s = mul_sum_u8(unpack_nibbles(w[B].qs), _mm256_loadu_si256((const __m256i *)x[B].qs)); \
+    ACC = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[B].d) * x[B].d), _mm256_cvtepi32_ps(s), ACC);       \
+    moff += h2f(w[B].m) * x[B].s;
+
+TGT static void dot_q4_1(int64_t n, const void *wv, const void *xv, float *out) {
+    const moe_block_q4_1 *w = wv;
+    const cpu__q8blk *x = xv;
+    float moff = 0;
+    BLOCK_LOOP(Q4_1_BODY)
+    *out = hsum8(_mm256_add_ps(acc0, acc1)) + moff;
+}
+
+#define Q5_0_BODY(B, ACC)                                                                          \
+    __m256i q = _mm256_or_si256(unpack_nibbles(w[B].qs), q5_high_bits(w[B].qh));                   \
+    q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));                                                  \
+    __m256i s = mul_sum_i8(q, _mm256_loadu_si256((const __m256i *)x[B].qs));                       \
+    ACC = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[B].d) * x[B].d), _mm256_cvtepi32_ps(s), ACC);
+
+TGT static void dot_q5_0(int64_t n, const void *wv, const void *xv, float *out) {
+    const moe_block_q5_0 *w = wv;
+    const cpu__q8blk *x = xv;
+    BLOCK_LOOP(Q5_0_BODY)
+    *out = hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+#define Q5_1_BODY(B, ACC)                                                                          \
+    __m256i q = _mm256_or_si256(unpack_nibbles(w[B].qs), q5_high_bits(w[B].qh));                   \
+    __m256i s = mul_sum_u8(q, _mm256_loadu_si256((const __m256i *)x[B].qs));                       \
+    ACC = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[B].d) * x[B].d), _mm256_cvtepi32_ps(s), ACC);       \
+    moff += h2f(w[B].m) * x[B].s;
+
+TGT static void dot_q5_1(int64_t n, const void *wv, const void *xv, float *out) {
+    const moe_block_q5_1 *w = wv;
+    const cpu__q8blk *x = xv;
+    float moff = 0;
+    BLOCK_LOOP(Q5_1_BODY)
+    *out = hsum8(_mm256_add_ps(acc0, acc1)) + moff;
+}
+
+/* ---- K-quants against Q8_K ---- */
+
+static inline void k4_scales(const uint8_t q[12], uint8_t sc[8], uint8_t m[8]) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = q[j] & 63;
+        m[j] = q[j + 4] & 63;
+        sc[j + 4] = (uint8_t)((q[j + 8] & 0xF) | ((q[j] >> 6) << 4));
+        m[j + 4] = (uint8_t)((q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4));
+    }
+}
+
+static inline int32_t k4_min_sum(const uint8_t m[8], const int16_t bsums[16]) {
+    int32_t s = 0;
+    for (int j = 0; j < 8; j++)
+        s += m[j] * (bsums[2 * j] + bsums[2 * j + 1]);
+    return s;
+}
+
+/* Q4_K and Q5_K: per 64-element chunk c, low nibbles go with x[64c..+32)
+ * and sub-block scale 2c, high nibbles with x[64c+32..+64) and scale 2c+1.
+ * Level*x pair sums (<= 2*31*127) times a 6-bit scale fit the int16 x
+ * int16 -> int32 madd. Q5_K adds bit 2c / 2c+1 of qh as 16. */
+TGT static void dot_q4_K(int64_t n, const void *wv, const void *xv, float *out) {
+    const moe_block_q4_K *w = wv;
+    const cpu__q8k *x = xv;
+    __m256 acc = _mm256_setzero_ps();
+    float moff = 0;
+    for (int64_t b = 0; b < n / 256; b++) {
+        uint8_t sc[8], m[8];
+        k4_scales(w[b].scales, sc, m);
+        const int8_t *xq = x[b].qs;
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * c));
+            __m256i lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0F));
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0F));
+            __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 64 * c)));
+            __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32)));
+            p0 = _mm256_madd_epi16(p0, _mm256_set1_epi16(sc[2 * c]));
+            p1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(sc[2 * c + 1]));
+            sum = _mm256_add_epi32(sum, _mm256_add_epi32(p0, p1));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[b].d) * x[b].d), _mm256_cvtepi32_ps(sum), acc);
+        moff += h2f(w[b].dmin) * x[b].d * (float)k4_min_sum(m, x[b].bsums);
+    }
+    *out = hsum8(acc) - moff;
+}
+
+TGT static void dot_q5_K(int64_t n, const void *wv, const void *xv, float *out) {
+    const moe_block_q5_K *w = wv;
+    const cpu__q8k *x = xv;
+    __m256 acc = _mm256_setzero_ps();
+    float moff = 0;
+    const __m256i mask4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    for (int64_t b = 0; b < n / 256; b++) {
+        uint8_t sc[8], m[8];
+        k4_scales(w[b].scales, sc, m);
+        const int8_t *xq = x[b].qs;
+        __m256i hb = _mm256_loadu_si256((const __m256i *)w[b].qh);
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * c));
+            /* bit 2c of qh is element l's fifth bit; shift it to bit 4 */
+            __m256i lo = _mm256_or_si256(_mm256_and_si256(q, mask4),
+                                         _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
+            hb = _mm256_srli_epi16(hb, 1);
+            __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), mask4),
+                                         _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
+            hb = _mm256_srli_epi16(hb, 1);
+            __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 64 * c)));
+            __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32)));
+            p0 = _mm256_madd_epi16(p0, _mm256_set1_epi16(sc[2 * c]));
+            p1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(sc[2 * c + 1]));
+            sum = _mm256_add_epi32(sum, _mm256_add_epi32(p0, p1));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[b].d) * x[b].d), _mm256_cvtepi32_ps(sum), acc);
+        moff += h2f(w[b].dmin) * x[b].d * (float)k4_min_sum(m, x[b].bsums);
+    }
+    *out = hsum8(acc) - moff;
+}
+
+/* Q6_K: levels 0..63 (the -32 offset is applied through bsums), 16-element
+ * sub-blocks with int8 scales: each 32-byte maddubs result holds two
+ * sub-blocks, one per 128-bit half, so the scale vector is split too. */
+TGT static inline __m256i scale_pair(int8_t a, int8_t b) {
+    return _mm256_set_m128i(_mm_set1_epi16(b), _mm_set1_epi16(a));
+}
+
+TGT static void dot_q6_K(int64_t n, const void *wv, const void *xv, float *out) {
+    const moe_block_q6_K *w = wv;
+    const cpu__q8k *x = xv;
+    __m256 acc = _mm256_setzero_ps();
+    float off = 0;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    for (int64_t b = 0; b < n / 256; b++) {
+        const int8_t *sc = w[b].scales;
+        __m256i sum = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = w[b].ql + 64 * h, *qhp = w[b].qh + 32 * h;
+            const int8_t *xq = x[b].qs + 128 * h, *s = sc + 8 * h;
+            __m256i qh = _mm256_loadu_si256((const __m256i *)qhp);
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            __m256i q1 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
+            __m256i q2 = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
+            __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
+            __m256i q4 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
+            __m256i p1 = _mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)xq));
+            __m256i p2 = _mm256_maddubs_epi16(q2, _mm256_loadu_si256((const __m256i *)(xq + 32)));
+            __m256i p3 = _mm256_maddubs_epi16(q3, _mm256_loadu_si256((const __m256i *)(xq + 64)));
+            __m256i p4 = _mm256_maddubs_epi16(q4, _mm256_loadu_si256((const __m256i *)(xq + 96)));
+            p1 = _mm256_madd_epi16(p1, scale_pair(s[0], s[1]));
+            p2 = _mm256_madd_epi16(p2, scale_pair(s[2], s[3]));
+            p3 = _mm256_madd_epi16(p3, scale_pair(s[4], s[5]));
+            p4 = _mm256_madd_epi16(p4, scale_pair(s[6], s[7]));
+            sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_add_epi32(p1, p2), _mm256_add_epi32(p3, p4)));
+        }
+        int32_t sb = 0;
+        for (int j = 0; j < 16; j++)
+            sb += sc[j] * x[b].bsums[j];
+        float d = h2f(w[b].d) * x[b].d;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sum), acc);
+        off += d * (float)(32 * sb);
+    }
+    *out = hsum8(acc) - off;
+}
+
+void cpu__kernels_avx2(cpu__kernels *k) {
+    k->dot[MOE_TYPE_F32] = dot_f32;
+    k->dot[MOE_TYPE_F16] = dot_f16;
+    k->dot[MOE_TYPE_BF16] = dot_bf16;
+    k->cvt[MOE_TYPE_F16] = cvt_f16;
+    k->cvt[MOE_TYPE_BF16] = cvt_bf16;
+    k->dot[MOE_TYPE_Q8_0] = dot_q8_0;
+    k->dot[MOE_TYPE_Q4_0] = dot_q4_0;
+    k->dot[MOE_TYPE_Q4_1] = dot_q4_1;
+    k->dot[MOE_TYPE_Q5_0] = dot_q5_0;
+    k->dot[MOE_TYPE_Q5_1] = dot_q5_1;
+    k->dot[MOE_TYPE_Q4_K] = dot_q4_K;
+    k->dot[MOE_TYPE_Q5_K] = dot_q5_K;
+    k->dot[MOE_TYPE_Q6_K] = dot_q6_K;
+}
+
+#else
+
 void cpu__kernels_avx2(cpu__kernels *k) { (void)k; }
+
+#endif
