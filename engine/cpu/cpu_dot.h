@@ -30,9 +30,17 @@ typedef void (*cpu__dot_fn)(int64_t n, const void *w, const void *x, float *out)
 /* Widens n F16/BF16 (or copies F32) weights to f32. */
 typedef void (*cpu__cvt_fn)(int64_t n, const void *w, float *out);
 
+/* Quantizes n activations (n a multiple of 32, resp. 256). Every ISA must
+ * produce the same bytes: amax/127 scale computed in scalar f32, levels
+ * rounded half-to-even from x * (1/d). */
+typedef void (*cpu__act_q8_fn)(const float *x, int64_t n, cpu__q8blk *out);
+typedef void (*cpu__act_q8k_fn)(const float *x, int64_t n, cpu__q8k *out);
+
 typedef struct {
     cpu__dot_fn dot[MOE_TYPE_COUNT];
     cpu__cvt_fn cvt[MOE_TYPE_COUNT];
+    cpu__act_q8_fn act_q8;
+    cpu__act_q8k_fn act_q8k;
 } cpu__kernels;
 
 /* Each fills the entries it implements and leaves the others alone, so a

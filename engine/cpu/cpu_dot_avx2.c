@@ -198,83 +198,109 @@ TGT static void dot_q5_1(int64_t n, const void *wv, const void *xv, float *out) 
 
 /* ---- K-quants against Q8_K ---- */
 
-static inline void k4_scales(const uint8_t q[12], uint8_t sc[8], uint8_t m[8]) {
-    for (int j = 0; j < 4; j++) {
-        sc[j] = q[j] & 63;
-        m[j] = q[j + 4] & 63;
-        sc[j + 4] = (uint8_t)((q[j + 8] & 0xF) | ((q[j] >> 6) << 4));
-        m[j + 4] = (uint8_t)((q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4));
-    }
+/* The 8 six-bit scales and mins of a Q4_K/Q5_K block widened to int16:
+ * lanes 0..7 scales, 8..15 mins. Done with 32-bit masks on the packed
+ * words instead of byte by byte:
+ *   sc[0..3] = w0 & 63         m[0..3] = w1 & 63
+ *   sc[4..7] = (w2 & 15) | (w0 >> 6) << 4
+ *   m[4..7]  = (w2 >> 4 & 15) | (w1 >> 6) << 4   (per byte) */
+TGT static inline __m256i k4_scales_mins(const uint8_t q[12]) {
+    uint32_t w0, w1, w2;
+    memcpy(&w0, q, 4);
+    memcpy(&w1, q + 4, 4);
+    memcpy(&w2, q + 8, 4);
+    uint32_t sc_lo = w0 & 0x3f3f3f3fu, m_lo = w1 & 0x3f3f3f3fu;
+    uint32_t sc_hi = (w2 & 0x0f0f0f0fu) | (((w0 >> 6) & 0x03030303u) << 4);
+    uint32_t m_hi = ((w2 >> 4) & 0x0f0f0f0fu) | (((w1 >> 6) & 0x03030303u) << 4);
+    return _mm256_cvtepu8_epi16(_mm_setr_epi32((int)sc_lo, (int)sc_hi, (int)m_lo, (int)m_hi));
 }
 
-static inline int32_t k4_min_sum(const uint8_t m[8], const int16_t bsums[16]) {
-    int32_t s = 0;
-    for (int j = 0; j < 8; j++)
-        s += m[j] * (bsums[2 * j] + bsums[2 * j + 1]);
-    return s;
+/* shuffle masks that broadcast int16 lane i of a 128-bit half */
+static const uint8_t k4_lane_mask[8][32] __attribute__((aligned(32))) = {
+#define K4M(i) {2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, \
+                2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, \
+                2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1}
+    K4M(0), K4M(1), K4M(2), K4M(3), K4M(4), K4M(5), K4M(6), K4M(7)
+#undef K4M
+};
+
+TGT static inline __m256i k4_scale_bcast(__m256i scales, int i) {
+    return _mm256_shuffle_epi8(scales, _mm256_load_si256((const __m256i *)k4_lane_mask[i]));
+}
+
+/* sum_j m_j * (bsums[2j] + bsums[2j+1]) as 4 int32 lanes */
+TGT static inline __m128i k4_min_dot(__m256i sm, const int16_t bsums[16]) {
+    __m128i b0 = _mm_loadu_si128((const __m128i *)bsums), b1 = _mm_loadu_si128((const __m128i *)(bsums + 8));
+    __m128i pairs = _mm_hadd_epi16(b0, b1); /* |pair| <= 32*127, no overflow */
+    return _mm_madd_epi16(_mm256_extracti128_si256(sm, 1), pairs);
 }
 
 /* Q4_K and Q5_K: per 64-element chunk c, low nibbles go with x[64c..+32)
  * and sub-block scale 2c, high nibbles with x[64c+32..+64) and scale 2c+1.
  * Level*x pair sums (<= 2*31*127) times a 6-bit scale fit the int16 x
- * int16 -> int32 madd. Q5_K adds bit 2c / 2c+1 of qh as 16. */
+ * int16 -> int32 madd. Q5_K adds bit 2c / 2c+1 of qh as 16. The mins
+ * term, dmin * sum_j m_j * sum(x in sub-block j), comes from bsums. */
 TGT static void dot_q4_K(int64_t n, const void *wv, const void *xv, float *out) {
     const moe_block_q4_K *w = wv;
     const cpu__q8k *x = xv;
     __m256 acc = _mm256_setzero_ps();
-    float moff = 0;
+    __m128 accm = _mm_setzero_ps();
+    const __m256i mask4 = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < n / 256; b++) {
-        uint8_t sc[8], m[8];
-        k4_scales(w[b].scales, sc, m);
+        __m256i sm = k4_scales_mins(w[b].scales);
+        __m256i scales = _mm256_permute2x128_si256(sm, sm, 0x00);
         const int8_t *xq = x[b].qs;
         __m256i sum = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
             __m256i q = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * c));
-            __m256i lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0F));
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0F));
+            __m256i lo = _mm256_and_si256(q, mask4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask4);
             __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 64 * c)));
             __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32)));
-            p0 = _mm256_madd_epi16(p0, _mm256_set1_epi16(sc[2 * c]));
-            p1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(sc[2 * c + 1]));
+            p0 = _mm256_madd_epi16(p0, k4_scale_bcast(scales, 2 * c));
+            p1 = _mm256_madd_epi16(p1, k4_scale_bcast(scales, 2 * c + 1));
             sum = _mm256_add_epi32(sum, _mm256_add_epi32(p0, p1));
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[b].d) * x[b].d), _mm256_cvtepi32_ps(sum), acc);
-        moff += h2f(w[b].dmin) * x[b].d * (float)k4_min_sum(m, x[b].bsums);
+        accm = _mm_fmadd_ps(_mm_set1_ps(h2f(w[b].dmin) * x[b].d), _mm_cvtepi32_ps(k4_min_dot(sm, x[b].bsums)), accm);
     }
-    *out = hsum8(acc) - moff;
+    __m128 m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    *out = hsum8(acc) - _mm_cvtss_f32(m);
 }
 
 TGT static void dot_q5_K(int64_t n, const void *wv, const void *xv, float *out) {
     const moe_block_q5_K *w = wv;
     const cpu__q8k *x = xv;
     __m256 acc = _mm256_setzero_ps();
-    float moff = 0;
+    __m128 accm = _mm_setzero_ps();
     const __m256i mask4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
     for (int64_t b = 0; b < n / 256; b++) {
-        uint8_t sc[8], m[8];
-        k4_scales(w[b].scales, sc, m);
+        __m256i sm = k4_scales_mins(w[b].scales);
+        __m256i scales = _mm256_permute2x128_si256(sm, sm, 0x00);
         const int8_t *xq = x[b].qs;
         __m256i hb = _mm256_loadu_si256((const __m256i *)w[b].qh);
         __m256i sum = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
             __m256i q = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * c));
-            /* bit 2c of qh is element l's fifth bit; shift it to bit 4 */
-            __m256i lo = _mm256_or_si256(_mm256_and_si256(q, mask4),
-                                         _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
+            /* bit 2c of qh is the fifth bit of the low-nibble element; move it to bit 4 */
+            __m256i lo = _mm256_or_si256(_mm256_and_si256(q, mask4), _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
             hb = _mm256_srli_epi16(hb, 1);
             __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), mask4),
                                          _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
             hb = _mm256_srli_epi16(hb, 1);
             __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 64 * c)));
             __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32)));
-            p0 = _mm256_madd_epi16(p0, _mm256_set1_epi16(sc[2 * c]));
-            p1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(sc[2 * c + 1]));
+            p0 = _mm256_madd_epi16(p0, k4_scale_bcast(scales, 2 * c));
+            p1 = _mm256_madd_epi16(p1, k4_scale_bcast(scales, 2 * c + 1));
             sum = _mm256_add_epi32(sum, _mm256_add_epi32(p0, p1));
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[b].d) * x[b].d), _mm256_cvtepi32_ps(sum), acc);
-        moff += h2f(w[b].dmin) * x[b].d * (float)k4_min_sum(m, x[b].bsums);
+        accm = _mm_fmadd_ps(_mm_set1_ps(h2f(w[b].dmin) * x[b].d), _mm_cvtepi32_ps(k4_min_dot(sm, x[b].bsums)), accm);
     }
-    *out = hsum8(acc) - moff;
+    __m128 m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    *out = hsum8(acc) - _mm_cvtss_f32(m);
 }
 
 /* Q6_K: levels 0..63 (the -32 offset is applied through bsums), 16-element
@@ -326,7 +352,76 @@ TGT static void dot_q6_K(int64_t n, const void *wv, const void *xv, float *out) 
     *out = hsum8(acc) - off;
 }
 
+/* ---- activation quantization (same bytes as the scalar version) ---- */
+
+TGT static inline float absmax8(__m256 m) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Rounds 32 floats times id to int8 (half-to-even, as the scalar code's
+ * magic-constant rounding) and stores them in element order; returns the
+ * 8 lanes of int32 sums of levels. */
+TGT static inline __m256i round_store32(const float *x, __m256 id, int8_t *q) {
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x), id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8), id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 16), id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 24), id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    /* packs work per 128-bit lane; the final dword permute restores order */
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)q, p);
+    return sum;
+}
+
+TGT static inline int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+TGT static void act_q8(const float *x, int64_t n, cpu__q8blk *b) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < n / 32; i++, x += 32) {
+        __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(x));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8)));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 16)));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 24)));
+        float d = absmax8(m) / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        b[i].d = d;
+        b[i].s = d * (float)hsum_i32(round_store32(x, _mm256_set1_ps(id), b[i].qs));
+    }
+}
+
+TGT static void act_q8k(const float *x, int64_t n, cpu__q8k *b) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < n / 256; i++, x += 256) {
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < 256; j += 8)
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+        float d = absmax8(m) / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        b[i].d = d;
+        for (int j = 0; j < 256; j += 32)
+            round_store32(x + j, _mm256_set1_ps(id), b[i].qs + j);
+        for (int j = 0; j < 16; j++) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(b[i].qs + 16 * j));
+            /* sum of 16 int8: widen to int16, madd with 1 -> 4 int32 */
+            __m256i w = _mm256_cvtepi8_epi16(v);
+            __m256i s = _mm256_madd_epi16(w, _mm256_set1_epi16(1));
+            b[i].bsums[j] = (int16_t)hsum_i32(s);
+        }
+    }
+}
+
 void cpu__kernels_avx2(cpu__kernels *k) {
+    k->act_q8 = act_q8;
+    k->act_q8k = act_q8k;
     k->dot[MOE_TYPE_F32] = dot_f32;
     k->dot[MOE_TYPE_F16] = dot_f16;
     k->dot[MOE_TYPE_BF16] = dot_bf16;
@@ -344,6 +439,75 @@ void cpu__kernels_avx2(cpu__kernels *k) {
 
 #else
 
-void cpu__kernels_avx2(cpu__kernels *k) { (void)k; }
+/* ---- activation quantization (same bytes as the scalar version) ---- */
+
+TGT static inline float absmax8(__m256 m) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Rounds 32 floats times id to int8 (half-to-even, as the scalar code's
+ * magic-constant rounding) and stores them in element order; returns the
+ * 8 lanes of int32 sums of levels. */
+TGT static inline __m256i round_store32(const float *x, __m256 id, int8_t *q) {
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x), id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8), id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 16), id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 24), id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    /* packs work per 128-bit lane; the final dword permute restores order */
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)q, p);
+    return sum;
+}
+
+TGT static inline int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+TGT static void act_q8(const float *x, int64_t n, cpu__q8blk *b) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < n / 32; i++, x += 32) {
+        __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(x));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8)));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 16)));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 24)));
+        float d = absmax8(m) / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        b[i].d = d;
+        b[i].s = d * (float)hsum_i32(round_store32(x, _mm256_set1_ps(id), b[i].qs));
+    }
+}
+
+TGT static void act_q8k(const float *x, int64_t n, cpu__q8k *b) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < n / 256; i++, x += 256) {
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < 256; j += 8)
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+        float d = absmax8(m) / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        b[i].d = d;
+        for (int j = 0; j < 256; j += 32)
+            round_store32(x + j, _mm256_set1_ps(id), b[i].qs + j);
+        for (int j = 0; j < 16; j++) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(b[i].qs + 16 * j));
+            /* sum of 16 int8: widen to int16, madd with 1 -> 4 int32 */
+            __m256i w = _mm256_cvtepi8_epi16(v);
+            __m256i s = _mm256_madd_epi16(w, _mm256_set1_epi16(1));
+            b[i].bsums[j] = (int16_t)hsum_i32(s);
+        }
+    }
+}
+
+void cpu__kernels_avx2(cpu__kernels *k) {
+    k->act_q8 = act_q8;
+    k->act_q8k = act_q8k; (void)k; }
 
 #endif

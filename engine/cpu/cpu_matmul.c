@@ -211,6 +211,45 @@ static void dot_q6_K_scalar(int64_t n, const void *wv, const void *xv, float *ou
     *out = acc;
 }
 
+/* Symmetric int8 with scale amax/127, rounded half-to-even (the magic
+ * constant 1.5*2^23 does that for |v| <= 2^22 in the default rounding
+ * mode, without a libm call); levels stay in [-127, 127] as the SIMD sign
+ * trick requires. The AVX2 version produces the same bytes. */
+static float quantize_i8(const float *x, int n, int8_t *q) {
+    float amax = 0;
+    for (int j = 0; j < n; j++)
+        amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+    float d = amax / 127.0f;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int j = 0; j < n; j++) {
+        float v = (x[j] * id + 12582912.0f) - 12582912.0f; /* not folded without -ffast-math */
+        q[j] = (int8_t)(v > 127.0f ? 127 : (v < -127.0f ? -127 : v));
+    }
+    return d;
+}
+
+static void act_q8_scalar(const float *x, int64_t n, cpu__q8blk *b) {
+    for (int64_t i = 0; i < n / 32; i++) {
+        b[i].d = quantize_i8(x + 32 * i, 32, b[i].qs);
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++)
+            s += b[i].qs[j];
+        b[i].s = b[i].d * (float)s;
+    }
+}
+
+static void act_q8k_scalar(const float *x, int64_t n, cpu__q8k *b) {
+    for (int64_t i = 0; i < n / 256; i++) {
+        b[i].d = quantize_i8(x + 256 * i, 256, b[i].qs);
+        for (int j = 0; j < 16; j++) {
+            int s = 0;
+            for (int l = 0; l < 16; l++)
+                s += b[i].qs[16 * j + l];
+            b[i].bsums[j] = (int16_t)s;
+        }
+    }
+}
+
 void cpu__kernels_scalar(cpu__kernels *k) {
     memset(k, 0, sizeof *k);
     k->dot[MOE_TYPE_F32] = dot_f32_scalar;
@@ -226,6 +265,8 @@ void cpu__kernels_scalar(cpu__kernels *k) {
     k->dot[MOE_TYPE_Q4_K] = dot_q4_K_scalar;
     k->dot[MOE_TYPE_Q5_K] = dot_q5_K_scalar;
     k->dot[MOE_TYPE_Q6_K] = dot_q6_K_scalar;
+    k->act_q8 = act_q8_scalar;
+    k->act_q8k = act_q8k_scalar;
 }
 
 /* ---- ISA selection ---- */
@@ -330,45 +371,6 @@ static act_kind act_kind_of(int type) {
     }
 }
 
-/* Symmetric int8 with scale amax/127 and ties-to-even rounding; levels
- * stay in [-127, 127] as the SIMD sign trick requires. */
-static float quantize_i8(const float *x, int n, int8_t *q) {
-    float amax = 0;
-    for (int j = 0; j < n; j++)
-        amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
-    float d = amax / 127.0f;
-    float id = d != 0.0f ? 1.0f / d : 0.0f;
-    for (int j = 0; j < n; j++) {
-        float v = nearbyintf(x[j] * id);
-        q[j] = (int8_t)(v > 127.0f ? 127 : (v < -127.0f ? -127 : v));
-    }
-    return d;
-}
-
-static void quantize_act_row(act_kind kind, const float *x, int64_t n, void *dst) {
-    if (kind == ACT_Q8) {
-        cpu__q8blk *b = dst;
-        for (int64_t i = 0; i < n / 32; i++) {
-            b[i].d = quantize_i8(x + 32 * i, 32, b[i].qs);
-            int32_t s = 0;
-            for (int j = 0; j < 32; j++)
-                s += b[i].qs[j];
-            b[i].s = b[i].d * (float)s;
-        }
-    } else {
-        cpu__q8k *b = dst;
-        for (int64_t i = 0; i < n / 256; i++) {
-            b[i].d = quantize_i8(x + 256 * i, 256, b[i].qs);
-            for (int j = 0; j < 16; j++) {
-                int s = 0;
-                for (int l = 0; l < 16; l++)
-                    s += b[i].qs[16 * j + l];
-                b[i].bsums[j] = (int16_t)s;
-            }
-        }
-    }
-}
-
 /* ---- driver ---- */
 
 #define ROW_TILE 16 /* weight rows kept hot while a token tile passes */
@@ -396,7 +398,12 @@ typedef struct {
 static void quant_task(void *ctx, int64_t t, int thread) {
     (void)thread;
     mm_job *j = ctx;
-    quantize_act_row(j->kind, j->x + t * j->n_in, j->n_in, j->xa + (size_t)t * j->xa_stride);
+    const float *x = j->x + t * j->n_in;
+    void *dst = j->xa + (size_t)t * j->xa_stride;
+    if (j->kind == ACT_Q8)
+        j->k->act_q8(x, j->n_in, dst);
+    else
+        j->k->act_q8k(x, j->n_in, dst);
 }
 
 static void mm_task(void *ctx, int64_t task, int thread) {
