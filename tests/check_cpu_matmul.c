@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_dot.h" /* internal: activation quantizers per ISA */
 #include "cpu_matmul.h"
 #include "quant.h"
 #include "status.h"
@@ -288,6 +289,57 @@ START_TEST(test_experts) {
 }
 END_TEST
 
+/* Activation quantization must give the same bytes on every ISA, ties
+ * included (a block with amax 127 has scale 1, so x.5 values are exact
+ * ties that must round to even). */
+START_TEST(test_act_quant_identical) {
+    if (cpu_isa_best() < CPU_ISA_AVX2)
+        return;
+    cpu__kernels ks, kv;
+    cpu__kernels_scalar(&ks);
+    kv = ks;
+    cpu__kernels_avx2(&kv);
+    const int64_t n = 1024;
+    float *x = malloc(sizeof(float) * n);
+    for (int64_t i = 0; i < n; i++)
+        x[i] = frand() * 3.0f;
+    for (int64_t i = 0; i < 256; i++) /* first 256: ties */
+        x[i] = (i % 32 == 0 || i == 0) ? 127.0f : (float)((int)(i % 61) - 30) + 0.5f;
+    x[300] = 0.0f;
+    for (int64_t i = 512; i < 768; i++) /* an all-zero 256-block */
+        x[i] = 0.0f;
+    cpu__q8blk a[32], b[32];
+    cpu__q8k ak[4], bk[4];
+    ks.act_q8(x, n, a);
+    kv.act_q8(x, n, b);
+    ck_assert(memcmp(a, b, sizeof a) == 0);
+    ks.act_q8k(x, n, ak);
+    kv.act_q8k(x, n, bk);
+    ck_assert(memcmp(ak, bk, sizeof ak) == 0);
+    /* spot-check the rounding itself: 2.5 -> 2, 3.5 -> 4, -2.5 -> -2 */
+    ck_assert_float_eq(a[0].d, 1.0f);
+    for (int j = 1; j < 32; j++) {
+        float v = x[j];
+        float r = (float)(int)v + ((v - (int)v) == 0.5f ? ((int)v % 2 ? 1.0f : 0.0f) : 0.0f);
+        if (v < 0)
+            r = -((float)(int)-v + ((int)-v % 2 ? 1.0f : 0.0f));
+        ck_assert_int_eq(a[0].qs[j], (int)r);
+    }
+    int32_t sum = 0;
+    for (int j = 0; j < 32; j++)
+        sum += a[1].qs[j];
+    ck_assert_float_eq(a[1].s, a[1].d * (float)sum);
+    for (int j = 0; j < 16; j++) {
+        int s16 = 0;
+        for (int l = 0; l < 16; l++)
+            s16 += ak[1].qs[16 * j + l];
+        ck_assert_int_eq(ak[1].bsums[j], s16);
+    }
+    ck_assert(ak[2].d == 0.0f);
+    free(x);
+}
+END_TEST
+
 START_TEST(test_bad_args) {
     float x[256] = {0}, y[64];
     uint8_t w[4096] = {0};
@@ -372,6 +424,9 @@ static Suite *cpu_matmul_suite(void) {
     suite_add_tcase(s, tc);
     tc = tcase_create("experts");
     tcase_add_loop_test(tc, test_experts, 0, N_TYPES);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("act_quant");
+    tcase_add_test(tc, test_act_quant_identical);
     suite_add_tcase(s, tc);
     tc = tcase_create("args");
     tcase_add_test(tc, test_bad_args);
