@@ -27,6 +27,10 @@ typedef moe_block_q8_K cpu__q8k;
  * F32/F16/BF16 weights, cpu__q8blk[] for Q*_0/Q*_1, cpu__q8k[] for K-quants. */
 typedef void (*cpu__dot_fn)(int64_t n, const void *w, const void *x, float *out);
 
+/* The same for 4 activation rows at once (weights decoded once): out[t] =
+ * dot(w, x[t]), bit-identical to calling the dot_fn four times. */
+typedef void (*cpu__dot4_fn)(int64_t n, const void *w, const void *const *x, float *const *out);
+
 /* Widens n F16/BF16 (or copies F32) weights to f32. */
 typedef void (*cpu__cvt_fn)(int64_t n, const void *w, float *out);
 
@@ -38,6 +42,7 @@ typedef void (*cpu__act_q8k_fn)(const float *x, int64_t n, cpu__q8k *out);
 
 typedef struct {
     cpu__dot_fn dot[MOE_TYPE_COUNT];
+    cpu__dot4_fn dot4[MOE_TYPE_COUNT]; /* optional (NULL: use dot) */
     cpu__cvt_fn cvt[MOE_TYPE_COUNT];
     cpu__act_q8_fn act_q8;
     cpu__act_q8k_fn act_q8k;

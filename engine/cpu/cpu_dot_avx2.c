@@ -132,34 +132,87 @@ TGT static void cvt_bf16(int64_t n, const void *w, float *out) {
         BODY(b, acc0)                                                                              \
     }
 
-#define Q8_0_BODY(B, ACC)                                                                          \
-    __m256i s = mul_sum_i8(_mm256_loadu_si256((const __m256i *)w[B].qs),                           \
-                           _mm256_loadu_si256((const __m256i *)x[B].qs));                          \
-    ACC = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[B].d) * x[B].d), _mm256_cvtepi32_ps(s), ACC);
+/* Multi-token kernels. Each is written once for NT activation rows and
+ * instantiated for NT = 1 (dot) and NT = 4 (dot4): the weight block is
+ * decoded once and used for every row, while the float operations per row
+ * are exactly those of the NT = 1 version, so dot4 and dot agree bit for
+ * bit (cpu_dot.h contract). */
+#define NT_MAX 4
+#define FOR_T _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+#define ALWAYS_INLINE __attribute__((always_inline)) inline
 
-TGT static void dot_q8_0(int64_t n, const void *wv, const void *xv, float *out) {
+TGT static ALWAYS_INLINE void q8_0_step(const int NT, const moe_block_q8_0 *w, const cpu__q8blk *const *x,
+                                        int64_t b, __m256 *acc) {
+    __m256i wq = _mm256_loadu_si256((const __m256i *)w[b].qs);
+    __m256i aw = _mm256_sign_epi8(wq, wq);
+    float dw = h2f(w[b].d);
+    FOR_T {
+        __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x[t][b].qs), wq);
+        __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), _mm256_set1_epi16(1));
+        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[t][b].d), _mm256_cvtepi32_ps(s), acc[t]);
+    }
+}
+
+TGT static ALWAYS_INLINE void q8_0_nt(const int NT, int64_t n, const void *wv, const void *const *xv, float *const *out) {
     const moe_block_q8_0 *w = wv;
-    const cpu__q8blk *x = xv;
-    BLOCK_LOOP(Q8_0_BODY)
-    *out = hsum8(_mm256_add_ps(acc0, acc1));
+    const cpu__q8blk *const *x = (const cpu__q8blk *const *)xv;
+    __m256 acc0[NT_MAX], acc1[NT_MAX];
+    FOR_T acc0[t] = acc1[t] = _mm256_setzero_ps();
+    int64_t nb = n / 32, b = 0;
+    for (; b + 2 <= nb; b += 2) { /* two FMA chains per row */
+        q8_0_step(NT, w, x, b, acc0);
+        q8_0_step(NT, w, x, b + 1, acc1);
+    }
+    if (b < nb)
+        q8_0_step(NT, w, x, b, acc0);
+    FOR_T *out[t] = hsum8(_mm256_add_ps(acc0[t], acc1[t]));
 }
 
-/* Q4_0 and Q5_0 multiply the unsigned levels and subtract the offset
- * through the activation block sum: d_w*d_x*sum(q*x) - 8*d_w*(d_x*sum(x)),
- * which saves the sign trick's two ops per block. */
-#define Q4_0_BODY(B, ACC)                                                                          \
-    __m256i s = mul_sum_u8(unpack_nibbles(w[B].qs), _mm256_loadu_si256((const __m256i *)x[B].qs)); \
-    float dw = h2f(w[B].d);                                                                        \
-    ACC = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[B].d), _mm256_cvtepi32_ps(s), ACC);                \
-    moff += dw * x[B].s;
+/* Q4_0 multiplies the unsigned levels and subtracts the offset through
+ * the activation block sum: d_w*d_x*sum(q*x) - 8*d_w*(d_x*sum(x)), which
+ * saves the sign trick's two ops per block. */
+TGT static ALWAYS_INLINE void q4_0_step(const int NT, const moe_block_q4_0 *w, const cpu__q8blk *const *x,
+                                        int64_t b, __m256 *acc, float *moff) {
+    __m256i q = unpack_nibbles(w[b].qs);
+    float dw = h2f(w[b].d);
+    FOR_T {
+        __m256i s = mul_sum_u8(q, _mm256_loadu_si256((const __m256i *)x[t][b].qs));
+        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[t][b].d), _mm256_cvtepi32_ps(s), acc[t]);
+        moff[t] += dw * x[t][b].s;
+    }
+}
 
-TGT static void dot_q4_0(int64_t n, const void *wv, const void *xv, float *out) {
+TGT static ALWAYS_INLINE void q4_0_nt(const int NT, int64_t n, const void *wv, const void *const *xv, float *const *out) {
     const moe_block_q4_0 *w = wv;
-    const cpu__q8blk *x = xv;
-    float moff = 0;
-    BLOCK_LOOP(Q4_0_BODY)
-    *out = hsum8(_mm256_add_ps(acc0, acc1)) - 8.0f * moff;
+    const cpu__q8blk *const *x = (const cpu__q8blk *const *)xv;
+    __m256 acc0[NT_MAX], acc1[NT_MAX];
+    float moff[NT_MAX];
+    FOR_T {
+        acc0[t] = acc1[t] = _mm256_setzero_ps();
+        moff[t] = 0;
+    }
+    int64_t nb = n / 32, b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        q4_0_step(NT, w, x, b, acc0, moff);
+        q4_0_step(NT, w, x, b + 1, acc1, moff);
+    }
+    if (b < nb)
+        q4_0_step(NT, w, x, b, acc0, moff);
+    FOR_T *out[t] = hsum8(_mm256_add_ps(acc0[t], acc1[t])) - 8.0f * moff[t];
 }
+
+#define DEFINE_DOTS(NAME, IMPL)                                                                    \
+    TGT static void NAME(int64_t n, const void *w, const void *x, float *out) {                    \
+        const void *xs[1] = {x};                                                                   \
+        float *os[1] = {out};                                                                      \
+        IMPL(1, n, w, xs, os);                                                                     \
+    }                                                                                              \
+    TGT static void NAME##_x4(int64_t n, const void *w, const void *const *x, float *const *out) { \
+        IMPL(4, n, w, x, out);                                                                     \
+    }
+
+DEFINE_DOTS(dot_q8_0, q8_0_nt)
+DEFINE_DOTS(dot_q4_0, q4_0_nt)
 
 #define Q4_1_BODY(B, ACC)                                                                          \
     __m256i s = mul_sum_u8(unpack_nibbles(w[B].qs), _mm256_loadu_si256((const __m256i *)x[B].qs)); \
@@ -247,68 +300,62 @@ TGT static inline __m128i k4_min_dot(__m256i sm, const int16_t bsums[16]) {
  * Level*x pair sums (<= 2*31*127) times a 6-bit scale fit the int16 x
  * int16 -> int32 madd. Q5_K adds bit 2c / 2c+1 of qh as 16. The mins
  * term, dmin * sum_j m_j * sum(x in sub-block j), comes from bsums. */
-TGT static void dot_q4_K(int64_t n, const void *wv, const void *xv, float *out) {
-    const moe_block_q4_K *w = wv;
-    const cpu__q8k *x = xv;
-    __m256 acc = _mm256_setzero_ps();
-    __m128 accm = _mm_setzero_ps();
-    const __m256i mask4 = _mm256_set1_epi8(0x0F);
-    for (int64_t b = 0; b < n / 256; b++) {
-        __m256i sm = k4_scales_mins(w[b].scales);
-        __m256i scales = _mm256_permute2x128_si256(sm, sm, 0x00);
-        const int8_t *xq = x[b].qs;
-        __m256i sum = _mm256_setzero_si256();
-        for (int c = 0; c < 4; c++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * c));
-            __m256i lo = _mm256_and_si256(q, mask4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask4);
-            __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 64 * c)));
-            __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32)));
-            p0 = _mm256_madd_epi16(p0, k4_scale_bcast(scales, 2 * c));
-            p1 = _mm256_madd_epi16(p1, k4_scale_bcast(scales, 2 * c + 1));
-            sum = _mm256_add_epi32(sum, _mm256_add_epi32(p0, p1));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[b].d) * x[b].d), _mm256_cvtepi32_ps(sum), acc);
-        accm = _mm_fmadd_ps(_mm_set1_ps(h2f(w[b].dmin) * x[b].d), _mm_cvtepi32_ps(k4_min_dot(sm, x[b].bsums)), accm);
+TGT static ALWAYS_INLINE void q45_K_nt(const int NT, const int HAS_QH, int64_t n, const void *wv,
+                                       const void *const *xv, float *const *out) {
+    const cpu__q8k *const *x = (const cpu__q8k *const *)xv;
+    const size_t bsz = HAS_QH ? sizeof(moe_block_q5_K) : sizeof(moe_block_q4_K);
+    __m256 acc[NT_MAX];
+    __m128 accm[NT_MAX];
+    FOR_T {
+        acc[t] = _mm256_setzero_ps();
+        accm[t] = _mm_setzero_ps();
     }
-    __m128 m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    *out = hsum8(acc) - _mm_cvtss_f32(m);
-}
-
-TGT static void dot_q5_K(int64_t n, const void *wv, const void *xv, float *out) {
-    const moe_block_q5_K *w = wv;
-    const cpu__q8k *x = xv;
-    __m256 acc = _mm256_setzero_ps();
-    __m128 accm = _mm_setzero_ps();
     const __m256i mask4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
     for (int64_t b = 0; b < n / 256; b++) {
-        __m256i sm = k4_scales_mins(w[b].scales);
+        /* Q4_K and Q5_K share d, dmin and scales at the same offsets */
+        const moe_block_q4_K *w4 = (const moe_block_q4_K *)((const uint8_t *)wv + bsz * b);
+        const moe_block_q5_K *w5 = (const moe_block_q5_K *)w4;
+        const uint8_t *qs = HAS_QH ? w5->qs : w4->qs;
+        __m256i sm = k4_scales_mins(w4->scales);
         __m256i scales = _mm256_permute2x128_si256(sm, sm, 0x00);
-        const int8_t *xq = x[b].qs;
-        __m256i hb = _mm256_loadu_si256((const __m256i *)w[b].qh);
-        __m256i sum = _mm256_setzero_si256();
+        __m256i hb = HAS_QH ? _mm256_loadu_si256((const __m256i *)w5->qh) : _mm256_setzero_si256();
+        __m256i sum[NT_MAX];
+        FOR_T sum[t] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * c));
-            /* bit 2c of qh is the fifth bit of the low-nibble element; move it to bit 4 */
-            __m256i lo = _mm256_or_si256(_mm256_and_si256(q, mask4), _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
-            hb = _mm256_srli_epi16(hb, 1);
-            __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), mask4),
-                                         _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
-            hb = _mm256_srli_epi16(hb, 1);
-            __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 64 * c)));
-            __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32)));
-            p0 = _mm256_madd_epi16(p0, k4_scale_bcast(scales, 2 * c));
-            p1 = _mm256_madd_epi16(p1, k4_scale_bcast(scales, 2 * c + 1));
-            sum = _mm256_add_epi32(sum, _mm256_add_epi32(p0, p1));
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            __m256i lo = _mm256_and_si256(q, mask4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask4);
+            if (HAS_QH) { /* bits 2c and 2c+1 of qh are the fifth bits; move them to bit 4 */
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
+                hb = _mm256_srli_epi16(hb, 1);
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
+                hb = _mm256_srli_epi16(hb, 1);
+            }
+            __m256i s0 = k4_scale_bcast(scales, 2 * c), s1 = k4_scale_bcast(scales, 2 * c + 1);
+            FOR_T {
+                const int8_t *xq = x[t][b].qs + 64 * c;
+                __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xq));
+                __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32)));
+                sum[t] = _mm256_add_epi32(sum[t], _mm256_add_epi32(_mm256_madd_epi16(p0, s0), _mm256_madd_epi16(p1, s1)));
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(w[b].d) * x[b].d), _mm256_cvtepi32_ps(sum), acc);
-        accm = _mm_fmadd_ps(_mm_set1_ps(h2f(w[b].dmin) * x[b].d), _mm_cvtepi32_ps(k4_min_dot(sm, x[b].bsums)), accm);
+        float dw = h2f(w4->d), dm = h2f(w4->dmin);
+        FOR_T {
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[t][b].d), _mm256_cvtepi32_ps(sum[t]), acc[t]);
+            accm[t] = _mm_fmadd_ps(_mm_set1_ps(dm * x[t][b].d), _mm_cvtepi32_ps(k4_min_dot(sm, x[t][b].bsums)), accm[t]);
+        }
     }
-    __m128 m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    *out = hsum8(acc) - _mm_cvtss_f32(m);
+    FOR_T {
+        __m128 m = _mm_add_ps(accm[t], _mm_movehl_ps(accm[t], accm[t]));
+        m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        *out[t] = hsum8(acc[t]) - _mm_cvtss_f32(m);
+    }
 }
+
+#define Q4_K_IMPL(NT, n, w, x, out) q45_K_nt(NT, 0, n, w, x, out)
+#define Q5_K_IMPL(NT, n, w, x, out) q45_K_nt(NT, 1, n, w, x, out)
+DEFINE_DOTS(dot_q4_K, Q4_K_IMPL)
+DEFINE_DOTS(dot_q5_K, Q5_K_IMPL)
 
 /* Q6_K: levels 0..63 (the -32 offset is applied through bsums), 16-element
  * sub-blocks with int8 scales: each 32-byte maddubs result holds two
@@ -323,22 +370,22 @@ static const uint8_t q6_pair_mask[4][32] __attribute__((aligned(32))) = {
 #undef Q6M
 };
 
-TGT static void dot_q6_K(int64_t n, const void *wv, const void *xv, float *out) {
+TGT static ALWAYS_INLINE void q6_K_nt(const int NT, int64_t n, const void *wv, const void *const *xv, float *const *out) {
     const moe_block_q6_K *w = wv;
-    const cpu__q8k *x = xv;
-    __m256 acc = _mm256_setzero_ps(), acco = _mm256_setzero_ps();
+    const cpu__q8k *const *x = (const cpu__q8k *const *)xv;
+    __m256 acc[NT_MAX], acco[NT_MAX];
+    FOR_T acc[t] = acco[t] = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
     const __m256i pm0 = _mm256_load_si256((const __m256i *)q6_pair_mask[0]);
     const __m256i pm1 = _mm256_load_si256((const __m256i *)q6_pair_mask[1]);
     const __m256i pm2 = _mm256_load_si256((const __m256i *)q6_pair_mask[2]);
     const __m256i pm3 = _mm256_load_si256((const __m256i *)q6_pair_mask[3]);
     for (int64_t b = 0; b < n / 256; b++) {
-        __m128i sc8 = _mm_loadu_si128((const __m128i *)w[b].scales);
-        __m256i sc16 = _mm256_cvtepi8_epi16(sc8); /* s[0..15] as int16 */
-        __m256i sum = _mm256_setzero_si256();
+        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales)); /* s[0..15] */
+        __m256i sum[NT_MAX];
+        FOR_T sum[t] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             const uint8_t *ql = w[b].ql + 64 * h;
-            const int8_t *xq = x[b].qs + 128 * h;
             /* this half's 8 scales, in both 128-bit lanes */
             __m256i sh = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00);
             __m256i qh = _mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * h));
@@ -351,24 +398,30 @@ TGT static void dot_q6_K(int64_t n, const void *wv, const void *xv, float *out) 
                                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
             __m256i q4 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
                                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
-            __m256i p1 = _mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)xq));
-            __m256i p2 = _mm256_maddubs_epi16(q2, _mm256_loadu_si256((const __m256i *)(xq + 32)));
-            __m256i p3 = _mm256_maddubs_epi16(q3, _mm256_loadu_si256((const __m256i *)(xq + 64)));
-            __m256i p4 = _mm256_maddubs_epi16(q4, _mm256_loadu_si256((const __m256i *)(xq + 96)));
-            p1 = _mm256_madd_epi16(p1, _mm256_shuffle_epi8(sh, pm0));
-            p2 = _mm256_madd_epi16(p2, _mm256_shuffle_epi8(sh, pm1));
-            p3 = _mm256_madd_epi16(p3, _mm256_shuffle_epi8(sh, pm2));
-            p4 = _mm256_madd_epi16(p4, _mm256_shuffle_epi8(sh, pm3));
-            sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_add_epi32(p1, p2), _mm256_add_epi32(p3, p4)));
+            __m256i s1 = _mm256_shuffle_epi8(sh, pm0), s2 = _mm256_shuffle_epi8(sh, pm1);
+            __m256i s3 = _mm256_shuffle_epi8(sh, pm2), s4 = _mm256_shuffle_epi8(sh, pm3);
+            FOR_T {
+                const int8_t *xq = x[t][b].qs + 128 * h;
+                __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)xq)), s1);
+                __m256i p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(q2, _mm256_loadu_si256((const __m256i *)(xq + 32))), s2);
+                __m256i p3 = _mm256_madd_epi16(_mm256_maddubs_epi16(q3, _mm256_loadu_si256((const __m256i *)(xq + 64))), s3);
+                __m256i p4 = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, _mm256_loadu_si256((const __m256i *)(xq + 96))), s4);
+                sum[t] = _mm256_add_epi32(sum[t], _mm256_add_epi32(_mm256_add_epi32(p1, p2), _mm256_add_epi32(p3, p4)));
+            }
         }
-        /* 32 * sum_j s_j * bsums_j, the level offset */
-        __m256i sb = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x[b].bsums));
-        __m256 d = _mm256_set1_ps(h2f(w[b].d) * x[b].d);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum), acc);
-        acco = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sb), acco);
+        float dw = h2f(w[b].d);
+        FOR_T {
+            /* 32 * sum_j s_j * bsums_j, the level offset */
+            __m256i sb = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x[t][b].bsums));
+            __m256 d = _mm256_set1_ps(dw * x[t][b].d);
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sum[t]), acc[t]);
+            acco[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sb), acco[t]);
+        }
     }
-    *out = hsum8(acc) - 32.0f * hsum8(acco);
+    FOR_T *out[t] = hsum8(acc[t]) - 32.0f * hsum8(acco[t]);
 }
+
+DEFINE_DOTS(dot_q6_K, q6_K_nt)
 
 /* ---- activation quantization (same bytes as the scalar version) ---- */
 
@@ -453,6 +506,11 @@ void cpu__kernels_avx2(cpu__kernels *k) {
     k->dot[MOE_TYPE_Q4_K] = dot_q4_K;
     k->dot[MOE_TYPE_Q5_K] = dot_q5_K;
     k->dot[MOE_TYPE_Q6_K] = dot_q6_K;
+    k->dot4[MOE_TYPE_Q8_0] = dot_q8_0_x4;
+    k->dot4[MOE_TYPE_Q4_0] = dot_q4_0_x4;
+    k->dot4[MOE_TYPE_Q4_K] = dot_q4_K_x4;
+    k->dot4[MOE_TYPE_Q5_K] = dot_q5_K_x4;
+    k->dot4[MOE_TYPE_Q6_K] = dot_q6_K_x4;
 }
 
 #else

@@ -378,6 +378,7 @@ static act_kind act_kind_of(int type) {
 
 typedef struct {
     const cpu__kernels *k;
+    int type;
     cpu__dot_fn dot;
     cpu__cvt_fn cvt; /* widen a row once when an expert has > 1 token */
     const uint8_t *w;
@@ -416,6 +417,7 @@ static void mm_task(void *ctx, int64_t task, int thread) {
     int widen = j->cvt && k1 - k0 > 1;
     float *row_f32 = j->scratch ? j->scratch + (size_t)thread * (size_t)j->n_in : NULL;
     cpu__dot_fn dot = widen ? j->k->dot[MOE_TYPE_F32] : j->dot;
+    cpu__dot4_fn dot4 = widen ? j->k->dot4[MOE_TYPE_F32] : j->k->dot4[j->type];
     for (int64_t rt = r0; rt < r1; rt += ROW_TILE) {
         int64_t rt1 = rt + ROW_TILE < r1 ? rt + ROW_TILE : r1;
         for (int64_t kt = k0; kt < k1; kt += TOK_TILE) {
@@ -434,7 +436,20 @@ static void mm_task(void *ctx, int64_t task, int thread) {
                     j->cvt(j->n_in, wr, row_f32);
                     wr = row_f32;
                 }
-                for (int64_t k = kt; k < kt1; k++) {
+                int64_t k = kt;
+                if (dot4) {
+                    for (; k + 4 <= kt1; k += 4) {
+                        const void *xs[4];
+                        float *ys[4];
+                        for (int t = 0; t < 4; t++) {
+                            int64_t xr = j->x_rows ? j->x_rows[k + t] : k + t;
+                            xs[t] = j->xa + (size_t)xr * j->xa_stride;
+                            ys[t] = &j->y[(k + t) * j->n_out + r];
+                        }
+                        dot4(j->n_in, wr, xs, ys);
+                    }
+                }
+                for (; k < kt1; k++) {
                     int64_t xr = j->x_rows ? j->x_rows[k] : k;
                     dot(j->n_in, wr, j->xa + (size_t)xr * j->xa_stride, &j->y[k * j->n_out + r]);
                 }
@@ -476,6 +491,7 @@ int cpu_matmul_experts(cpu_pool *pool, int type, const void *w, int64_t n_in, in
     mm_job j;
     memset(&j, 0, sizeof j);
     j.k = &kernel_tables[atomic_load(&isa_active)];
+    j.type = type;
     j.dot = j.k->dot[type];
     j.cvt = j.k->cvt[type];
     j.w = w;
