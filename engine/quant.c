@@ -113,9 +113,19 @@ static float f16f(moe_f16 h) { return moe_f16_to_f32(h); }
 
 static int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-/* Round half away from zero, as roundf(); written out so the result does
- * not depend on the current rounding mode. */
-static int round_int(float v) { return (int)roundf(v); }
+/* Round half away from zero, exactly as roundf() (and gguf-py's
+ * np_roundf), but inline: roundf is a libm call on baseline x86-64 and
+ * the K-quant search calls this ~700 times per 32 weights. The fraction
+ * a - trunc(a) is exact in float, so the tie test is exact. */
+static inline int round_int(float v) {
+    float a = fabsf(v);
+    if (!(a < 2147483520.0f)) /* NaN or out of int range: saturate like a clamp would */
+        return v < 0 ? -2147483647 : (v > 0 ? 2147483647 : 0);
+    int i = (int)a;
+    if (a - (float)i >= 0.5f)
+        i++;
+    return v < 0 ? -i : i;
+}
 
 /* 6-bit scale and min j (0..7) of a Q4_K/Q5_K block's 12 packed bytes. */
 static void k4_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
@@ -501,19 +511,25 @@ static void fit_affine(const float *x, int n, int nmax, float *scale, float *mn)
         *mn = -lo;
         return;
     }
-    float best_a = (hi - lo) / (float)nmax, best_b = lo, best_err = INFINITY;
+    float best_a = (hi - lo) / (float)nmax, best_b = lo;
+    double best_err = INFINITY, sx = 0, sx2 = 0;
+    for (int j = 0; j < n; j++) {
+        sx += x[j];
+        sx2 += (double)x[j] * x[j];
+    }
     for (int k = -FIT_STEPS; k <= FIT_STEPS; k++) {
         float iscale = ((float)nmax + 0.1f * (float)k) / (hi - lo);
-        double sl = 0, sl2 = 0, sx = 0, slx = 0;
-        uint8_t L[32];
+        int isl = 0, isl2 = 0;
+        double slx = 0;
         for (int j = 0; j < n; j++) {
-            int l = clampi(round_int(iscale * (x[j] - lo)), 0, nmax);
-            L[j] = (uint8_t)l;
-            sl += l;
-            sl2 += (double)l * l;
-            sx += x[j];
+            /* x - lo >= 0, so +0.5 and truncation round to nearest */
+            int l = (int)(iscale * (x[j] - lo) + 0.5f);
+            l = l > nmax ? nmax : l;
+            isl += l;
+            isl2 += l * l;
             slx += (double)l * x[j];
         }
+        double sl = isl, sl2 = isl2;
         double det = n * sl2 - sl * sl;
         if (det <= 0)
             continue;
@@ -525,13 +541,10 @@ static void fit_affine(const float *x, int n, int nmax, float *scale, float *mn)
         }
         if (a <= 0)
             continue;
-        double err = 0;
-        for (int j = 0; j < n; j++) {
-            double e = a * L[j] + b - x[j];
-            err += e * e;
-        }
+        /* sum (a*l + b - x)^2, expanded so no second pass is needed */
+        double err = a * a * sl2 + 2 * a * b * sl + n * b * b - 2 * a * slx - 2 * b * sx + sx2;
         if (err < best_err) {
-            best_err = (float)err;
+            best_err = err;
             best_a = (float)a;
             best_b = (float)b;
         }
@@ -546,25 +559,24 @@ static float fit_symmetric(const float *x, int n, int nneg) {
     float mx = x[absmax_index(x, n)];
     if (mx == 0.0f)
         return 0.0f;
-    float best = mx / -(float)nneg, best_err = INFINITY;
+    float best = mx / -(float)nneg;
+    double best_err = INFINITY, sx2 = 0;
+    for (int j = 0; j < n; j++)
+        sx2 += (double)x[j] * x[j];
     for (int k = -FIT_STEPS; k <= FIT_STEPS; k++) {
         float iscale = -((float)nneg + 0.1f * (float)k) / mx;
         double sl2 = 0, slx = 0;
-        int L[32];
         for (int j = 0; j < n; j++) {
-            L[j] = clampi(round_int(iscale * x[j]), -nneg, nneg - 1);
-            sl2 += (double)L[j] * L[j];
-            slx += (double)L[j] * x[j];
+            int l = clampi(round_int(iscale * x[j]), -nneg, nneg - 1);
+            sl2 += (double)l * l;
+            slx += (double)l * x[j];
         }
         if (sl2 <= 0)
             continue;
-        double a = slx / sl2, err = 0;
-        for (int j = 0; j < n; j++) {
-            double e = a * L[j] - x[j];
-            err += e * e;
-        }
+        /* least-squares a = slx/sl2 leaves error sx2 - slx^2/sl2 */
+        double a = slx / sl2, err = sx2 - slx * a;
         if (err < best_err) {
-            best_err = (float)err;
+            best_err = err;
             best = (float)a;
         }
     }
