@@ -18,6 +18,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cpu_dot.h" /* internal: activation quantizers per ISA */
 #include "cpu_matmul.h"
@@ -395,6 +396,8 @@ START_TEST(test_pool) {
             memset(hits, 0, sizeof hits);
             pool_ctx c = {hits, 0};
             int nt = 1 + (rep * 37) % 1000;
+            if (rep % 50 == 49)
+                usleep(3000); /* let the workers fall asleep: exercises the wake-up path */
             cpu_pool_run(p, count_cb, &c, nt);
             int bad = 0;
             for (int t = 0; t < 1000; t++)

@@ -24,9 +24,10 @@
 #define CPU_RELAX() ((void)0)
 #endif
 
-/* ~50-100 us of polling: long enough to bridge back-to-back ops of one
- * forward pass, short enough not to matter when the server is idle. */
-#define SPIN_ITERS 20000
+/* pause takes ~10-150 cycles depending on the CPU, so this polls for
+ * roughly 20-250 us: long enough to bridge back-to-back ops of one forward
+ * pass, short enough not to matter when the server is idle. */
+#define SPIN_ITERS 5000
 
 struct cpu_pool {
     int n;           /* threads including the caller */
