@@ -80,28 +80,56 @@ TGT static inline float s_bf16(const void *p, int64_t i) {
     return f;
 }
 
-#define AVX2_F_DOT(NAME, LD, SLD)                                                                  \
-    TGT static void NAME(int64_t n, const void *w, const void *xv, float *out) {                   \
-        const float *x = xv;                                                                       \
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                \
+/* NT activation rows per pass; two accumulators per row (more would not
+ * fit 16 registers at NT = 4). Per row, the float operations are the same
+ * for every NT and for all three weight types, which makes dot4 == dot
+ * and dot[F16](w) == dot[F32](widened w) bit for bit (cpu_dot.h). */
+#define AVX2_F_NT(NAME, LD, SLD)                                                                   \
+    TGT static inline __attribute__((always_inline)) void NAME(const int NT, int64_t n, const void *w, \
+                                                               const void *const *xv, float *const *out) { \
+        const float *const *x = (const float *const *)xv;                                          \
+        __m256 a0[4], a1[4];                                                                       \
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) a0[t] = a1[t] = _mm256_setzero_ps();  \
         int64_t i = 0;                                                                             \
-        for (; i + 32 <= n; i += 32) {                                                             \
-            a0 = _mm256_fmadd_ps(LD(w, i), _mm256_loadu_ps(x + i), a0);                            \
-            a1 = _mm256_fmadd_ps(LD(w, i + 8), _mm256_loadu_ps(x + i + 8), a1);                    \
-            a2 = _mm256_fmadd_ps(LD(w, i + 16), _mm256_loadu_ps(x + i + 16), a2);                  \
-            a3 = _mm256_fmadd_ps(LD(w, i + 24), _mm256_loadu_ps(x + i + 24), a3);                  \
+        for (; i + 16 <= n; i += 16) {                                                             \
+            __m256 w0 = LD(w, i), w1 = LD(w, i + 8);                                               \
+            _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {                                 \
+                a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + i), a0[t]);                     \
+                a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[t] + i + 8), a1[t]);                 \
+            }                                                                                      \
         }                                                                                          \
-        for (; i + 8 <= n; i += 8)                                                                 \
-            a0 = _mm256_fmadd_ps(LD(w, i), _mm256_loadu_ps(x + i), a0);                            \
-        float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));              \
-        for (; i < n; i++)                                                                         \
-            s += SLD(w, i) * x[i];                                                                 \
-        *out = s;                                                                                  \
+        if (i + 8 <= n) {                                                                          \
+            __m256 w0 = LD(w, i);                                                                  \
+            _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) a0[t] =                           \
+                _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + i), a0[t]);                             \
+            i += 8;                                                                                \
+        }                                                                                          \
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {                                     \
+            float s = hsum8(_mm256_add_ps(a0[t], a1[t]));                                          \
+            for (int64_t k = i; k < n; k++)                                                        \
+                s += SLD(w, k) * x[t][k];                                                          \
+            *out[t] = s;                                                                           \
+        }                                                                                          \
     }
 
-AVX2_F_DOT(dot_f32, ld_f32, s_f32)
-AVX2_F_DOT(dot_f16, ld_f16, s_f16)
-AVX2_F_DOT(dot_bf16, ld_bf16, s_bf16)
+AVX2_F_NT(f32_nt, ld_f32, s_f32)
+AVX2_F_NT(f16_nt, ld_f16, s_f16)
+AVX2_F_NT(bf16_nt, ld_bf16, s_bf16)
+
+#define DEFINE_DOT1(NAME, IMPL)                                                                    \
+    TGT static void NAME(int64_t n, const void *w, const void *x, float *out) {                    \
+        const void *xs[1] = {x};                                                                   \
+        float *os[1] = {out};                                                                      \
+        IMPL(1, n, w, xs, os);                                                                     \
+    }
+
+DEFINE_DOT1(dot_f32, f32_nt)
+DEFINE_DOT1(dot_f16, f16_nt)
+DEFINE_DOT1(dot_bf16, bf16_nt)
+
+TGT static void dot_f32_x4(int64_t n, const void *w, const void *const *x, float *const *out) {
+    f32_nt(4, n, w, x, out);
+}
 
 TGT static void cvt_f16(int64_t n, const void *w, float *out) {
     int64_t i = 0;
@@ -506,6 +534,7 @@ void cpu__kernels_avx2(cpu__kernels *k) {
     k->dot[MOE_TYPE_Q4_K] = dot_q4_K;
     k->dot[MOE_TYPE_Q5_K] = dot_q5_K;
     k->dot[MOE_TYPE_Q6_K] = dot_q6_K;
+    k->dot4[MOE_TYPE_F32] = dot_f32_x4;
     k->dot4[MOE_TYPE_Q8_0] = dot_q8_0_x4;
     k->dot4[MOE_TYPE_Q4_0] = dot_q4_0_x4;
     k->dot4[MOE_TYPE_Q4_K] = dot_q4_K_x4;
