@@ -8,8 +8,12 @@
  * weight byte once per call: the activation rows are quantized once (to
  * 32-element int8 blocks for the Q*_0/Q*_1 types, to 256-element Q8_K
  * blocks for K-quants) and every weight row is multiplied with all the
- * token rows of the call while it is in cache, using integer dot products
- * (AVX2 maddubs/madd). F32/F16/BF16 weights use f32 FMA.
+ * token rows of the call while it is in cache (rows are tiled 16 weight
+ * rows x 32 tokens, and the next weight row is prefetched), using integer
+ * dot products (AVX2 maddubs/madd, AVX-512 VNNI where present). Tokens go
+ * through the kernels four at a time, so a weight block is decoded once
+ * for four activation rows. F32/F16/BF16 weights use f32 FMA (a row is
+ * widened to f32 once when several tokens use it).
  *
  * Precision: for the quantized types the activation quantization adds a
  * relative error of about 0.3-0.5 % per output (int8 with a float scale
