@@ -445,14 +445,39 @@ def reference(model) -> dict:
             nxt = int(row.argmax())
             dec_arg.append(nxt)
             dec_logits.append(row)
-        full = model(input_ids=torch.tensor([PROMPT + dec_in]), use_cache=False).logits[0].numpy()
+        # One uncached forward over prompt + decode inputs: the cross-check,
+        # and the per-layer residual stream and expert choices for debugging.
+        routes: dict[int, tuple] = {}
+        hooks = []
+        for mname, mod in model.named_modules():
+            if mname.endswith("mlp.gate") and mname.startswith("model.layers."):
+                il = int(mname.split(".")[2])
+                hooks.append(mod.register_forward_hook(
+                    lambda _m, _i, o, il=il: routes.__setitem__(il, (o[1].numpy().copy(), o[2].numpy().copy()))))
+        # decoder-layer outputs from hooks: HF's hidden_states tuple ends with
+        # the final-norm output instead of the last layer's raw residual
+        layer_out: dict[int, np.ndarray] = {}
+        for il, layer in enumerate(model.model.layers):
+            hooks.append(layer.register_forward_hook(
+                lambda _m, _i, o, il=il: layer_out.__setitem__(
+                    il, (o[0] if isinstance(o, tuple) else o)[0].numpy().copy())))
+        fo = model(input_ids=torch.tensor([PROMPT + dec_in]), use_cache=False)
+        for h in hooks:
+            h.remove()
+        full = fo.logits[0].numpy()
+        hidden = np.stack([layer_out[i] for i in range(len(layer_out))]).astype(np.float32)
     logits = np.concatenate([prompt_logits, np.stack(dec_logits)], axis=0).astype(np.float32)
     err = np.abs(full - logits).max() / np.abs(logits).max()
     if err > 1e-5:
         raise RuntimeError(f"cached decode disagrees with the full forward: rel err {err:.2e}")
     srt = np.sort(logits, axis=1)
     margins = (srt[:, -1] - srt[:, -2]).tolist()
-    return dict(logits=logits, decode_input=dec_in, decode_argmax=dec_arg,
+    routing = {}
+    for il, (w, idx) in sorted(routes.items()):
+        order = np.argsort(-w, axis=1, kind="stable")
+        routing[str(il)] = {"experts": np.take_along_axis(idx, order, 1).tolist(),
+                            "weights": np.round(np.take_along_axis(w, order, 1).astype(np.float64), 6).tolist()}
+    return dict(logits=logits, hidden=hidden, routing=routing, decode_input=dec_in, decode_argmax=dec_arg,
                 prompt_argmax=[int(x) for x in prompt_logits.argmax(axis=1)],
                 top1_margin=margins, cache_vs_full_rel_err=float(err))
 
@@ -460,6 +485,7 @@ def reference(model) -> dict:
 def write_ref(out: pathlib.Path, name: str, ggufs: list[str], ref: dict, cfg_dict: dict, seed: int) -> None:
     logits = ref["logits"]
     (out / f"{name}.logits.f32").write_bytes(logits.astype("<f4").tobytes())
+    (out / f"{name}.hidden.f32").write_bytes(ref["hidden"].astype("<f4").tobytes())
     n_rows, n_vocab = logits.shape
     lines = [
         "# moed reference logits v1: see README.md. Rows of n_vocab little-endian f32;",
@@ -473,6 +499,9 @@ def write_ref(out: pathlib.Path, name: str, ggufs: list[str], ref: dict, cfg_dic
         "decode_input " + " ".join(map(str, ref["decode_input"])),
         "decode_argmax " + " ".join(map(str, ref["decode_argmax"])),
         f"n_rows {n_rows}",
+        f"hidden {name}.hidden.f32",
+        f"n_layer {ref['hidden'].shape[0]}",
+        f"n_embd {ref['hidden'].shape[2]}",
     ]
     (out / f"{name}.ref.txt").write_text("\n".join(lines) + "\n")
     meta = {
@@ -482,6 +511,8 @@ def write_ref(out: pathlib.Path, name: str, ggufs: list[str], ref: dict, cfg_dic
         "decode_input": ref["decode_input"], "decode_argmax": ref["decode_argmax"],
         "prompt_argmax": ref["prompt_argmax"], "top1_margin": ref["top1_margin"],
         "cache_vs_full_rel_err": ref["cache_vs_full_rel_err"],
+        "hidden_file": f"{name}.hidden.f32", "hidden_shape": list(ref["hidden"].shape),
+        "routing": ref["routing"],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "gguf": getattr(gguf, "__version__", None) or _gguf_version()},
         "hf_config": cfg_dict,

@@ -45,6 +45,7 @@ def read_ref(name):
         "prompt": [int(x) for x in ref["prompt"]], "n_decode": int(ref["n_decode"][0]),
         "decode_input": [int(x) for x in ref["decode_input"]],
         "decode_argmax": [int(x) for x in ref["decode_argmax"]], "n_rows": int(ref["n_rows"][0]),
+        "hidden": ref["hidden"][0], "n_layer": int(ref["n_layer"][0]), "n_embd": int(ref["n_embd"][0]),
     }
     raw = np.fromfile(FIXDIR / out["logits"], dtype="<f4")
     out["rows"] = raw
@@ -71,6 +72,9 @@ def test_sidecars_agree(name):
     n_rows = ref["n_prompt"] + ref["n_decode"]
     assert ref["n_rows"] == n_rows
     assert ref["rows"].size == n_rows * ref["n_vocab"], "logits file has the wrong size"
+    hidden = np.fromfile(FIXDIR / ref["hidden"], dtype="<f4")
+    assert meta["hidden_shape"] == [ref["n_layer"], n_rows, ref["n_embd"]]
+    assert hidden.size == ref["n_layer"] * n_rows * ref["n_embd"], "hidden file has the wrong size"
     assert meta["logits_shape"] == [n_rows, ref["n_vocab"]]
     assert meta["prompt"] == ref["prompt"] and len(ref["prompt"]) == ref["n_prompt"]
     assert meta["decode_input"] == ref["decode_input"] and meta["decode_argmax"] == ref["decode_argmax"]
@@ -185,7 +189,7 @@ def ffn(h, gate, up, down):
     return (silu(h @ gate.T) * (h @ up.T)) @ down.T
 
 
-def moe(h, t, kv, arch, b):
+def moe(h, t, kv, arch, b, trace=None):
     E = kv[f"{arch}.expert_count"]
     k = kv[f"{arch}.expert_used_count"]
     logits = h @ t[b + "ffn_gate_inp.weight"].T  # (T, E)
@@ -205,6 +209,8 @@ def moe(h, t, kv, arch, b):
         choice = np.where(np.repeat(mask, E // n_group, axis=-1), -np.inf, choice)
     idx = np.argsort(-choice, axis=-1)[:, :k]
     w = np.take_along_axis(scores, idx, axis=-1)
+    if trace is not None:
+        trace["experts"].append(idx)
     norm = {"llama": True, "qwen3moe": True, "qwen2moe": False}.get(arch)
     if norm is None:
         norm = bool(kv.get(f"{arch}.expert_weights_norm", False))
@@ -225,7 +231,10 @@ def moe(h, t, kv, arch, b):
     return out
 
 
-def forward(kv, t, tokens):
+def forward(kv, t, tokens, trace=None):
+    """Logits (T, n_vocab) for tokens at positions 0..T-1, causal. If trace is
+    a dict, the residual stream after each layer is appended to
+    trace["hidden"] and each MoE layer's chosen experts to trace["experts"]."""
     arch = kv["general.architecture"]
     A = lambda key, d=None: kv.get(f"{arch}.{key}", d)  # noqa: E731
     eps = A("attention.layer_norm_rms_epsilon")
@@ -289,7 +298,9 @@ def forward(kv, t, tokens):
         if b + "ffn_gate.weight" in t:
             x = x + ffn(h, t[b + "ffn_gate.weight"], t[b + "ffn_up.weight"], t[b + "ffn_down.weight"])
         else:
-            x = x + moe(h, t, kv, arch, b)
+            x = x + moe(h, t, kv, arch, b, trace)
+        if trace is not None:
+            trace["hidden"].append(x.copy())
     return rms(x, t["output_norm.weight"], eps) @ t["output.weight"].T
 
 
@@ -299,9 +310,22 @@ def test_numpy_forward_reproduces_transformers(name, fname):
     kv, t = load(FIXDIR / fname)
     tokens = ref["prompt"] + ref["decode_input"]
     want = ref["rows"].reshape(ref["n_rows"], ref["n_vocab"]).astype(np.float64)
-    got = forward(kv, t, tokens)
+    trace = {"hidden": [], "experts": []}
+    got = forward(kv, t, tokens, trace)
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err <= REL_TOL, f"{fname}: max rel err {err:.3e}"
+    # the debugging aids agree too: residual stream per layer, expert choices
+    meta = json.loads((FIXDIR / f"{name}.json").read_text())
+    hidden = np.fromfile(FIXDIR / meta["hidden_file"], dtype="<f4").reshape(meta["hidden_shape"])
+    assert len(trace["hidden"]) == hidden.shape[0] == kv[kv["general.architecture"] + ".block_count"]
+    for il, (h_got, h_want) in enumerate(zip(trace["hidden"], hidden)):
+        e = np.abs(h_got - h_want).max() / np.abs(h_want).max()
+        assert e <= REL_TOL, f"{fname}: layer {il} residual rel err {e:.3e}"
+    moe_layers = sorted(int(k) for k in meta["routing"])
+    assert len(moe_layers) == len(trace["experts"])
+    for il, idx in zip(moe_layers, trace["experts"]):
+        want_sets = [sorted(r) for r in meta["routing"][str(il)]["experts"]]
+        assert [sorted(r) for r in idx.tolist()] == want_sets, f"{fname}: layer {il} expert choice"
 
 
 # Each detail that is easy to get wrong must actually move these fixtures'
