@@ -23,6 +23,7 @@ this script's conversion or the README fails there.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import pathlib
@@ -421,7 +422,6 @@ def reference(model) -> dict:
     """Prompt logits (all positions, one forward), then N_DECODE greedy steps
     through the KV cache; cross-checked against one uncached forward over the
     whole sequence."""
-    import inspect
     # transformers 5.x renamed past_key_values to cache (the old name warns)
     ckw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
