@@ -149,8 +149,10 @@ $(DEMO_MODEL): | $(BIN)
 run: deps $(BIN) $(if $(MODEL),,$(DEMO_MODEL))
 	$(BIN) serve -m $(if $(MODEL),$(MODEL),$(DEMO_MODEL)) $(if $(THREADS),--threads $(THREADS))
 
-bench: $(BIN) $(if $(MODEL),,$(DEMO_MODEL))
-	$(BIN) bench -m $(if $(MODEL),$(MODEL),$(DEMO_MODEL))
+# Each benchmark prints its own ratios, measured within the one run.
+bench: $(BIN) $(TOOL_BIN)
+	$(BUILD)/tests/tool_matbench --threads $(if $(THREADS),$(THREADS),$$(nproc))
+	@if [ -x $(BUILD)/tests/tool_tokbench ]; then $(BUILD)/tests/tool_tokbench; fi
 
 # --- install ---
 
