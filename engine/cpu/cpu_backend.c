@@ -1,0 +1,501 @@
+/* cpu_backend.c - the reference backend: every op of backend.h on the CPU.
+ *
+ * Matrix products go through cpu_matmul / cpu_matmul_experts (weights used
+ * in place from the mapped file); attention runs one task per (token,
+ * head) on the pool. Buffers are plain heap memory, so upload/download are
+ * memcpy and bind_weight is the identity.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "cpu_matmul.h"
+#include "qblocks.h"
+#include "quant.h"
+#include "threadpool.h"
+
+typedef struct cpu_ctx {
+    cpu_pool *pool;
+    int n_threads;
+} cpu_ctx;
+
+static void cpu_destroy(void *vctx) {
+    cpu_ctx *c = vctx;
+    if (!c) return;
+    cpu_pool_destroy(c->pool);
+    free(c);
+}
+
+static void *cpu_alloc(void *vctx, size_t nbytes) {
+    (void)vctx;
+    return calloc(1, nbytes ? nbytes : 1);
+}
+
+static void cpu_free(void *vctx, void *buf) {
+    (void)vctx;
+    free(buf);
+}
+
+static int cpu_copy(void *vctx, void *dst, const void *src, size_t nbytes) {
+    (void)vctx;
+    if ((!dst || !src) && nbytes) return MOE_EINVAL;
+    if (nbytes) memmove(dst, src, nbytes);
+    return MOE_OK;
+}
+
+static int cpu_bind_weight(void *vctx, const void *host, size_t nbytes, const void **out) {
+    (void)vctx;
+    (void)nbytes;
+    if (!out) return MOE_EINVAL;
+    *out = host;
+    return MOE_OK;
+}
+
+static void cpu_unbind_weight(void *vctx, const void *bound) {
+    (void)vctx;
+    (void)bound;
+}
+
+static size_t mat_stride(const moe_weight *w) {
+    return w->mat_stride ? w->mat_stride : (size_t)w->n_out * moe_row_size(w->type, w->n_in);
+}
+
+static int cpu_embed(void *vctx, const moe_weight *w, const int32_t *ids, int64_t n, float *out) {
+    (void)vctx;
+    if (!w || !ids || !out || n < 0) return MOE_EINVAL;
+    size_t rs = moe_row_size(w->type, w->n_in);
+    if (!rs) return MOE_EUNSUPPORTED;
+    for (int64_t t = 0; t < n; t++) {
+        if (ids[t] < 0 || ids[t] >= w->n_out) return MOE_EINVAL;
+        int rc = moe_dequantize_row(w->type, (const char *)w->data + (size_t)ids[t] * rs, out + t * w->n_in, w->n_in);
+        if (rc) return rc;
+    }
+    return MOE_OK;
+}
+
+static int cpu_get_rows(void *vctx, const float *x, int64_t x_stride, int64_t n_col, const int32_t *rows, int64_t n,
+                        float *out) {
+    (void)vctx;
+    if (!x || !rows || !out || n < 0 || n_col < 0) return MOE_EINVAL;
+    for (int64_t i = 0; i < n; i++) memmove(out + i * n_col, x + (int64_t)rows[i] * x_stride, (size_t)n_col * sizeof(float));
+    return MOE_OK;
+}
+
+static int cpu_rms_norm(void *vctx, const float *x, int64_t x_stride, float *y, int64_t y_stride, int64_t n_rows,
+                        int64_t n, const float *w, float eps) {
+    (void)vctx;
+    if (!x || !y || !w || n <= 0 || n_rows < 0) return MOE_EINVAL;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float *xr = x + r * x_stride;
+        float *yr = y + r * y_stride;
+        double ss = 0;
+        for (int64_t i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        float inv = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+        for (int64_t i = 0; i < n; i++) yr[i] = w[i] * (xr[i] * inv);
+    }
+    return MOE_OK;
+}
+
+static int cpu_matmul_op(void *vctx, const moe_weight *w, const float *x, int64_t n_tok, const float *bias, float *y) {
+    cpu_ctx *c = vctx;
+    if (!w || w->n_mat > 1) return MOE_EINVAL;
+    if (n_tok == 0) return MOE_OK;
+    int rc = cpu_matmul(c->pool, w->type, w->data, w->n_in, w->n_out, x, n_tok, y);
+    if (rc) return rc;
+    if (bias)
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t o = 0; o < w->n_out; o++) y[t * w->n_out + o] += bias[o];
+    return MOE_OK;
+}
+
+static int cpu_add(void *vctx, float *y, const float *x, int64_t n) {
+    (void)vctx;
+    for (int64_t i = 0; i < n; i++) y[i] += x[i];
+    return MOE_OK;
+}
+
+static int cpu_mul(void *vctx, float *y, const float *x, int64_t n) {
+    (void)vctx;
+    for (int64_t i = 0; i < n; i++) y[i] *= x[i];
+    return MOE_OK;
+}
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+static int cpu_swiglu(void *vctx, const float *gate, const float *up, float *out, int64_t n) {
+    (void)vctx;
+    for (int64_t i = 0; i < n; i++) out[i] = silu(gate[i]) * up[i];
+    return MOE_OK;
+}
+
+static int cpu_sigmoid_scale(void *vctx, float *y, const float *g, int64_t n_rows, int64_t n) {
+    (void)vctx;
+    for (int64_t r = 0; r < n_rows; r++) {
+        float s = 1.0f / (1.0f + expf(-g[r]));
+        for (int64_t i = 0; i < n; i++) y[r * n + i] *= s;
+    }
+    return MOE_OK;
+}
+
+static int cpu_rope(void *vctx, float *x, int64_t n_tok, int64_t tok_stride, int64_t n_head, int64_t head_stride,
+                    const int32_t *pos, const moe_rope_params *p) {
+    (void)vctx;
+    if (!x || !pos || !p || !p->inv_freq || p->n_rot <= 0 || (p->n_rot & 1)) return MOE_EINVAL;
+    int64_t half = p->n_rot / 2;
+    for (int64_t t = 0; t < n_tok; t++) {
+        for (int64_t i = 0; i < half; i++) {
+            /* the angle in double: p * inv_freq loses digits in f32 at long context */
+            double ang = (double)pos[t] * (double)p->inv_freq[i];
+            float cs = (float)cos(ang) * p->attn_factor, sn = (float)sin(ang) * p->attn_factor;
+            for (int64_t h = 0; h < n_head; h++) {
+                float *v = x + t * tok_stride + h * head_stride;
+                int64_t a = p->style == MOE_ROPE_NEOX ? i : 2 * i;
+                int64_t b = p->style == MOE_ROPE_NEOX ? i + half : 2 * i + 1;
+                float x0 = v[a], x1 = v[b];
+                v[a] = x0 * cs - x1 * sn;
+                v[b] = x0 * sn + x1 * cs;
+            }
+        }
+    }
+    return MOE_OK;
+}
+
+/* Cache slot of position p of sequence s, or -1 when the block table is too short. */
+static int64_t kv_slot(const moe_kv_view *kv, int32_t s, int64_t p) {
+    int64_t b = p / kv->block_size;
+    if (s < 0 || s >= kv->n_seq || p < 0 || b >= kv->block_off[s + 1] - kv->block_off[s]) return -1;
+    int32_t blk = kv->block_table[kv->block_off[s] + b];
+    if (blk < 0) return -1;
+    return (int64_t)blk * kv->block_size + p % kv->block_size;
+}
+
+static int check_kv(const moe_kv_view *kv) {
+    if (!kv || !kv->seq || !kv->pos || !kv->block_off || kv->block_size <= 0) return MOE_EINVAL;
+    if (kv->n_tok && !kv->block_table) return MOE_EINVAL;
+    for (int64_t t = 0; t < kv->n_tok; t++)
+        if (kv_slot(kv, kv->seq[t], kv->pos[t]) < 0) return MOE_EINVAL;
+    return MOE_OK;
+}
+
+static int cpu_kv_store(void *vctx, const moe_kv_view *kv, float *k_cache, float *v_cache, int64_t k_width,
+                        int64_t v_width, const float *k, const float *v) {
+    (void)vctx;
+    int rc = check_kv(kv);
+    if (rc) return rc;
+    if (!k_cache || !k || (v_width > 0 && (!v_cache || !v))) return MOE_EINVAL;
+    for (int64_t t = 0; t < kv->n_tok; t++) {
+        int64_t slot = kv_slot(kv, kv->seq[t], kv->pos[t]);
+        memcpy(k_cache + slot * k_width, k + t * k_width, (size_t)k_width * sizeof(float));
+        if (v_width > 0) memcpy(v_cache + slot * v_width, v + t * v_width, (size_t)v_width * sizeof(float));
+    }
+    return MOE_OK;
+}
+
+/* One (token, head) of attention. Scores for positions 0..pos go to a
+ * per-thread scratch row; the value side is generic so MLA (latent values,
+ * scores from two parts) shares the softmax code. */
+typedef struct attn_job {
+    const moe_kv_view *kv;
+    const float *q;   /* (n_tok, n_head, q_width) */
+    int64_t q_width;  /* per head */
+    const float *k_cache;
+    int64_t k_stride; /* floats per cache slot */
+    int64_t k_off_per_kvh;
+    const float *v_cache;
+    int64_t v_stride;
+    int64_t v_off_per_kvh;
+    int64_t dk, dv;   /* dot length (from q's head start), value width */
+    /* MLA: a second dot q[dk2_qoff ..] . k[dk2_koff ..] of dk2 elements */
+    int64_t dk2, dk2_qoff, dk2_koff;
+    const float *q_lat; /* MLA: (n_tok, n_head, dk) absorbed queries, replaces q for the first dot */
+    int64_t n_head, group;
+    float scale;
+    float *scratch;   /* n_threads * max_len */
+    int64_t max_len;
+    float *out;       /* (n_tok, n_head, dv) */
+} attn_job;
+
+static void attn_task(void *vctx, int64_t task, int thread) {
+    attn_job *j = vctx;
+    int64_t t = task / j->n_head, h = task % j->n_head;
+    int64_t kvh = h / j->group;
+    const float *q1 = j->q_lat ? j->q_lat + (t * j->n_head + h) * j->dk : j->q + (t * j->n_head + h) * j->q_width;
+    const float *q2 = j->q + (t * j->n_head + h) * j->q_width + j->dk2_qoff;
+    int64_t len = (int64_t)j->kv->pos[t] + 1;
+    float *sc = j->scratch + (int64_t)thread * j->max_len;
+    float mx = -INFINITY;
+    for (int64_t p = 0; p < len; p++) {
+        int64_t slot = kv_slot(j->kv, j->kv->seq[t], p);
+        const float *k = j->k_cache + slot * j->k_stride + kvh * j->k_off_per_kvh;
+        float s = 0;
+        for (int64_t i = 0; i < j->dk; i++) s += q1[i] * k[i];
+        for (int64_t i = 0; i < j->dk2; i++) s += q2[i] * k[j->dk2_koff + i];
+        s *= j->scale;
+        sc[p] = s;
+        if (s > mx) mx = s;
+    }
+    double sum = 0;
+    for (int64_t p = 0; p < len; p++) {
+        sc[p] = expf(sc[p] - mx);
+        sum += sc[p];
+    }
+    float inv = (float)(1.0 / sum);
+    float *o = j->out + (t * j->n_head + h) * j->dv;
+    for (int64_t i = 0; i < j->dv; i++) o[i] = 0;
+    for (int64_t p = 0; p < len; p++) {
+        int64_t slot = kv_slot(j->kv, j->kv->seq[t], p);
+        const float *v = j->v_cache + slot * j->v_stride + kvh * j->v_off_per_kvh;
+        float w = sc[p] * inv;
+        for (int64_t i = 0; i < j->dv; i++) o[i] += w * v[i];
+    }
+}
+
+static int run_attn(cpu_ctx *c, attn_job *j) {
+    int64_t max_len = 1;
+    for (int64_t t = 0; t < j->kv->n_tok; t++)
+        if ((int64_t)j->kv->pos[t] + 1 > max_len) max_len = (int64_t)j->kv->pos[t] + 1;
+    j->max_len = max_len;
+    j->scratch = malloc((size_t)cpu_pool_size(c->pool) * (size_t)max_len * sizeof(float));
+    if (!j->scratch) return MOE_ENOMEM;
+    cpu_pool_run(c->pool, attn_task, j, j->kv->n_tok * j->n_head);
+    free(j->scratch);
+    return MOE_OK;
+}
+
+static int cpu_attention(void *vctx, const moe_kv_view *kv, const float *q, const float *k_cache, const float *v_cache,
+                         int64_t n_head, int64_t n_kv_head, int64_t head_dim, float scale, float *out) {
+    int rc = check_kv(kv);
+    if (rc) return rc;
+    if (!q || !k_cache || !v_cache || !out || n_head <= 0 || n_kv_head <= 0 || n_head % n_kv_head || head_dim <= 0)
+        return MOE_EINVAL;
+    if (kv->n_tok == 0) return MOE_OK;
+    attn_job j = {
+        .kv = kv, .q = q, .q_width = head_dim, .k_cache = k_cache, .k_stride = n_kv_head * head_dim,
+        .k_off_per_kvh = head_dim, .v_cache = v_cache, .v_stride = n_kv_head * head_dim, .v_off_per_kvh = head_dim,
+        .dk = head_dim, .dv = head_dim, .n_head = n_head, .group = n_head / n_kv_head, .scale = scale, .out = out,
+    };
+    return run_attn(vctx, &j);
+}
+
+static int cpu_mla_attention(void *vctx, const moe_kv_view *kv, const float *q, const float *cache, int64_t kv_lora,
+                             int64_t n_rot, int64_t nope, const moe_weight *k_b, const moe_weight *v_b, float scale,
+                             float *out) {
+    cpu_ctx *c = vctx;
+    int rc = check_kv(kv);
+    if (rc) return rc;
+    if (!q || !cache || !out || !k_b || !v_b || kv_lora <= 0 || n_rot < 0 || nope <= 0) return MOE_EINVAL;
+    int64_t n_head = k_b->n_mat, n_tok = kv->n_tok, dq = nope + n_rot, dv = v_b->n_out;
+    if (k_b->n_in != nope || k_b->n_out != kv_lora || v_b->n_mat != n_head || v_b->n_in != kv_lora) return MOE_EINVAL;
+    if (n_tok == 0) return MOE_OK;
+    /* Absorb k_b into the queries: q_nope . (c . k_b[h]) = c . (k_b[h] q_nope),
+     * so attention runs over the cached latent and k/v are never expanded. */
+    float *qn = malloc((size_t)n_tok * (size_t)nope * sizeof(float));
+    float *tmp = malloc((size_t)n_tok * (size_t)kv_lora * sizeof(float));
+    float *q_lat = malloc((size_t)n_tok * (size_t)n_head * (size_t)kv_lora * sizeof(float));
+    float *o_lat = malloc((size_t)n_tok * (size_t)n_head * (size_t)kv_lora * sizeof(float));
+    float *o_h = malloc((size_t)n_tok * (size_t)dv * sizeof(float));
+    rc = (qn && tmp && q_lat && o_lat && o_h) ? MOE_OK : MOE_ENOMEM;
+    size_t ks = mat_stride(k_b), vs = mat_stride(v_b);
+    for (int64_t h = 0; h < n_head && !rc; h++) {
+        for (int64_t t = 0; t < n_tok; t++) memcpy(qn + t * nope, q + (t * n_head + h) * dq, (size_t)nope * sizeof(float));
+        rc = cpu_matmul(c->pool, k_b->type, (const char *)k_b->data + (size_t)h * ks, nope, kv_lora, qn, n_tok, tmp);
+        for (int64_t t = 0; t < n_tok && !rc; t++)
+            memcpy(q_lat + (t * n_head + h) * kv_lora, tmp + t * kv_lora, (size_t)kv_lora * sizeof(float));
+    }
+    if (!rc) {
+        attn_job j = {
+            .kv = kv, .q = q, .q_width = dq, .k_cache = cache, .k_stride = kv_lora + n_rot, .v_cache = cache,
+            .v_stride = kv_lora + n_rot, .dk = kv_lora, .dv = kv_lora, .dk2 = n_rot, .dk2_qoff = nope,
+            .dk2_koff = kv_lora, .q_lat = q_lat, .n_head = n_head, .group = n_head, .scale = scale, .out = o_lat,
+        };
+        rc = run_attn(c, &j);
+    }
+    for (int64_t h = 0; h < n_head && !rc; h++) {
+        for (int64_t t = 0; t < n_tok; t++)
+            memcpy(tmp + t * kv_lora, o_lat + (t * n_head + h) * kv_lora, (size_t)kv_lora * sizeof(float));
+        rc = cpu_matmul(c->pool, v_b->type, (const char *)v_b->data + (size_t)h * vs, kv_lora, dv, tmp, n_tok, o_h);
+        for (int64_t t = 0; t < n_tok && !rc; t++)
+            memcpy(out + (t * n_head + h) * dv, o_h + t * dv, (size_t)dv * sizeof(float));
+    }
+    free(qn);
+    free(tmp);
+    free(q_lat);
+    free(o_lat);
+    free(o_h);
+    return rc;
+}
+
+/* Routing for one token: ids/w (n_used), ordered by decreasing choice score.
+ * Exposed to tests through the moe op's ids_out/w_out. */
+static int route_token(const float *logits, const moe_route_params *rp, double *s, double *choice, int32_t *ids,
+                       float *w) {
+    int64_t E = rp->n_expert;
+    if (rp->gating == MOE_GATING_SIGMOID) {
+        for (int64_t e = 0; e < E; e++) s[e] = 1.0 / (1.0 + exp(-(double)logits[e]));
+    } else {
+        double mx = -INFINITY, sum = 0;
+        for (int64_t e = 0; e < E; e++) mx = logits[e] > mx ? logits[e] : mx;
+        for (int64_t e = 0; e < E; e++) sum += (s[e] = exp((double)logits[e] - mx));
+        for (int64_t e = 0; e < E; e++) s[e] /= sum;
+    }
+    for (int64_t e = 0; e < E; e++) choice[e] = s[e] + (rp->bias ? rp->bias[e] : 0.0);
+    if (rp->n_group > 1 && rp->n_group_used < rp->n_group) {
+        int64_t G = rp->n_group, per = E / G;
+        double gs[256];
+        int keep[256];
+        if (G > 256) return MOE_EUNSUPPORTED;
+        for (int64_t g = 0; g < G; g++) {
+            const double *cg = choice + g * per;
+            if (rp->gating == MOE_GATING_SIGMOID) {
+                double a = -INFINITY, b = -INFINITY; /* two best */
+                for (int64_t i = 0; i < per; i++) {
+                    if (cg[i] > a) { b = a; a = cg[i]; } else if (cg[i] > b) b = cg[i];
+                }
+                gs[g] = per > 1 ? a + b : a;
+            } else {
+                double a = -INFINITY;
+                for (int64_t i = 0; i < per; i++) a = cg[i] > a ? cg[i] : a;
+                gs[g] = a;
+            }
+            keep[g] = 0;
+        }
+        for (int64_t k = 0; k < rp->n_group_used; k++) {
+            int64_t best = -1;
+            for (int64_t g = 0; g < G; g++)
+                if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+            keep[best] = 1;
+        }
+        for (int64_t g = 0; g < G; g++)
+            if (!keep[g])
+                for (int64_t i = 0; i < per; i++) choice[g * per + i] = -INFINITY;
+    }
+    double wsum = 0;
+    for (int64_t k = 0; k < rp->n_used; k++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (!isnan(choice[e]) && (best < 0 || choice[e] > choice[best])) best = e;
+        ids[k] = (int32_t)best;
+        w[k] = (float)s[best];
+        wsum += s[best];
+        choice[best] = NAN; /* taken */
+    }
+    for (int64_t k = 0; k < rp->n_used; k++) {
+        double v = w[k];
+        if (rp->norm) v /= wsum + 1e-20;
+        w[k] = (float)(v * rp->scale);
+    }
+    return MOE_OK;
+}
+
+static int cpu_moe(void *vctx, const float *h, int64_t n_tok, const float *router_logits, const moe_route_params *rp,
+                   const moe_weight *gate, const moe_weight *up, const moe_weight *down, float *out, int32_t *ids_out,
+                   float *w_out) {
+    cpu_ctx *c = vctx;
+    if (!h || !router_logits || !rp || !gate || !up || !down || !out) return MOE_EINVAL;
+    int64_t E = rp->n_expert, K = rp->n_used, n_embd = gate->n_in, n_ff = gate->n_out;
+    if (E <= 0 || K <= 0 || K > E || gate->n_mat != E || up->n_mat != E || down->n_mat != E || up->n_in != n_embd ||
+        up->n_out != n_ff || down->n_in != n_ff || down->n_out != n_embd || (rp->n_group > 1 && E % rp->n_group) ||
+        (rp->n_group > 1 && (rp->n_group_used <= 0 || rp->n_group_used > rp->n_group ||
+                             rp->n_group_used * (E / rp->n_group) < K)))
+        return MOE_EINVAL;
+    memset(out, 0, (size_t)n_tok * (size_t)n_embd * sizeof(float));
+    if (n_tok == 0) return MOE_OK;
+    int64_t n_ent = n_tok * K;
+    int32_t *ids = malloc((size_t)n_ent * sizeof(int32_t));
+    float *wts = malloc((size_t)n_ent * sizeof(float));
+    double *s = malloc((size_t)E * 2 * sizeof(double));
+    int64_t *off = calloc((size_t)E + 1, sizeof(int64_t));
+    int32_t *rows = malloc((size_t)n_ent * sizeof(int32_t));
+    int64_t *ent_of = malloc((size_t)n_ent * sizeof(int64_t)); /* (token, k) -> routing-order entry */
+    float *g = malloc((size_t)n_ent * (size_t)n_ff * sizeof(float));
+    float *u = malloc((size_t)n_ent * (size_t)n_ff * sizeof(float));
+    float *d = malloc((size_t)n_ent * (size_t)n_embd * sizeof(float));
+    int rc = (ids && wts && s && off && rows && ent_of && g && u && d) ? MOE_OK : MOE_ENOMEM;
+    for (int64_t t = 0; t < n_tok && !rc; t++)
+        rc = route_token(router_logits + t * E, rp, s, s + E, ids + t * K, wts + t * K);
+    if (!rc) {
+        /* group the (token, expert) pairs by expert so each expert's weights are read once */
+        for (int64_t i = 0; i < n_ent; i++) off[ids[i] + 1]++;
+        for (int64_t e = 0; e < E; e++) off[e + 1] += off[e];
+        int64_t *fill = malloc((size_t)E * sizeof(int64_t));
+        if (!fill) rc = MOE_ENOMEM;
+        else {
+            memcpy(fill, off, (size_t)E * sizeof(int64_t));
+            for (int64_t i = 0; i < n_ent; i++) {
+                int64_t k = fill[ids[i]]++;
+                rows[k] = (int32_t)(i / K);
+                ent_of[i] = k;
+            }
+            free(fill);
+        }
+    }
+    if (!rc) rc = cpu_matmul_experts(c->pool, gate->type, gate->data, n_embd, n_ff, E, h, n_tok, off, rows, g);
+    if (!rc) rc = cpu_matmul_experts(c->pool, up->type, up->data, n_embd, n_ff, E, h, n_tok, off, rows, u);
+    if (!rc) {
+        for (int64_t i = 0; i < n_ent * n_ff; i++) g[i] = silu(g[i]) * u[i];
+        rc = cpu_matmul_experts(c->pool, down->type, down->data, n_ff, n_embd, E, g, n_ent, off, NULL, d);
+    }
+    if (!rc) {
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t k = 0; k < K; k++) {
+                const float *dr = d + ent_of[t * K + k] * n_embd;
+                float w = wts[t * K + k];
+                for (int64_t i = 0; i < n_embd; i++) out[t * n_embd + i] += w * dr[i];
+            }
+        if (ids_out) memcpy(ids_out, ids, (size_t)n_ent * sizeof(int32_t));
+        if (w_out) memcpy(w_out, wts, (size_t)n_ent * sizeof(float));
+    }
+    free(ids);
+    free(wts);
+    free(s);
+    free(off);
+    free(rows);
+    free(ent_of);
+    free(g);
+    free(u);
+    free(d);
+    return rc;
+}
+
+static const struct moe_backend_ops cpu_ops = {
+    .name = "cpu",
+    .destroy = cpu_destroy,
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .bind_weight = cpu_bind_weight,
+    .unbind_weight = cpu_unbind_weight,
+    .embed = cpu_embed,
+    .get_rows = cpu_get_rows,
+    .rms_norm = cpu_rms_norm,
+    .matmul = cpu_matmul_op,
+    .add = cpu_add,
+    .mul = cpu_mul,
+    .swiglu = cpu_swiglu,
+    .sigmoid_scale = cpu_sigmoid_scale,
+    .rope = cpu_rope,
+    .kv_store = cpu_kv_store,
+    .attention = cpu_attention,
+    .mla_attention = cpu_mla_attention,
+    .moe = cpu_moe,
+};
+
+int moe_cpu_backend_init(moe_backend *be, const moe_cpu_backend_opts *opts) {
+    if (!be) return MOE_EINVAL;
+    be->ops = NULL;
+    be->ctx = NULL;
+    cpu_ctx *c = calloc(1, sizeof(*c));
+    if (!c) return MOE_ENOMEM;
+    int st = MOE_OK;
+    c->pool = cpu_pool_create(opts ? opts->n_threads : 0, &st);
+    if (!c->pool) {
+        free(c);
+        return st ? st : MOE_ENOMEM;
+    }
+    c->n_threads = cpu_pool_size(c->pool);
+    be->ops = &cpu_ops;
+    be->ctx = c;
+    return MOE_OK;
+}

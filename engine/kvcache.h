@@ -1,0 +1,73 @@
+/* kvcache.h - the paged KV cache: fixed-size blocks of cache slots, one
+ * block table per sequence.
+ *
+ * Every layer has the same number of blocks; block b of every layer holds
+ * positions [j * block_size, (j + 1) * block_size) of whichever sequence
+ * lists b as its j-th block. A slot is k_width floats of K and v_width of
+ * V (GQA: n_kv_head * head_dim each; MLA: kv_lora + rope dims of latent
+ * and v_width 0, nothing expanded). Storage is backend memory; the block
+ * allocator is host-side bookkeeping (a free stack + an in-use map, so a
+ * double free is caught instead of corrupting the free list).
+ *
+ * Threads: engine thread only (no locking).
+ */
+#ifndef MOE_KVCACHE_H
+#define MOE_KVCACHE_H
+
+#include <stdint.h>
+
+#include "backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct moe_kv_opts {
+    int64_t n_layer;
+    int64_t block_size; /* positions per block, > 0 */
+    int64_t n_blocks;   /* blocks per layer, 1 .. INT32_MAX */
+    int64_t k_width;    /* floats per slot for K (or the MLA latent) */
+    int64_t v_width;    /* floats per slot for V; 0 for MLA */
+} moe_kv_opts;
+
+typedef struct moe_kv_cache moe_kv_cache;
+
+/* Allocates the cache on `be` (which must outlive it). Returns NULL with
+ * *status = MOE_EINVAL (bad sizes, overflow) or MOE_ENOMEM. Caller frees
+ * with moe_kv_destroy(). */
+moe_kv_cache *moe_kv_create(const moe_backend *be, const moe_kv_opts *opts, int *status);
+void moe_kv_destroy(moe_kv_cache *kv); /* NULL is a no-op */
+
+const moe_kv_opts *moe_kv_get_opts(const moe_kv_cache *kv);
+/* Layer il's storage: n_blocks * block_size slots (backend pointers); V is
+ * NULL when v_width is 0 or il is out of range. */
+float *moe_kv_k(moe_kv_cache *kv, int64_t il);
+float *moe_kv_v(moe_kv_cache *kv, int64_t il);
+
+int64_t moe_kv_n_free(const moe_kv_cache *kv);
+
+/* Takes n blocks, all or nothing: writes their ids to out[n]. Returns
+ * MOE_OK, MOE_EFULL (fewer than n free; nothing taken) or MOE_EINVAL. */
+int moe_kv_alloc(moe_kv_cache *kv, int64_t n, int32_t *out);
+/* Returns blocks to the pool. Returns MOE_EINVAL (and frees none) when an
+ * id is out of range or not currently allocated (double free). */
+int moe_kv_free(moe_kv_cache *kv, const int32_t *blocks, int64_t n);
+
+/* A sequence's block table. Zero-initialize; grows with reserve, returns
+ * every block with release. */
+typedef struct moe_kv_seq {
+    int32_t *blocks; /* (n_blocks) owned */
+    int64_t n_blocks;
+    int64_t cap;
+} moe_kv_seq;
+
+/* Makes the table cover positions 0 .. n_pos-1, taking blocks as needed.
+ * Returns MOE_OK, MOE_EFULL (nothing changed) or MOE_ENOMEM. */
+int moe_kv_seq_reserve(moe_kv_cache *kv, moe_kv_seq *s, int64_t n_pos);
+/* Frees all of the sequence's blocks and its table; s is zeroed. */
+void moe_kv_seq_release(moe_kv_cache *kv, moe_kv_seq *s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
