@@ -1,0 +1,68 @@
+/* forward.h - the transformer forward passes (llama / Mixtral / qwen2 /
+ * qwen2moe / qwen3moe / deepseek2 (V2, V2-Lite, V3)) over a flat batch and
+ * the paged KV cache, written once against backend.h.
+ *
+ * moe_fwd_create() reads the hyper-parameters from the GGUF metadata and
+ * binds every weight on the backend (the CPU backend uses the mapped file
+ * in place). It derives one small tensor: for DeepSeek files with the
+ * original `attn_kv_b` layout, the per-head transposed k_b (F32) that MLA
+ * attention needs to work on the compressed cache.
+ *
+ * Threads: a moe_fwd belongs to the thread that owns its backend.
+ */
+#ifndef MOE_FORWARD_H
+#define MOE_FORWARD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "batch.h"
+#include "gguf.h"
+#include "kvcache.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct moe_fwd moe_fwd;
+
+/* Builds the forward pass for the model in `g` on `be`; both must outlive
+ * it. Returns NULL with *status (MOE_EUNSUPPORTED: unknown architecture or
+ * weight type; MOE_EFORMAT: missing key or tensor, wrong shape; MOE_ENOMEM)
+ * and a reason in err (errsz bytes, may be NULL). Free with moe_fwd_free(). */
+moe_fwd *moe_fwd_create(const moe_gguf *g, const moe_backend *be, int *status, char *err, size_t errsz);
+void moe_fwd_free(moe_fwd *fw); /* NULL is a no-op */
+
+int64_t moe_fwd_n_vocab(const moe_fwd *fw);
+int64_t moe_fwd_n_layer(const moe_fwd *fw);
+int64_t moe_fwd_n_embd(const moe_fwd *fw);
+int64_t moe_fwd_ctx_len(const moe_fwd *fw); /* context_length from the file */
+
+/* The KV cache layout this model needs (k/v widths, layers) for the given
+ * block size and count; pass the result to moe_kv_create(). */
+int moe_fwd_kv_opts(const moe_fwd *fw, int64_t block_size, int64_t n_blocks, moe_kv_opts *out);
+
+/* Runs one step. Writes the batch's K/V (or MLA latents) into `kv` and
+ * the logits of the tokens marked in b->want_logits (all when NULL) to
+ * logits (host, n_marked * n_vocab, in token order). Returns MOE_OK,
+ * MOE_EINVAL (bad ids, positions beyond a block table), MOE_ENOMEM or a
+ * backend error. */
+int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kv, const moe_batch *b, float *logits);
+
+/* Debugging/test hook: when set, the residual stream after each layer
+ * (n_tok, n_embd, host) is copied to hidden + il * n_tok * n_embd. */
+void moe_fwd_set_hidden_out(moe_fwd *fw, float *hidden);
+
+/* Rope frequencies: inv_freq[i] = base^(-2i/n_rot) for i < n_rot/2, with
+ * YaRN's ramp when factor > 1 (transformers / llama.cpp semantics:
+ * ramp_i = clamp((i - low) / (high - low), 0, 1) from beta_fast/slow and
+ * the original context, blending extrapolation and interpolation by 1/factor).
+ * Exposed for tests. */
+void moe_rope_yarn_inv_freq(int64_t n_rot, double base, double factor, double orig_ctx, double beta_fast,
+                            double beta_slow, float *inv_freq);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
