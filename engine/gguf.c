@@ -111,6 +111,8 @@ typedef struct {
 } arena;
 
 static void *arena_alloc(arena *a, size_t n) {
+    if (n > SIZE_MAX / 2)
+        return NULL;
     n = (n + 15) & ~(size_t)15;
     if (n == 0)
         n = 16;
@@ -500,7 +502,7 @@ static int parse_tensor_infos(parser *p) {
         if (t->ne[0] % tr->blck != 0)
             return fail(p, MOE_EFORMAT, "ne[0] = %lld is not a multiple of the %s block size %lld",
                         (long long)t->ne[0], tr->name, (long long)tr->blck);
-        uint64_t nbytes = (uint64_t)(t->ne[0] / tr->blck) * tr->size; /* ne[0]/blck * size: checked below */
+        uint64_t nbytes;
         bool ovf = __builtin_mul_overflow((uint64_t)(t->ne[0] / tr->blck), (uint64_t)tr->size, &nbytes);
         int64_t nel = t->ne[0];
         for (int d = 1; d < MOE_GGUF_MAX_DIMS; d++) {
@@ -978,6 +980,22 @@ static int wvalue_copy(moe_gguf_value *dst, const moe_gguf_value *src, int depth
         return MOE_OK;
     }
     if (src->type != MOE_GGUF_ARRAY) {
+        /* A widened value must fit the declared width, or the file would
+         * silently hold a different number. */
+        uint64_t u = src->v.u64;
+        int64_t i = src->v.i64;
+        bool ok = true;
+        switch (src->type) {
+        case MOE_GGUF_UINT8: ok = u <= UINT8_MAX; break;
+        case MOE_GGUF_UINT16: ok = u <= UINT16_MAX; break;
+        case MOE_GGUF_UINT32: ok = u <= UINT32_MAX; break;
+        case MOE_GGUF_INT8: ok = i >= INT8_MIN && i <= INT8_MAX; break;
+        case MOE_GGUF_INT16: ok = i >= INT16_MIN && i <= INT16_MAX; break;
+        case MOE_GGUF_INT32: ok = i >= INT32_MIN && i <= INT32_MAX; break;
+        default: break;
+        }
+        if (!ok)
+            return MOE_EINVAL;
         dst->v = src->v;
         return MOE_OK;
     }

@@ -643,6 +643,15 @@ START_TEST(test_writer_errors) {
     ck_assert_int_eq(moe_gguf_writer_set_u8(w, NULL, 1), MOE_EINVAL);
     moe_gguf_value bad = {.type = (moe_gguf_vtype)13};
     ck_assert_int_eq(moe_gguf_writer_set_value(w, "x", &bad), MOE_EINVAL);
+    /* Widened values that do not fit the declared width. */
+    bad = (moe_gguf_value){.type = MOE_GGUF_UINT8, .v.u64 = 256};
+    ck_assert_int_eq(moe_gguf_writer_set_value(w, "x", &bad), MOE_EINVAL);
+    bad = (moe_gguf_value){.type = MOE_GGUF_INT16, .v.i64 = -32769};
+    ck_assert_int_eq(moe_gguf_writer_set_value(w, "x", &bad), MOE_EINVAL);
+    bad = (moe_gguf_value){.type = MOE_GGUF_UINT32, .v.u64 = 1ull << 33};
+    ck_assert_int_eq(moe_gguf_writer_set_value(w, "general.alignment", &bad), MOE_EINVAL);
+    bad = (moe_gguf_value){.type = MOE_GGUF_INT32, .v.i64 = INT32_MIN};
+    ck_assert_int_eq(moe_gguf_writer_set_value(w, "x", &bad), MOE_OK);
     /* An item whose type differs from the array's etype. */
     moe_gguf_value item = {.type = MOE_GGUF_UINT8};
     moe_gguf_value arr = {.type = MOE_GGUF_ARRAY};
