@@ -53,6 +53,7 @@ struct moe_fwd {
     const void **bound; /* every bind_weight result, for unbinding */
     int64_t n_bound, cap_bound;
     float *hidden_out;
+    int32_t *route_out;
 };
 
 static void seterr(char *err, size_t errsz, const char *fmt, ...) {
@@ -478,6 +479,12 @@ void moe_fwd_set_hidden_out(moe_fwd *fw, float *hidden) {
     if (fw) fw->hidden_out = hidden;
 }
 
+void moe_fwd_set_route_out(moe_fwd *fw, int32_t *ids) {
+    if (fw) fw->route_out = ids;
+}
+
+int64_t moe_fwd_n_expert_used(const moe_fwd *fw) { return fw ? fw->n_used : 0; }
+
 int moe_fwd_kv_opts(const moe_fwd *fw, int64_t block_size, int64_t n_blocks, moe_kv_opts *out) {
     if (!fw || !out) return MOE_EINVAL;
     out->n_layer = fw->n_layer;
@@ -632,7 +639,8 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
                                   .norm = fw->expert_norm, .scale = fw->expert_scale,
                                   .bias = has(&L->exp_probs_b) ? L->exp_probs_b.data : NULL};
             CK(op->matmul(c, &L->gate_inp, B.h, n, NULL, B.ga));
-            CK(op->moe(c, B.h, n, B.ga, &r, &L->gate_exps, &L->up_exps, &L->down_exps, B.o, NULL, NULL));
+            CK(op->moe(c, B.h, n, B.ga, &r, &L->gate_exps, &L->up_exps, &L->down_exps, B.o,
+                       fw->route_out ? fw->route_out + il * n * fw->n_used : NULL, NULL));
             if (has(&L->gate_sh)) {
                 CK(ffn(fw, &L->gate_sh, &L->up_sh, &L->down_sh, B.h, n, B.ga, B.up, B.sh));
                 if (has(&L->gate_inp_sh)) {

@@ -54,6 +54,12 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kv, const moe_batch *b, float *logits
  * (n_tok, n_embd, host) is copied to hidden + il * n_tok * n_embd. */
 void moe_fwd_set_hidden_out(moe_fwd *fw, float *hidden);
 
+/* Test hook: when set, each MoE layer il writes the experts chosen for
+ * each token, ordered by decreasing choice score, to
+ * ids + (il * n_tok + t) * n_used (dense layers leave theirs untouched). */
+void moe_fwd_set_route_out(moe_fwd *fw, int32_t *ids);
+int64_t moe_fwd_n_expert_used(const moe_fwd *fw); /* 0 for dense models */
+
 /* Rope frequencies: inv_freq[i] = base^(-2i/n_rot) for i < n_rot/2, with
  * YaRN's ramp when factor > 1 (transformers / llama.cpp semantics:
  * ramp_i = clamp((i - low) / (high - low), 0, 1) from beta_fast/slow and

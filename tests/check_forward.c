@@ -21,6 +21,20 @@
 #include "kvcache.h"
 #include "quant.h"
 
+/* Quantized bounds (max rel err vs transformers on the rows before the
+ * first expert-choice flip), ~2x the worst measured over all fixtures
+ * (in brackets): F16 [1.2e-3], BF16 [1.25e-2], Q8_0 [4.6e-2], Q4_0
+ * [3.6e-1]. The ratios follow the weight precision: BF16 keeps 3 fewer
+ * mantissa bits than F16 (8x), Q8_0 adds int8 activation rounding in the
+ * integer dot products on top of 8-bit weights (~4x BF16), Q4_0 has 16
+ * levels per block (~10x Q8_0). Random-weight tiny models amplify weight
+ * noise more than trained ones (no redundancy), so these are loose for
+ * real models. Whole-run bounds (flips included) only catch blow-ups. */
+#define QTOL_F16 2.5e-3
+#define QTOL_BF16 2.5e-2
+#define QTOL_Q8_0 1e-1
+#define QTOL_Q4_0 7.5e-1
+
 #define FIXDIR MOE_SRC_DIR "/tests/fixtures/models/"
 
 typedef struct ref {
@@ -109,6 +123,9 @@ typedef struct run_result {
     int argmax_ok;     /* decode rows whose argmax is decode_argmax */
     double layer_err;  /* first prompt layer's residual error (debug) */
     int worst_layer;
+    float *logits;     /* (n_rows, n_vocab), caller frees */
+    int32_t *routes;   /* (n_layer, n_rows, n_used) chosen experts, -1 for dense layers; caller frees */
+    int n_used;
 } run_result;
 
 /* Prompt as one batch, then teacher-forced decode through the cache. */
@@ -131,6 +148,11 @@ static run_result run_fixture(const char *gguf_path, const ref *r, int n_threads
     ck_assert_int_eq(moe_kv_seq_reserve(kv, &seq, r->n_rows), MOE_OK);
 
     float *got = malloc((size_t)r->n_rows * r->n_vocab * sizeof(float));
+    int K = (int)moe_fwd_n_expert_used(fw), KK = K ? K : 1;
+    size_t n_rt = (size_t)r->n_layer * r->n_rows * KK;
+    int32_t *routes = malloc(n_rt * sizeof(int32_t)), *rt = malloc(n_rt * sizeof(int32_t));
+    for (size_t i = 0; i < n_rt; i++) routes[i] = rt[i] = -1;
+    moe_fwd_set_route_out(fw, rt);
     float *hid = malloc((size_t)r->n_layer * r->n_prompt * r->n_embd * sizeof(float));
     int32_t pos[64], sq[64] = {0};
     for (int i = 0; i < r->n_prompt; i++) pos[i] = i;
@@ -138,6 +160,10 @@ static run_result run_fixture(const char *gguf_path, const ref *r, int n_threads
     moe_batch b = {.n_tok = r->n_prompt, .ids = r->prompt, .pos = pos, .seq = sq, .n_seq = 1, .seqs = &seq};
     ck_assert_int_eq(moe_fwd_run(fw, kv, &b, got), MOE_OK);
     moe_fwd_set_hidden_out(fw, NULL);
+    /* routes of step s with n tokens from row0 land in rt as (n_layer, n, K) */
+    for (int il = 0; il < r->n_layer; il++)
+        memcpy(routes + ((size_t)il * r->n_rows) * KK, rt + (size_t)il * r->n_prompt * KK,
+               (size_t)r->n_prompt * KK * sizeof(int32_t));
     res.worst_layer = -1;
     for (int il = 0; il < r->n_layer; il++) {
         double worst = 0;
@@ -156,10 +182,16 @@ static run_result run_fixture(const char *gguf_path, const ref *r, int n_threads
         moe_batch d = {.n_tok = 1, .ids = &r->decode_input[i], .pos = &p, .seq = &s0, .n_seq = 1, .seqs = &seq};
         float *row = got + (size_t)(r->n_prompt + i) * r->n_vocab;
         ck_assert_int_eq(moe_fwd_run(fw, kv, &d, row), MOE_OK);
+        for (int il = 0; il < r->n_layer; il++)
+            memcpy(routes + ((size_t)il * r->n_rows + r->n_prompt + i) * KK, rt + (size_t)il * KK,
+                   (size_t)KK * sizeof(int32_t));
         res.argmax_ok += argmax(row, r->n_vocab) == r->decode_argmax[i];
     }
     res.err = rel_err(got, r->logits, (size_t)r->n_rows * r->n_vocab);
-    free(got);
+    res.logits = got;
+    res.routes = routes;
+    res.n_used = KK;
+    free(rt);
     free(hid);
     moe_kv_seq_release(kv, &seq);
     ck_assert_int_eq(moe_kv_n_free(kv), 64);
@@ -187,8 +219,242 @@ START_TEST(f32_matches_transformers) {
         ck_assert_msg(res.err <= 1e-3, "%s: rel err %.3e; first diverging layer %d (%.3e)", r.gguf[gi], res.err,
                       res.worst_layer, res.layer_err);
         ck_assert_int_eq(res.argmax_ok, r.n_decode);
+        free(res.logits);
+        free(res.routes);
     }
     free_ref(&r);
+}
+END_TEST
+
+/* Writes a copy of the F32 GGUF `src` to `dst` with every 2-D/3-D weight
+ * whose rows fit the type's blocks re-quantized to `type` (the rest, and
+ * all 1-D tensors, stay F32, as llama.cpp's quantizer keeps norms F32). */
+static void requantize(const char *src, const char *dst, moe_type type, int *n_quant) {
+    int st;
+    char err[256];
+    moe_gguf *g = moe_gguf_open(src, &st, err, sizeof err);
+    ck_assert_msg(g != NULL, "%s", err);
+    moe_gguf_writer *w = moe_gguf_writer_new();
+    ck_assert_ptr_nonnull(w);
+    for (uint64_t i = 0; i < moe_gguf_n_kv(g); i++) {
+        const moe_gguf_kv *kv = moe_gguf_kv_at(g, i);
+        ck_assert_int_eq(moe_gguf_writer_set_value(w, kv->key, &kv->value), MOE_OK);
+    }
+    int64_t blck = moe_type_get(type)->blck;
+    moe_type *tt = malloc(moe_gguf_n_tensors(g) * sizeof(moe_type));
+    *n_quant = 0;
+    for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
+        const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
+        ck_assert_int_eq(t->type, MOE_TYPE_F32);
+        tt[i] = (t->n_dims >= 2 && t->ne[0] % blck == 0) ? type : MOE_TYPE_F32;
+        *n_quant += tt[i] == type;
+        ck_assert_int_eq(moe_gguf_writer_add_tensor(w, t->name, tt[i], t->n_dims, t->ne), MOE_OK);
+    }
+    ck_assert_int_eq(moe_gguf_writer_begin(w, dst), MOE_OK);
+    for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
+        const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
+        int64_t rows = t->ne[1] * t->ne[2] * t->ne[3];
+        size_t rsz = moe_row_size(tt[i], t->ne[0]);
+        void *buf = malloc(rsz);
+        for (int64_t r = 0; r < rows; r++) {
+            ck_assert_int_eq(moe_quantize_row(tt[i], (const float *)t->data + r * t->ne[0], buf, t->ne[0]), MOE_OK);
+            ck_assert_int_eq(moe_gguf_writer_write_tensor(w, buf, rsz), MOE_OK);
+        }
+        free(buf);
+    }
+    ck_assert_int_eq(moe_gguf_writer_finish(w), MOE_OK);
+    moe_gguf_writer_free(w);
+    free(tt);
+    moe_gguf_close(g);
+}
+
+/* Bounds on max|got - ref| / max|ref| against transformers' F32 logits,
+ * from measurement over all fixtures (see the fprintf lines; worst seen
+ * in brackets) with ~2x headroom. F16 keeps 11 significant bits, BF16 8;
+ * Q8_0 adds ~0.4 % per weight plus the int8 activation rounding of the
+ * quantized dot products; Q4_0 (4-bit, one scale per 32) is ~10x coarser,
+ * and can flip a near-tie in expert choice. The greedy argmax is only
+ * required where the fixture's top-1 margin survives the error. */
+static const struct {
+    moe_type type;
+    double tol;
+    int min_rows;    /* rows that must come before the first expert flip */
+    double tol_all;  /* bound on all rows, flips included [worst measured] */
+} QTYPES[] = {
+    {MOE_TYPE_F16, QTOL_F16, 15, QTOL_F16},
+    {MOE_TYPE_BF16, QTOL_BF16, 15, QTOL_BF16},
+    {MOE_TYPE_Q8_0, QTOL_Q8_0, 1, 0.3},   /* [0.22: qwen3moe, a layer-0 flip at row 10] */
+    {MOE_TYPE_Q4_0, QTOL_Q4_0, 0, 0.75},  /* [0.51]; MoE fixtures flip from row 0-3 */
+};
+#define N_QT (int)(sizeof QTYPES / sizeof QTYPES[0])
+
+/* First row (in fixture row order) where any MoE layer picks a different
+ * expert set than in `base`; n_rows if none. Sets, not order: two experts
+ * swapping rank change nothing but the (tiny) summation order. */
+static int first_flip(const run_result *a, const run_result *base, const ref *r) {
+    int K = a->n_used;
+    for (int row = 0; row < r->n_rows; row++)
+        for (int il = 0; il < r->n_layer; il++) {
+            const int32_t *x = a->routes + ((size_t)il * r->n_rows + row) * K;
+            const int32_t *y = base->routes + ((size_t)il * r->n_rows + row) * K;
+            for (int i = 0; i < K; i++) {
+                int found = 0;
+                for (int j = 0; j < K; j++) found |= x[i] == y[j];
+                if (!found) return row;
+            }
+        }
+    return r->n_rows;
+}
+
+START_TEST(quantized_within_bounds) {
+    ref r;
+    load_ref(FIXTURES[_i], &r);
+    char src[512], dst[64];
+    snprintf(src, sizeof src, FIXDIR "%s", r.gguf[r.n_gguf - 1]);
+    run_result base = run_fixture(src, &r, 2, 16);
+    for (int q = 0; q < N_QT; q++) {
+        snprintf(dst, sizeof dst, "/tmp/check_forward_%d_%s.gguf", (int)getpid(), moe_type_name(QTYPES[q].type));
+        int n_quant = 0;
+        requantize(src, dst, QTYPES[q].type, &n_quant);
+        ck_assert_int_gt(n_quant, 4);
+        run_result res = run_fixture(dst, &r, 2, 16);
+        unlink(dst);
+        /* Rows from the first expert-choice flip on (that token's own row and,
+         * through attention, every later one) follow a different function;
+         * the bound holds on the rows before it. */
+        int ff = first_flip(&res, &base, &r);
+        double e = ff ? rel_err(res.logits, r.logits, (size_t)ff * r.n_vocab) : 0;
+        fprintf(stderr, "%-20s %-5s (%2d tensors) max rel err %.2e on %2d/%d rows before any expert flip; %.2e on all\n",
+                r.gguf[r.n_gguf - 1], moe_type_name(QTYPES[q].type), n_quant, e, ff, r.n_rows, res.err);
+        ck_assert_msg(e <= QTYPES[q].tol, "%s as %s: rel err %.3e > %.1e", r.gguf[r.n_gguf - 1],
+                      moe_type_name(QTYPES[q].type), e, QTYPES[q].tol);
+        /* F16/BF16 must not flip any choice; Q8_0 flips only near-ties, later than row 0 */
+        ck_assert_int_ge(ff, QTYPES[q].min_rows);
+        ck_assert_msg(res.err <= QTYPES[q].tol_all, "all rows: %.3e", res.err);
+        free(res.logits);
+        free(res.routes);
+    }
+    free(base.logits);
+    free(base.routes);
+    free_ref(&r);
+}
+END_TEST
+
+/* Runs `n` tokens of one step into (kv, seqs) and returns their logits. */
+static void step(moe_fwd *fw, moe_kv_cache *kv, moe_kv_seq *seqs, int n_seq, int n, const int32_t *ids,
+                 const int32_t *pos, const int32_t *sq, const uint8_t *want, float *out) {
+    for (int t = 0; t < n; t++) ck_assert_int_eq(moe_kv_seq_reserve(kv, &seqs[sq[t]], pos[t] + 1), MOE_OK);
+    moe_batch b = {.n_tok = n, .ids = ids, .pos = pos, .seq = sq, .n_seq = n_seq, .seqs = seqs, .want_logits = want};
+    ck_assert_int_eq(moe_fwd_run(fw, kv, &b, out), MOE_OK);
+}
+
+/* One mixed step (a decode token, a second prefill chunk and a whole new
+ * prompt, interleaved) gives each sequence the logits it gets alone. */
+START_TEST(mixed_batch_equals_alone) {
+    static const char *files[] = {"llama.gguf", "qwen2moe.gguf", "deepseek2.gguf", "deepseek3-mla.gguf"};
+    char path[512], err[256];
+    int st;
+    snprintf(path, sizeof path, FIXDIR "%s", files[_i]);
+    moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
+    ck_assert_ptr_nonnull(g);
+    moe_backend be;
+    ck_assert_int_eq(moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = 2}), MOE_OK);
+    moe_fwd *fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    ck_assert_msg(fw != NULL, "%s", err);
+    int64_t V = moe_fwd_n_vocab(fw);
+    moe_kv_opts ko;
+    moe_fwd_kv_opts(fw, 4, 32, &ko);
+    /* the three sequences' tokens */
+    static const int32_t A[11] = {316, 72, 105, 32, 261, 109, 280, 101, 33, 300, 162};
+    static const int32_t B[7] = {316, 290, 40, 41, 270, 99, 7};
+    static const int32_t C[5] = {5, 260, 311, 64, 200};
+    /* alone: A = 10 + 1, B = 4 + 3, C = 5 */
+    float alone_a[11 * 320], alone_b[7 * 320], alone_c[5 * 320];
+    ck_assert_int_le(V, 320);
+    {
+        moe_kv_cache *kv = moe_kv_create(&be, &ko, &st);
+        moe_kv_seq s[1] = {{0}};
+        int32_t pos[11], sq[11] = {0};
+        for (int i = 0; i < 11; i++) pos[i] = i;
+        step(fw, kv, s, 1, 10, A, pos, sq, NULL, alone_a);
+        step(fw, kv, s, 1, 1, A + 10, pos + 10, sq, NULL, alone_a + 10 * V);
+        moe_kv_seq_release(kv, &s[0]);
+        step(fw, kv, s, 1, 4, B, pos, sq, NULL, alone_b);
+        step(fw, kv, s, 1, 3, B + 4, pos + 4, sq, NULL, alone_b + 4 * V);
+        moe_kv_seq_release(kv, &s[0]);
+        step(fw, kv, s, 1, 5, C, pos, sq, NULL, alone_c);
+        moe_kv_seq_release(kv, &s[0]);
+        ck_assert_int_eq(moe_kv_n_free(kv), 32);
+        moe_kv_destroy(kv);
+    }
+    moe_kv_cache *kv = moe_kv_create(&be, &ko, &st);
+    moe_kv_seq s[3] = {{0}};
+    /* step 1: B's first chunk, then A's prompt (B's blocks come first, so A's are not block 0..) */
+    int32_t ids1[14], pos1[14], sq1[14];
+    for (int i = 0; i < 4; i++) ids1[i] = B[i], pos1[i] = i, sq1[i] = 1;
+    for (int i = 0; i < 10; i++) ids1[4 + i] = A[i], pos1[4 + i] = i, sq1[4 + i] = 0;
+    float out1[14 * 320];
+    step(fw, kv, s, 3, 14, ids1, pos1, sq1, NULL, out1);
+    /* step 2: interleaved C prompt, A decode, B's second chunk; logits only for the last of each */
+    int32_t ids2[9] = {C[0], C[1], A[10], B[4], B[5], C[2], B[6], C[3], C[4]};
+    int32_t pos2[9] = {0, 1, 10, 4, 5, 2, 6, 3, 4};
+    int32_t sq2[9] = {2, 2, 0, 1, 1, 2, 1, 2, 2};
+    uint8_t want2[9] = {0, 0, 1, 0, 0, 0, 1, 0, 1};
+    float out2[3 * 320];
+    step(fw, kv, s, 3, 9, ids2, pos2, sq2, want2, out2);
+    double e = 0;
+    for (int i = 0; i < 4; i++) e = fmax(e, rel_err(out1 + i * V, alone_b + i * V, (size_t)V));
+    for (int i = 0; i < 10; i++) e = fmax(e, rel_err(out1 + (4 + i) * V, alone_a + i * V, (size_t)V));
+    e = fmax(e, rel_err(out2, alone_a + 10 * V, (size_t)V));
+    e = fmax(e, rel_err(out2 + V, alone_b + 6 * V, (size_t)V));
+    e = fmax(e, rel_err(out2 + 2 * V, alone_c + 4 * V, (size_t)V));
+    fprintf(stderr, "%-20s mixed batch vs alone: max rel err %.2e\n", files[_i], e);
+    /* not bit-exact: the matmul kernels group tokens differently in the two
+     * runs (4-token vs 1-token paths), which reorders f32 sums */
+    ck_assert_msg(e <= 1e-5, "%s: mixed batch differs from alone by %.3e", files[_i], e);
+    for (int i = 0; i < 3; i++) moe_kv_seq_release(kv, &s[i]);
+    ck_assert_int_eq(moe_kv_n_free(kv), 32);
+    moe_kv_destroy(kv);
+    moe_fwd_free(fw);
+    moe_backend_destroy(&be);
+    moe_gguf_close(g);
+}
+END_TEST
+
+START_TEST(bad_batches_refused) {
+    char path[512], err[256];
+    int st;
+    snprintf(path, sizeof path, FIXDIR "llama.gguf");
+    moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
+    moe_backend be;
+    ck_assert_int_eq(moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = 1}), MOE_OK);
+    moe_fwd *fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    moe_kv_opts ko;
+    moe_fwd_kv_opts(fw, 4, 4, &ko);
+    moe_kv_cache *kv = moe_kv_create(&be, &ko, &st);
+    moe_kv_seq s = {0};
+    ck_assert_int_eq(moe_kv_seq_reserve(kv, &s, 4), MOE_OK);
+    float out[320];
+    int32_t id = 5, badid = 320, pos = 0, far = 4, sq = 0, badsq = 1;
+    moe_batch b = {.n_tok = 1, .ids = &badid, .pos = &pos, .seq = &sq, .n_seq = 1, .seqs = &s};
+    ck_assert_int_eq(moe_fwd_run(fw, kv, &b, out), MOE_EINVAL);
+    b.ids = &id;
+    b.pos = &far; /* beyond the sequence's one block */
+    ck_assert_int_eq(moe_fwd_run(fw, kv, &b, out), MOE_EINVAL);
+    b.pos = &pos;
+    b.seq = &badsq;
+    ck_assert_int_eq(moe_fwd_run(fw, kv, &b, out), MOE_EINVAL);
+    b.seq = &sq;
+    ck_assert_int_eq(moe_fwd_run(fw, kv, &b, out), MOE_OK);
+    /* a cache of the wrong shape for this model */
+    moe_kv_cache *other = moe_kv_create(&be, &(moe_kv_opts){.n_layer = 2, .block_size = 4, .n_blocks = 4, .k_width = 40}, &st);
+    ck_assert_int_eq(moe_fwd_run(fw, other, &b, out), MOE_EINVAL);
+    moe_kv_destroy(other);
+    moe_kv_seq_release(kv, &s);
+    moe_kv_destroy(kv);
+    moe_fwd_free(fw);
+    moe_backend_destroy(&be);
+    moe_gguf_close(g);
 }
 END_TEST
 
@@ -198,6 +464,15 @@ int main(void) {
     tcase_set_timeout(tc, 120);
     tcase_add_loop_test(tc, f32_matches_transformers, 0, N_FIX);
     suite_add_tcase(s, tc);
+    TCase *tq = tcase_create("fixtures_quantized");
+    tcase_set_timeout(tq, 300);
+    tcase_add_loop_test(tq, quantized_within_bounds, 0, N_FIX);
+    suite_add_tcase(s, tq);
+    TCase *tb = tcase_create("batching");
+    tcase_set_timeout(tb, 120);
+    tcase_add_loop_test(tb, mixed_batch_equals_alone, 0, 4);
+    tcase_add_test(tb, bad_batches_refused);
+    suite_add_tcase(s, tb);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
     int nf = srunner_ntests_failed(sr);
