@@ -417,6 +417,7 @@ static int parse_kvs(parser *p) {
     for (uint64_t i = 0; i < g->n_kv; i++) {
         moe_gguf_kv *kv = &g->kvs[i];
         set_where(p, "kv", i, NULL);
+        size_t key_at = p->pos;
         char *key;
         int rc = rd_name(p, &key, "key");
         if (rc)
@@ -426,7 +427,8 @@ static int parse_kvs(parser *p) {
         size_t klen = strlen(key);
         uint64_t *slot = index_slot(&g->kv_ix, key, klen, kv_name_of, g);
         if (*slot)
-            return fail(p, MOE_EFORMAT, "duplicate key (first defined by kv #%llu)", (unsigned long long)(*slot - 1));
+            return fail(p, MOE_EFORMAT, "duplicate key at offset %zu (first defined by kv #%llu)", key_at,
+                        (unsigned long long)(*slot - 1));
         size_t at = p->pos;
         uint32_t type;
         if ((rc = rd_u32(p, &type, "value type")))
@@ -460,6 +462,7 @@ static int parse_tensor_infos(parser *p) {
     for (uint64_t i = 0; i < g->n_tensors; i++) {
         moe_gguf_tensor *t = &g->tensors[i];
         set_where(p, "tensor", i, NULL);
+        size_t name_at = p->pos;
         char *name;
         int rc = rd_name(p, &name, "tensor name");
         if (rc)
@@ -469,8 +472,8 @@ static int parse_tensor_infos(parser *p) {
         size_t nlen = strlen(name);
         uint64_t *slot = index_slot(&g->tensor_ix, name, nlen, tensor_name_of, g);
         if (*slot)
-            return fail(p, MOE_EFORMAT, "duplicate tensor name (first defined by tensor #%llu)",
-                        (unsigned long long)(*slot - 1));
+            return fail(p, MOE_EFORMAT, "duplicate tensor name at offset %zu (first defined by tensor #%llu)",
+                        name_at, (unsigned long long)(*slot - 1));
         *slot = i + 1;
         size_t at = p->pos;
         uint32_t nd;
@@ -658,12 +661,16 @@ moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz) 
         return NULL;
     }
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        int e = errno;
+    const char *why = NULL;
+    if (fstat(fd, &st) != 0)
+        why = strerror(errno);
+    else if (!S_ISREG(st.st_mode))
+        why = "not a regular file";
+    if (why) {
         close(fd);
         *status = MOE_EIO;
         if (err && errsz)
-            snprintf(err, errsz, "'%s': %s", path, S_ISREG(st.st_mode) ? strerror(e) : "not a regular file");
+            snprintf(err, errsz, "'%s': %s", path, why);
         return NULL;
     }
     size_t size = (size_t)st.st_size;
