@@ -20,8 +20,9 @@ moe_kv_cache *moe_kv_create(const moe_backend *be, const moe_kv_opts *o, int *st
     if (!be || !be->ops || !o || o->n_layer <= 0 || o->block_size <= 0 || o->n_blocks <= 0 ||
         o->n_blocks > INT32_MAX || o->k_width <= 0 || o->v_width < 0)
         goto fail;
+    if (o->n_blocks > INT64_MAX / o->block_size) goto fail;
     int64_t slots = o->n_blocks * o->block_size;
-    if (slots / o->block_size != o->n_blocks || (uint64_t)slots > SIZE_MAX / sizeof(float) / (uint64_t)o->k_width ||
+    if ((uint64_t)slots > SIZE_MAX / sizeof(float) / (uint64_t)o->k_width ||
         (o->v_width && (uint64_t)slots > SIZE_MAX / sizeof(float) / (uint64_t)o->v_width))
         goto fail;
     st = MOE_ENOMEM;

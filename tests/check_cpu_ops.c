@@ -92,8 +92,8 @@ END_TEST
 static const int32_t BT[] = {5, 2, 7, /* seq 0 */ 0, 3};
 static const int64_t BOFF[] = {0, 3, 5};
 
-static void ref_attend(const double *q, const double *const *k, const double *const *v, int len, int d, double scale,
-                       double *out) {
+static void ref_attend(const double *q, const double *const *k, const double *const *v, int len, int d, int dv,
+                       double scale, double *out) {
     double s[64], mx = -INFINITY, sum = 0;
     for (int p = 0; p < len; p++) {
         s[p] = 0;
@@ -102,9 +102,9 @@ static void ref_attend(const double *q, const double *const *k, const double *co
         mx = s[p] > mx ? s[p] : mx;
     }
     for (int p = 0; p < len; p++) sum += (s[p] = exp(s[p] - mx));
-    for (int i = 0; i < d; i++) out[i] = 0;
+    for (int i = 0; i < dv; i++) out[i] = 0;
     for (int p = 0; p < len; p++)
-        for (int i = 0; i < d; i++) out[i] += s[p] / sum * v[p][i];
+        for (int i = 0; i < dv; i++) out[i] += s[p] / sum * v[p][i];
 }
 
 START_TEST(paged_gqa_attention) {
@@ -147,7 +147,7 @@ START_TEST(paged_gqa_attention) {
                 kp[p] = kd[p];
                 vp[p] = vd[p];
             }
-            ref_attend(qd, kp, vp, len, D, 0.3, o);
+            ref_attend(qd, kp, vp, len, D, D, 0.3, o);
             for (int i = 0; i < D; i++) ck_assert_double_eq_tol(out[t][h * D + i], o[i], 1e-5);
         }
     /* a position beyond the block table is refused */
@@ -207,7 +207,7 @@ START_TEST(mla_attention_vs_expanded) {
                 kp[p] = kd[p];
                 vp[p] = vd[p];
             }
-            ref_attend(qd, kp, vp, pos[t] + 1, NOPE + ROT, 0.4, o);
+            ref_attend(qd, kp, vp, pos[t] + 1, NOPE + ROT, DV, 0.4, o);
             for (int i = 0; i < DV; i++) ck_assert_double_eq_tol(out[t][h * DV + i], o[i], 1e-4);
         }
 }
