@@ -17,7 +17,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -67,13 +69,33 @@ static bool vtype_is_int(int t) {
 }
 static bool vtype_is_float(int t) { return t == MOE_GGUF_FLOAT32 || t == MOE_GGUF_FLOAT64; }
 
-static uint64_t fnv1a(const char *s, size_t n) {
-    uint64_t h = 0xcbf29ce484222325ull;
+/* FNV-1a from a per-index random basis, then the splitmix64 finalizer.
+ * Unseeded, the slot (the low bits) of FNV-1a depends only on the low
+ * bits of the input, so a hostile file could pack thousands of keys that
+ * land in one probe run and make loading quadratic (20k such keys took
+ * 1.3 s, 200k would take minutes). With an unknown seed mixed into every
+ * bit, such keys cannot be precomputed. */
+static uint64_t name_hash(const char *s, size_t n, uint64_t seed) {
+    uint64_t h = 0xcbf29ce484222325ull ^ seed;
     for (size_t i = 0; i < n; i++) {
         h ^= (uint8_t)s[i];
         h *= 0x100000001b3ull;
     }
+    h ^= h >> 30;
+    h *= 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 27;
+    h *= 0x94d049bb133111ebull;
+    h ^= h >> 31;
     return h;
+}
+
+static uint64_t hash_seed(void) {
+    uint64_t s;
+    if (getrandom(&s, sizeof(s), GRND_NONBLOCK) == (ssize_t)sizeof(s))
+        return s;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ((uint64_t)ts.tv_sec << 32 ^ (uint64_t)ts.tv_nsec) * 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&s;
 }
 
 static bool is_pow2(uint64_t x) { return x != 0 && (x & (x - 1)) == 0; }
@@ -146,6 +168,7 @@ static void arena_free(arena *a) {
 typedef struct {
     uint64_t *slots;
     uint64_t mask;
+    uint64_t seed;
 } name_index;
 
 static int index_init(name_index *ix, uint64_t n) {
@@ -154,13 +177,14 @@ static int index_init(name_index *ix, uint64_t n) {
         cap <<= 1;
     ix->slots = calloc(cap, sizeof(uint64_t));
     ix->mask = cap - 1;
+    ix->seed = hash_seed();
     return ix->slots ? MOE_OK : MOE_ENOMEM;
 }
 
 /* Returns the slot holding `name` (found) or the empty slot to fill. */
 static uint64_t *index_slot(const name_index *ix, const char *name, size_t len, const char *(*name_of)(const void *, uint64_t),
                             const void *ctx) {
-    uint64_t h = fnv1a(name, len) & ix->mask;
+    uint64_t h = name_hash(name, len, ix->seed) & ix->mask;
     for (;;) {
         uint64_t *s = &ix->slots[h];
         if (*s == 0)
