@@ -163,14 +163,25 @@ static int derive_kv_b(moe_fwd *fw, fwd_layer *L, const moe_weight *kvb_w, const
             rc = moe_dequantize_row(t->type, (const char *)t->data + (size_t)(h * (nope + dv) + n) * rs, row, r);
             for (int64_t c = 0; c < r && !rc; c++) kb[(h * r + c) * nope + n] = row[c];
         }
+    /* Keep the file's precision class: exact transposition for F32/F16/BF16;
+     * quantized kv_b is re-quantized to Q8_0 (a full-precision F32 copy would
+     * be read every step and cost ~4x the bytes of the original). */
+    int kt = MOE_TYPE_F32;
+    if (t->type == MOE_TYPE_F16 || t->type == MOE_TYPE_BF16) kt = t->type;
+    else if (t->type != MOE_TYPE_F32 && nope % moe_type_get(MOE_TYPE_Q8_0)->blck == 0) kt = MOE_TYPE_Q8_0;
+    size_t krs = moe_row_size(kt, nope);
+    size_t nb = (size_t)H * (size_t)r * krs;
+    char *kq = rc ? NULL : malloc(nb);
+    if (!rc && !kq) rc = MOE_ENOMEM;
+    for (int64_t i = 0; i < H * r && !rc; i++) rc = moe_quantize_row(kt, kb + i * nope, kq + (size_t)i * krs, nope);
     if (!rc) {
-        size_t nb = (size_t)H * (size_t)r * (size_t)nope * sizeof(float);
         L->k_b_owned = fw->be.ops->alloc(fw->be.ctx, nb);
         if (!L->k_b_owned) rc = MOE_ENOMEM;
-        else rc = fw->be.ops->upload(fw->be.ctx, L->k_b_owned, kb, nb);
+        else rc = fw->be.ops->upload(fw->be.ctx, L->k_b_owned, kq, nb);
     }
+    free(kq);
     if (!rc) {
-        L->k_b = (moe_weight){.type = MOE_TYPE_F32, .data = L->k_b_owned, .n_in = nope, .n_out = r, .n_mat = H};
+        L->k_b = (moe_weight){.type = kt, .data = L->k_b_owned, .n_in = nope, .n_out = r, .n_mat = H};
         L->v_b = (moe_weight){.type = kvb_w->type,
                               .data = (const char *)kvb_w->data + (size_t)nope * rs,
                               .n_in = r,

@@ -5,8 +5,10 @@
  * moe_fwd_create() reads the hyper-parameters from the GGUF metadata and
  * binds every weight on the backend (the CPU backend uses the mapped file
  * in place). It derives one small tensor: for DeepSeek files with the
- * original `attn_kv_b` layout, the per-head transposed k_b (F32) that MLA
- * attention needs to work on the compressed cache.
+ * original `attn_kv_b` layout, the per-head transposed k_b that MLA
+ * attention needs to work on the compressed cache (same type for
+ * F32/F16/BF16 files, Q8_0 for quantized ones when the nope width allows,
+ * else F32).
  *
  * Threads: a moe_fwd belongs to the thread that owns its backend.
  */

@@ -216,6 +216,18 @@ typedef struct attn_job {
     float *out;       /* (n_tok, n_head, dv) */
 } attn_job;
 
+/* f32 dot with 8 independent partial sums, so the compiler can keep them
+ * in one vector register (a single running sum is a serial dependency). */
+static inline float dotf(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 static void attn_task(void *vctx, int64_t task, int thread) {
     attn_job *j = vctx;
     int64_t t = task / j->n_head, h = task % j->n_head;
@@ -228,9 +240,8 @@ static void attn_task(void *vctx, int64_t task, int thread) {
     for (int64_t p = 0; p < len; p++) {
         int64_t slot = kv_slot(j->kv, j->kv->seq[t], p);
         const float *k = j->k_cache + slot * j->k_stride + kvh * j->k_off_per_kvh;
-        float s = 0;
-        for (int64_t i = 0; i < j->dk; i++) s += q1[i] * k[i];
-        for (int64_t i = 0; i < j->dk2; i++) s += q2[i] * k[j->dk2_koff + i];
+        float s = dotf(q1, k, j->dk);
+        if (j->dk2) s += dotf(q2, k + j->dk2_koff, j->dk2);
         s *= j->scale;
         sc[p] = s;
         if (s > mx) mx = s;
