@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "gguf.h"
@@ -1099,6 +1100,48 @@ START_TEST(test_byte_flips) {
 }
 END_TEST
 
+/* ---- hash flooding ---- */
+
+/* Plain FNV-1a 64, the hash an unseeded name index would use. */
+static uint64_t plain_fnv1a(const char *s, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++) {
+        h ^= (uint8_t)s[i];
+        h *= 0x100000001b3ull;
+    }
+    return h;
+}
+
+/* 20000 keys whose plain FNV-1a falls in the first 64 slots of a
+ * 65536-slot table: with a predictable hash they form one probe run and
+ * loading is quadratic (about 1.3 s at -O2, against ~10 ms seeded). */
+START_TEST(test_colliding_keys_load_fast) {
+    enum { N = 20000 };
+    bb b = {0};
+    bb_hdr(&b, 3, 0, N);
+    char key[32];
+    uint64_t ctr = 0;
+    for (int found = 0; found < N;) {
+        int len = snprintf(key, sizeof(key), "k%llx", (unsigned long long)ctr++);
+        if ((plain_fnv1a(key, (size_t)len) & 65535) >= 64)
+            continue;
+        bb_strn(&b, key, (size_t)len);
+        bb_u32(&b, MOE_GGUF_UINT8);
+        bb_u8(&b, (uint8_t)found);
+        found++;
+    }
+    clock_t c0 = clock();
+    moe_gguf *g = expect_ok(&b);
+    double cpu = (double)(clock() - c0) / CLOCKS_PER_SEC;
+    ck_assert_uint_eq(moe_gguf_n_kv(g), N);
+    const moe_gguf_kv *last = moe_gguf_kv_at(g, N - 1);
+    ck_assert_ptr_eq(moe_gguf_find_kv(g, last->key), last);
+    moe_gguf_close(g);
+    free(b.p);
+    ck_assert_msg(cpu < 0.6, "opening 20000 crafted keys took %.2f s of CPU: name hash is predictable", cpu);
+}
+END_TEST
+
 static Suite *gguf_suite(void) {
     Suite *s = suite_create("gguf");
     TCase *tc = tcase_create("writer_layout");
@@ -1136,6 +1179,10 @@ static Suite *gguf_suite(void) {
     tcase_add_test(tc, test_bad_value_types);
     tcase_add_test(tc, test_nesting_limit);
     tcase_add_test(tc, test_byte_flips);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("hash_flooding");
+    tcase_add_test(tc, test_colliding_keys_load_fast);
     suite_add_tcase(s, tc);
     return s;
 }
