@@ -1,0 +1,138 @@
+/* tokenizer.h - text <-> token ids, from a GGUF's tokenizer.ggml.* metadata.
+ *
+ * Two vocabulary kinds, as llama.cpp names them in tokenizer.ggml.model:
+ *   "gpt2"  byte-level BPE with merge ranks and a pre-tokenizer chosen by
+ *           tokenizer.ggml.pre (deepseek-llm, deepseek-v3, qwen2, llama-bpe,
+ *           default/gpt2). The pre-tokenizer regexes are Hugging Face's,
+ *           applied in HF's order and run with PCRE2 (UTF + UCP, JIT).
+ *   "llama" SentencePiece-style (Mistral/Mixtral): score-ordered merges,
+ *           U+2581 for spaces, a dummy prefix space, <0xXX> byte fallback.
+ *
+ * Input text that is not valid UTF-8 is read as if every maximal invalid
+ * subpart were U+FFFD (what Python's bytes.decode('utf-8','replace') does),
+ * so encode never fails on bad bytes. Added tokens: CONTROL tokens (type 3:
+ * BOS/EOS, <|im_start|>, <｜User｜>...) are matched in the text only when
+ * parse_special is set - the chat-template path - never in user text;
+ * USER_DEFINED tokens (type 4, e.g. DeepSeek-V3's <think>) are always
+ * matched, as Hugging Face does for non-special added tokens.
+ * Unicode normalization (Qwen2's NFC) is not applied, as in llama.cpp.
+ *
+ * Ownership and threads: moe_tok_load() copies everything it needs, so the
+ * moe_gguf may be closed afterwards. A loaded tokenizer is immutable and
+ * may be used by any number of threads at once. A moe_tok_stream belongs
+ * to one thread at a time and must not outlive its tokenizer.
+ */
+#ifndef MOE_TOKENIZER_H
+#define MOE_TOKENIZER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gguf.h"
+#include "status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct moe_tok moe_tok;
+
+typedef enum moe_tok_kind {
+    MOE_TOK_BPE = 1, /* tokenizer.ggml.model = "gpt2" */
+    MOE_TOK_SPM = 2, /* tokenizer.ggml.model = "llama" */
+} moe_tok_kind;
+
+/* GGUF token types (tokenizer.ggml.token_type). */
+enum {
+    MOE_TOKTYPE_NORMAL = 1,
+    MOE_TOKTYPE_UNKNOWN = 2,
+    MOE_TOKTYPE_CONTROL = 3,
+    MOE_TOKTYPE_USER_DEFINED = 4,
+    MOE_TOKTYPE_UNUSED = 5,
+    MOE_TOKTYPE_BYTE = 6,
+};
+
+/* Builds a tokenizer from g's tokenizer.ggml.* keys. Returns it, or NULL
+ * with *status = MOE_ENOTFOUND (no tokenizer.ggml.tokens), MOE_EUNSUPPORTED
+ * (unknown model kind), MOE_EFORMAT (inconsistent arrays, bad ids) or
+ * MOE_ENOMEM, and a reason in err (may be NULL). An unknown
+ * tokenizer.ggml.pre falls back to the GPT-2 regex with a warning on
+ * stderr. Caller frees with moe_tok_free(). */
+moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz);
+
+/* NULL is a no-op. */
+void moe_tok_free(moe_tok *t);
+
+moe_tok_kind moe_tok_get_kind(const moe_tok *t);
+/* Value of tokenizer.ggml.pre ("default" when absent). */
+const char *moe_tok_pre_name(const moe_tok *t);
+int32_t moe_tok_n_vocab(const moe_tok *t);
+/* Special ids; -1 when the model has none. */
+int32_t moe_tok_bos(const moe_tok *t);
+int32_t moe_tok_eos(const moe_tok *t);
+int32_t moe_tok_eot(const moe_tok *t);
+int32_t moe_tok_pad(const moe_tok *t);
+/* tokenizer.ggml.add_bos_token / add_eos_token (defaults: SPM true/false,
+ * BPE false/false). */
+bool moe_tok_add_bos_default(const moe_tok *t);
+bool moe_tok_add_eos_default(const moe_tok *t);
+/* True for ids that end generation: EOS, EOT, EOM and control tokens
+ * such as <|im_end|>, <|eot_id|>, <|endoftext|>, <｜end▁of▁sentence｜>. */
+bool moe_tok_is_eog(const moe_tok *t, int32_t id);
+/* Token type (MOE_TOKTYPE_*), 0 for ids out of range. */
+int moe_tok_type(const moe_tok *t, int32_t id);
+
+/* The raw vocabulary string of `id` as stored in the GGUF (byte-level
+ * "Ġhello", SPM "▁hello"); NULL when out of range. Lives as long as t. */
+const char *moe_tok_text(const moe_tok *t, int32_t id, size_t *len);
+/* The bytes `id` decodes to ("hello" with its leading space as a real
+ * space, <0x0A> as "\n"); may be part of a UTF-8 character. NULL when out
+ * of range. Lives as long as t. */
+const char *moe_tok_piece(const moe_tok *t, int32_t id, size_t *len);
+/* Returns the id whose vocabulary string is exactly s[0..len), or -1. */
+int32_t moe_tok_find(const moe_tok *t, const char *s, size_t len);
+
+/* Tokenizes text[0..len). parse_special: match CONTROL tokens written in
+ * the text (only for text the server built, e.g. a rendered chat template).
+ * add_bos: prepend BOS when the model has one. On success *ids (malloc'd,
+ * caller frees with free()) holds *n ids and 0 is returned; else MOE_ENOMEM
+ * or MOE_EINVAL (NULL arguments), with *ids = NULL. Any thread. */
+int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_special, bool add_bos,
+                   int32_t **ids, size_t *n);
+
+/* Concatenates the pieces of ids[0..n) into a malloc'd, NUL-terminated
+ * string (*out, length *out_len; caller frees). CONTROL tokens are
+ * rendered only when render_special is set. Byte sequences that are not
+ * valid UTF-8 become U+FFFD. SPM drops the dummy-prefix space of the first
+ * piece. Ids out of range are MOE_EINVAL. */
+int moe_tok_decode(const moe_tok *t, const int32_t *ids, size_t n, bool render_special, char **out,
+                   size_t *out_len);
+
+/* Incremental detokenizer for streaming: feed ids one at a time, get the
+ * text they add. A delta never ends inside a UTF-8 character (bytes of an
+ * incomplete character wait for the next token); invalid bytes become
+ * U+FFFD; moe_tok_stream_flush() turns a dangling incomplete character into
+ * U+FFFD. The concatenated deltas equal moe_tok_decode() of all ids. */
+typedef struct moe_tok_stream moe_tok_stream;
+
+/* Returns a new stream, or NULL on ENOMEM. Free with moe_tok_stream_free(). */
+moe_tok_stream *moe_tok_stream_new(const moe_tok *t, bool render_special);
+void moe_tok_stream_free(moe_tok_stream *s);
+/* Adds token `id`. *delta and *delta_len receive the new complete text (maybe
+ * empty), valid until the next call on s. Returns 0, MOE_EINVAL (id out of
+ * range) or MOE_ENOMEM. */
+int moe_tok_stream_feed(moe_tok_stream *s, int32_t id, const char **delta, size_t *delta_len);
+/* Emits whatever is pending (as U+FFFD) and resets s for a new sequence. */
+int moe_tok_stream_flush(moe_tok_stream *s, const char **delta, size_t *delta_len);
+
+/* UTF-8 helper shared with the chat code: the length of the well-formed
+ * character at p[0..n) (1..4); 0 when p holds a proper prefix of one that
+ * ends at n; or -k when the first k bytes are a maximal ill-formed subpart
+ * (Unicode 3.9, "U+FFFD substitution of maximal subparts"). n > 0. */
+int moe_utf8_next(const unsigned char *p, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
