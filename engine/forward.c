@@ -29,7 +29,8 @@ typedef struct fwd_layer {
     /* MoE */
     moe_weight gate_inp, gate_exps, up_exps, down_exps, exp_probs_b;
     moe_weight gate_sh, up_sh, down_sh, gate_inp_sh;
-    void *k_b_owned; /* backend buffer derived from attn_kv_b, or NULL */
+    void *k_b_owned; /* backend buffers derived from attn_kv_b, or NULL */
+    void *v_b_owned;
 } fwd_layer;
 
 struct moe_fwd {
@@ -149,11 +150,12 @@ void moe_rope_yarn_inv_freq(int64_t n_rot, double base, double factor, double or
 
 /* DeepSeek's original layout stores attn_kv_b (H*(nope+dv), kv_lora): MLA on
  * the latent cache wants per head k_b[h] (kv_lora rows of nope) = the
- * transpose of the k_nope block, so derive it once (F32), and view the V
- * block in place. */
-static int derive_kv_b(moe_fwd *fw, fwd_layer *L, const moe_weight *kvb_w, const moe_gguf_tensor *t) {
+ * transpose of the k_nope block and v_b[h] = the V block, so derive both
+ * once at load (what current convert_hf_to_gguf writes as attn_k_b/v_b). */
+static int derive_kv_b(moe_fwd *fw, fwd_layer *L, const moe_gguf_tensor *t) {
     int64_t H = fw->n_head, nope = fw->nope, dv = fw->dv, r = fw->kv_lora;
-    if (kvb_w->n_in != r || kvb_w->n_out != H * (nope + dv)) return MOE_ESHAPE;
+    if (t->ne[0] != r || t->ne[1] != H * (nope + dv) || t->ne[2] != 1 || t->ne[3] != 1) return MOE_ESHAPE;
+    if (!moe_quant_supported(t->type)) return MOE_EUNSUPPORTED;
     size_t rs = moe_row_size(t->type, r);
     float *row = malloc((size_t)r * sizeof(float));
     float *kb = malloc((size_t)H * (size_t)r * (size_t)nope * sizeof(float));
@@ -174,20 +176,25 @@ static int derive_kv_b(moe_fwd *fw, fwd_layer *L, const moe_weight *kvb_w, const
     char *kq = rc ? NULL : malloc(nb);
     if (!rc && !kq) rc = MOE_ENOMEM;
     for (int64_t i = 0; i < H * r && !rc; i++) rc = moe_quantize_row(kt, kb + i * nope, kq + (size_t)i * krs, nope);
+    /* V blocks copied packed (exact bytes), so both per-head stacks go
+     * through one expert-batched product per step instead of one per head */
+    size_t vnb = (size_t)H * (size_t)dv * rs;
+    char *vq = rc ? NULL : malloc(vnb);
+    if (!rc && !vq) rc = MOE_ENOMEM;
+    for (int64_t h = 0; h < H && !rc; h++)
+        memcpy(vq + (size_t)h * dv * rs, (const char *)t->data + (size_t)(h * (nope + dv) + nope) * rs, (size_t)dv * rs);
     if (!rc) {
         L->k_b_owned = fw->be.ops->alloc(fw->be.ctx, nb);
-        if (!L->k_b_owned) rc = MOE_ENOMEM;
-        else rc = fw->be.ops->upload(fw->be.ctx, L->k_b_owned, kq, nb);
+        L->v_b_owned = fw->be.ops->alloc(fw->be.ctx, vnb);
+        if (!L->k_b_owned || !L->v_b_owned) rc = MOE_ENOMEM;
+        if (!rc) rc = fw->be.ops->upload(fw->be.ctx, L->k_b_owned, kq, nb);
+        if (!rc) rc = fw->be.ops->upload(fw->be.ctx, L->v_b_owned, vq, vnb);
     }
     free(kq);
+    free(vq);
     if (!rc) {
         L->k_b = (moe_weight){.type = kt, .data = L->k_b_owned, .n_in = nope, .n_out = r, .n_mat = H};
-        L->v_b = (moe_weight){.type = kvb_w->type,
-                              .data = (const char *)kvb_w->data + (size_t)nope * rs,
-                              .n_in = r,
-                              .n_out = dv,
-                              .n_mat = H,
-                              .mat_stride = (size_t)(nope + dv) * rs};
+        L->v_b = (moe_weight){.type = t->type, .data = L->v_b_owned, .n_in = r, .n_out = dv, .n_mat = H};
     }
     free(row);
     free(kb);
@@ -199,7 +206,10 @@ void moe_fwd_free(moe_fwd *fw) {
     for (int64_t i = 0; i < fw->n_bound; i++) fw->be.ops->unbind_weight(fw->be.ctx, fw->bound[i]);
     if (fw->layers)
         for (int64_t il = 0; il < fw->n_layer; il++)
+        {
             if (fw->layers[il].k_b_owned) fw->be.ops->free(fw->be.ctx, fw->layers[il].k_b_owned);
+            if (fw->layers[il].v_b_owned) fw->be.ops->free(fw->be.ctx, fw->layers[il].v_b_owned);
+        }
     free(fw->bound);
     free(fw->layers);
     free(fw->inv_freq);
@@ -394,10 +404,10 @@ moe_fwd *moe_fwd_create(const moe_gguf *g, const moe_backend *be, int *status, c
                 seterr(err, errsz, "blk.%lld: kv_a shapes", (long long)il);
                 goto fail;
             }
-            moe_weight kvb_w;
-            OPT(bind(fw, T("attn_kv_b.weight"), &kvb_w));
-            if (has(&kvb_w)) {
-                int rc = derive_kv_b(fw, L, &kvb_w, moe_gguf_find_tensor(g, name));
+            /* read at load only (derived into k_b/v_b), so never bound */
+            const moe_gguf_tensor *kvb_t = moe_gguf_find_tensor(g, T("attn_kv_b.weight"));
+            if (kvb_t) {
+                int rc = derive_kv_b(fw, L, kvb_t);
                 if (rc) {
                     st = rc == MOE_ESHAPE ? MOE_EFORMAT : rc;
                     seterr(err, errsz, "%s: %s", name, moe_strerror(rc));

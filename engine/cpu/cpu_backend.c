@@ -289,6 +289,38 @@ static int cpu_attention(void *vctx, const moe_kv_view *kv, const float *q, cons
     return run_attn(vctx, &j);
 }
 
+/* Per-head products: y[t][h] (w->n_out) = W_h . x[t][h][0 .. w->n_in), where
+ * head h of token t starts at x + (t * n_head + h) * head_stride, n_head =
+ * w->n_mat. Packed stacks go through one expert-batched call (heads as
+ * experts: one pool dispatch, each head's matrix read once); strided views
+ * fall back to one call per head. */
+static int heads_matmul(cpu_ctx *c, const moe_weight *w, const float *x, int64_t head_stride, int64_t n_tok, float *y) {
+    int64_t H = w->n_mat, n_in = w->n_in, n_out = w->n_out, n = H * n_tok;
+    float *xg = malloc((size_t)n * (size_t)n_in * sizeof(float));
+    float *yg = malloc((size_t)n * (size_t)n_out * sizeof(float));
+    int64_t *off = malloc((size_t)(H + 1) * sizeof(int64_t));
+    int rc = (xg && yg && off) ? MOE_OK : MOE_ENOMEM;
+    /* head-major order: rows [h * n_tok, (h + 1) * n_tok) belong to head h */
+    for (int64_t h = 0; h < H && !rc; h++)
+        for (int64_t t = 0; t < n_tok; t++)
+            memcpy(xg + (h * n_tok + t) * n_in, x + (t * H + h) * head_stride, (size_t)n_in * sizeof(float));
+    if (!rc && mat_stride(w) == (size_t)n_out * moe_row_size(w->type, n_in)) {
+        for (int64_t h = 0; h <= H; h++) off[h] = h * n_tok;
+        rc = cpu_matmul_experts(c->pool, w->type, w->data, n_in, n_out, H, xg, n, off, NULL, yg);
+    } else {
+        for (int64_t h = 0; h < H && !rc; h++)
+            rc = cpu_matmul(c->pool, w->type, (const char *)w->data + (size_t)h * mat_stride(w), n_in, n_out,
+                            xg + h * n_tok * n_in, n_tok, yg + h * n_tok * n_out);
+    }
+    for (int64_t h = 0; h < H && !rc; h++)
+        for (int64_t t = 0; t < n_tok; t++)
+            memcpy(y + (t * H + h) * n_out, yg + (h * n_tok + t) * n_out, (size_t)n_out * sizeof(float));
+    free(xg);
+    free(yg);
+    free(off);
+    return rc;
+}
+
 static int cpu_mla_attention(void *vctx, const moe_kv_view *kv, const float *q, const float *cache, int64_t kv_lora,
                              int64_t n_rot, int64_t nope, const moe_weight *k_b, const moe_weight *v_b, float scale,
                              float *out) {
@@ -296,24 +328,15 @@ static int cpu_mla_attention(void *vctx, const moe_kv_view *kv, const float *q, 
     int rc = check_kv(kv);
     if (rc) return rc;
     if (!q || !cache || !out || !k_b || !v_b || kv_lora <= 0 || n_rot < 0 || nope <= 0) return MOE_EINVAL;
-    int64_t n_head = k_b->n_mat, n_tok = kv->n_tok, dq = nope + n_rot, dv = v_b->n_out;
+    int64_t n_head = k_b->n_mat, n_tok = kv->n_tok, dq = nope + n_rot;
     if (k_b->n_in != nope || k_b->n_out != kv_lora || v_b->n_mat != n_head || v_b->n_in != kv_lora) return MOE_EINVAL;
     if (n_tok == 0) return MOE_OK;
     /* Absorb k_b into the queries: q_nope . (c . k_b[h]) = c . (k_b[h] q_nope),
      * so attention runs over the cached latent and k/v are never expanded. */
-    float *qn = malloc((size_t)n_tok * (size_t)nope * sizeof(float));
-    float *tmp = malloc((size_t)n_tok * (size_t)kv_lora * sizeof(float));
     float *q_lat = malloc((size_t)n_tok * (size_t)n_head * (size_t)kv_lora * sizeof(float));
     float *o_lat = malloc((size_t)n_tok * (size_t)n_head * (size_t)kv_lora * sizeof(float));
-    float *o_h = malloc((size_t)n_tok * (size_t)dv * sizeof(float));
-    rc = (qn && tmp && q_lat && o_lat && o_h) ? MOE_OK : MOE_ENOMEM;
-    size_t ks = mat_stride(k_b), vs = mat_stride(v_b);
-    for (int64_t h = 0; h < n_head && !rc; h++) {
-        for (int64_t t = 0; t < n_tok; t++) memcpy(qn + t * nope, q + (t * n_head + h) * dq, (size_t)nope * sizeof(float));
-        rc = cpu_matmul(c->pool, k_b->type, (const char *)k_b->data + (size_t)h * ks, nope, kv_lora, qn, n_tok, tmp);
-        for (int64_t t = 0; t < n_tok && !rc; t++)
-            memcpy(q_lat + (t * n_head + h) * kv_lora, tmp + t * kv_lora, (size_t)kv_lora * sizeof(float));
-    }
+    rc = (q_lat && o_lat) ? MOE_OK : MOE_ENOMEM;
+    if (!rc) rc = heads_matmul(c, k_b, q, dq, n_tok, q_lat);
     if (!rc) {
         attn_job j = {
             .kv = kv, .q = q, .q_width = dq, .k_cache = cache, .k_stride = kv_lora + n_rot, .v_cache = cache,
@@ -322,18 +345,9 @@ static int cpu_mla_attention(void *vctx, const moe_kv_view *kv, const float *q, 
         };
         rc = run_attn(c, &j);
     }
-    for (int64_t h = 0; h < n_head && !rc; h++) {
-        for (int64_t t = 0; t < n_tok; t++)
-            memcpy(tmp + t * kv_lora, o_lat + (t * n_head + h) * kv_lora, (size_t)kv_lora * sizeof(float));
-        rc = cpu_matmul(c->pool, v_b->type, (const char *)v_b->data + (size_t)h * vs, kv_lora, dv, tmp, n_tok, o_h);
-        for (int64_t t = 0; t < n_tok && !rc; t++)
-            memcpy(out + (t * n_head + h) * dv, o_h + t * dv, (size_t)dv * sizeof(float));
-    }
-    free(qn);
-    free(tmp);
+    if (!rc) rc = heads_matmul(c, v_b, o_lat, kv_lora, n_tok, out);
     free(q_lat);
     free(o_lat);
-    free(o_h);
     return rc;
 }
 
