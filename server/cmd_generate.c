@@ -5,9 +5,11 @@
  *                 [--seed S] [--threads N]
  *
  * Greedy at --temp 0 (the default), else sampling from softmax(logits / T)
- * with a seeded generator, so runs are reproducible. The prompt is given
- * as token ids (--ids); generated ids go to stdout one per line, timing
- * to stderr.
+ * with a seeded generator, so runs are reproducible. A text prompt (-p)
+ * is tokenized with the model's own tokenizer (BOS as the model asks) and
+ * the continuation is printed as text, streamed, stopping early at an
+ * end-of-generation token; a prompt of token ids (--ids) prints the
+ * generated ids one per line. Timing goes to stderr.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -23,12 +25,13 @@
 #include "forward.h"
 #include "gguf.h"
 #include "kvcache.h"
+#include "tokenizer.h"
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: moed generate -m MODEL --ids ID,ID,... [-n N] [--temp T] [--seed S] [--threads N]\n"
+    fprintf(f, "usage: moed generate -m MODEL (-p TEXT | --ids ID,ID,...) [-n N] [--temp T] [--seed S] [--threads N]\n"
                "  -m, --model PATH    GGUF model file\n"
                "      --ids LIST      prompt as comma-separated token ids\n"
-               "  -p, --prompt TEXT   prompt text (needs the tokenizer; use --ids until it lands)\n"
+               "  -p, --prompt TEXT   prompt text, tokenized with the model's tokenizer\n"
                "  -n, --n-predict N   tokens to generate (default 16)\n"
                "      --temp T        sampling temperature, 0 = greedy (default 0)\n"
                "      --seed S        sampling seed (default 0)\n"
@@ -137,14 +140,10 @@ int srv_cmd_generate(int argc, char **argv) {
         default: goto bad;
         }
     }
-    if (!model || optind != argc || (!ids_arg && !prompt)) goto bad;
-    if (prompt && !ids_arg) {
-        fprintf(stderr, "moed generate: text prompts need the tokenizer, which is not built in yet; use --ids\n");
-        return 2;
-    }
+    if (!model || optind != argc || !ids_arg == !prompt) goto bad;
     int32_t *prompt_ids = NULL;
     int64_t n_prompt = 0;
-    if (parse_ids(ids_arg, &prompt_ids, &n_prompt)) {
+    if (ids_arg && parse_ids(ids_arg, &prompt_ids, &n_prompt)) {
         fprintf(stderr, "moed generate: --ids wants comma-separated non-negative integers\n");
         return 2;
     }
@@ -156,10 +155,30 @@ int srv_cmd_generate(int argc, char **argv) {
     moe_kv_cache *kv = NULL;
     moe_kv_seq seq = {0};
     float *logits = NULL;
+    moe_tok *tok = NULL;
+    moe_tok_stream *ts = NULL;
     moe_gguf *g = moe_gguf_open(model, &st, err, sizeof err);
     if (!g) {
         fprintf(stderr, "moed generate: %s: %s (%s)\n", model, err, moe_strerror(st));
         goto out;
+    }
+    if (prompt) {
+        tok = moe_tok_load(g, &st, err, sizeof err);
+        if (!tok) {
+            fprintf(stderr, "moed generate: %s: tokenizer: %s (%s)\n", model, err, moe_strerror(st));
+            goto out;
+        }
+        size_t n = 0;
+        if ((st = moe_tok_encode(tok, prompt, strlen(prompt), false, moe_tok_add_bos_default(tok), &prompt_ids, &n)) ||
+            !(ts = moe_tok_stream_new(tok, false))) {
+            fprintf(stderr, "moed generate: tokenizing the prompt: %s\n", moe_strerror(st ? st : MOE_ENOMEM));
+            goto out;
+        }
+        n_prompt = (int64_t)n;
+        if (!n_prompt) {
+            fprintf(stderr, "moed generate: the prompt has no tokens\n");
+            goto out;
+        }
     }
     if ((st = moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = (int)threads}))) {
         fprintf(stderr, "moed generate: CPU backend: %s\n", moe_strerror(st));
@@ -205,28 +224,45 @@ int srv_cmd_generate(int argc, char **argv) {
     }
     double t1 = now_s();
     uint64_t rng = seed;
+    long n_gen = 0;
     for (int64_t i = 0; i < n_predict; i++) {
-        int32_t tok = sample(logits, n_vocab, (float)temp, &rng);
-        printf("%d\n", tok);
+        int32_t id = sample(logits, n_vocab, (float)temp, &rng);
+        n_gen++;
+        if (ts) {
+            const char *delta;
+            size_t dlen;
+            if (moe_tok_is_eog(tok, id)) break;
+            if (!moe_tok_stream_feed(ts, id, &delta, &dlen)) fwrite(delta, 1, dlen, stdout);
+        } else {
+            printf("%d\n", id);
+        }
         fflush(stdout);
         if (i + 1 == n_predict) break;
         int32_t p = (int32_t)(n_prompt + i), s0 = 0;
-        moe_batch d = {.n_tok = 1, .ids = &tok, .pos = &p, .seq = &s0, .n_seq = 1, .seqs = &seq};
+        moe_batch d = {.n_tok = 1, .ids = &id, .pos = &p, .seq = &s0, .n_seq = 1, .seqs = &seq};
         if ((st = moe_fwd_run(fw, kv, &d, logits))) {
             fprintf(stderr, "moed generate: decode: %s\n", moe_strerror(st));
             goto out;
         }
     }
     double t2 = now_s();
+    if (ts) {
+        const char *delta;
+        size_t dlen;
+        if (!moe_tok_stream_flush(ts, &delta, &dlen)) fwrite(delta, 1, dlen, stdout);
+        putchar('\n');
+    }
     fprintf(stderr, "moed generate: prompt %lld tokens in %.3f s (%.1f tok/s), %ld generated in %.3f s (%.1f tok/s)\n",
-            (long long)n_prompt, t1 - t0, (double)n_prompt / (t1 - t0), n_predict, t2 - t1,
-            n_predict > 1 ? (double)(n_predict - 1) / (t2 - t1) : 0.0);
+            (long long)n_prompt, t1 - t0, (double)n_prompt / (t1 - t0), n_gen, t2 - t1,
+            n_gen > 1 ? (double)(n_gen - 1) / (t2 - t1) : 0.0);
     rc = 0;
 out:
     moe_kv_seq_release(kv, &seq);
     moe_kv_destroy(kv);
     moe_fwd_free(fw);
     moe_backend_destroy(&be);
+    moe_tok_stream_free(ts);
+    moe_tok_free(tok);
     moe_gguf_close(g);
     free(logits);
     free(prompt_ids);

@@ -52,6 +52,7 @@ def test_sampling_reproducible(moed_bin):
     ["-m", str(FIXDIR / "llama.gguf"), "--ids", "1,x"],
     ["-m", str(FIXDIR / "llama.gguf"), "--ids", "1", "-n", "-3"],
     ["-m", str(FIXDIR / "llama.gguf"), "--ids", "1", "--temp", "nan"],
+    ["-m", str(FIXDIR / "llama.gguf"), "--ids", "1", "-p", "hi"],
 ])
 def test_usage_errors(moed_bin, args):
     assert generate(moed_bin, *args).returncode == 2
@@ -64,3 +65,13 @@ def test_bad_model_and_ids(moed_bin, tmp_path):
     assert p.returncode == 1 and "bad.gguf" in p.stderr
     p = generate(moed_bin, "-m", str(FIXDIR / "llama.gguf"), "--ids", "1,320")
     assert p.returncode == 1 and "vocabulary" in p.stderr
+
+
+def test_text_prompt(moed_bin):
+    """-p tokenizes with the model's tokenizer and prints text; greedy is
+    deterministic."""
+    args = ["-m", str(FIXDIR / "deepseek2.gguf"), "-p", "hello world", "-n", "8"]
+    a, b = generate(moed_bin, *args), generate(moed_bin, *args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.endswith("\n") and len(a.stdout) > 1
+    assert "prompt " in a.stderr and " generated in " in a.stderr
