@@ -368,15 +368,33 @@ static int rd_value(parser *p, int type, moe_gguf_value *out, int depth) {
     return MOE_OK;
 }
 
+/* Up to NAME_QUOTE_MAX bytes of a name from the file, control bytes shown
+ * as '?', so a hostile key cannot forge lines or terminal escapes in the
+ * logs that print the message. */
+typedef struct {
+    char s[NAME_QUOTE_MAX + 1];
+} quoted;
+
+static quoted quote(const char *name) {
+    quoted q;
+    size_t n = 0;
+    for (; name[n] && n < NAME_QUOTE_MAX; n++) {
+        unsigned char c = (unsigned char)name[n];
+        q.s[n] = c < 0x20 || c == 0x7f ? '?' : (char)c;
+    }
+    q.s[n] = 0;
+    return q;
+}
+
 static void set_where(parser *p, const char *kind, uint64_t i, const char *name) {
     if (name)
-        snprintf(p->where, sizeof(p->where), "%s #%llu '%.*s'", kind, (unsigned long long)i, NAME_QUOTE_MAX, name);
+        snprintf(p->where, sizeof(p->where), "%s #%llu '%s'", kind, (unsigned long long)i, quote(name).s);
     else
         snprintf(p->where, sizeof(p->where), "%s #%llu", kind, (unsigned long long)i);
 }
 
 static void set_where_tensor(parser *p, uint64_t i, const char *name) {
-    snprintf(p->where, sizeof(p->where), "tensor '%.*s' (#%llu)", NAME_QUOTE_MAX, name, (unsigned long long)i);
+    snprintf(p->where, sizeof(p->where), "tensor '%s' (#%llu)", quote(name).s, (unsigned long long)i);
 }
 
 static int parse_header(parser *p) {
@@ -607,8 +625,8 @@ static int place_tensors(parser *p) {
                 const moe_gguf_tensor *a = &g->tensors[ex[prev].idx], *b = &g->tensors[ex[k].idx];
                 set_where_tensor(p, ex[k].idx, b->name);
                 rc = fail(p, MOE_EFORMAT,
-                          "data [offset %llu, %llu bytes] overlaps tensor '%.*s' (#%llu) [offset %llu, %llu bytes]",
-                          (unsigned long long)b->offset, (unsigned long long)b->nbytes, NAME_QUOTE_MAX, a->name,
+                          "data [offset %llu, %llu bytes] overlaps tensor '%s' (#%llu) [offset %llu, %llu bytes]",
+                          (unsigned long long)b->offset, (unsigned long long)b->nbytes, quote(a->name).s,
                           (unsigned long long)ex[prev].idx, (unsigned long long)a->offset,
                           (unsigned long long)a->nbytes);
                 break;
