@@ -1121,6 +1121,72 @@ START_TEST(test_message_escapes_names) {
 }
 END_TEST
 
+/* ---- scale: a real model's shape of header ---- */
+
+/* 3000 keys, a 150k-token vocabulary and 3000 tensors (DeepSeek-V3 has
+ * ~1100 tensors, Qwen2 a 151k vocabulary): every key and tensor is found
+ * by name with the right value, and vocabulary items are intact. */
+START_TEST(test_many_entries) {
+    enum { NKV = 3000, NT = 3000, NVOCAB = 150000 };
+    moe_gguf_writer *w = moe_gguf_writer_new();
+    char key[64];
+    for (int i = 0; i < NKV; i++) {
+        snprintf(key, sizeof(key), "k.%d", i);
+        ck_assert_int_eq(moe_gguf_writer_set_i32(w, key, i * 3 - 7), MOE_OK);
+    }
+    char **vocab = malloc(NVOCAB * sizeof(char *));
+    for (int i = 0; i < NVOCAB; i++) {
+        vocab[i] = malloc(16);
+        snprintf(vocab[i], 16, "tok%d", i);
+    }
+    ck_assert_int_eq(moe_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", (const char *const *)vocab, NVOCAB),
+                     MOE_OK);
+    for (int i = 0; i < NT; i++) {
+        snprintf(key, sizeof(key), "blk.%d.ffn_up.weight", i);
+        ck_assert_int_eq(moe_gguf_writer_add_tensor(w, key, MOE_TYPE_F32, 1, (int64_t[]){1}), MOE_OK);
+    }
+    ck_assert_int_eq(moe_gguf_writer_begin(w, tmp_path), MOE_OK);
+    for (int i = 0; i < NT; i++) {
+        float f = (float)i;
+        ck_assert_int_eq(moe_gguf_writer_write_tensor(w, &f, 4), MOE_OK);
+    }
+    ck_assert_int_eq(moe_gguf_writer_finish(w), MOE_OK);
+    moe_gguf_writer_free(w);
+    moe_gguf *g = moe_gguf_open(tmp_path, NULL, NULL, 0);
+    ck_assert_ptr_nonnull(g);
+    ck_assert_uint_eq(moe_gguf_n_kv(g), NKV + 1);
+    for (int i = NKV - 1; i >= 0; i--) {
+        snprintf(key, sizeof(key), "k.%d", i);
+        int64_t v;
+        ck_assert_int_eq(moe_gguf_get_i64(g, key, &v), MOE_OK);
+        ck_assert_int_eq(v, i * 3 - 7);
+    }
+    for (int i = 0; i < NT; i++) {
+        snprintf(key, sizeof(key), "blk.%d.ffn_up.weight", i);
+        const moe_gguf_tensor *t = moe_gguf_find_tensor(g, key);
+        ck_assert_ptr_eq(t, moe_gguf_tensor_at(g, (uint64_t)i));
+        float f;
+        memcpy(&f, t->data, 4);
+        ck_assert(f == (float)i);
+        ck_assert_uint_eq(t->offset, (uint64_t)i * 32);
+    }
+    ck_assert_ptr_null(moe_gguf_find_tensor(g, "blk.3000.ffn_up.weight"));
+    ck_assert_ptr_null(moe_gguf_find_kv(g, "k.3000"));
+    const moe_gguf_array *a = moe_gguf_get_arr(g, "tokenizer.ggml.tokens");
+    ck_assert_ptr_nonnull(a);
+    ck_assert_int_eq(a->etype, MOE_GGUF_STRING);
+    ck_assert_uint_eq(a->n, NVOCAB);
+    for (int i = 0; i < NVOCAB; i++) {
+        ck_assert_uint_eq(a->items[i].v.str.len, strlen(vocab[i]));
+        ck_assert_int_eq(memcmp(a->items[i].v.str.ptr, vocab[i], a->items[i].v.str.len), 0);
+    }
+    moe_gguf_close(g);
+    for (int i = 0; i < NVOCAB; i++)
+        free(vocab[i]);
+    free(vocab);
+}
+END_TEST
+
 /* ---- hash flooding ---- */
 
 /* Plain FNV-1a 64, the hash an unseeded name index would use. */
@@ -1202,6 +1268,12 @@ static Suite *gguf_suite(void) {
     tcase_add_test(tc, test_nesting_limit);
     tcase_add_test(tc, test_byte_flips);
     tcase_add_test(tc, test_message_escapes_names);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("scale");
+    tcase_add_checked_fixture(tc, setup_tmp, teardown_tmp);
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, test_many_entries);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("hash_flooding");
