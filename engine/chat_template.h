@@ -1,0 +1,95 @@
+/* chat_template.h - OpenAI chat messages -> the model's prompt text.
+ *
+ * The GGUF's tokenizer.chat_template (Jinja) is never executed: it is only
+ * recognised by distinctive markers, and the family's format is rendered
+ * by C code that reproduces what transformers' apply_chat_template prints
+ * for the real templates (tests/check_chat_template.c holds the proof):
+ *   DEEPSEEK2  "User: ...\n\nAssistant: ...<eos>"  (DeepSeek-V2 / V2-Lite)
+ *   DEEPSEEK3  "<｜User｜>...<｜Assistant｜>..."    (DeepSeek-V3 / R1)
+ *   CHATML     "<|im_start|>role\n...<|im_end|>\n"  (Qwen, and the fallback)
+ *   MISTRAL    "[INST] ... [/INST]...</s>"         (Mistral / Mixtral v0.1)
+ *   LLAMA3     "<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>"
+ * An unrecognised or missing template falls back to CHATML with a warning
+ * on stderr. The output is meant to be tokenized with parse_special set.
+ *
+ * Deviations where the real template would raise or drop things:
+ * MISTRAL folds system messages into the first user turn ("sys\n\nuser");
+ * roles a family has no syntax for (tool in DEEPSEEK2/MISTRAL) are skipped,
+ * as the templates do. Assistant tool_calls are not modelled yet.
+ *
+ * Threads: a moe_chat_template is immutable after init; render is
+ * reentrant. No dependency on cJSON: the server fills moe_chat_msg.
+ */
+#ifndef MOE_CHAT_TEMPLATE_H
+#define MOE_CHAT_TEMPLATE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum moe_chat_family {
+    MOE_CHAT_AUTO = 0, /* recognise from the template text */
+    MOE_CHAT_CHATML,
+    MOE_CHAT_DEEPSEEK2,
+    MOE_CHAT_DEEPSEEK3,
+    MOE_CHAT_MISTRAL,
+    MOE_CHAT_LLAMA3,
+} moe_chat_family;
+
+/* One {"type":"text","text":...} part of an array content. */
+typedef struct moe_chat_part {
+    const char *text;
+    size_t len;
+} moe_chat_part;
+
+/* A message. role: "system", "user", "assistant" or "tool" (others are
+ * rendered as ChatML does, by name, and skipped by the other families).
+ * Content is `content[0..content_len)` when parts is NULL, else the text
+ * parts joined with "\n" (what vLLM does). Nothing is copied. */
+typedef struct moe_chat_msg {
+    const char *role;
+    const char *content;
+    size_t content_len;
+    const moe_chat_part *parts;
+    size_t n_parts;
+} moe_chat_msg;
+
+typedef struct moe_chat_template {
+    moe_chat_family family;
+    char bos[64]; /* BOS/EOS token text; "" when the model has none */
+    char eos[64];
+    char *default_system; /* ChatML system prompt used when none is given (Qwen2), or NULL */
+} moe_chat_template;
+
+/* Picks the family: `force` unless MOE_CHAT_AUTO, else recognised from
+ * tmpl[0..tmpl_len) (tmpl may be NULL). bos/eos (may be NULL) are the token
+ * texts the template prints. Returns 0, or MOE_ENOMEM. Free with
+ * moe_chat_template_free(). Warns on stderr when falling back to ChatML. */
+int moe_chat_template_init(moe_chat_template *ct, const char *tmpl, size_t tmpl_len, moe_chat_family force,
+                           const char *bos, const char *eos);
+void moe_chat_template_free(moe_chat_template *ct);
+
+/* Recognition only: MOE_CHAT_AUTO when nothing matches. */
+moe_chat_family moe_chat_detect(const char *tmpl, size_t tmpl_len);
+
+/* "chatml", "deepseek2", "deepseek3", "mistral", "llama3" (and "auto"). */
+const char *moe_chat_family_name(moe_chat_family f);
+/* Inverse of moe_chat_family_name (also accepts "qwen", "deepseek-v2",
+ * "deepseek-v3", "mixtral", "llama-3"); -1 when unknown. */
+int moe_chat_family_parse(const char *name);
+
+/* Renders msgs[0..n) into a malloc'd NUL-terminated string (*out, *out_len;
+ * caller frees). add_generation_prompt appends the assistant turn opener as
+ * transformers does. MOE_EINVAL for a NULL role or content, MOE_ENOMEM. */
+int moe_chat_render(const moe_chat_template *ct, const moe_chat_msg *msgs, size_t n, bool add_generation_prompt,
+                    char **out, size_t *out_len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
