@@ -33,6 +33,22 @@ typedef struct fwd_layer {
     void *v_b_owned;
 } fwd_layer;
 
+/* Per-step scratch in backend memory, kept across steps and grown when a
+ * step has more tokens than any before (no allocation per decode step). */
+typedef struct fwd_bufs {
+    float *x;    /* (n_tok, n_embd) residual stream */
+    float *h;    /* (n_tok, n_embd) normed */
+    float *q;    /* (n_tok, H * dq) */
+    float *k;    /* (n_tok, k_width) */
+    float *v;    /* (n_tok, Hkv * dv) */
+    float *att;  /* (n_tok, H * dv) */
+    float *o;    /* (n_tok, n_embd) */
+    float *ga;   /* (n_tok, max(ff, q_lora, E)) */
+    float *up;   /* (n_tok, ff) */
+    float *sh;   /* (n_tok, n_embd) */
+    float *gl;   /* (n_tok) */
+} fwd_bufs;
+
 struct moe_fwd {
     const moe_gguf *g;
     moe_backend be;
@@ -55,6 +71,10 @@ struct moe_fwd {
     int64_t n_bound, cap_bound;
     float *hidden_out;
     int32_t *route_out;
+    fwd_bufs B;
+    int64_t cap;     /* tokens B holds */
+    float *lg;       /* (lg_cap, n_vocab) logits */
+    int64_t lg_cap;
 };
 
 static void seterr(char *err, size_t errsz, const char *fmt, ...) {
@@ -201,8 +221,19 @@ static int derive_kv_b(moe_fwd *fw, fwd_layer *L, const moe_gguf_tensor *t) {
     return rc;
 }
 
+static void free_bufs(moe_fwd *fw) {
+    float **all[] = {&fw->B.x, &fw->B.h, &fw->B.q, &fw->B.k, &fw->B.v, &fw->B.att, &fw->B.o,
+                     &fw->B.ga, &fw->B.up, &fw->B.sh, &fw->B.gl, &fw->lg};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+        if (*all[i]) fw->be.ops->free(fw->be.ctx, *all[i]);
+        *all[i] = NULL;
+    }
+    fw->cap = fw->lg_cap = 0;
+}
+
 void moe_fwd_free(moe_fwd *fw) {
     if (!fw) return;
+    free_bufs(fw);
     for (int64_t i = 0; i < fw->n_bound; i++) fw->be.ops->unbind_weight(fw->be.ctx, fw->bound[i]);
     if (fw->layers)
         for (int64_t il = 0; il < fw->n_layer; il++)
@@ -521,20 +552,6 @@ int moe_fwd_kv_opts(const moe_fwd *fw, int64_t block_size, int64_t n_blocks, moe
     return MOE_OK;
 }
 
-/* Scratch for one step, in backend memory. */
-typedef struct fwd_bufs {
-    float *x;    /* (n_tok, n_embd) residual stream */
-    float *h;    /* (n_tok, n_embd) normed */
-    float *q;    /* (n_tok, H * dq) */
-    float *k;    /* (n_tok, k_width) */
-    float *v;    /* (n_tok, Hkv * dv) */
-    float *att;  /* (n_tok, H * dv) */
-    float *o;    /* (n_tok, n_embd) */
-    float *ga;   /* (n_tok, max(ff, q_lora, E)) */
-    float *up;   /* (n_tok, ff) */
-    float *sh;   /* (n_tok, n_embd) */
-    float *gl;   /* (n_tok) */
-} fwd_bufs;
 
 #define CK(expr)                                                                                                     \
     do {                                                                                                             \
@@ -584,7 +601,6 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
     int32_t *bt = malloc((size_t)(n_bt ? n_bt : 1) * sizeof(int32_t));
     int64_t *boff = malloc((size_t)(b->n_seq + 1) * sizeof(int64_t));
     int32_t *rows = malloc((size_t)n * sizeof(int32_t));
-    fwd_bufs B = {0};
     int rc = (bt && boff && rows) ? MOE_OK : MOE_ENOMEM;
     if (rc) goto out;
     boff[0] = 0;
@@ -601,21 +617,28 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
         }
 
     size_t fs = sizeof(float);
-    B.x = op->alloc(c, (size_t)n * E * fs);
-    B.h = op->alloc(c, (size_t)n * E * fs);
-    B.q = op->alloc(c, (size_t)n * H * dq * fs);
-    B.k = op->alloc(c, (size_t)n * kw * fs);
-    B.v = op->alloc(c, (size_t)n * (Hkv * fw->dv) * fs);
-    B.att = op->alloc(c, (size_t)n * H * fw->dv * fs);
-    B.o = op->alloc(c, (size_t)n * E * fs);
-    B.ga = op->alloc(c, (size_t)n * wide * fs);
-    B.up = op->alloc(c, (size_t)n * wide * fs);
-    B.sh = op->alloc(c, (size_t)n * E * fs);
-    B.gl = op->alloc(c, (size_t)n * fs);
-    if (!B.x || !B.h || !B.q || !B.k || !B.v || !B.att || !B.o || !B.ga || !B.up || !B.sh || !B.gl) {
-        rc = MOE_ENOMEM;
-        goto out;
+    if (n > fw->cap) {
+        free_bufs(fw);
+        fwd_bufs *A = &fw->B;
+        A->x = op->alloc(c, (size_t)n * E * fs);
+        A->h = op->alloc(c, (size_t)n * E * fs);
+        A->q = op->alloc(c, (size_t)n * H * dq * fs);
+        A->k = op->alloc(c, (size_t)n * kw * fs);
+        A->v = op->alloc(c, (size_t)n * (Hkv * fw->dv) * fs);
+        A->att = op->alloc(c, (size_t)n * H * fw->dv * fs);
+        A->o = op->alloc(c, (size_t)n * E * fs);
+        A->ga = op->alloc(c, (size_t)n * wide * fs);
+        A->up = op->alloc(c, (size_t)n * wide * fs);
+        A->sh = op->alloc(c, (size_t)n * E * fs);
+        A->gl = op->alloc(c, (size_t)n * fs);
+        if (!A->x || !A->h || !A->q || !A->k || !A->v || !A->att || !A->o || !A->ga || !A->up || !A->sh || !A->gl) {
+            free_bufs(fw);
+            rc = MOE_ENOMEM;
+            goto out;
+        }
+        fw->cap = n;
     }
+    fwd_bufs B = fw->B;
     moe_rope_params rp = {.style = fw->rope_style, .n_rot = fw->n_rot, .inv_freq = fw->inv_freq,
                           .attn_factor = fw->attn_factor};
 
@@ -681,29 +704,22 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
     for (int64_t t = 0; t < n; t++)
         if (!b->want_logits || b->want_logits[t]) rows[n_out++] = (int32_t)t;
     if (n_out) {
-        float *lg = op->alloc(c, (size_t)n_out * fw->n_vocab * fs);
-        if (!lg) {
-            rc = MOE_ENOMEM;
-            goto out;
+        if (n_out > fw->lg_cap) {
+            if (fw->lg) op->free(c, fw->lg);
+            fw->lg = op->alloc(c, (size_t)n_out * fw->n_vocab * fs);
+            fw->lg_cap = fw->lg ? n_out : 0;
+            if (!fw->lg) {
+                rc = MOE_ENOMEM;
+                goto out;
+            }
         }
+        float *lg = fw->lg;
         rc = op->get_rows(c, B.x, E, E, rows, n_out, B.h);
         if (!rc) rc = op->rms_norm(c, B.h, E, B.h, E, n_out, E, fw->out_norm.data, fw->eps);
         if (!rc) rc = op->matmul(c, &fw->output, B.h, n_out, NULL, lg);
         if (!rc) rc = op->download(c, logits, lg, (size_t)n_out * fw->n_vocab * fs);
-        op->free(c, lg);
     }
 out:
-    if (B.x) op->free(c, B.x);
-    if (B.h) op->free(c, B.h);
-    if (B.q) op->free(c, B.q);
-    if (B.k) op->free(c, B.k);
-    if (B.v) op->free(c, B.v);
-    if (B.att) op->free(c, B.att);
-    if (B.o) op->free(c, B.o);
-    if (B.ga) op->free(c, B.ga);
-    if (B.up) op->free(c, B.up);
-    if (B.sh) op->free(c, B.sh);
-    if (B.gl) op->free(c, B.gl);
     free(bt);
     free(boff);
     free(rows);

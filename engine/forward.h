@@ -47,7 +47,9 @@ int moe_fwd_kv_opts(const moe_fwd *fw, int64_t block_size, int64_t n_blocks, moe
 
 /* Runs one step. Writes the batch's K/V (or MLA latents) into `kv` and
  * the logits of the tokens marked in b->want_logits (all when NULL) to
- * logits (host, n_marked * n_vocab, in token order). Returns MOE_OK,
+ * logits (host, n_marked * n_vocab, in token order). Activation scratch
+ * is kept in fw between steps and grows to the largest batch seen, so a
+ * decode step allocates nothing of its own. Returns MOE_OK,
  * MOE_EINVAL (bad ids, positions beyond a block table), MOE_ENOMEM or a
  * backend error. */
 int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kv, const moe_batch *b, float *logits);
