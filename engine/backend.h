@@ -13,8 +13,9 @@
  *   GGUF into one the backend can read (the CPU backend returns the same
  *   pointer, so weights stay memory-mapped; a GPU backend copies).
  * - Small per-step index arrays (token ids, positions, sequence ids, block
- *   tables, routing parameters) are passed as HOST memory in every call; a
- *   device backend copies them itself. They are small (ints per token).
+ *   tables, the moe_route_params struct itself, rope frequencies) are
+ *   passed as HOST memory in every call; a device backend copies them
+ *   itself. They are small (ints per token).
  *
  * Threads: a backend belongs to one thread (the engine thread); its ops
  * may use worker threads internally. Every op returns MOE_OK or a negative
@@ -87,8 +88,8 @@ typedef struct moe_kv_view {
 typedef enum moe_gating { MOE_GATING_SOFTMAX = 1, MOE_GATING_SIGMOID = 2 } moe_gating;
 
 /* Routing of one MoE layer (router logits l = ffn_gate_inp . h):
- * s = softmax(l) or sigmoid(l); choice = s + bias (bias may be NULL,
- * host or backend memory as bound); if n_group > 1 the experts are split
+ * s = softmax(l) or sigmoid(l); choice = s + bias (bias: a bound weight,
+ * i.e. backend memory, or NULL); if n_group > 1 the experts are split
  * into n_group consecutive groups scored by their best choice (softmax)
  * or the sum of their two best (sigmoid), and only the n_group_used best
  * groups compete; top n_used experts by choice; weights = their s,
