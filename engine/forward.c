@@ -125,6 +125,9 @@ static int bind(moe_fwd *fw, const char *name, moe_weight *w) {
     const moe_gguf_tensor *t = moe_gguf_find_tensor(fw->g, name);
     if (!t) return MOE_ENOTFOUND;
     if (t->ne[3] != 1) return MOE_ESHAPE;
+    /* 1-D tensors (norms, biases) feed f32 ops directly; matrices must be a
+     * type the matmul kernels know, checked here rather than mid-request */
+    if (t->n_dims == 1 ? t->type != MOE_TYPE_F32 : !moe_quant_supported(t->type)) return MOE_EUNSUPPORTED;
     const void *p = NULL;
     int rc = fw->be.ops->bind_weight(fw->be.ctx, t->data, (size_t)t->nbytes, &p);
     if (rc) return rc;
@@ -235,12 +238,10 @@ void moe_fwd_free(moe_fwd *fw) {
     if (!fw) return;
     free_bufs(fw);
     for (int64_t i = 0; i < fw->n_bound; i++) fw->be.ops->unbind_weight(fw->be.ctx, fw->bound[i]);
-    if (fw->layers)
-        for (int64_t il = 0; il < fw->n_layer; il++)
-        {
-            if (fw->layers[il].k_b_owned) fw->be.ops->free(fw->be.ctx, fw->layers[il].k_b_owned);
-            if (fw->layers[il].v_b_owned) fw->be.ops->free(fw->be.ctx, fw->layers[il].v_b_owned);
-        }
+    for (int64_t il = 0; fw->layers && il < fw->n_layer; il++) {
+        if (fw->layers[il].k_b_owned) fw->be.ops->free(fw->be.ctx, fw->layers[il].k_b_owned);
+        if (fw->layers[il].v_b_owned) fw->be.ops->free(fw->be.ctx, fw->layers[il].v_b_owned);
+    }
     free(fw->bound);
     free(fw->layers);
     free(fw->inv_freq);

@@ -229,7 +229,18 @@ END_TEST
 /* Writes a copy of the F32 GGUF `src` to `dst` with every 2-D/3-D weight
  * whose rows fit the type's blocks re-quantized to `type` (the rest, and
  * all 1-D tensors, stay F32, as llama.cpp's quantizer keeps norms F32). */
+static void copy_gguf(const char *src, const char *dst, moe_type type, int *n_quant, const char *drop,
+                      const char *as_f16, const char *arch);
+
 static void requantize(const char *src, const char *dst, moe_type type, int *n_quant) {
+    copy_gguf(src, dst, type, n_quant, NULL, NULL, NULL);
+}
+
+/* The copy behind requantize(), which can also drop tensor `drop`, store
+ * tensor `as_f16` as F16, and rename the architecture (for the refusal
+ * tests); NULL leaves each alone. */
+static void copy_gguf(const char *src, const char *dst, moe_type type, int *n_quant, const char *drop,
+                      const char *as_f16, const char *arch) {
     int st;
     char err[256];
     moe_gguf *g = moe_gguf_open(src, &st, err, sizeof err);
@@ -240,6 +251,7 @@ static void requantize(const char *src, const char *dst, moe_type type, int *n_q
         const moe_gguf_kv *kv = moe_gguf_kv_at(g, i);
         ck_assert_int_eq(moe_gguf_writer_set_value(w, kv->key, &kv->value), MOE_OK);
     }
+    if (arch) ck_assert_int_eq(moe_gguf_writer_set_str(w, "general.architecture", arch), MOE_OK);
     int64_t blck = moe_type_get(type)->blck;
     moe_type *tt = malloc(moe_gguf_n_tensors(g) * sizeof(moe_type));
     *n_quant = 0;
@@ -247,12 +259,15 @@ static void requantize(const char *src, const char *dst, moe_type type, int *n_q
         const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
         ck_assert_int_eq(t->type, MOE_TYPE_F32);
         tt[i] = (t->n_dims >= 2 && t->ne[0] % blck == 0) ? type : MOE_TYPE_F32;
+        if (as_f16 && !strcmp(t->name, as_f16)) tt[i] = MOE_TYPE_F16;
         *n_quant += tt[i] == type;
+        if (drop && !strcmp(t->name, drop)) continue;
         ck_assert_int_eq(moe_gguf_writer_add_tensor(w, t->name, tt[i], t->n_dims, t->ne), MOE_OK);
     }
     ck_assert_int_eq(moe_gguf_writer_begin(w, dst), MOE_OK);
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
         const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
+        if (drop && !strcmp(t->name, drop)) continue;
         int64_t rows = t->ne[1] * t->ne[2] * t->ne[3];
         size_t rsz = moe_row_size(tt[i], t->ne[0]);
         void *buf = malloc(rsz);
@@ -421,6 +436,38 @@ START_TEST(mixed_batch_equals_alone) {
 }
 END_TEST
 
+START_TEST(bad_models_refused) {
+    static const struct {
+        const char *file, *drop, *as_f16, *arch;
+        int status;
+        const char *msg;
+    } cases[] = {
+        {"llama.gguf", "blk.1.ffn_down.weight", NULL, NULL, MOE_EFORMAT, "blk.1.ffn_down.weight"},
+        {"llama.gguf", NULL, "blk.0.attn_norm.weight", NULL, MOE_EUNSUPPORTED, "blk.0.attn_norm.weight"},
+        {"llama.gguf", NULL, NULL, "gpt-neox", MOE_EUNSUPPORTED, "gpt-neox"},
+        {"deepseek3-mla.gguf", "blk.2.attn_v_b.weight", NULL, NULL, MOE_EFORMAT, "blk.2.attn_v_b.weight"},
+        {"qwen2moe.gguf", "blk.0.ffn_up_exps.weight", NULL, NULL, MOE_EFORMAT, "blk.0.ffn_up_exps.weight"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char src[512], dst[64], err[256] = "";
+        int nq, st = 0;
+        snprintf(src, sizeof src, FIXDIR "%s", cases[i].file);
+        snprintf(dst, sizeof dst, "/tmp/check_forward_bad_%d.gguf", (int)getpid());
+        copy_gguf(src, dst, MOE_TYPE_F32, &nq, cases[i].drop, cases[i].as_f16, cases[i].arch);
+        moe_gguf *g = moe_gguf_open(dst, &st, err, sizeof err);
+        unlink(dst);
+        ck_assert_msg(g != NULL, "%s", err);
+        moe_backend be;
+        ck_assert_int_eq(moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = 1}), MOE_OK);
+        ck_assert_ptr_null(moe_fwd_create(g, &be, &st, err, sizeof err));
+        ck_assert_int_eq(st, cases[i].status);
+        ck_assert_msg(strstr(err, cases[i].msg) != NULL, "case %zu: message '%s'", i, err);
+        moe_backend_destroy(&be);
+        moe_gguf_close(g);
+    }
+}
+END_TEST
+
 START_TEST(bad_batches_refused) {
     char path[512], err[256];
     int st;
@@ -472,6 +519,7 @@ int main(void) {
     tcase_set_timeout(tb, 120);
     tcase_add_loop_test(tb, mixed_batch_equals_alone, 0, 4);
     tcase_add_test(tb, bad_batches_refused);
+    tcase_add_test(tb, bad_models_refused);
     suite_add_tcase(s, tb);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
