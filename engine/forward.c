@@ -346,6 +346,24 @@ moe_fwd *moe_fwd_create(const moe_gguf *g, const moe_backend *be, int *status, c
         moe_rope_yarn_inv_freq(fw->n_rot, base, 1.0, 0, 0, 0, fw->inv_freq);
         for (int64_t i = 0; i < fw->n_rot / 2; i++) fw->inv_freq[i] = (float)(fw->inv_freq[i] / factor);
     }
+    /* Llama 3.1-style scaling ships per-pair frequency divisors (llama.cpp's
+     * rope_freqs / rope_factors) */
+    const moe_gguf_tensor *rf = moe_gguf_find_tensor(g, "rope_freqs.weight");
+    if (rf) {
+        if (rf->type != MOE_TYPE_F32 || rf->n_dims != 1 || rf->ne[0] != fw->n_rot / 2) {
+            seterr(err, errsz, "rope_freqs.weight: want %lld F32 values", (long long)(fw->n_rot / 2));
+            goto fail;
+        }
+        for (int64_t i = 0; i < fw->n_rot / 2; i++) {
+            float d;
+            memcpy(&d, (const char *)rf->data + i * sizeof(float), sizeof d);
+            if (!(d > 0)) {
+                seterr(err, errsz, "rope_freqs.weight: non-positive factor");
+                goto fail;
+            }
+            fw->inv_freq[i] /= d;
+        }
+    }
     fw->rope_style = (fw->fam == FAM_LLAMA || fw->fam == FAM_DEEPSEEK2) ? MOE_ROPE_NORM : MOE_ROPE_NEOX;
     fw->attn_factor = 1.0f;
     fw->attn_scale = (float)(1.0 / sqrt((double)fw->dk));

@@ -229,18 +229,24 @@ END_TEST
 /* Writes a copy of the F32 GGUF `src` to `dst` with every 2-D/3-D weight
  * whose rows fit the type's blocks re-quantized to `type` (the rest, and
  * all 1-D tensors, stay F32, as llama.cpp's quantizer keeps norms F32). */
+typedef struct extra_tensor {
+    const char *name;
+    const float *data;
+    int64_t n;
+} extra_tensor;
+
 static void copy_gguf(const char *src, const char *dst, moe_type type, int *n_quant, const char *drop,
-                      const char *as_f16, const char *arch);
+                      const char *as_f16, const char *arch, const extra_tensor *extra);
 
 static void requantize(const char *src, const char *dst, moe_type type, int *n_quant) {
-    copy_gguf(src, dst, type, n_quant, NULL, NULL, NULL);
+    copy_gguf(src, dst, type, n_quant, NULL, NULL, NULL, NULL);
 }
 
 /* The copy behind requantize(), which can also drop tensor `drop`, store
- * tensor `as_f16` as F16, and rename the architecture (for the refusal
- * tests); NULL leaves each alone. */
+ * tensor `as_f16` as F16, rename the architecture (for the refusal tests)
+ * and append one F32 vector; NULL leaves each alone. */
 static void copy_gguf(const char *src, const char *dst, moe_type type, int *n_quant, const char *drop,
-                      const char *as_f16, const char *arch) {
+                      const char *as_f16, const char *arch, const extra_tensor *extra) {
     int st;
     char err[256];
     moe_gguf *g = moe_gguf_open(src, &st, err, sizeof err);
@@ -264,6 +270,7 @@ static void copy_gguf(const char *src, const char *dst, moe_type type, int *n_qu
         if (drop && !strcmp(t->name, drop)) continue;
         ck_assert_int_eq(moe_gguf_writer_add_tensor(w, t->name, tt[i], t->n_dims, t->ne), MOE_OK);
     }
+    if (extra) ck_assert_int_eq(moe_gguf_writer_add_tensor(w, extra->name, MOE_TYPE_F32, 1, &extra->n), MOE_OK);
     ck_assert_int_eq(moe_gguf_writer_begin(w, dst), MOE_OK);
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
         const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
@@ -277,6 +284,7 @@ static void copy_gguf(const char *src, const char *dst, moe_type type, int *n_qu
         }
         free(buf);
     }
+    if (extra) ck_assert_int_eq(moe_gguf_writer_write_tensor(w, extra->data, (size_t)extra->n * sizeof(float)), MOE_OK);
     ck_assert_int_eq(moe_gguf_writer_finish(w), MOE_OK);
     moe_gguf_writer_free(w);
     free(tt);
@@ -453,7 +461,7 @@ START_TEST(bad_models_refused) {
         int nq, st = 0;
         snprintf(src, sizeof src, FIXDIR "%s", cases[i].file);
         snprintf(dst, sizeof dst, "/tmp/check_forward_bad_%d.gguf", (int)getpid());
-        copy_gguf(src, dst, MOE_TYPE_F32, &nq, cases[i].drop, cases[i].as_f16, cases[i].arch);
+        copy_gguf(src, dst, MOE_TYPE_F32, &nq, cases[i].drop, cases[i].as_f16, cases[i].arch, NULL);
         moe_gguf *g = moe_gguf_open(dst, &st, err, sizeof err);
         unlink(dst);
         ck_assert_msg(g != NULL, "%s", err);
@@ -465,6 +473,33 @@ START_TEST(bad_models_refused) {
         moe_backend_destroy(&be);
         moe_gguf_close(g);
     }
+}
+END_TEST
+
+/* Llama 3.1-style rope_freqs divide each pair's frequency: all ones change
+ * nothing; all twos change every row except position 0's (angle 0). */
+START_TEST(rope_freqs_factors) {
+    ref r;
+    load_ref("llama", &r);
+    char src[512], dst[64];
+    snprintf(src, sizeof src, FIXDIR "llama.gguf");
+    snprintf(dst, sizeof dst, "/tmp/check_forward_rf_%d.gguf", (int)getpid());
+    float ones[8] = {1, 1, 1, 1, 1, 1, 1, 1}, twos[8] = {2, 2, 2, 2, 2, 2, 2, 2};
+    int nq;
+    copy_gguf(src, dst, MOE_TYPE_F32, &nq, NULL, NULL, NULL, &(extra_tensor){"rope_freqs.weight", ones, 8});
+    run_result a = run_fixture(dst, &r, 1, 4);
+    copy_gguf(src, dst, MOE_TYPE_F32, &nq, NULL, NULL, NULL, &(extra_tensor){"rope_freqs.weight", twos, 8});
+    run_result b = run_fixture(dst, &r, 1, 4);
+    unlink(dst);
+    ck_assert_double_le(a.err, 1e-5);
+    ck_assert_double_gt(b.err, 1e-2);
+    /* position 0 has no rotation, so the first row cannot change */
+    ck_assert_double_le(rel_err(b.logits, r.logits, (size_t)r.n_vocab), 1e-5);
+    free(a.logits);
+    free(a.routes);
+    free(b.logits);
+    free(b.routes);
+    free_ref(&r);
 }
 END_TEST
 
@@ -520,6 +555,7 @@ int main(void) {
     tcase_add_loop_test(tb, mixed_batch_equals_alone, 0, 4);
     tcase_add_test(tb, bad_batches_refused);
     tcase_add_test(tb, bad_models_refused);
+    tcase_add_test(tb, rope_freqs_factors);
     suite_add_tcase(s, tb);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
