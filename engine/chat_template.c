@@ -125,6 +125,24 @@ int moe_chat_template_init(moe_chat_template *ct, const char *tmpl, size_t tmpl_
     return MOE_OK;
 }
 
+static void tok_text(const moe_tok *t, int32_t id, char *dst, size_t cap) {
+    size_t len = 0;
+    const char *s = id >= 0 ? moe_tok_text(t, id, &len) : NULL;
+    if (!s || len >= cap) len = 0;
+    if (s) memcpy(dst, s, len);
+    dst[len] = 0;
+}
+
+int moe_chat_template_from_model(moe_chat_template *ct, const moe_gguf *g, const moe_tok *t,
+                                 moe_chat_family force) {
+    char bos[64], eos[64];
+    tok_text(t, moe_tok_bos(t), bos, sizeof bos);
+    tok_text(t, moe_tok_eos(t), eos, sizeof eos);
+    moe_gguf_str s = {0};
+    if (moe_gguf_get_str(g, "tokenizer.chat_template", &s) != MOE_OK) s.ptr = NULL, s.len = 0;
+    return moe_chat_template_init(ct, s.ptr, (size_t)s.len, force, bos, eos);
+}
+
 void moe_chat_template_free(moe_chat_template *ct) {
     if (!ct) return;
     free(ct->default_system);

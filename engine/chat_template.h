@@ -26,7 +26,9 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "gguf.h"
 #include "status.h"
+#include "tokenizer.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -73,6 +75,13 @@ typedef struct moe_chat_template {
 int moe_chat_template_init(moe_chat_template *ct, const char *tmpl, size_t tmpl_len, moe_chat_family force,
                            const char *bos, const char *eos);
 void moe_chat_template_free(moe_chat_template *ct);
+
+/* moe_chat_template_init() for a loaded model: the template text is g's
+ * tokenizer.chat_template (absent -> ChatML with a warning, unless forced),
+ * BOS/EOS texts are t's. The rendered prompt already holds BOS where the
+ * template writes it: tokenize it with parse_special=true, add_bos=false. */
+int moe_chat_template_from_model(moe_chat_template *ct, const moe_gguf *g, const moe_tok *t,
+                                 moe_chat_family force);
 
 /* Recognition only: MOE_CHAT_AUTO when nothing matches. */
 moe_chat_family moe_chat_detect(const char *tmpl, size_t tmpl_len);

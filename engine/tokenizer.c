@@ -889,6 +889,11 @@ int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_sp
     if (start < len) {
         if ((st = encode_fragment(&e, s + start, len - start, first)) != MOE_OK) goto out;
     }
+    /* never NULL on success, so callers may memcmp/free without a check */
+    if (!e.ids && !(e.ids = malloc(sizeof *e.ids))) {
+        st = MOE_ENOMEM;
+        goto out;
+    }
     st = MOE_OK;
     *ids = e.ids;
     *n = e.n;

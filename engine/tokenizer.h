@@ -96,7 +96,7 @@ int32_t moe_tok_find(const moe_tok *t, const char *s, size_t len);
 /* Tokenizes text[0..len). parse_special: match CONTROL tokens written in
  * the text (only for text the server built, e.g. a rendered chat template).
  * add_bos: prepend BOS when the model has one. On success *ids (malloc'd,
- * caller frees with free()) holds *n ids and 0 is returned; else MOE_ENOMEM
+ * never NULL, caller frees with free()) holds *n ids and 0 is returned; else MOE_ENOMEM
  * or MOE_EINVAL (NULL arguments), with *ids = NULL. Any thread. */
 int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_special, bool add_bos,
                    int32_t **ids, size_t *n);

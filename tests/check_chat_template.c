@@ -113,6 +113,28 @@ START_TEST(test_detect_gguf) {
         moe_gguf_str s;
         ck_assert_int_eq(moe_gguf_get_str(g, "tokenizer.chat_template", &s), 0);
         ck_assert_int_eq(moe_chat_detect(s.ptr, (size_t)s.len), want[i].f);
+        moe_tok *t = moe_tok_load(g, &st, err, sizeof err);
+        ck_assert_msg(t, "%s", err);
+        moe_chat_template ct;
+        ck_assert_int_eq(moe_chat_template_from_model(&ct, g, t, MOE_CHAT_AUTO), 0);
+        ck_assert_int_eq(ct.family, want[i].f);
+        /* a rendered prompt tokenizes with the template's markers as single control tokens */
+        moe_chat_msg m = {.role = "user", .content = "hi", .content_len = 2};
+        char *out;
+        ck_assert_int_eq(moe_chat_render(&ct, &m, 1, true, &out, NULL), 0);
+        int32_t *ids;
+        size_t n;
+        ck_assert_int_eq(moe_tok_encode(t, out, strlen(out), true, false, &ids, &n), 0);
+        ck_assert_uint_le(n, 12);
+        if (moe_tok_bos(t) >= 0 && want[i].f != MOE_CHAT_CHATML) ck_assert_int_eq(ids[0], moe_tok_bos(t));
+        char *back;
+        ck_assert_int_eq(moe_tok_decode(t, ids, n, true, &back, NULL), 0);
+        ck_assert_str_eq(back, out);
+        free(back);
+        free(ids);
+        free(out);
+        moe_chat_template_free(&ct);
+        moe_tok_free(t);
         moe_gguf_close(g);
     }
     ck_assert_int_eq(moe_chat_detect("{{ messages }}", 14), MOE_CHAT_AUTO);
