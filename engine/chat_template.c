@@ -117,6 +117,9 @@ int moe_chat_template_init(moe_chat_template *ct, const char *tmpl, size_t tmpl_
                 tmpl && tmpl_len ? "not recognised" : "missing");
         ct->family = MOE_CHAT_CHATML;
     }
+    if (ct->family == MOE_CHAT_DEEPSEEK3 && tmpl)
+        ct->think_open = memfind(tmpl, tmpl_len, "<｜Assistant｜><think>\\n") ||
+                         memfind(tmpl, tmpl_len, "<｜Assistant｜><think>\n");
     /* only a recognised ChatML template can carry a default system turn */
     if (ct->family == MOE_CHAT_CHATML && force == MOE_CHAT_AUTO && tmpl &&
         memfind(tmpl, tmpl_len, "<|im_start|>")) {
@@ -290,7 +293,7 @@ static void render_deepseek3(const moe_chat_template *ct, sbuf *b, const moe_cha
         }
     }
     if (is_tool) puts_(b, "<｜tool▁outputs▁end｜>");
-    if (gen && !is_tool) puts_(b, "<｜Assistant｜>");
+    if (gen && !is_tool) puts_(b, ct->think_open ? "<｜Assistant｜><think>\n" : "<｜Assistant｜>");
 }
 
 static void render_mistral(const moe_chat_template *ct, sbuf *b, const moe_chat_msg *m, size_t n) {

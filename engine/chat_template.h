@@ -5,7 +5,8 @@
  * by C code that reproduces what transformers' apply_chat_template prints
  * for the real templates (tests/check_chat_template.c holds the proof):
  *   DEEPSEEK2  "User: ...\n\nAssistant: ...<eos>"  (DeepSeek-V2 / V2-Lite)
- *   DEEPSEEK3  "<｜User｜>...<｜Assistant｜>..."    (DeepSeek-V3 / R1)
+ *   DEEPSEEK3  "<｜User｜>...<｜Assistant｜>..."    (DeepSeek-V3 / R1; R1's
+ *              "<think>\n" generation prompt is recognised too)
  *   CHATML     "<|im_start|>role\n...<|im_end|>\n"  (Qwen, and the fallback)
  *   MISTRAL    "[INST] ... [/INST]...</s>"         (Mistral / Mixtral v0.1)
  *   LLAMA3     "<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>"
@@ -66,6 +67,7 @@ typedef struct moe_chat_template {
     char bos[64]; /* BOS/EOS token text; "" when the model has none */
     char eos[64];
     char *default_system; /* ChatML system prompt used when none is given (Qwen2), or NULL */
+    bool think_open;      /* DEEPSEEK3: the generation prompt opens "<think>\n" (DeepSeek-R1) */
 } moe_chat_template;
 
 /* Picks the family: `force` unless MOE_CHAT_AUTO, else recognised from

@@ -583,7 +583,10 @@ typedef struct enc {
     size_t buf_cap;
 } enc;
 
+/* Appends id; a negative id (a byte the vocabulary cannot spell and no
+ * <unk>) is dropped rather than handed to the model. */
 static int push_id(enc *e, int32_t id) {
+    if (id < 0) return MOE_OK;
     if (e->n == e->cap) {
         size_t nc = e->cap ? e->cap * 2 : 64;
         int32_t *p = realloc(e->ids, nc * sizeof *p);

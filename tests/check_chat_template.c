@@ -33,6 +33,7 @@ static char *slurp(const char *path, size_t *len) {
 static moe_chat_family expected_family(const char *tname) {
     if (!strcmp(tname, "deepseek2")) return MOE_CHAT_DEEPSEEK2;
     if (!strcmp(tname, "deepseek3")) return MOE_CHAT_DEEPSEEK3;
+    if (!strcmp(tname, "deepseek-r1")) return MOE_CHAT_DEEPSEEK3;
     if (!strcmp(tname, "llama3")) return MOE_CHAT_LLAMA3;
     if (!strcmp(tname, "mixtral")) return MOE_CHAT_MISTRAL;
     return MOE_CHAT_CHATML;

@@ -380,6 +380,94 @@ START_TEST(test_spm) {
 }
 END_TEST
 
+
+/* Malformed tokenizer metadata is refused with a status, or degrades
+ * without ever producing an id outside the vocabulary. */
+typedef void (*build_fn)(moe_gguf_writer *w);
+
+static moe_tok *try_load(build_fn fn, int *st, moe_gguf **g) {
+    const char *path = "/tmp/moed_check_tok_bad.gguf";
+    moe_gguf_writer *w = moe_gguf_writer_new();
+    fn(w);
+    ck_assert_int_eq(moe_gguf_writer_begin(w, path), 0);
+    ck_assert_int_eq(moe_gguf_writer_finish(w), 0);
+    moe_gguf_writer_free(w);
+    char err[256];
+    *g = moe_gguf_open(path, st, err, sizeof err);
+    ck_assert_msg(*g, "%s", err);
+    return moe_tok_load(*g, st, err, sizeof err);
+}
+
+static const char *TINY[] = {"a", "b", "ab", "\xC4\xA0", "<|x|>"};
+static void b_nomodel(moe_gguf_writer *w) { moe_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", TINY, 5); }
+static void b_badmodel(moe_gguf_writer *w) {
+    moe_gguf_writer_set_str(w, "tokenizer.ggml.model", "bert");
+    moe_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", TINY, 5);
+}
+static void b_notokens(moe_gguf_writer *w) { moe_gguf_writer_set_str(w, "tokenizer.ggml.model", "gpt2"); }
+static void b_numtokens(moe_gguf_writer *w) {
+    uint32_t v[3] = {1, 2, 3};
+    moe_gguf_writer_set_str(w, "tokenizer.ggml.model", "gpt2");
+    moe_gguf_writer_set_arr(w, "tokenizer.ggml.tokens", MOE_GGUF_UINT32, v, 3);
+}
+static void b_shorttypes(moe_gguf_writer *w) {
+    int32_t ty[2] = {1, 1};
+    moe_gguf_writer_set_str(w, "tokenizer.ggml.model", "gpt2");
+    moe_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", TINY, 5);
+    moe_gguf_writer_set_arr(w, "tokenizer.ggml.token_type", MOE_GGUF_INT32, ty, 2);
+}
+static void b_sloppy(moe_gguf_writer *w) {
+    /* no byte tokens for most bytes, merges naming missing tokens or with
+     * no space, ids out of range, an unknown pre-tokenizer */
+    int32_t ty[5] = {1, 1, 1, 1, 3};
+    const char *merges[] = {"a b", "zz q", "nospace", " a", "a "};
+    moe_gguf_writer_set_str(w, "tokenizer.ggml.model", "gpt2");
+    moe_gguf_writer_set_str(w, "tokenizer.ggml.pre", "no-such-pre");
+    moe_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", TINY, 5);
+    moe_gguf_writer_set_arr(w, "tokenizer.ggml.token_type", MOE_GGUF_INT32, ty, 5);
+    moe_gguf_writer_set_arr_str(w, "tokenizer.ggml.merges", merges, 5);
+    moe_gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", 99);
+    moe_gguf_writer_set_i32(w, "tokenizer.ggml.eos_token_id", -4);
+}
+
+START_TEST(test_bad_metadata) {
+    int st;
+    moe_gguf *g;
+    ck_assert_ptr_null(try_load(b_nomodel, &st, &g));
+    ck_assert_int_eq(st, MOE_ENOTFOUND);
+    moe_gguf_close(g);
+    ck_assert_ptr_null(try_load(b_badmodel, &st, &g));
+    ck_assert_int_eq(st, MOE_EUNSUPPORTED);
+    moe_gguf_close(g);
+    ck_assert_ptr_null(try_load(b_notokens, &st, &g));
+    ck_assert_int_eq(st, MOE_ENOTFOUND);
+    moe_gguf_close(g);
+    ck_assert_ptr_null(try_load(b_numtokens, &st, &g));
+    ck_assert_int_eq(st, MOE_EFORMAT);
+    moe_gguf_close(g);
+    ck_assert_ptr_null(try_load(b_shorttypes, &st, &g));
+    ck_assert_int_eq(st, MOE_EFORMAT);
+    moe_gguf_close(g);
+
+    moe_tok *t = try_load(b_sloppy, &st, &g);
+    ck_assert_msg(t, "status %d", st);
+    ck_assert_int_eq(moe_tok_bos(t), -1);
+    ck_assert_int_eq(moe_tok_eos(t), -1);
+    int32_t *ids;
+    size_t n;
+    /* "ab" merges; " " is the byte token Ġ; x, y and é have no token at all */
+    ck_assert_int_eq(moe_tok_encode(t, "ab xy\xC3\xA9<|x|>", 12, true, true, &ids, &n), 0);
+    int32_t want[] = {2, 3, 4};
+    ck_assert_uint_eq(n, 3);
+    ck_assert_mem_eq(ids, want, sizeof want);
+    free(ids);
+    ck_assert_int_eq(moe_tok_encode(NULL, "a", 1, false, false, &ids, &n), MOE_EINVAL);
+    ck_assert_int_eq(moe_tok_encode(t, NULL, 1, false, false, &ids, &n), MOE_EINVAL);
+    moe_tok_free(t);
+    moe_gguf_close(g);
+}
+END_TEST
+
 static Suite *tok_suite(void) {
     Suite *s = suite_create("tokenizer");
     TCase *tc = tcase_create("hf_fixtures");
@@ -398,6 +486,9 @@ static Suite *tok_suite(void) {
     suite_add_tcase(s, tc);
     tc = tcase_create("spm");
     tcase_add_test(tc, test_spm);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("bad_metadata");
+    tcase_add_test(tc, test_bad_metadata);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -248,6 +248,11 @@ def gen_chat(infos: dict):
     templates = {
         "deepseek2": (infos["deepseek2"]["template"], "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
         "deepseek3": (infos["deepseek3"]["template"], "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+        # DeepSeek-R1 (0528 and later) differs from V3 only in opening the
+        # generated turn with a think block
+        "deepseek-r1": (infos["deepseek3"]["template"].replace(
+            "{{'<｜Assistant｜>'}}{% endif %}", "{{'<｜Assistant｜><think>\\n'}}{% endif %}"),
+            "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
         "qwen2": (infos["qwen2"]["template"], "<|endoftext|>", "<|endoftext|>"),
         "qwen2-instruct": (QWEN2_INSTRUCT_TEMPLATE, "<|endoftext|>", "<|im_end|>"),
         "llama3": (LLAMA3_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>"),
