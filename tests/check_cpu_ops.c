@@ -94,7 +94,7 @@ static const int64_t BOFF[] = {0, 3, 5};
 
 static void ref_attend(const double *q, const double *const *k, const double *const *v, int len, int d, int dv,
                        double scale, double *out) {
-    double s[64], mx = -INFINITY, sum = 0;
+    double s[512], mx = -INFINITY, sum = 0;
     for (int p = 0; p < len; p++) {
         s[p] = 0;
         for (int i = 0; i < d; i++) s[p] += q[i] * k[p][i];
@@ -208,6 +208,69 @@ START_TEST(mla_attention_vs_expanded) {
                 vp[p] = vd[p];
             }
             ref_attend(qd, kp, vp, pos[t] + 1, NOPE + ROT, DV, 0.4, o);
+            for (int i = 0; i < DV; i++) ck_assert_double_eq_tol(out[t][h * DV + i], o[i], 1e-4);
+        }
+}
+END_TEST
+
+/* Long context: a decode token at position 299 and a mixed short one, so
+ * the latent attention is split into position chunks and merged (the
+ * flash-decoding path), with blocks scattered in reverse order. */
+START_TEST(mla_attention_long_context) {
+    enum { H = 2, R = 8, ROT = 4, NOPE = 6, DV = 5, LEN = 300, LBS = 16, NBL = (LEN + LBS - 1) / LBS + 1, KW = R + ROT };
+    static float cache[NBL * LBS * KW], lat[LEN][KW];
+    float kb[H][R][NOPE], vb[H][DV][R];
+    for (int h = 0; h < H; h++) {
+        for (int c = 0; c < R; c++)
+            for (int n = 0; n < NOPE; n++) kb[h][c][n] = rnd();
+        for (int v = 0; v < DV; v++)
+            for (int c = 0; c < R; c++) vb[h][v][c] = rnd();
+    }
+    for (int p = 0; p < LEN; p++)
+        for (int i = 0; i < KW; i++) lat[p][i] = rnd() * 2;
+    /* seq 0 uses blocks NBL-2 .. 0 in reverse; seq 1 uses block NBL-1 */
+    int32_t bt[NBL];
+    for (int i = 0; i < NBL - 1; i++) bt[i] = NBL - 2 - i;
+    bt[NBL - 1] = NBL - 1;
+    int64_t boff[3] = {0, NBL - 1, NBL};
+    static int32_t seq[LEN], pos[LEN];
+    for (int p = 0; p < LEN; p++) seq[p] = 0, pos[p] = p;
+    moe_kv_view st = {.block_size = LBS, .n_seq = 2, .block_table = bt, .block_off = boff, .seq = seq, .pos = pos,
+                      .n_tok = LEN};
+    ck_assert_int_eq(be.ops->kv_store(be.ctx, &st, cache, NULL, KW, 0, &lat[0][0], NULL), 0);
+    int32_t s2[2] = {0, 1}, p2[2] = {LEN - 1, 0};
+    float q[2][H * (NOPE + ROT)], out[2][H * DV];
+    for (int t = 0; t < 2; t++)
+        for (int i = 0; i < H * (NOPE + ROT); i++) q[t][i] = rnd();
+    /* seq 1's only position holds lat[0] too */
+    moe_kv_view one = {.block_size = LBS, .n_seq = 2, .block_table = bt, .block_off = boff, .seq = s2 + 1,
+                       .pos = p2 + 1, .n_tok = 1};
+    ck_assert_int_eq(be.ops->kv_store(be.ctx, &one, cache, NULL, KW, 0, &lat[0][0], NULL), 0);
+    moe_kv_view dec = {.block_size = LBS, .n_seq = 2, .block_table = bt, .block_off = boff, .seq = s2, .pos = p2,
+                       .n_tok = 2};
+    moe_weight wkb = f32w(&kb[0][0][0], NOPE, R, H), wvb = f32w(&vb[0][0][0], R, DV, H);
+    ck_assert_int_eq(be.ops->mla_attention(be.ctx, &dec, &q[0][0], cache, R, ROT, NOPE, &wkb, &wvb, 0.3f, &out[0][0]), 0);
+    for (int t = 0; t < 2; t++)
+        for (int h = 0; h < H; h++) {
+            static double kd[LEN][NOPE + ROT], vd[LEN][DV];
+            static const double *kp[LEN], *vp[LEN];
+            double qd[NOPE + ROT], o[DV];
+            for (int i = 0; i < NOPE + ROT; i++) qd[i] = q[t][h * (NOPE + ROT) + i];
+            for (int p = 0; p <= p2[t]; p++) {
+                const float *c = lat[p];
+                for (int j = 0; j < NOPE; j++) {
+                    kd[p][j] = 0;
+                    for (int i = 0; i < R; i++) kd[p][j] += (double)c[i] * kb[h][i][j];
+                }
+                for (int j = 0; j < ROT; j++) kd[p][NOPE + j] = c[R + j];
+                for (int j = 0; j < DV; j++) {
+                    vd[p][j] = 0;
+                    for (int i = 0; i < R; i++) vd[p][j] += (double)vb[h][j][i] * c[i];
+                }
+                kp[p] = kd[p];
+                vp[p] = vd[p];
+            }
+            ref_attend(qd, kp, vp, p2[t] + 1, NOPE + ROT, DV, 0.3, o);
             for (int i = 0; i < DV; i++) ck_assert_double_eq_tol(out[t][h * DV + i], o[i], 1e-4);
         }
 }
@@ -365,6 +428,7 @@ int main(void) {
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, paged_gqa_attention);
     tcase_add_test(tc, mla_attention_vs_expanded);
+    tcase_add_test(tc, mla_attention_long_context);
     suite_add_tcase(s, tc);
     tc = tcase_create("moe");
     tcase_add_checked_fixture(tc, setup, teardown);

@@ -192,9 +192,8 @@ static int cpu_kv_store(void *vctx, const moe_kv_view *kv, float *k_cache, float
     return MOE_OK;
 }
 
-/* One (token, head) of attention. Scores for positions 0..pos go to a
- * per-thread scratch row; the value side is generic so MLA (latent values,
- * scores from two parts) shares the softmax code. */
+/* One (token, head) of GQA attention. Scores for positions 0..pos go to a
+ * per-thread scratch row. */
 typedef struct attn_job {
     const moe_kv_view *kv;
     const float *q;   /* (n_tok, n_head, q_width) */
@@ -206,9 +205,6 @@ typedef struct attn_job {
     int64_t v_stride;
     int64_t v_off_per_kvh;
     int64_t dk, dv;   /* dot length (from q's head start), value width */
-    /* MLA: a second dot q[dk2_qoff ..] . k[dk2_koff ..] of dk2 elements */
-    int64_t dk2, dk2_qoff, dk2_koff;
-    const float *q_lat; /* MLA: (n_tok, n_head, dk) absorbed queries, replaces q for the first dot */
     int64_t n_head, group;
     float scale;
     float *scratch;   /* n_threads * max_len */
@@ -232,17 +228,14 @@ static void attn_task(void *vctx, int64_t task, int thread) {
     attn_job *j = vctx;
     int64_t t = task / j->n_head, h = task % j->n_head;
     int64_t kvh = h / j->group;
-    const float *q1 = j->q_lat ? j->q_lat + (t * j->n_head + h) * j->dk : j->q + (t * j->n_head + h) * j->q_width;
-    const float *q2 = j->q + (t * j->n_head + h) * j->q_width + j->dk2_qoff;
+    const float *q1 = j->q + (t * j->n_head + h) * j->q_width;
     int64_t len = (int64_t)j->kv->pos[t] + 1;
     float *sc = j->scratch + (int64_t)thread * j->max_len;
     float mx = -INFINITY;
     for (int64_t p = 0; p < len; p++) {
         int64_t slot = kv_slot(j->kv, j->kv->seq[t], p);
         const float *k = j->k_cache + slot * j->k_stride + kvh * j->k_off_per_kvh;
-        float s = dotf(q1, k, j->dk);
-        if (j->dk2) s += dotf(q2, k + j->dk2_koff, j->dk2);
-        s *= j->scale;
+        float s = dotf(q1, k, j->dk) * j->scale;
         sc[p] = s;
         if (s > mx) mx = s;
     }
@@ -287,6 +280,127 @@ static int cpu_attention(void *vctx, const moe_kv_view *kv, const float *q, cons
         .dk = head_dim, .dv = head_dim, .n_head = n_head, .group = n_head / n_kv_head, .scale = scale, .out = out,
     };
     return run_attn(vctx, &j);
+}
+
+/* MLA attention over the latent cache. Every head of a token reads the
+ * same cached row (latent c and k_pe), so a task covers all heads of one
+ * token over a range of positions and reads each row once, not once per
+ * head (128 heads on V3). Decode has few tokens, so a token's positions are
+ * split into chunks across threads (flash-decoding): each chunk keeps its
+ * own max, sum and weighted latent sum per head, merged afterwards. */
+typedef struct mla_job {
+    const moe_kv_view *kv;
+    const float *q;     /* (n_tok, H, dq): q_pe at offset nope of each head */
+    const float *q_lat; /* (n_tok, H, R) absorbed q_nope */
+    int64_t H, R, n_rot, dq, nope;
+    float scale;
+    const float *cache; /* slots of R + n_rot */
+    const int64_t *tok, *p0, *p1; /* per task: token and position range */
+    float *part_m, *part_l; /* (n_task, H) */
+    float *part_o;          /* (n_task, H, R) */
+    float *scratch;         /* per thread: H * max_chunk scores */
+    int64_t max_chunk;
+} mla_job;
+
+static void mla_task(void *vctx, int64_t k, int thread) {
+    mla_job *j = vctx;
+    int64_t t = j->tok[k], p0 = j->p0[k], n = j->p1[k] - p0, H = j->H, R = j->R, W = R + j->n_rot;
+    float *sc = j->scratch + (int64_t)thread * H * j->max_chunk; /* (H, n) */
+    for (int64_t p = 0; p < n; p++) {
+        const float *c = j->cache + kv_slot(j->kv, j->kv->seq[t], p0 + p) * W;
+        for (int64_t h = 0; h < H; h++) {
+            const float *ql = j->q_lat + (t * H + h) * R;
+            const float *qp = j->q + (t * H + h) * j->dq + j->nope;
+            sc[h * n + p] = (dotf(ql, c, R) + dotf(qp, c + R, j->n_rot)) * j->scale;
+        }
+    }
+    float *m = j->part_m + k * H, *l = j->part_l + k * H, *o = j->part_o + k * H * R;
+    for (int64_t h = 0; h < H; h++) {
+        float mx = -INFINITY;
+        for (int64_t p = 0; p < n; p++) mx = sc[h * n + p] > mx ? sc[h * n + p] : mx;
+        m[h] = mx;
+        l[h] = 0;
+    }
+    memset(o, 0, (size_t)H * (size_t)R * sizeof(float));
+    for (int64_t p = 0; p < n; p++) {
+        const float *c = j->cache + kv_slot(j->kv, j->kv->seq[t], p0 + p) * W;
+        for (int64_t h = 0; h < H; h++) {
+            float w = expf(sc[h * n + p] - m[h]);
+            float *oh = o + h * R;
+            l[h] += w;
+            for (int64_t i = 0; i < R; i++) oh[i] += w * c[i];
+        }
+    }
+}
+
+/* o_lat (n_tok, H, R) = softmax-weighted latent sums, per head. */
+static int mla_latent_attention(cpu_ctx *c, mla_job *j, float *o_lat) {
+    const moe_kv_view *kv = j->kv;
+    int64_t n_tok = kv->n_tok, H = j->H, R = j->R;
+    /* enough tasks to feed every thread; never chunks under 32 positions */
+    int64_t want = 4 * (int64_t)cpu_pool_size(c->pool);
+    int64_t per_tok = n_tok >= want ? 1 : (want + n_tok - 1) / n_tok;
+    int64_t n_task = 0, max_chunk = 1;
+    for (int64_t t = 0; t < n_tok; t++) {
+        int64_t len = (int64_t)kv->pos[t] + 1, nch = (len + 31) / 32;
+        nch = nch < per_tok ? nch : per_tok;
+        int64_t ch = (len + nch - 1) / nch;
+        max_chunk = ch > max_chunk ? ch : max_chunk;
+        n_task += (len + ch - 1) / ch;
+    }
+    int64_t *tok = malloc((size_t)n_task * 3 * sizeof(int64_t));
+    float *pm = malloc((size_t)n_task * (size_t)H * 2 * sizeof(float));
+    float *po = malloc((size_t)n_task * (size_t)H * (size_t)R * sizeof(float));
+    float *scr = malloc((size_t)cpu_pool_size(c->pool) * (size_t)H * (size_t)max_chunk * sizeof(float));
+    int rc = (tok && pm && po && scr) ? MOE_OK : MOE_ENOMEM;
+    if (!rc) {
+        int64_t *p0 = tok + n_task, *p1 = tok + 2 * n_task, k = 0;
+        for (int64_t t = 0; t < n_tok; t++) {
+            int64_t len = (int64_t)kv->pos[t] + 1, nch = (len + 31) / 32;
+            nch = nch < per_tok ? nch : per_tok;
+            int64_t ch = (len + nch - 1) / nch;
+            for (int64_t a = 0; a < len; a += ch, k++) {
+                tok[k] = t;
+                p0[k] = a;
+                p1[k] = a + ch < len ? a + ch : len;
+            }
+        }
+        j->tok = tok;
+        j->p0 = p0;
+        j->p1 = p1;
+        j->part_m = pm;
+        j->part_l = pm + n_task * H;
+        j->part_o = po;
+        j->scratch = scr;
+        j->max_chunk = max_chunk;
+        cpu_pool_run(c->pool, mla_task, j, n_task);
+        /* merge the chunks of each token (tasks of a token are consecutive) */
+        for (int64_t a = 0; a < n_task;) {
+            int64_t b = a, t = tok[a];
+            while (b < n_task && tok[b] == t) b++;
+            for (int64_t h = 0; h < H; h++) {
+                float mx = -INFINITY;
+                for (int64_t q = a; q < b; q++) mx = j->part_m[q * H + h] > mx ? j->part_m[q * H + h] : mx;
+                double sum = 0;
+                float *out = o_lat + (t * H + h) * R;
+                memset(out, 0, (size_t)R * sizeof(float));
+                for (int64_t q = a; q < b; q++) {
+                    float f = expf(j->part_m[q * H + h] - mx);
+                    sum += (double)f * j->part_l[q * H + h];
+                    const float *oq = po + (q * H + h) * R;
+                    for (int64_t i = 0; i < R; i++) out[i] += f * oq[i];
+                }
+                float inv = (float)(1.0 / sum);
+                for (int64_t i = 0; i < R; i++) out[i] *= inv;
+            }
+            a = b;
+        }
+    }
+    free(tok);
+    free(pm);
+    free(po);
+    free(scr);
+    return rc;
 }
 
 /* Per-head products: y[t][h] (w->n_out) = W_h . x[t][h][0 .. w->n_in), where
@@ -338,12 +452,9 @@ static int cpu_mla_attention(void *vctx, const moe_kv_view *kv, const float *q, 
     rc = (q_lat && o_lat) ? MOE_OK : MOE_ENOMEM;
     if (!rc) rc = heads_matmul(c, k_b, q, dq, n_tok, q_lat);
     if (!rc) {
-        attn_job j = {
-            .kv = kv, .q = q, .q_width = dq, .k_cache = cache, .k_stride = kv_lora + n_rot, .v_cache = cache,
-            .v_stride = kv_lora + n_rot, .dk = kv_lora, .dv = kv_lora, .dk2 = n_rot, .dk2_qoff = nope,
-            .dk2_koff = kv_lora, .q_lat = q_lat, .n_head = n_head, .group = n_head, .scale = scale, .out = o_lat,
-        };
-        rc = run_attn(c, &j);
+        mla_job j = {.kv = kv, .q = q, .q_lat = q_lat, .H = n_head, .R = kv_lora, .n_rot = n_rot, .dq = dq,
+                     .nope = nope, .scale = scale, .cache = cache};
+        rc = mla_latent_attention(c, &j, o_lat);
     }
     if (!rc) rc = heads_matmul(c, v_b, o_lat, kv_lora, n_tok, out);
     free(q_lat);
