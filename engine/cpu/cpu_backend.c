@@ -214,7 +214,7 @@ typedef struct attn_job {
 
 /* f32 dot with 8 independent partial sums, so the compiler can keep them
  * in one vector register (a single running sum is a serial dependency). */
-static inline float dotf(const float *a, const float *b, int64_t n) {
+static float dotf_generic(const float *a, const float *b, int64_t n) {
     float acc[8] = {0};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -222,6 +222,57 @@ static inline float dotf(const float *a, const float *b, int64_t n) {
     float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+
+/* y[i] += w * x[i] */
+static void axpyf_generic(float *restrict y, float w, const float *restrict x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += w * x[i];
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+/* AVX2 versions, compiled per function (the build has no -march) and
+ * picked at run time like the matmul kernels. */
+__attribute__((target("avx2,fma"))) static float dotf_avx2(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s0 = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float s = _mm_cvtss_f32(h);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+__attribute__((target("avx2,fma"))) static void axpyf_avx2(float *restrict y, float w, const float *restrict x,
+                                                            int64_t n) {
+    __m256 vw = _mm256_set1_ps(w);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += w * x[i];
+}
+#endif
+
+static float (*dotf)(const float *, const float *, int64_t) = dotf_generic;
+static void (*axpyf)(float *restrict, float, const float *restrict, int64_t) = axpyf_generic;
+
+/* Chooses the vector helpers for the ISA the matmul kernels use. */
+static void pick_simd(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (cpu_isa_get() >= CPU_ISA_AVX2) {
+        dotf = dotf_avx2;
+        axpyf = axpyf_avx2;
+        return;
+    }
+#endif
+    dotf = dotf_generic;
+    axpyf = axpyf_generic;
 }
 
 static void attn_task(void *vctx, int64_t task, int thread) {
@@ -250,8 +301,7 @@ static void attn_task(void *vctx, int64_t task, int thread) {
     for (int64_t p = 0; p < len; p++) {
         int64_t slot = kv_slot(j->kv, j->kv->seq[t], p);
         const float *v = j->v_cache + slot * j->v_stride + kvh * j->v_off_per_kvh;
-        float w = sc[p] * inv;
-        for (int64_t i = 0; i < j->dv; i++) o[i] += w * v[i];
+        axpyf(o, sc[p] * inv, v, j->dv);
     }
 }
 
@@ -326,9 +376,8 @@ static void mla_task(void *vctx, int64_t k, int thread) {
         const float *c = j->cache + kv_slot(j->kv, j->kv->seq[t], p0 + p) * W;
         for (int64_t h = 0; h < H; h++) {
             float w = expf(sc[h * n + p] - m[h]);
-            float *oh = o + h * R;
             l[h] += w;
-            for (int64_t i = 0; i < R; i++) oh[i] += w * c[i];
+            axpyf(o + h * R, w, c, R);
         }
     }
 }
@@ -631,6 +680,7 @@ int moe_cpu_backend_init(moe_backend *be, const moe_cpu_backend_opts *opts) {
         return st ? st : MOE_ENOMEM;
     }
     c->n_threads = cpu_pool_size(c->pool);
+    pick_simd();
     be->ops = &cpu_ops;
     be->ctx = c;
     return MOE_OK;
