@@ -754,8 +754,11 @@ static int bpe_fragment(enc *e, const char *s, size_t len) {
 
 /* SentencePiece of a text fragment: llama.cpp's / sentencepiece's BPE by
  * score over characters, then byte fallback for characters not in the
- * vocabulary. `first` adds the dummy prefix. */
-static int spm_fragment(enc *e, const char *s, size_t len, bool first) {
+ * vocabulary. Every fragment gets the dummy prefix, also one that follows
+ * an added token: Mistral's own tokenizer (mistral-common) encodes each
+ * message apart, and llama.cpp and HF's legacy Llama tokenizers prefix
+ * each text segment between special tokens the same way. */
+static int spm_fragment(enc *e, const char *s, size_t len) {
     const moe_tok *t = e->t;
     size_t need = len * 3 + 4;
     if (need > e->buf_cap) {
@@ -764,7 +767,7 @@ static int spm_fragment(enc *e, const char *s, size_t len, bool first) {
         e->buf = b, e->buf_cap = need;
     }
     size_t m = 0;
-    if (first && t->add_space_prefix) memcpy(e->buf, "\xE2\x96\x81", 3), m = 3;
+    if (t->add_space_prefix) memcpy(e->buf, "\xE2\x96\x81", 3), m = 3;
     for (size_t i = 0; i < len; i++) {
         if (s[i] == ' ') memcpy(e->buf + m, "\xE2\x96\x81", 3), m += 3;
         else e->buf[m++] = s[i];
@@ -824,9 +827,9 @@ static int spm_fragment(enc *e, const char *s, size_t len, bool first) {
     return MOE_OK;
 }
 
-static int encode_fragment(enc *e, const char *s, size_t len, bool first) {
+static int encode_fragment(enc *e, const char *s, size_t len) {
     if (len == 0) return MOE_OK;
-    return e->t->kind == MOE_TOK_BPE ? bpe_fragment(e, s, len) : spm_fragment(e, s, len, first);
+    return e->t->kind == MOE_TOK_BPE ? bpe_fragment(e, s, len) : spm_fragment(e, s, len);
 }
 
 /* Longest added token starting at s[0..len) that may be matched. */
@@ -871,18 +874,15 @@ int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_sp
     if (t->kind == MOE_TOK_BPE && !(e.md = pcre2_match_data_create(1, NULL))) goto out;
     if (add_bos && t->bos >= 0 && push_id(&e, t->bos) != MOE_OK) goto out;
     size_t start = 0;
-    bool first = true;
     for (i = 0; i < len;) {
         size_t ml;
         int32_t id;
         if (t->added_first[(unsigned char)s[i]] && (id = match_added(t, s + i, len - i, parse_special, &ml)) >= 0) {
-            if ((st = encode_fragment(&e, s + start, i - start, first)) != MOE_OK) goto out;
+            if ((st = encode_fragment(&e, s + start, i - start)) != MOE_OK) goto out;
             if (push_id(&e, id) != MOE_OK) {
                 st = MOE_ENOMEM;
                 goto out;
             }
-            /* sentencepiece adds the dummy prefix only at the very start */
-            first = false;
             i += ml;
             start = i;
             continue;
@@ -890,7 +890,7 @@ int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_sp
         i++;
     }
     if (start < len) {
-        if ((st = encode_fragment(&e, s + start, len - start, first)) != MOE_OK) goto out;
+        if ((st = encode_fragment(&e, s + start, len - start)) != MOE_OK) goto out;
     }
     /* never NULL on success, so callers may memcmp/free without a check */
     if (!e.ids && !(e.ids = malloc(sizeof *e.ids))) {
@@ -963,11 +963,13 @@ static int stream_add(moe_tok_stream *s, const char *p, size_t n, size_t *olen, 
         src = b;
     }
     if (sn == 0) return MOE_OK;
+    /* only the first byte of the whole decoded sequence can be the dummy
+     * prefix (as in moe_tok_decode), even if that piece was just " " */
     if (s->t->kind == MOE_TOK_SPM && s->t->add_space_prefix && !s->started && src[0] == ' ') src++, sn--;
+    s->started = true;
     size_t used = utf8_sanitize(src, sn, final, s->out, olen);
     s->n_pend = sn - used;
     memcpy(s->pend, src + used, s->n_pend);
-    if (*olen) s->started = true;
     free(heap);
     return MOE_OK;
 }

