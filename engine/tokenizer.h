@@ -6,7 +6,11 @@
  *           default/gpt2). The pre-tokenizer regexes are Hugging Face's,
  *           applied in HF's order and run with PCRE2 (UTF + UCP, JIT).
  *   "llama" SentencePiece-style (Mistral/Mixtral): score-ordered merges,
- *           U+2581 for spaces, a dummy prefix space, <0xXX> byte fallback.
+ *           U+2581 for spaces, <0xXX> byte fallback, and a dummy prefix
+ *           space before the text and after every added token matched in
+ *           it (each stretch of text is encoded apart, as sentencepiece is
+ *           called per message by Mistral's own code; llama.cpp agrees).
+ *           Decoding drops the one dummy space at the start.
  *
  * Input text that is not valid UTF-8 is read as if every maximal invalid
  * subpart were U+FFFD (what Python's bytes.decode('utf-8','replace') does),

@@ -338,6 +338,12 @@ CONVERSATIONS = {
                      {"role": "assistant", "content": "Hello! How can I help?"},
                      {"role": "user", "content": "  Tell me a joke.  \n"}],
     "unicode": [{"role": "user", "content": "你好 😀\nline2"}],
+    "tool": [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "Checking."},
+             {"role": "tool", "content": "{\"temp\": 21}"}, {"role": "tool", "content": "sunny"},
+             {"role": "assistant", "content": "21 and sunny."}, {"role": "user", "content": "Thanks"}],
+    "think": [{"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+              {"role": "user", "content": "3+3?"}],
 }
 
 
