@@ -76,6 +76,7 @@ int moe_mkmodel_preset(const char *arch, const char *preset, moe_mkmodel_cfg *cf
         hp->n_embd_head_k = hp->n_embd_head_v = hp->n_rot = 16;
         hp->n_ff = 128, hp->n_vocab = 512, hp->n_ctx_train = 512;
         if (moe) hp->n_expert = 8, hp->n_expert_used = 2, hp->n_ff_exp = 32;
+        if (hp->arch == MOE_ARCH_LLAMA && moe) hp->n_ff = hp->n_ff_exp = 64;
         if (hp->arch == MOE_ARCH_QWEN2MOE) hp->n_ff_shexp = 64;
         if (hp->arch == MOE_ARCH_QWEN3MOE) hp->n_embd_head_k = hp->n_embd_head_v = hp->n_rot = 32;
         if (hp->arch == MOE_ARCH_DEEPSEEK2) {
@@ -261,8 +262,10 @@ static char *cat2(const char *a, const char *sep, const char *b) {
     return s;
 }
 
-/* Learns up to max_merges merges (each pair seen at least twice), greedy
- * by count, ties to the smallest pair of ids so the result is fixed. */
+/* Learns up to max_merges merges, greedy by count, ties to the smallest
+ * pair of ids so the result is fixed. Pairs seen once are merged too
+ * (after all the frequent ones), so with room every word of the text
+ * ends up a single token. */
 static int train_bpe(vocab *v, int64_t max_merges, char bm[256][4]) {
     word *w = NULL;
     int nw = 0;
@@ -279,7 +282,7 @@ static int train_bpe(vocab *v, int64_t max_merges, char bm[256][4]) {
     while (!rc && v->n_merges < max_merges) {
         memset(hk, 0xff, HS * sizeof *hk);
         uint64_t best = UINT64_MAX;
-        int64_t bestc = 1;
+        int64_t bestc = 0;
         for (int k = 0; k < nw; k++)
             for (int j = 0; j + 1 < w[k].n; j++) {
                 uint64_t key = (uint64_t)(uint32_t)w[k].sym[j] << 32 | (uint32_t)w[k].sym[j + 1];
@@ -289,7 +292,7 @@ static int train_bpe(vocab *v, int64_t max_merges, char bm[256][4]) {
                 hc[h] += w[k].count;
                 if (hc[h] > bestc || (hc[h] == bestc && key < best)) best = key, bestc = hc[h];
             }
-        if (best == UINT64_MAX || bestc < 2) break;
+        if (best == UINT64_MAX) break;
         int32_t a = (int32_t)(best >> 32), b = (int32_t)(best & 0xffffffffu);
         char *t = cat2(v->tok[a], "", v->tok[b]);
         char *m = cat2(v->tok[a], " ", v->tok[b]);
@@ -608,7 +611,8 @@ static int validate(moe_mkmodel_cfg *c, char *err, size_t errsz) {
         RANGE(hp->n_expert, 1, 4096, "experts");
         RANGE(hp->n_expert_used, 1, hp->n_expert, "experts-used");
         RANGE(hp->n_ff_exp, 1, M, "ff-exp");
-        if (hp->arch == MOE_ARCH_LLAMA) hp->n_ff = hp->n_ff_exp; /* Mixtral's expert width is feed_forward_length */
+        /* Mixtral's expert width is its feed_forward_length: --ff-exp wins */
+        if (hp->arch == MOE_ARCH_LLAMA) hp->n_ff = hp->n_ff_exp;
         if (hp->arch == MOE_ARCH_DEEPSEEK2) {
             RANGE(hp->n_expert_shared, 0, 64, "shared");
             RANGE(hp->n_layer_dense_lead, 0, hp->n_layer, "dense-lead");
