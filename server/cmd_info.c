@@ -156,8 +156,8 @@ int srv_cmd_info(int argc, char **argv) {
     if (hp->is_moe) {
         printf("  experts: %" PRId64 " routed, %" PRId64 " used per token, ff %" PRId64, hp->n_expert,
                hp->n_expert_used, hp->n_ff_exp);
-        if (hp->n_ff_shexp) printf("; shared ff %" PRId64 " (%" PRId64 " shared experts)", hp->n_ff_shexp,
-                                   hp->n_expert_shared ? hp->n_expert_shared : 1);
+        if (hp->n_ff_shexp) printf("; shared expert ff %" PRId64, hp->n_ff_shexp);
+        if (hp->n_expert_shared) printf(" (%" PRId64 " shared experts)", hp->n_expert_shared);
         if (hp->n_layer_dense_lead) printf("; %" PRId64 " leading dense layer(s)", hp->n_layer_dense_lead);
         putchar('\n');
         printf("  routing: %s, weights %s, scale %g, groups %" PRId64 " (%" PRId64 " used)\n",
