@@ -82,6 +82,7 @@ struct moe_tok {
     int32_t byte_tok[256]; /* initial symbol / byte-fallback id of each byte, -1 none */
     int32_t bos, eos, eot, eom, pad, unk;
     bool add_bos, add_eos, add_space_prefix, ignore_merges;
+    bool spm_split_ws; /* SPM: no token has U+2581 after another character */
     uint8_t *eog; /* n_vocab flags */
     /* added tokens, for splitting them out of text */
     int32_t *added; /* ids of CONTROL / USER_DEFINED tokens */
@@ -440,6 +441,16 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
             snprintf(buf, sizeof buf, "<0x%02X>", b);
             t->byte_tok[b] = moe_tok_find(t, buf, 6);
         }
+        t->spm_split_ws = true;
+        for (int32_t i = 0; i < n && t->spm_split_ws; i++) {
+            size_t len;
+            const char *x = moe_tok_text(t, i, &len);
+            for (size_t j = 1; j + 3 <= len; j++)
+                if (memcmp(x + j, "\xE2\x96\x81", 3) == 0 && (j < 3 || memcmp(x + j - 3, "\xE2\x96\x81", 3) != 0)) {
+                    t->spm_split_ws = false;
+                    break;
+                }
+        }
     }
 
     int16_t cp_to_byte[324];
@@ -752,33 +763,15 @@ static int bpe_fragment(enc *e, const char *s, size_t len) {
     return MOE_OK;
 }
 
-/* SentencePiece of a text fragment: llama.cpp's / sentencepiece's BPE by
- * score over characters, then byte fallback for characters not in the
- * vocabulary. Every fragment gets the dummy prefix, also one that follows
- * an added token: Mistral's own tokenizer (mistral-common) encodes each
- * message apart, and llama.cpp and HF's legacy Llama tokenizers prefix
- * each text segment between special tokens the same way. */
-static int spm_fragment(enc *e, const char *s, size_t len) {
+/* The score-ordered merge of x[from..to), one stretch of the escaped text. */
+static int spm_chunk(enc *e, const char *x, size_t from, size_t to) {
     const moe_tok *t = e->t;
-    size_t need = len * 3 + 4;
-    if (need > e->buf_cap) {
-        char *b = realloc(e->buf, need);
-        if (!b) return MOE_ENOMEM;
-        e->buf = b, e->buf_cap = need;
-    }
-    size_t m = 0;
-    if (t->add_space_prefix) memcpy(e->buf, "\xE2\x96\x81", 3), m = 3;
-    for (size_t i = 0; i < len; i++) {
-        if (s[i] == ' ') memcpy(e->buf + m, "\xE2\x96\x81", 3), m += 3;
-        else e->buf[m++] = s[i];
-    }
-    const char *x = e->buf;
     /* symbols are characters; sym_prev/next link them, start/len in spans */
     size_t nsym = 0;
-    if (sym_reserve(e, m + 1) != MOE_OK) return MOE_ENOMEM;
+    if (sym_reserve(e, to - from + 1) != MOE_OK) return MOE_ENOMEM;
     e->n_spans = 0;
-    for (size_t i = 0; i < m;) {
-        int k = moe_utf8_next((const unsigned char *)x + i, m - i);
+    for (size_t i = from; i < to;) {
+        int k = moe_utf8_next((const unsigned char *)x + i, to - i);
         size_t cl = k > 0 ? (size_t)k : 1;
         if (span_push(&e->spans, &e->n_spans, &e->cap_spans, i, cl) != MOE_OK) return MOE_ENOMEM;
         i += cl;
@@ -825,6 +818,42 @@ static int spm_fragment(enc *e, const char *s, size_t len) {
         }
     }
     return MOE_OK;
+}
+
+
+/* SentencePiece of a text fragment: llama.cpp's / sentencepiece's BPE by
+ * score over characters, then byte fallback for characters not in the
+ * vocabulary. Every fragment gets the dummy prefix, also one that follows
+ * an added token: Mistral's own tokenizer (mistral-common) encodes each
+ * message apart, and llama.cpp and HF's legacy Llama tokenizers prefix
+ * each text segment between special tokens the same way. */
+static int spm_fragment(enc *e, const char *s, size_t len) {
+    const moe_tok *t = e->t;
+    size_t need = len * 3 + 4;
+    if (need > e->buf_cap) {
+        char *b = realloc(e->buf, need);
+        if (!b) return MOE_ENOMEM;
+        e->buf = b, e->buf_cap = need;
+    }
+    size_t m = 0;
+    if (t->add_space_prefix) memcpy(e->buf, "\xE2\x96\x81", 3), m = 3;
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] == ' ') memcpy(e->buf + m, "\xE2\x96\x81", 3), m += 3;
+        else e->buf[m++] = s[i];
+    }
+    const char *x = e->buf;
+    if (!t->spm_split_ws) return spm_chunk(e, x, 0, m);
+    /* No vocabulary string has U+2581 after another character, so no
+     * merge can join a stretch to a following "▁word": merging each
+     * stretch apart gives the same ids, with small heaps. */
+    size_t from = 0;
+    for (size_t i = 3; i + 3 <= m; i++) {
+        if (memcmp(x + i, "\xE2\x96\x81", 3) != 0 || memcmp(x + i - 3, "\xE2\x96\x81", 3) == 0) continue;
+        int st = spm_chunk(e, x, from, i);
+        if (st != MOE_OK) return st;
+        from = i;
+    }
+    return spm_chunk(e, x, from, m);
 }
 
 static int encode_fragment(enc *e, const char *s, size_t len) {

@@ -325,7 +325,8 @@ static const char *SPM_TOKENS[] = {"<unk>", "<s>", "</s>", "▁", "h", "e", "l",
                                    "▁hello", "lo", "[INST]"};
 static const float SPM_SCORES[] = {0, 0, 0, -10, -20, -20, -20, -20, -1, -2, -3, -4, -5, -0.5f, 0};
 
-static fam spm_fam(void) {
+/* extra: one more NORMAL piece with score 1 (NULL for none) */
+static fam spm_fam(const char *extra) {
     const char *path = "/tmp/moed_check_spm.gguf";
     moe_gguf_writer *w = moe_gguf_writer_new();
     size_t nt = sizeof SPM_TOKENS / sizeof *SPM_TOKENS;
@@ -341,6 +342,7 @@ static fam spm_fam(void) {
     }
     for (size_t i = 3; i < nt; i++) toks[n] = SPM_TOKENS[i], types[n] = 1, scores[n++] = SPM_SCORES[i];
     types[n - 1] = 3; /* [INST] */
+    if (extra) toks[n] = extra, types[n] = 1, scores[n++] = 1;
     ck_assert_int_eq(moe_gguf_writer_set_str(w, "tokenizer.ggml.model", "llama"), 0);
     ck_assert_int_eq(moe_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", toks, n), 0);
     ck_assert_int_eq(moe_gguf_writer_set_arr(w, "tokenizer.ggml.token_type", MOE_GGUF_INT32, types, n), 0);
@@ -361,7 +363,7 @@ static fam spm_fam(void) {
 }
 
 START_TEST(test_spm) {
-    fam f = spm_fam();
+    fam f = spm_fam(NULL);
     moe_tok *t = f.t;
     ck_assert_int_eq(moe_tok_get_kind(t), MOE_TOK_SPM);
     ck_assert(moe_tok_add_bos_default(t));
@@ -400,6 +402,29 @@ START_TEST(test_spm) {
     ck_assert_mem_eq(ids, want4, sizeof want4);
     free(ids);
 #undef ID
+    unload(&f);
+}
+END_TEST
+
+/* Encoding splits the text before each "▁word" only when no piece holds
+ * U+2581 after another character; with such a piece ("lo▁h", the best
+ * score) the merge must still reach across the space. */
+START_TEST(test_spm_cross_space) {
+    fam f = spm_fam("lo\xE2\x96\x81h");
+    int32_t cross = moe_tok_find(f.t, "lo\xE2\x96\x81h", 6);
+    ck_assert_int_ge(cross, 0);
+    int32_t *ids;
+    size_t n;
+    ck_assert_int_eq(moe_tok_encode(f.t, "hello hello", 11, false, false, &ids, &n), 0);
+    bool seen = false;
+    for (size_t i = 0; i < n; i++) seen |= ids[i] == cross;
+    ck_assert_msg(seen, "no merge across the space: %s", ids_str(ids, n));
+    char *out;
+    size_t ol;
+    ck_assert_int_eq(moe_tok_decode(f.t, ids, n, false, &out, &ol), 0);
+    ck_assert_str_eq(out, "hello hello");
+    free(out);
+    free(ids);
     unload(&f);
 }
 END_TEST
@@ -512,6 +537,7 @@ static Suite *tok_suite(void) {
     suite_add_tcase(s, tc);
     tc = tcase_create("spm");
     tcase_add_test(tc, test_spm);
+    tcase_add_test(tc, test_spm_cross_space);
     suite_add_tcase(s, tc);
     tc = tcase_create("bad_metadata");
     tcase_add_test(tc, test_bad_metadata);

@@ -50,8 +50,9 @@ int main(int argc, char **argv) {
     const char *defaults[] = {MOE_SRC_DIR "/tests/fixtures/tokenizer/deepseek2.gguf",
                               MOE_SRC_DIR "/tests/fixtures/tokenizer/deepseek3.gguf",
                               MOE_SRC_DIR "/tests/fixtures/tokenizer/qwen2.gguf",
-                              MOE_SRC_DIR "/tests/fixtures/tokenizer/llama3.gguf"};
-    int nfiles = argc > 1 ? argc - 1 : 4;
+                              MOE_SRC_DIR "/tests/fixtures/tokenizer/llama3.gguf",
+                              MOE_SRC_DIR "/tests/fixtures/tokenizer/mistral.gguf"};
+    int nfiles = argc > 1 ? argc - 1 : (int)(sizeof defaults / sizeof *defaults);
     int rc = 0;
     printf("tokenizer benchmark: %.2f MB of mixed text, one thread\n", (double)n / 1e6);
     for (int i = 0; i < nfiles; i++) {
