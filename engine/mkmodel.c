@@ -492,6 +492,9 @@ static int build_tensors(const moe_mkmodel_cfg *c, tlist *l) {
             continue;
         }
         A(K_ROUTER, "ffn_gate_inp.weight", E, X, 1);
+        /* DeepSeek-V3's selection bias comes with sigmoid gating */
+        if (hp->arch == MOE_ARCH_DEEPSEEK2 && hp->expert_gating_func == MOE_HP_GATING_SIGMOID)
+            A(K_BIAS, "exp_probs_b.bias", X, 1, 1);
         A(K_MAT, "ffn_gate_exps.weight", E, hp->n_ff_exp, X);
         A(K_MAT, "ffn_up_exps.weight", E, hp->n_ff_exp, X);
         A(K_OUTPROJ, "ffn_down_exps.weight", hp->n_ff_exp, E, X);
@@ -616,13 +619,29 @@ static int validate(moe_mkmodel_cfg *c, char *err, size_t errsz) {
         if (hp->arch == MOE_ARCH_DEEPSEEK2) {
             RANGE(hp->n_expert_shared, 0, 64, "shared");
             RANGE(hp->n_layer_dense_lead, 0, hp->n_layer, "dense-lead");
+            RANGE(hp->expert_gating_func, 1, 2, "gating");
+            RANGE(hp->n_expert_group, 1, hp->n_expert, "groups");
+            RANGE(hp->n_group_used, 1, hp->n_expert_group, "groups-used");
+            if (hp->n_expert % hp->n_expert_group) {
+                seterr(err, errsz, "experts %lld is not a multiple of groups %lld", (long long)hp->n_expert,
+                       (long long)hp->n_expert_group);
+                return MOE_EINVAL;
+            }
+            if (!(hp->expert_weights_scale > 0 && hp->expert_weights_scale < 1e3)) {
+                seterr(err, errsz, "routed-scale %g is out of range", hp->expert_weights_scale);
+                return MOE_EINVAL;
+            }
             hp->n_ff_shexp = hp->n_ff_exp * hp->n_expert_shared;
         } else if (hp->arch == MOE_ARCH_QWEN2MOE) {
             RANGE(hp->n_ff_shexp, 1, M, "ff-shexp");
         } else {
             hp->n_ff_shexp = 0;
         }
-        if (hp->arch != MOE_ARCH_DEEPSEEK2) hp->n_layer_dense_lead = 0, hp->n_expert_shared = 0;
+        if (hp->arch != MOE_ARCH_DEEPSEEK2) {
+            /* the loader's fixed routing for these families */
+            hp->n_layer_dense_lead = 0, hp->n_expert_shared = 0, hp->expert_gating_func = MOE_HP_GATING_SOFTMAX;
+            hp->n_expert_group = hp->n_group_used = 1, hp->expert_weights_scale = 1.0;
+        }
     } else {
         hp->n_expert = hp->n_expert_used = hp->n_ff_exp = hp->n_ff_shexp = 0;
         hp->n_expert_shared = hp->n_layer_dense_lead = 0;

@@ -20,7 +20,9 @@ static void usage(FILE *f) {
             "  shape overrides: --layers N --embd N --vocab N --ctx N --heads N --heads-kv N --head-dim N\n"
             "    --ff N (dense FFN width) --experts N --experts-used N --ff-exp N --ff-shexp N (qwen2moe)\n"
             "    --shared N --dense-lead N --q-lora N --kv-lora N --qk-nope N --qk-rope N --v-head N (deepseek2)\n"
-            "    --rope-base X\n");
+            "    --rope-base X\n"
+            "  DeepSeek-V3-style routing (deepseek2): --gating softmax|sigmoid (sigmoid adds exp_probs_b)\n"
+            "    --groups N --groups-used N --norm-topk 0|1 --routed-scale X\n");
 }
 
 static int parse_i64(const char *opt, const char *s, long long *out) {
@@ -81,6 +83,7 @@ int srv_cmd_mkmodel(int argc, char **argv) {
         {"--dense-lead", &hp->n_layer_dense_lead}, {"--q-lora", &hp->q_lora_rank},
         {"--kv-lora", &hp->kv_lora_rank},   {"--qk-nope", &hp->n_embd_head_qk_nope},
         {"--qk-rope", &hp->n_rot},          {"--v-head", &hp->n_embd_head_v},
+        {"--groups", &hp->n_expert_group},  {"--groups-used", &hp->n_group_used},
     };
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -109,6 +112,31 @@ int srv_cmd_mkmodel(int argc, char **argv) {
             hp->rope_freq_base = d;
             continue;
         }
+        if (!strcmp(a, "--gating")) {
+            const char *g = argv[++i];
+            if (!strcmp(g, "softmax")) hp->expert_gating_func = MOE_HP_GATING_SOFTMAX;
+            else if (!strcmp(g, "sigmoid")) hp->expert_gating_func = MOE_HP_GATING_SIGMOID;
+            else {
+                fprintf(stderr, "moed mkmodel: --gating softmax|sigmoid\n");
+                return 2;
+            }
+            continue;
+        }
+        if (!strcmp(a, "--norm-topk")) {
+            if (parse_i64(a, argv[++i], &v) || v > 1) return 2;
+            hp->expert_weights_norm = v == 1;
+            continue;
+        }
+        if (!strcmp(a, "--routed-scale")) {
+            char *end;
+            double d = strtod(argv[++i], &end);
+            if (*end || !(d > 0)) {
+                fprintf(stderr, "moed mkmodel: --routed-scale wants a positive number\n");
+                return 2;
+            }
+            hp->expert_weights_scale = d;
+            continue;
+        }
         if (!strcmp(a, "--head-dim")) {
             if (parse_i64(a, argv[++i], &v)) return 2;
             hp->n_embd_head_k = hp->n_embd_head_v = hp->n_rot = v;
@@ -132,7 +160,9 @@ int srv_cmd_mkmodel(int argc, char **argv) {
     int rc = moe_mkmodel_write(&cfg, out, err, sizeof err);
     if (rc != MOE_OK) {
         fprintf(stderr, "moed mkmodel: %s\n", err[0] ? err : moe_strerror(rc));
-        remove(out);
+        /* an invalid request fails before the file is created: leave any
+         * file of that name alone; otherwise drop the partial output */
+        if (rc != MOE_EINVAL) remove(out);
         return rc == MOE_EINVAL ? 2 : 1;
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);

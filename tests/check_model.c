@@ -4,6 +4,7 @@
  * damaged files (one change each) are refused naming the tensor or key;
  * the vocabulary round-trips text; `moed info` prints the model. */
 #include <check.h>
+#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -63,6 +64,7 @@ static void expected_params(const moe_mkmodel_cfg *c, int64_t *total, int64_t *a
     if (ds) sh = 3 * E * n_ff_exp * h->n_expert_shared;
     if (!strcmp(c->arch, "qwen2moe")) sh = 3 * E * h->n_ff_shexp + E;
     int64_t router = E * h->n_expert;
+    if (ds && h->expert_gating_func == MOE_HP_GATING_SIGMOID) router += h->n_expert; /* exp_probs_b */
     int64_t lead = ds ? h->n_layer_dense_lead : 0;
     int64_t t = 0, a = 0;
     for (int64_t il = 0; il < h->n_layer; il++) {
@@ -120,8 +122,10 @@ static void assert_hparams(const moe_mkmodel_cfg *c, const moe_hparams *h) {
     ck_assert_int_eq(h->n_expert_used, w->n_expert_used);
     ck_assert_int_eq(h->n_ff_exp, w->n_ff_exp);
     if (!strcmp(c->arch, "mixtral")) ck_assert_int_eq(h->n_ff, w->n_ff_exp); /* Mixtral's feed_forward_length */
-    ck_assert_int_eq(h->expert_gating_func, MOE_HP_GATING_SOFTMAX);
-    ck_assert_int_eq(h->expert_weights_norm, !strcmp(c->arch, "mixtral") || !strcmp(c->arch, "qwen3moe"));
+    if (!ds) {
+        ck_assert_int_eq(h->expert_gating_func, MOE_HP_GATING_SOFTMAX);
+        ck_assert_int_eq(h->expert_weights_norm, !strcmp(c->arch, "mixtral") || !strcmp(c->arch, "qwen3moe"));
+    }
     if (!strcmp(c->arch, "qwen2moe")) ck_assert_int_eq(h->n_ff_shexp, w->n_ff_shexp);
     if (ds) {
         ck_assert_int_eq(h->n_expert_shared, w->n_expert_shared);
@@ -132,6 +136,10 @@ static void assert_hparams(const moe_mkmodel_cfg *c, const moe_hparams *h) {
         ck_assert_int_eq(h->kv_lora_rank, w->kv_lora_rank);
         ck_assert_int_eq(h->n_embd_head_qk_nope, w->n_embd_head_qk_nope);
         ck_assert_double_eq_tol(h->expert_weights_scale, w->expert_weights_scale, 1e-6);
+        ck_assert_int_eq(h->expert_gating_func, w->expert_gating_func);
+        ck_assert_int_eq(h->expert_weights_norm, w->expert_weights_norm);
+        ck_assert_int_eq(h->n_expert_group, w->n_expert_group);
+        ck_assert_int_eq(h->n_group_used, w->n_group_used);
         ck_assert_int_eq(h->n_ff, w->n_ff);
     }
 }
@@ -196,7 +204,31 @@ START_TEST(overrides_and_v2lite) {
     ck_assert_int_eq(moe_model_n_params_active(m), active);
     moe_model_free(m);
 
+    /* DeepSeek-V3-style routing: sigmoid + selection bias, groups, renormalised, scaled */
+    ck_assert_int_eq(moe_mkmodel_preset("deepseek2", "tiny", &cfg, err, sizeof err), MOE_OK);
+    cfg.hp.expert_gating_func = MOE_HP_GATING_SIGMOID, cfg.hp.n_expert_group = 4, cfg.hp.n_group_used = 2;
+    cfg.hp.expert_weights_norm = true, cfg.hp.expert_weights_scale = 2.5;
+    tmp_path(path, sizeof path, "v3.gguf");
+    ck_assert_int_eq(moe_mkmodel_write(&cfg, path, err, sizeof err), MOE_OK);
+    m = moe_model_load(path, &st, err, sizeof err);
+    ck_assert_msg(m != NULL, "%s", err);
+    assert_hparams(&cfg, moe_model_hparams(m));
+    const moe_tensor_view *pb = &moe_model_weights_get(m)->layers[1].exp_probs_b;
+    ck_assert_ptr_nonnull(pb->data);
+    ck_assert_int_eq(pb->ne[0], 8);
+    ck_assert_int_eq(pb->type, MOE_TYPE_F32);
+    ck_assert_ptr_null(moe_model_weights_get(m)->layers[0].exp_probs_b.data); /* dense lead layer */
+    expected_params(&cfg, &total, &active);
+    ck_assert_int_eq(moe_model_n_params(m), total);
+    ck_assert_int_eq(moe_model_n_params_active(m), active);
+    moe_model_free(m);
+    cfg.hp.n_expert_group = 3; /* 8 experts do not split into 3 groups */
+    ck_assert_int_eq(moe_mkmodel_write(&cfg, path, err, sizeof err), MOE_EINVAL);
+    ck_assert_msg(strstr(err, "groups") != NULL, "%s", err);
+
     /* inconsistent requests are refused before anything is written */
+    ck_assert_int_eq(moe_mkmodel_preset("deepseek2", "tiny", &cfg, err, sizeof err), MOE_OK);
+    cfg.hp.n_expert = 16;
     cfg.hp.n_expert_used = 17;
     ck_assert_int_eq(moe_mkmodel_write(&cfg, path, err, sizeof err), MOE_EINVAL);
     ck_assert_msg(strstr(err, "experts-used") != NULL, "%s", err);
@@ -584,6 +616,80 @@ START_TEST(info_command) {
 }
 END_TEST
 
+/* The committed reference fixtures were converted from transformers
+ * models: the loader must read back the hyper-parameters of their
+ * hf_config (an independent source: config.json names, not GGUF keys). */
+static int64_t cfg_int(const cJSON *c, const char *const *names, int64_t def) {
+    for (; *names; names++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(c, *names);
+        if (cJSON_IsNumber(v)) return (int64_t)v->valuedouble;
+    }
+    return def;
+}
+
+START_TEST(fixtures_match_hf_config) {
+    static const char *const NAMES[] = {"llama",     "qwen2",        "mixtral",   "qwen2moe",
+                                        "qwen3moe",  "deepseek2",    "deepseek2lite", "deepseek3"};
+    for (size_t i = 0; i < sizeof NAMES / sizeof *NAMES; i++) {
+        char path[512];
+        snprintf(path, sizeof path, MOE_SRC_DIR "/tests/fixtures/models/%s.json", NAMES[i]);
+        FILE *f = fopen(path, "rb");
+        ck_assert_msg(f != NULL, "%s", path);
+        static char buf[1 << 16];
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[n] = 0;
+        cJSON *j = cJSON_Parse(buf);
+        ck_assert_ptr_nonnull(j);
+        const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, "hf_config");
+        ck_assert_ptr_nonnull(c);
+        snprintf(path, sizeof path, MOE_SRC_DIR "/tests/fixtures/models/%s.gguf", NAMES[i]);
+        char err[MOE_ERR_MAX];
+        int st;
+        moe_model *m = moe_model_load(path, &st, err, sizeof err);
+        ck_assert_msg(m != NULL, "%s: %s", NAMES[i], err);
+        const moe_hparams *h = moe_model_hparams(m);
+        bool ds = !strncmp(NAMES[i], "deepseek", 8);
+#define N(...) ((const char *const[]){__VA_ARGS__, NULL})
+        ck_assert_int_eq(h->n_embd, cfg_int(c, N("hidden_size"), -1));
+        ck_assert_int_eq(h->n_layer, cfg_int(c, N("num_hidden_layers"), -1));
+        ck_assert_int_eq(h->n_head, cfg_int(c, N("num_attention_heads"), -1));
+        ck_assert_int_eq(h->n_vocab, cfg_int(c, N("vocab_size"), -1));
+        int64_t n_exp = cfg_int(c, N("num_experts", "num_local_experts", "n_routed_experts"), 0);
+        ck_assert_int_eq(h->n_expert, n_exp);
+        if (n_exp) ck_assert_int_eq(h->n_expert_used, cfg_int(c, N("num_experts_per_tok"), -1));
+        if (!strcmp(NAMES[i], "mixtral")) ck_assert_int_eq(h->n_ff_exp, cfg_int(c, N("intermediate_size"), -1));
+        else if (n_exp) ck_assert_int_eq(h->n_ff_exp, cfg_int(c, N("moe_intermediate_size"), -1));
+        if (!n_exp || ds) ck_assert_int_eq(h->n_ff, cfg_int(c, N("intermediate_size"), -1));
+        if (!strcmp(NAMES[i], "qwen2moe"))
+            ck_assert_int_eq(h->n_ff_shexp, cfg_int(c, N("shared_expert_intermediate_size"), -1));
+        if (!strcmp(NAMES[i], "qwen3moe")) ck_assert_int_eq(h->n_embd_head_k, cfg_int(c, N("head_dim"), -1));
+        if (ds) {
+            ck_assert_int_eq(h->kv_lora_rank, cfg_int(c, N("kv_lora_rank"), -1));
+            ck_assert_int_eq(h->q_lora_rank, cfg_int(c, N("q_lora_rank"), 0));
+            ck_assert_int_eq(h->n_rot, cfg_int(c, N("qk_rope_head_dim"), -1));
+            ck_assert_int_eq(h->n_embd_head_qk_nope, cfg_int(c, N("qk_nope_head_dim"), -1));
+            ck_assert_int_eq(h->n_embd_head_v, cfg_int(c, N("v_head_dim"), -1));
+            ck_assert_int_eq(h->n_layer_dense_lead, cfg_int(c, N("first_k_dense_replace"), -1));
+            ck_assert_int_eq(h->n_expert_shared, cfg_int(c, N("n_shared_experts"), -1));
+            ck_assert_int_eq(h->n_expert_group, cfg_int(c, N("n_group"), 1));
+            ck_assert_int_eq(h->n_group_used, cfg_int(c, N("topk_group"), 1));
+            const cJSON *rs = cJSON_GetObjectItemCaseSensitive(c, "routed_scaling_factor");
+            ck_assert_double_eq_tol(h->expert_weights_scale, rs->valuedouble, 1e-6);
+            ck_assert_int_eq(h->expert_weights_norm, cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "norm_topk_prob")));
+            ck_assert_int_eq(h->expert_gating_func, !strcmp(NAMES[i], "deepseek3") ? MOE_HP_GATING_SIGMOID
+                                                                                     : MOE_HP_GATING_SOFTMAX);
+            ck_assert_int_eq(h->rope_scaling, MOE_ROPE_SCALING_YARN);
+        } else {
+            ck_assert_int_eq(h->n_head_kv, cfg_int(c, N("num_key_value_heads"), -1));
+        }
+#undef N
+        moe_model_free(m);
+        cJSON_Delete(j);
+    }
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("model");
     TCase *tc = tcase_create("mkmodel_roundtrip");
@@ -597,6 +703,9 @@ int main(void) {
     tcase_add_test(tr, damaged_files_refused);
     tcase_add_test(tr, deepseek_split_kv_b);
     suite_add_tcase(s, tr);
+    TCase *tf = tcase_create("fixtures");
+    tcase_add_test(tf, fixtures_match_hf_config);
+    suite_add_tcase(s, tf);
     TCase *tv = tcase_create("vocab");
     tcase_add_checked_fixture(tv, setup, teardown);
     tcase_add_test(tv, vocab_and_template);
