@@ -174,9 +174,12 @@ int moe_utf8_next(const unsigned char *p, size_t n) {
 }
 
 /* Appends src with ill-formed subparts (and, when `final`, a dangling
- * prefix) replaced by U+FFFD; returns bytes consumed from src (less than n
- * only when !final and src ends inside a character). dst must hold 3*n. */
-static size_t utf8_sanitize(const unsigned char *src, size_t n, bool final, char *dst, size_t *dlen) {
+ * prefix) replaced by U+FFFD - one per maximal subpart, or one per byte
+ * when per_byte (what sentencepiece's and HF's byte-fallback decoders
+ * print); returns bytes consumed from src (less than n only when !final
+ * and src ends inside a character). dst must hold 3*n. */
+static size_t utf8_sanitize(const unsigned char *src, size_t n, bool final, bool per_byte, char *dst,
+                            size_t *dlen) {
     size_t i = 0, o = *dlen;
     while (i < n) {
         int k = moe_utf8_next(src + i, n - i);
@@ -186,9 +189,9 @@ static size_t utf8_sanitize(const unsigned char *src, size_t n, bool final, char
         } else if (k == 0 && !final) {
             break;
         } else {
-            memcpy(dst + o, "\xEF\xBF\xBD", 3);
-            o += 3;
-            i += k == 0 ? n - i : (size_t)-k;
+            size_t bad = k == 0 ? n - i : (size_t)-k;
+            for (size_t r = per_byte ? bad : 1; r > 0; r--, o += 3) memcpy(dst + o, "\xEF\xBF\xBD", 3);
+            i += bad;
         }
     }
     *dlen = o;
@@ -897,7 +900,7 @@ int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_sp
         clean = malloc(len * 3 + 1);
         if (!clean) goto out;
         size_t cl = 0;
-        utf8_sanitize((const unsigned char *)text, len, true, clean, &cl);
+        utf8_sanitize((const unsigned char *)text, len, true, false, clean, &cl);
         s = clean, len = cl;
     }
     if (t->kind == MOE_TOK_BPE && !(e.md = pcre2_match_data_create(1, NULL))) goto out;
@@ -956,6 +959,12 @@ struct moe_tok_stream {
     size_t out_cap;
 };
 
+/* SentencePiece's decoder drops the dummy-prefix space of the first piece
+ * it prints, unless that space came from a byte token (<0x20>). */
+static bool spm_strips(const moe_tok *t, int32_t id, const char *piece) {
+    return t->kind == MOE_TOK_SPM && t->add_space_prefix && piece[0] == ' ' && t->types[id] != MOE_TOKTYPE_BYTE;
+}
+
 moe_tok_stream *moe_tok_stream_new(const moe_tok *t, bool render_special) {
     moe_tok_stream *s = calloc(1, sizeof *s);
     if (!s) return NULL;
@@ -992,11 +1001,7 @@ static int stream_add(moe_tok_stream *s, const char *p, size_t n, size_t *olen, 
         src = b;
     }
     if (sn == 0) return MOE_OK;
-    /* only the first byte of the whole decoded sequence can be the dummy
-     * prefix (as in moe_tok_decode), even if that piece was just " " */
-    if (s->t->kind == MOE_TOK_SPM && s->t->add_space_prefix && !s->started && src[0] == ' ') src++, sn--;
-    s->started = true;
-    size_t used = utf8_sanitize(src, sn, final, s->out, olen);
+    size_t used = utf8_sanitize(src, sn, final, s->t->kind == MOE_TOK_SPM, s->out, olen);
     s->n_pend = sn - used;
     memcpy(s->pend, src + used, s->n_pend);
     free(heap);
@@ -1012,6 +1017,10 @@ int moe_tok_stream_feed(moe_tok_stream *s, int32_t id, const char **delta, size_
     size_t pl;
     const char *p = moe_tok_piece(t, id, &pl);
     if (t->types[id] == MOE_TOKTYPE_CONTROL && !s->render_special) pl = 0;
+    if (pl && !s->started) {
+        s->started = true;
+        if (spm_strips(t, id, p)) p++, pl--;
+    }
     int st = stream_add(s, p, pl, &olen, false);
     if (st != MOE_OK) return st;
     if (olen) *delta = s->out;
@@ -1049,17 +1058,20 @@ int moe_tok_decode(const moe_tok *t, const int32_t *ids, size_t n, bool render_s
         return MOE_ENOMEM;
     }
     size_t m = 0;
+    bool started = false;
     for (size_t i = 0; i < n; i++) {
         size_t pl;
         const char *p = moe_tok_piece(t, ids[i], &pl);
         if (t->types[ids[i]] == MOE_TOKTYPE_CONTROL && !render_special) continue;
+        if (pl && !started) {
+            started = true;
+            if (spm_strips(t, ids[i], p)) p++, pl--;
+        }
         memcpy(raw + m, p, pl);
         m += pl;
     }
-    const char *src = raw;
-    if (t->kind == MOE_TOK_SPM && t->add_space_prefix && m && raw[0] == ' ') src++, m--;
     size_t ol = 0;
-    utf8_sanitize((const unsigned char *)src, m, true, res, &ol);
+    utf8_sanitize((const unsigned char *)raw, m, true, t->kind == MOE_TOK_SPM, res, &ol);
     res[ol] = 0;
     free(raw);
     *out = res;

@@ -108,8 +108,11 @@ int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_sp
 /* Concatenates the pieces of ids[0..n) into a malloc'd, NUL-terminated
  * string (*out, length *out_len; caller frees). CONTROL tokens are
  * rendered only when render_special is set. Byte sequences that are not
- * valid UTF-8 become U+FFFD. SPM drops the dummy-prefix space of the first
- * piece. Ids out of range are MOE_EINVAL. */
+ * valid UTF-8 become U+FFFD: one per maximal ill-formed subpart for BPE
+ * (as HF's byte-level decoder), one per byte for SPM (as sentencepiece).
+ * SPM drops the dummy-prefix space of the first printed piece unless a
+ * byte token (<0x20>) made it, as sentencepiece does. Ids out of range
+ * are MOE_EINVAL. */
 int moe_tok_decode(const moe_tok *t, const int32_t *ids, size_t n, bool render_special, char **out,
                    size_t *out_len);
 

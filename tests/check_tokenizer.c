@@ -388,6 +388,27 @@ START_TEST(test_spm) {
     check_stream(t, ids, n, out, ol);
     free(out);
     free(ids);
+    /* sentencepiece's decoder: the first printed piece loses its dummy
+     * space unless a byte token made it; bad bytes are U+FFFD each */
+    int32_t d1[] = {ID("▁"), ID("▁he")}, d2[] = {ID("<0x20>"), ID("▁he")}, d3[] = {1, ID("▁he")},
+            d4[] = {ID("<0xE4>"), ID("<0xBD>"), ID("<0x41>")};
+    const struct {
+        const int32_t *ids;
+        size_t n;
+        const char *plain, *special;
+    } dec[] = {{d1, 2, " he", " he"},
+               {d2, 2, "  he", "  he"},
+               {d3, 2, "he", "<s> he"},
+               {d4, 3, "\xEF\xBF\xBD\xEF\xBF\xBD" "A", "\xEF\xBF\xBD\xEF\xBF\xBD" "A"}};
+    for (size_t k = 0; k < sizeof dec / sizeof *dec; k++) {
+        ck_assert_int_eq(moe_tok_decode(t, dec[k].ids, dec[k].n, false, &out, &ol), 0);
+        ck_assert_str_eq(out, dec[k].plain);
+        free(out);
+        ck_assert_int_eq(moe_tok_decode(t, dec[k].ids, dec[k].n, true, &out, &ol), 0);
+        ck_assert_str_eq(out, dec[k].special);
+        check_stream(t, dec[k].ids, dec[k].n, out, ol);
+        free(out);
+    }
     /* "ll": ll merges (no competing lo) */
     ck_assert_int_eq(moe_tok_encode(t, "ll", 2, false, false, &ids, &n), 0);
     int32_t want3[] = {ID("▁"), ID("ll")};
