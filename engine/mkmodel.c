@@ -3,11 +3,13 @@
 #include "mkmodel.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "gguf.h"
 #include "qblocks.h"
@@ -517,33 +519,74 @@ static uint64_t splitmix(uint64_t *s) {
     return z ^ (z >> 31);
 }
 
+/* Rows [r0, r1) of tensor t, generated and encoded into qbuf (row r at
+ * (r - base) * rs). Each row has its own stream seeded from (tensor seed,
+ * row), so the bytes do not depend on how rows are split over threads. */
+typedef struct gen_job {
+    const tdesc *t;
+    uint64_t tseed;
+    int64_t base, r0, r1;
+    float *fbuf; /* (r1 - r0, ne[0]) scratch of this job */
+    char *qbuf;
+    int rc;
+} gen_job;
+
+static void *gen_rows(void *arg) {
+    gen_job *j = arg;
+    const tdesc *t = j->t;
+    int64_t n0 = t->ne[0];
+    size_t rs = moe_row_size(t->type, n0);
+    const float scale = t->amp * (2.0f / 16777216.0f);
+    for (int64_t row = j->r0; row < j->r1 && !j->rc; row++) {
+        float *f = j->fbuf + (row - j->r0) * n0;
+        if (t->init == I_ONE) {
+            for (int64_t i = 0; i < n0; i++) f[i] = 1.0f;
+        } else {
+            uint64_t s = j->tseed ^ ((uint64_t)row * 0xD1B54A32D192ED03ull);
+            uint64_t x = splitmix(&s) | 1; /* xorshift64* state, never 0 */
+            for (int64_t i = 0; i < n0; i++) {
+                x ^= x >> 12, x ^= x << 25, x ^= x >> 27;
+                uint64_t r = x * 0x2545F4914F6CDD1Dull;
+                f[i] = (float)(int32_t)((r >> 40) - (1u << 23)) * scale; /* uniform in [-amp, amp) */
+            }
+        }
+        j->rc = moe_quantize_row(t->type, f, j->qbuf + (size_t)(row - j->base) * rs, n0);
+    }
+    return NULL;
+}
+
+#define MAX_GEN_THREADS 64
+
 static int write_tensor(moe_gguf_writer *w, const tdesc *t, uint64_t seed, float *fbuf, char *qbuf,
-                        int64_t chunk_elems) {
+                        int64_t chunk_elems, int n_threads) {
     uint64_t h = 0xcbf29ce484222325ull;
     for (const char *p = t->name; *p; p++) h = (h ^ (unsigned char)*p) * 0x100000001b3ull;
     uint64_t s = seed ^ h;
-    uint64_t x = splitmix(&s) | 1; /* xorshift64* state, never 0 */
+    uint64_t tseed = splitmix(&s);
     int64_t n0 = t->ne[0], rows = t->ne[1] * t->ne[2];
     int64_t per = chunk_elems / n0 > 0 ? chunk_elems / n0 : 1;
     size_t rs = moe_row_size(t->type, n0);
-    const float scale = t->amp * (2.0f / 16777216.0f);
     for (int64_t r0 = 0; r0 < rows; r0 += per) {
         int64_t nr = rows - r0 < per ? rows - r0 : per;
-        int64_t ne = nr * n0;
-        if (t->init == I_ONE) {
-            for (int64_t i = 0; i < ne; i++) fbuf[i] = 1.0f;
-        } else {
-            for (int64_t i = 0; i < ne; i++) {
-                x ^= x >> 12, x ^= x << 25, x ^= x >> 27;
-                uint64_t r = x * 0x2545F4914F6CDD1Dull;
-                fbuf[i] = (float)(int32_t)((r >> 40) - (1u << 23)) * scale;
-            }
+        int nt = n_threads;
+        if ((int64_t)nt > nr) nt = (int)nr;
+        if (nr * n0 < ((int64_t)1 << 16)) nt = 1; /* not worth a thread */
+        gen_job jobs[MAX_GEN_THREADS];
+        pthread_t tid[MAX_GEN_THREADS];
+        bool started[MAX_GEN_THREADS] = {false};
+        for (int k = 0; k < nt; k++) {
+            int64_t a = r0 + nr * k / nt, b = r0 + nr * (k + 1) / nt;
+            jobs[k] = (gen_job){t, tseed, r0, a, b, fbuf + (a - r0) * n0, qbuf, 0};
+            if (k > 0) started[k] = pthread_create(&tid[k], NULL, gen_rows, &jobs[k]) == 0;
+            if (k > 0 && !started[k]) gen_rows(&jobs[k]); /* no thread: do it here */
         }
-        for (int64_t r = 0; r < nr; r++) {
-            int rc = moe_quantize_row(t->type, fbuf + r * n0, qbuf + (size_t)r * rs, n0);
-            if (rc) return rc;
+        gen_rows(&jobs[0]);
+        int rc = MOE_OK;
+        for (int k = 0; k < nt; k++) {
+            if (started[k]) pthread_join(tid[k], NULL);
+            if (jobs[k].rc && !rc) rc = jobs[k].rc;
         }
-        int rc = moe_gguf_writer_write_tensor(w, qbuf, (size_t)nr * rs);
+        if (!rc) rc = moe_gguf_writer_write_tensor(w, qbuf, (size_t)nr * rs);
         if (rc) return rc;
     }
     return MOE_OK;
@@ -758,7 +801,7 @@ int moe_mkmodel_write(const moe_mkmodel_cfg *cfg_in, const char *path, char *err
     vocab v;
     tlist tl = {.mtype = cfg.type, .n_layer = cfg.hp.n_layer};
     moe_gguf_writer *w = NULL;
-    const int64_t CHUNK = (int64_t)1 << 20; /* floats per generated chunk */
+    const int64_t CHUNK = (int64_t)1 << 22; /* floats per generated chunk (16 MB) */
     float *fbuf = NULL;
     char *qbuf = NULL;
     rc = build_vocab(&v, ARCHS[arch_index(cfg.arch)].family, cfg.hp.n_vocab);
@@ -778,7 +821,9 @@ int moe_mkmodel_write(const moe_mkmodel_cfg *cfg_in, const char *path, char *err
         if (!fbuf || !qbuf) rc = MOE_ENOMEM;
     }
     if (!rc && (rc = moe_gguf_writer_begin(w, path)) != MOE_OK) seterr(err, errsz, "cannot create '%s'", path);
-    for (size_t i = 0; !rc && i < tl.n; i++) rc = write_tensor(w, &tl.t[i], cfg.seed, fbuf, qbuf, CHUNK);
+    int nt = cfg.n_threads > 0 ? cfg.n_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    nt = nt < 1 ? 1 : nt > MAX_GEN_THREADS ? MAX_GEN_THREADS : nt;
+    for (size_t i = 0; !rc && i < tl.n; i++) rc = write_tensor(w, &tl.t[i], cfg.seed, fbuf, qbuf, CHUNK, nt);
     if (!rc) rc = moe_gguf_writer_finish(w);
     if (rc && err && errsz && !err[0]) seterr(err, errsz, "writing '%s': %s", path, moe_strerror(rc));
     moe_gguf_writer_free(w);

@@ -12,12 +12,14 @@
  *
  * Weights are deterministic in the seed: each tensor's stream is seeded
  * from (seed, tensor name), so changing the layer count leaves the other
- * tensors as they were. Norm weights are 1; matrices are uniform with the
- * variance 1/fan_in, output projections further scaled by 1/sqrt(2 n_layer)
- * so the residual stream stays O(1) through the layers. Tensors are
+ * tensors as they were, and each row from (tensor, row), so the thread
+ * count does not change a byte. Norm weights are 1; matrices are uniform
+ * with the variance 1/fan_in, output projections further scaled by
+ * 1/sqrt(2 n_layer) so the residual stream stays O(1) through the layers. Tensors are
  * streamed row chunk by row chunk: memory stays bounded for any size.
  *
- * Threads: any thread; no shared state.
+ * Threads: any thread; no shared state. moe_mkmodel_write() generates
+ * each chunk of rows on cfg->n_threads threads of its own.
  */
 #ifndef MOE_MKMODEL_H
 #define MOE_MKMODEL_H
@@ -41,6 +43,7 @@ typedef struct moe_mkmodel_cfg {
     moe_hparams hp;    /* hp.n_vocab is the padded vocabulary size */
     int type;          /* moe_type of the matrices: F32, F16, BF16, Q8_0 or Q4_0 */
     uint64_t seed;
+    int n_threads;     /* generator threads; 0 = one per online CPU. The bytes written do not depend on it */
 } moe_mkmodel_cfg;
 
 /* Fills *cfg with preset `preset` ("tiny": a few hundred KB for unit tests;

@@ -21,6 +21,7 @@ static void usage(FILE *f) {
             "    --ff N (dense FFN width) --experts N --experts-used N --ff-exp N --ff-shexp N (qwen2moe)\n"
             "    --shared N --dense-lead N --q-lora N --kv-lora N --qk-nope N --qk-rope N --v-head N (deepseek2)\n"
             "    --rope-base X\n"
+            "  --threads N: generator threads (default: all CPUs; the output does not depend on it)\n"
             "  DeepSeek-V3-style routing (deepseek2): --gating softmax|sigmoid (sigmoid adds exp_probs_b)\n"
             "    --groups N --groups-used N --norm-topk 0|1 --routed-scale X\n");
 }
@@ -100,6 +101,11 @@ int srv_cmd_mkmodel(int argc, char **argv) {
         if (!strcmp(a, "--seed")) {
             if (parse_i64(a, argv[++i], &v)) return 2;
             cfg.seed = (uint64_t)v;
+            continue;
+        }
+        if (!strcmp(a, "--threads")) {
+            if (parse_i64(a, argv[++i], &v)) return 2;
+            cfg.n_threads = (int)(v > 256 ? 256 : v);
             continue;
         }
         if (!strcmp(a, "--rope-base")) {

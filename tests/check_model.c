@@ -546,10 +546,13 @@ START_TEST(deterministic_seed) {
     char err[MOE_ERR_MAX], a[128], b[128], c[128];
     moe_mkmodel_cfg cfg;
     ck_assert_int_eq(moe_mkmodel_preset("qwen3moe", "tiny", &cfg, err, sizeof err), MOE_OK);
+    cfg.hp.n_embd = 256, cfg.hp.n_vocab = 2000, cfg.n_threads = 1; /* big enough to be split over threads */
     tmp_path(a, sizeof a, "a.gguf");
     tmp_path(b, sizeof b, "b.gguf");
     tmp_path(c, sizeof c, "c.gguf");
     ck_assert_int_eq(moe_mkmodel_write(&cfg, a, err, sizeof err), MOE_OK);
+    ck_assert_int_eq(moe_mkmodel_write(&cfg, b, err, sizeof err), MOE_OK);
+    cfg.n_threads = 3; /* rows are seeded by index: the thread count changes nothing */
     ck_assert_int_eq(moe_mkmodel_write(&cfg, b, err, sizeof err), MOE_OK);
     cfg.seed = 2;
     ck_assert_int_eq(moe_mkmodel_write(&cfg, c, err, sizeof err), MOE_OK);
