@@ -104,6 +104,27 @@ def test_mkmodel_readable_by_gguf_py(moed_bin, tmp_path, arch, qtype):
     assert np.all(np.asarray(norm.data) == 1.0)
 
 
+def test_v3_routing_names(moed_bin, tmp_path):
+    """DeepSeek-V3-style routing: exp_probs_b and the group keys are names
+    gguf-py knows for deepseek2."""
+    out = tmp_path / "v3.gguf"
+    subprocess.run([moed_bin, "mkmodel", "--arch", "deepseek2", "--gating", "sigmoid", "--groups", "4",
+                    "--groups-used", "2", "--norm-topk", "1", "--routed-scale", "2.5", "-o", out],
+                   check=True, capture_output=True)
+    r = GGUFReader(out)
+    f = r.fields
+    assert int(f["deepseek2.expert_gating_func"].parts[-1][0]) == 2
+    assert int(f["deepseek2.expert_group_count"].parts[-1][0]) == 4
+    assert int(f["deepseek2.expert_group_used_count"].parts[-1][0]) == 2
+    assert bool(f["deepseek2.expert_weights_norm"].parts[-1][0])
+    assert {k for k in f if k.startswith("deepseek2.")} <= llm_keys("deepseek2")
+    n_layer = int(f["deepseek2.block_count"].parts[-1][0])
+    valid = valid_tensor_names(MODEL_ARCH.DEEPSEEK2, n_layer)
+    names = {t.name for t in r.tensors}
+    assert "blk.1.exp_probs_b.bias" in names
+    assert names <= {n + ".weight" for n in valid} | {n + ".bias" for n in valid}
+
+
 def test_v2lite_vocab_is_exact(moed_bin, tmp_path):
     """v2-lite pads the vocabulary to DeepSeek-V2's exact 102400 tokens
     (written with one layer and a narrow embedding to keep the file small)."""
