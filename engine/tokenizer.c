@@ -1016,7 +1016,18 @@ int moe_tok_stream_feed(moe_tok_stream *s, int32_t id, const char **delta, size_
     *delta_len = 0;
     size_t pl;
     const char *p = moe_tok_piece(t, id, &pl);
-    if (t->types[id] == MOE_TOKTYPE_CONTROL && !s->render_special) pl = 0;
+    if (t->types[id] == MOE_TOKTYPE_CONTROL && !s->render_special) {
+        /* sentencepiece decodes the bytes on either side of an unprinted
+         * control piece apart: an unfinished character ends here */
+        if (t->kind == MOE_TOK_SPM) {
+            int st = stream_add(s, NULL, 0, &olen, true);
+            if (st != MOE_OK) return st;
+            if (olen) *delta = s->out;
+            *delta_len = olen;
+            return MOE_OK;
+        }
+        pl = 0;
+    }
     if (pl && !s->started) {
         s->started = true;
         if (spm_strips(t, id, p)) p++, pl--;
@@ -1057,12 +1068,18 @@ int moe_tok_decode(const moe_tok *t, const int32_t *ids, size_t n, bool render_s
         free(res);
         return MOE_ENOMEM;
     }
-    size_t m = 0;
-    bool started = false;
+    size_t m = 0, seg = 0, ol = 0;
+    bool started = false, spm = t->kind == MOE_TOK_SPM;
     for (size_t i = 0; i < n; i++) {
         size_t pl;
         const char *p = moe_tok_piece(t, ids[i], &pl);
-        if (t->types[ids[i]] == MOE_TOKTYPE_CONTROL && !render_special) continue;
+        if (t->types[ids[i]] == MOE_TOKTYPE_CONTROL && !render_special) {
+            if (spm) { /* as in the stream: bytes do not join across it */
+                utf8_sanitize((const unsigned char *)raw + seg, m - seg, true, spm, res, &ol);
+                seg = m;
+            }
+            continue;
+        }
         if (pl && !started) {
             started = true;
             if (spm_strips(t, ids[i], p)) p++, pl--;
@@ -1070,8 +1087,7 @@ int moe_tok_decode(const moe_tok *t, const int32_t *ids, size_t n, bool render_s
         memcpy(raw + m, p, pl);
         m += pl;
     }
-    size_t ol = 0;
-    utf8_sanitize((const unsigned char *)raw, m, true, t->kind == MOE_TOK_SPM, res, &ol);
+    utf8_sanitize((const unsigned char *)raw + seg, m - seg, true, spm, res, &ol);
     res[ol] = 0;
     free(raw);
     *out = res;

@@ -111,8 +111,9 @@ int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_sp
  * valid UTF-8 become U+FFFD: one per maximal ill-formed subpart for BPE
  * (as HF's byte-level decoder), one per byte for SPM (as sentencepiece).
  * SPM drops the dummy-prefix space of the first printed piece unless a
- * byte token (<0x20>) made it, as sentencepiece does. Ids out of range
- * are MOE_EINVAL. */
+ * byte token (<0x20>) made it, and an unprinted control token still ends
+ * a run of byte tokens, as sentencepiece does. <unk> prints nothing. Ids
+ * out of range are MOE_EINVAL. */
 int moe_tok_decode(const moe_tok *t, const int32_t *ids, size_t n, bool render_special, char **out,
                    size_t *out_len);
 

@@ -83,8 +83,9 @@ static char *ids_str(const int32_t *ids, size_t n) {
 
 /* Streams ids one at a time; checks every delta is whole UTF-8 and that
  * the concatenation equals the one-shot decode. */
-static void check_stream(const moe_tok *t, const int32_t *ids, size_t n, const char *want, size_t want_len) {
-    moe_tok_stream *s = moe_tok_stream_new(t, true);
+static void check_stream_mode(const moe_tok *t, const int32_t *ids, size_t n, bool special, const char *want,
+                              size_t want_len) {
+    moe_tok_stream *s = moe_tok_stream_new(t, special);
     ck_assert_ptr_nonnull(s);
     char *acc = malloc(want_len * 3 + 64);
     size_t al = 0;
@@ -106,6 +107,10 @@ static void check_stream(const moe_tok *t, const int32_t *ids, size_t n, const c
     ck_assert(memcmp(acc, want, al) == 0);
     free(acc);
     moe_tok_stream_free(s);
+}
+
+static void check_stream(const moe_tok *t, const int32_t *ids, size_t n, const char *want, size_t want_len) {
+    check_stream_mode(t, ids, n, true, want, want_len);
 }
 
 static void run_family(const char *name) {
@@ -391,7 +396,7 @@ START_TEST(test_spm) {
     /* sentencepiece's decoder: the first printed piece loses its dummy
      * space unless a byte token made it; bad bytes are U+FFFD each */
     int32_t d1[] = {ID("▁"), ID("▁he")}, d2[] = {ID("<0x20>"), ID("▁he")}, d3[] = {1, ID("▁he")},
-            d4[] = {ID("<0xE4>"), ID("<0xBD>"), ID("<0x41>")};
+            d4[] = {ID("<0xE4>"), ID("<0xBD>"), ID("<0x41>")}, d5[] = {ID("<0xE4>"), 2, ID("<0xBD>"), ID("<0xA0>")};
     const struct {
         const int32_t *ids;
         size_t n;
@@ -399,10 +404,13 @@ START_TEST(test_spm) {
     } dec[] = {{d1, 2, " he", " he"},
                {d2, 2, "  he", "  he"},
                {d3, 2, "he", "<s> he"},
-               {d4, 3, "\xEF\xBF\xBD\xEF\xBF\xBD" "A", "\xEF\xBF\xBD\xEF\xBF\xBD" "A"}};
+               {d4, 3, "\xEF\xBF\xBD\xEF\xBF\xBD" "A", "\xEF\xBF\xBD\xEF\xBF\xBD" "A"},
+               /* an unprinted control piece still ends the byte run (E4 | BD A0) */
+               {d5, 4, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD", "\xEF\xBF\xBD</s>\xEF\xBF\xBD\xEF\xBF\xBD"}};
     for (size_t k = 0; k < sizeof dec / sizeof *dec; k++) {
         ck_assert_int_eq(moe_tok_decode(t, dec[k].ids, dec[k].n, false, &out, &ol), 0);
         ck_assert_str_eq(out, dec[k].plain);
+        check_stream_mode(t, dec[k].ids, dec[k].n, false, out, ol);
         free(out);
         ck_assert_int_eq(moe_tok_decode(t, dec[k].ids, dec[k].n, true, &out, &ol), 0);
         ck_assert_str_eq(out, dec[k].special);
