@@ -50,7 +50,7 @@ moe_chat_family moe_chat_detect(const char *t, size_t n) {
     return MOE_CHAT_AUTO;
 }
 
-static const char *const NAMES[] = {"auto", "chatml", "deepseek2", "deepseek3", "mistral", "llama3"};
+static const char *const NAMES[] = {"auto", "chatml", "deepseek2", "deepseek3", "mistral", "llama3", "mistral-v3"};
 
 const char *moe_chat_family_name(moe_chat_family f) {
     return (unsigned)f < sizeof NAMES / sizeof *NAMES ? NAMES[f] : "unknown";
@@ -62,7 +62,8 @@ int moe_chat_family_parse(const char *name) {
         moe_chat_family f;
     } alias[] = {{"qwen", MOE_CHAT_CHATML},        {"deepseek-v2", MOE_CHAT_DEEPSEEK2},
                  {"deepseek-v3", MOE_CHAT_DEEPSEEK3}, {"deepseek-r1", MOE_CHAT_DEEPSEEK3},
-                 {"mixtral", MOE_CHAT_MISTRAL},    {"llama-3", MOE_CHAT_LLAMA3}};
+                 {"mixtral", MOE_CHAT_MISTRAL},    {"llama-3", MOE_CHAT_LLAMA3},
+                 {"mistral-v1", MOE_CHAT_MISTRAL}, {"mistral-v2", MOE_CHAT_MISTRAL_V3}};
     if (!name) return -1;
     for (size_t i = 0; i < sizeof NAMES / sizeof *NAMES; i++)
         if (strcmp(name, NAMES[i]) == 0) return (int)i;
@@ -143,7 +144,14 @@ int moe_chat_template_from_model(moe_chat_template *ct, const moe_gguf *g, const
     tok_text(t, moe_tok_eos(t), eos, sizeof eos);
     moe_gguf_str s = {0};
     if (moe_gguf_get_str(g, "tokenizer.chat_template", &s) != MOE_OK) s.ptr = NULL, s.len = 0;
-    return moe_chat_template_init(ct, s.ptr, (size_t)s.len, force, bos, eos);
+    int st = moe_chat_template_init(ct, s.ptr, (size_t)s.len, force, bos, eos);
+    /* Mistral's v2+ tokenizers made [INST] a control token and changed the
+     * spacing with it; the template text alone does not tell them apart */
+    int32_t inst = moe_tok_find(t, "[INST]", 6);
+    if (st == MOE_OK && ct->family == MOE_CHAT_MISTRAL && inst >= 0 &&
+        moe_tok_type(t, inst) == MOE_TOKTYPE_CONTROL)
+        ct->family = MOE_CHAT_MISTRAL_V3;
+    return st;
 }
 
 void moe_chat_template_free(moe_chat_template *ct) {
@@ -322,6 +330,38 @@ static void render_mistral(const moe_chat_template *ct, sbuf *b, const moe_chat_
     }
 }
 
+/* mistral-common's v2/v3 instruct format, written so that tokenizing it
+ * with parse_special gives mistral-common's ids: every stretch of text
+ * between control tokens gets its own dummy prefix, which is where
+ * Mistral's encoder puts its spaces. The system prompt goes in front of
+ * the last user message. */
+static void render_mistral_v3(const moe_chat_template *ct, sbuf *b, const moe_chat_msg *m, size_t n) {
+    size_t last_user = n;
+    for (size_t i = 0; i < n; i++)
+        if (is(&m[i], "user")) last_user = i;
+    puts_(b, ct->bos);
+    for (size_t i = 0; i < n; i++) {
+        if (is(&m[i], "user")) {
+            puts_(b, "[INST]");
+            if (i == last_user) {
+                bool any = false;
+                for (size_t j = 0; j < n; j++) {
+                    if (!is(&m[j], "system")) continue;
+                    if (any) puts_(b, "\n\n");
+                    put_content(b, &m[j]);
+                    any = true;
+                }
+                if (any) puts_(b, "\n\n");
+            }
+            put_content(b, &m[i]);
+            puts_(b, "[/INST]");
+        } else if (is(&m[i], "assistant")) {
+            put_content(b, &m[i]);
+            puts_(b, ct->eos);
+        }
+    }
+}
+
 static void render_llama3(const moe_chat_template *ct, sbuf *b, const moe_chat_msg *m, size_t n, bool gen) {
     for (size_t i = 0; i < n; i++) {
         /* (bos_token if first) + '<|start_header_id|>' + role + '<|end_header_id|>\n\n' + content|trim + '<|eot_id|>' */
@@ -357,6 +397,7 @@ int moe_chat_render(const moe_chat_template *ct, const moe_chat_msg *msgs, size_
     case MOE_CHAT_DEEPSEEK2: render_deepseek2(ct, &b, msgs, n, gen); break;
     case MOE_CHAT_DEEPSEEK3: render_deepseek3(ct, &b, msgs, n, gen); break;
     case MOE_CHAT_MISTRAL: render_mistral(ct, &b, msgs, n); break;
+    case MOE_CHAT_MISTRAL_V3: render_mistral_v3(ct, &b, msgs, n); break;
     case MOE_CHAT_LLAMA3: render_llama3(ct, &b, msgs, n, gen); break;
     default:
         render_chatml(ct, &b, msgs, n);

@@ -9,12 +9,16 @@
  *              "<think>\n" generation prompt is recognised too)
  *   CHATML     "<|im_start|>role\n...<|im_end|>\n"  (Qwen, and the fallback)
  *   MISTRAL    "[INST] ... [/INST]...</s>"         (Mistral / Mixtral v0.1)
+ *   MISTRAL_V3 "[INST]...[/INST]...</s>"           (Mixtral-8x22B, Mistral-7B v0.3:
+ *              chosen over MISTRAL when the vocabulary has [INST] as a
+ *              control token; ids as Mistral's mistral-common encodes them)
  *   LLAMA3     "<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>"
  * An unrecognised or missing template falls back to CHATML with a warning
  * on stderr. The output is meant to be tokenized with parse_special set.
  *
  * Deviations where the real template would raise or drop things:
- * MISTRAL folds system messages into the first user turn ("sys\n\nuser");
+ * MISTRAL folds system messages into the first user turn ("sys\n\nuser"),
+ * MISTRAL_V3 into the last one (both as mistral-common does);
  * roles a family has no syntax for (tool in DEEPSEEK2/MISTRAL) are skipped,
  * as the templates do. Assistant tool_calls are not modelled yet.
  *
@@ -42,6 +46,7 @@ typedef enum moe_chat_family {
     MOE_CHAT_DEEPSEEK3,
     MOE_CHAT_MISTRAL,
     MOE_CHAT_LLAMA3,
+    MOE_CHAT_MISTRAL_V3, /* Mistral's v2/v3 tokenizers: [INST] is a control token */
 } moe_chat_family;
 
 /* One {"type":"text","text":...} part of an array content. */
@@ -80,7 +85,8 @@ void moe_chat_template_free(moe_chat_template *ct);
 
 /* moe_chat_template_init() for a loaded model: the template text is g's
  * tokenizer.chat_template (absent -> ChatML with a warning, unless forced),
- * BOS/EOS texts are t's. The rendered prompt already holds BOS where the
+ * BOS/EOS texts are t's; MISTRAL (recognised or forced) becomes MISTRAL_V3
+ * when t has [INST] as a control token. The rendered prompt already holds BOS where the
  * template writes it: tokenize it with parse_special=true, add_bos=false. */
 int moe_chat_template_from_model(moe_chat_template *ct, const moe_gguf *g, const moe_tok *t,
                                  moe_chat_family force);
@@ -88,7 +94,8 @@ int moe_chat_template_from_model(moe_chat_template *ct, const moe_gguf *g, const
 /* Recognition only: MOE_CHAT_AUTO when nothing matches. */
 moe_chat_family moe_chat_detect(const char *tmpl, size_t tmpl_len);
 
-/* "chatml", "deepseek2", "deepseek3", "mistral", "llama3" (and "auto"). */
+/* "chatml", "deepseek2", "deepseek3", "mistral", "llama3", "mistral-v3"
+ * (and "auto"). */
 const char *moe_chat_family_name(moe_chat_family f);
 /* Inverse of moe_chat_family_name (also accepts "qwen", "deepseek-v2",
  * "deepseek-v3", "mixtral", "llama-3"); -1 when unknown. */

@@ -153,6 +153,62 @@ START_TEST(test_detect_gguf) {
 }
 END_TEST
 
+/* Mistral prompts: rendered by moed, tokenized by moed, must be the ids
+ * Mistral's own encoder (mistral-common) produces, for the real v1
+ * (Mixtral-8x7B) and v3 (Mixtral-8x22B) tokenizers. */
+START_TEST(test_mistral_common_ids) {
+    char *js = slurp(FIX "chat/mistral_common.json", NULL);
+    cJSON *root = cJSON_Parse(js);
+    ck_assert_ptr_nonnull(root);
+    int n_cases = 0;
+    cJSON *c;
+    cJSON_ArrayForEach(c, root) {
+        const char *ver = cJSON_GetObjectItem(c, "version")->valuestring;
+        char path[1024], err[256];
+        int st;
+        snprintf(path, sizeof path, FIX "tokenizer/%s.gguf", cJSON_GetObjectItem(c, "gguf")->valuestring);
+        moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
+        ck_assert_msg(g, "%s", err);
+        moe_tok *t = moe_tok_load(g, &st, err, sizeof err);
+        ck_assert_msg(t, "%s", err);
+        moe_chat_template ct;
+        /* v1's GGUF carries the Mixtral template; v3's has none, so force
+         * the Mistral family and let the vocabulary pick the v3 variant */
+        bool v3 = strcmp(ver, "v3") == 0;
+        ck_assert_int_eq(moe_chat_template_from_model(&ct, g, t, v3 ? MOE_CHAT_MISTRAL : MOE_CHAT_AUTO), 0);
+        ck_assert_int_eq(ct.family, v3 ? MOE_CHAT_MISTRAL_V3 : MOE_CHAT_MISTRAL);
+        cJSON *msgs = cJSON_GetObjectItem(c, "messages");
+        size_t n = (size_t)cJSON_GetArraySize(msgs);
+        moe_chat_msg m[16];
+        for (size_t i = 0; i < n; i++) {
+            cJSON *x = cJSON_GetArrayItem(msgs, (int)i);
+            m[i] = (moe_chat_msg){.role = cJSON_GetObjectItem(x, "role")->valuestring,
+                                  .content = cJSON_GetObjectItem(x, "content")->valuestring};
+            m[i].content_len = strlen(m[i].content);
+        }
+        char *out;
+        ck_assert_int_eq(moe_chat_render(&ct, m, n, true, &out, NULL), 0);
+        int32_t *ids;
+        size_t nid;
+        ck_assert_int_eq(moe_tok_encode(t, out, strlen(out), true, false, &ids, &nid), 0);
+        cJSON *want = cJSON_GetObjectItem(c, "ids");
+        bool same = nid == (size_t)cJSON_GetArraySize(want);
+        for (size_t i = 0; same && i < nid; i++) same = ids[i] == cJSON_GetArrayItem(want, (int)i)->valueint;
+        ck_assert_msg(same, "%s/%s: prompt [%s] gives other ids than mistral-common", ver,
+                      cJSON_GetObjectItem(c, "conversation")->valuestring, out);
+        free(ids);
+        free(out);
+        moe_chat_template_free(&ct);
+        moe_tok_free(t);
+        moe_gguf_close(g);
+        n_cases++;
+    }
+    ck_assert_int_ge(n_cases, 8);
+    cJSON_Delete(root);
+    free(js);
+}
+END_TEST
+
 START_TEST(test_fallback_and_force) {
     moe_chat_template ct;
     ck_assert_int_eq(moe_chat_template_init(&ct, "{{ weird }}", 11, MOE_CHAT_AUTO, "<s>", "</s>"), 0);
@@ -189,6 +245,8 @@ START_TEST(test_fallback_and_force) {
     ck_assert_int_eq(moe_chat_family_parse("deepseek-v3"), MOE_CHAT_DEEPSEEK3);
     ck_assert_int_eq(moe_chat_family_parse("llama3"), MOE_CHAT_LLAMA3);
     ck_assert_int_eq(moe_chat_family_parse("nope"), -1);
+    ck_assert_int_eq(moe_chat_family_parse("mistral-v3"), MOE_CHAT_MISTRAL_V3);
+    ck_assert_str_eq(moe_chat_family_name(MOE_CHAT_MISTRAL_V3), "mistral-v3");
 }
 END_TEST
 
@@ -196,6 +254,7 @@ int main(void) {
     Suite *s = suite_create("chat_template");
     TCase *tc = tcase_create("transformers");
     tcase_add_test(tc, test_transformers_cases);
+    tcase_add_test(tc, test_mistral_common_ids);
     suite_add_tcase(s, tc);
     tc = tcase_create("detect");
     tcase_add_test(tc, test_detect_gguf);

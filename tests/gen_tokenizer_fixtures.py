@@ -52,7 +52,8 @@ tests/fixtures/chat/<name>.jinja.
 
 Needs (run from a separate venv, never in CI):
     python3 -m venv /tmp/tokvenv
-    /tmp/tokvenv/bin/pip install tokenizers transformers jinja2 gguf numpy sentencepiece protobuf
+    /tmp/tokvenv/bin/pip install tokenizers transformers jinja2 gguf numpy sentencepiece protobuf \
+        mistral-common==1.3.0 tiktoken
     /tmp/tokvenv/bin/python tests/gen_tokenizer_fixtures.py [family,...|chat]
 """
 from __future__ import annotations
@@ -378,6 +379,32 @@ def gen_chat(infos: dict):
                                   add_generation_prompt=gen, expected=out))
     # content given as an array of text parts renders like the joined string
     (CHAT_OUT / "cases.json").write_text(json.dumps(cases, ensure_ascii=False, indent=1) + "\n")
+    gen_mistral_common()
+
+
+def gen_mistral_common():
+    """Mistral's own encoder (mistral-common) is the reference for the ids of
+    Mistral prompts: tests/fixtures/chat/mistral_common.json holds its ids
+    for the v1 (Mixtral-8x7B) and v3 (Mixtral-8x22B) tokenizers. v1 cases
+    with assistant turns are left out: there moed follows the HF template,
+    which writes "[/INST]answer" where mistral-common encodes "[/INST] answer"."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    out = []
+    for ver, gguf_name, make in (("v1", "mistral", MistralTokenizer.v1), ("v3", "mistral3", MistralTokenizer.v3)):
+        tok = make()
+        for cname, msgs in CONVERSATIONS.items():
+            if any(m["role"] not in kinds for m in msgs) or "think" in cname:
+                continue
+            if ver == "v1" and any(m["role"] == "assistant" for m in msgs):
+                continue
+            req = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in msgs])
+            out.append(dict(version=ver, gguf=gguf_name, conversation=cname, messages=msgs,
+                            ids=tok.encode_chat_completion(req).tokens))
+    (CHAT_OUT / "mistral_common.json").write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n")
 
 
 def main():
