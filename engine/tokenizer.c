@@ -43,17 +43,22 @@ static const pre_def PRE_DEFS[] = {
       "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
       NULL},
      false},
-    {{"qwen2", NULL},
+    /* DeepSeek-Coder (v1): llama.cpp's list; no HF fixture checks it */
+    {{"deepseek-coder", NULL},
+     {"[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[\xE4\xB8\x80-\xE9\xBE\xA5\xE0\xA0\x80-\xE4\xB8\x80\xEA\xB0\x80-\xED\x9F\xBF]+",
+      "\\p{N}", NULL},
+     false},
+    {{"qwen2", "deepseek-r1-qwen", NULL},
      {"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
       "\\s+(?!\\S)|\\s+",
       NULL},
      false},
-    {{"llama-bpe", "llama3", NULL},
+    {{"llama-bpe", "llama3", "llama-v3", NULL},
      {"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
       "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
       NULL},
      true},
-    {{"default", "gpt2", NULL},
+    {{"default", "gpt2", "gpt-2", NULL},
      {"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+", NULL},
      false},
 };
@@ -554,6 +559,9 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     }
 
     if (t->kind == MOE_TOK_BPE && (st = compile_pre(t, err, errsz)) != MOE_OK) goto fail;
+    /* llama.cpp's default for Llama-3 vocabularies that do not say */
+    bool flag;
+    if (t->ignore_merges && moe_gguf_get_bool(g, "tokenizer.ggml.add_bos_token", &flag) != MOE_OK) t->add_bos = true;
     if (status) *status = MOE_OK;
     return t;
 fail:

@@ -546,6 +546,48 @@ START_TEST(test_bad_metadata) {
 }
 END_TEST
 
+/* Other names of the pre-tokenizers pick the intended regexes: with the
+ * tokens 1, 2, 12 and the merge "1 2", "12" stays one token where digits
+ * are pre-tokenized in runs (GPT-2, Llama-3) and splits where they are
+ * isolated (Qwen2, DeepSeek). */
+static const char *pre_name;
+static void b_digits(moe_gguf_writer *w) {
+    static const char *toks[] = {"1", "2", "12", "x"};
+    static const char *merges[] = {"1 2"};
+    moe_gguf_writer_set_str(w, "tokenizer.ggml.model", "gpt2");
+    moe_gguf_writer_set_str(w, "tokenizer.ggml.pre", pre_name);
+    moe_gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", toks, 4);
+    moe_gguf_writer_set_arr_str(w, "tokenizer.ggml.merges", merges, 1);
+}
+
+START_TEST(test_pre_aliases) {
+    static const struct {
+        const char *pre;
+        size_t n_ids; /* of "12" */
+        bool add_bos;
+    } want[] = {{"gpt-2", 1, false},          {"gpt2", 1, false},         {"default", 1, false},
+                {"llama-v3", 1, true},        {"llama3", 1, true},        {"llama-bpe", 1, true},
+                {"deepseek-r1-qwen", 2, false}, {"qwen2", 2, false},      {"deepseek-coder", 2, false},
+                {"deepseek-llm", 2, false},   {"deepseek-v3", 1, false}};
+    for (size_t i = 0; i < sizeof want / sizeof *want; i++) {
+        int st;
+        moe_gguf *g;
+        pre_name = want[i].pre;
+        moe_tok *t = try_load(b_digits, &st, &g);
+        ck_assert_msg(t, "%s: status %d", want[i].pre, st);
+        ck_assert_str_eq(moe_tok_pre_name(t), want[i].pre);
+        int32_t *ids;
+        size_t n;
+        ck_assert_int_eq(moe_tok_encode(t, "12", 2, false, false, &ids, &n), 0);
+        ck_assert_msg(n == want[i].n_ids, "%s: %zu ids", want[i].pre, n);
+        ck_assert_msg(moe_tok_add_bos_default(t) == want[i].add_bos, "%s add_bos", want[i].pre);
+        free(ids);
+        moe_tok_free(t);
+        moe_gguf_close(g);
+    }
+}
+END_TEST
+
 static Suite *tok_suite(void) {
     Suite *s = suite_create("tokenizer");
     TCase *tc = tcase_create("hf_fixtures");
@@ -570,6 +612,7 @@ static Suite *tok_suite(void) {
     suite_add_tcase(s, tc);
     tc = tcase_create("bad_metadata");
     tcase_add_test(tc, test_bad_metadata);
+    tcase_add_test(tc, test_pre_aliases);
     suite_add_tcase(s, tc);
     return s;
 }
