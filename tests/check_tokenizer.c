@@ -7,6 +7,7 @@
  * on PyPI, so it is checked against a hand-computed case.
  */
 #include <check.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -588,6 +589,62 @@ START_TEST(test_pre_aliases) {
 }
 END_TEST
 
+/* One loaded tokenizer shared by several threads (the header's promise):
+ * every thread's ids equal the single-threaded ones. */
+typedef struct mt_job {
+    const moe_tok *t;
+    const char *text;
+    size_t len;
+    const int32_t *want;
+    size_t n_want;
+    int bad;
+} mt_job;
+
+static void *mt_run(void *arg) {
+    mt_job *j = arg;
+    for (int r = 0; r < 20; r++) {
+        int32_t *ids;
+        size_t n;
+        if (moe_tok_encode(j->t, j->text, j->len, true, false, &ids, &n) != 0) {
+            j->bad++;
+            continue;
+        }
+        if (n != j->n_want || memcmp(ids, j->want, n * sizeof *ids) != 0) j->bad++;
+        free(ids);
+    }
+    return NULL;
+}
+
+START_TEST(test_threads) {
+    fam f = load("deepseek3");
+    /* a few KB mixing scripts, digits, whitespace and special tokens */
+    static char text[1 << 14];
+    size_t len = 0;
+    static const char *parts[] = {"Hello, world! ", "你好，世界。", "12345 67 ", "  \n\t", "<｜User｜>hi<｜Assistant｜>",
+                                  "déjà vu 😀 ", "x = f(y) + 3;\n"};
+    for (int i = 0; len + 64 < sizeof text; i++) {
+        const char *p = parts[(i * 7 + i / 3) % 7];
+        memcpy(text + len, p, strlen(p));
+        len += strlen(p);
+    }
+    int32_t *want;
+    size_t nw;
+    ck_assert_int_eq(moe_tok_encode(f.t, text, len, true, false, &want, &nw), 0);
+    pthread_t th[4];
+    mt_job jobs[4];
+    for (int i = 0; i < 4; i++) {
+        jobs[i] = (mt_job){f.t, text, len, want, nw, 0};
+        ck_assert_int_eq(pthread_create(&th[i], NULL, mt_run, &jobs[i]), 0);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_int_eq(jobs[i].bad, 0);
+    }
+    free(want);
+    unload(&f);
+}
+END_TEST
+
 static Suite *tok_suite(void) {
     Suite *s = suite_create("tokenizer");
     TCase *tc = tcase_create("hf_fixtures");
@@ -601,6 +658,7 @@ static Suite *tok_suite(void) {
     suite_add_tcase(s, tc);
     tc = tcase_create("specials");
     tcase_add_test(tc, test_specials);
+    tcase_add_test(tc, test_threads);
     suite_add_tcase(s, tc);
     tc = tcase_create("stream");
     tcase_add_test(tc, test_stream_invalid);
