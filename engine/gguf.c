@@ -12,6 +12,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <float.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -862,9 +864,12 @@ int moe_gguf_get_f32(const moe_gguf *g, const char *key, float *out) {
     int rc = moe_gguf_get_f64(g, key, &x);
     if (rc)
         return rc;
-    float f = (float)x;
-    if ((double)f != x && x == x) /* NaN converts losslessly enough */
+    /* Converters write some hyper-parameters as FLOAT64; round those to
+     * the nearest float (what llama.cpp's f32 keys hold anyway), but refuse
+     * a finite value the float range cannot hold. */
+    if (isfinite(x) && fabs(x) > FLT_MAX)
         return MOE_EINVAL;
+    float f = (float)x;
     *out = f;
     return MOE_OK;
 }

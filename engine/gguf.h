@@ -129,8 +129,10 @@ const moe_gguf_tensor *moe_gguf_tensor_at(const moe_gguf *g, uint64_t i);
 const moe_gguf_tensor *moe_gguf_find_tensor(const moe_gguf *g, const char *name);
 
 /* Typed getters. Each returns MOE_OK and sets *out; MOE_ENOTFOUND when the
- * key is absent; MOE_EINVAL when its type cannot be converted losslessly
- * (any integer type to u64/i64 when in range; FLOAT32/64 to double). */
+ * key is absent; MOE_EINVAL when its type cannot be converted (any integer
+ * type to u64/i64/u32 when in range; FLOAT32/64 and integers of magnitude
+ * <= 2^53 to double; get_f32 rounds a double to the nearest float and
+ * refuses only finite values beyond the float range). */
 int moe_gguf_get_u64(const moe_gguf *g, const char *key, uint64_t *out);
 int moe_gguf_get_i64(const moe_gguf *g, const char *key, int64_t *out);
 int moe_gguf_get_u32(const moe_gguf *g, const char *key, uint32_t *out);
@@ -162,7 +164,10 @@ moe_gguf_writer *moe_gguf_writer_new(void);
 void moe_gguf_writer_free(moe_gguf_writer *w);
 
 /* Metadata setters copy their arguments. Setting an existing key replaces
- * its value. Return MOE_OK, MOE_EINVAL (bad type/arguments) or MOE_ENOMEM.
+ * its value. Return MOE_OK, MOE_EINVAL (bad type/arguments, or a value the
+ * reader would refuse: nesting deeper than the reader's limit, counts or
+ * lengths out of range), MOE_ENOMEM, or MOE_ESTATE once
+ * moe_gguf_writer_begin() has been called (every setter and add_tensor).
  * Setting "general.alignment" (u32, a power of two) changes the alignment
  * used for tensor data. */
 int moe_gguf_writer_set_u8(moe_gguf_writer *w, const char *key, uint8_t v);
