@@ -1,0 +1,480 @@
+/* config.c - options of `moed serve` (see config.h). One table drives the
+ * file keys, the flags, the environment names and --help, so the four can
+ * never disagree. */
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "status.h"
+
+extern char **environ;
+
+typedef enum { OPT_STR, OPT_INT, OPT_DBL, OPT_BOOL, OPT_LIST, OPT_FMT, OPT_LEVEL } opt_type;
+
+typedef struct {
+    const char *key;
+    char short_flag; /* 0 = none */
+    opt_type type;
+    size_t off;      /* offsetof in srv_config */
+    size_t count_off;/* OPT_LIST: offset of the size_t count */
+    double min, max; /* OPT_INT / OPT_DBL range */
+    const char *def; /* default, as shown by --help */
+    const char *help;
+} opt_desc;
+
+#define OFF(f) offsetof(srv_config, f)
+
+static const opt_desc opts[] = {
+    {"model", 'm', OPT_STR, OFF(model), 0, 0, 0, "(required)", "GGUF model file to serve"},
+    {"host", 0, OPT_STR, OFF(host), 0, 0, 0, "127.0.0.1", "address to listen on (0.0.0.0 = all)"},
+    {"port", 'p', OPT_INT, OFF(port), 0, 0, 65535, "8080", "TCP port (0 = any free port)"},
+    {"served_model_name", 0, OPT_STR, OFF(served_model_name), 0, 0, 0, "file name", "model id reported and accepted by the API"},
+    {"api_key", 0, OPT_LIST, OFF(api_keys), OFF(n_api_keys), 0, 0, "none", "accepted Bearer keys, comma-separated (none = open)"},
+    {"threads", 't', OPT_INT, OFF(threads), 0, 0, 4096, "0", "CPU engine threads (0 = all cores)"},
+    {"ctx_size", 'c', OPT_INT, OFF(ctx_size), 0, 0, 1 << 24, "0", "positions per sequence (0 = model's, capped at 8192)"},
+    {"max_seqs", 0, OPT_INT, OFF(max_seqs), 0, 0, 4096, "0", "max concurrently running sequences (0 = 32)"},
+    {"kv_cache_mb", 0, OPT_INT, OFF(kv_cache_mb), 0, 0, 1 << 30, "0", "KV cache size in MiB (0 = 1024)"},
+    {"kv_blocks", 0, OPT_INT, OFF(kv_blocks), 0, 0, 1 << 30, "0", "KV cache blocks, overrides kv_cache_mb (0 = from kv_cache_mb)"},
+    {"step_tokens", 0, OPT_INT, OFF(step_tokens), 0, 0, 1 << 20, "0", "token budget per engine step (0 = 512)"},
+    {"queue_limit", 0, OPT_INT, OFF(queue_limit), 0, 0, 1 << 24, "0", "waiting requests before 429 (0 = 256)"},
+    {"max_body", 0, OPT_INT, OFF(max_body), 0, 1024, 1LL << 32, "4194304", "largest request body in bytes (413 above)"},
+    {"max_json_depth", 0, OPT_INT, OFF(max_json_depth), 0, 4, 1000, "64", "deepest JSON nesting accepted (400 above)"},
+    {"request_timeout", 0, OPT_DBL, OFF(request_timeout), 0, 0, 1e7, "600", "seconds a request may run before it is cancelled (0 = none)"},
+    {"idle_timeout", 0, OPT_DBL, OFF(idle_timeout), 0, 1, 1e6, "60", "seconds a connection may stay idle or stop reading"},
+    {"drain_timeout", 0, OPT_DBL, OFF(drain_timeout), 0, 0, 1e6, "30", "seconds in-flight requests get to finish after SIGTERM"},
+    {"heartbeat_timeout", 0, OPT_DBL, OFF(heartbeat_timeout), 0, 0.1, 1e6, "30", "/health fails when the engine loop is older than this"},
+    {"cors_origins", 0, OPT_LIST, OFF(cors_origins), OFF(n_cors_origins), 0, 0, "none", "allowed CORS origins, comma-separated (* = any)"},
+    {"log_format", 0, OPT_FMT, OFF(log_format), 0, 0, 0, "text", "log line format: text or json"},
+    {"log_level", 0, OPT_LEVEL, OFF(log_level), 0, 0, 0, "info", "error, warn, info or debug"},
+    {"log_prompts", 0, OPT_BOOL, OFF(log_prompts), 0, 0, 0, "false", "log prompt text (debug level)"},
+    {"device", 0, OPT_STR, OFF(device), 0, 0, 0, "auto", "engine device: auto, cpu or cuda"},
+    {"chat_template", 0, OPT_STR, OFF(chat_template), 0, 0, 0, "from model", "chat format override: chatml, deepseek2, deepseek3, mistral, mistral-v3, llama3"},
+};
+#define N_OPTS (sizeof(opts) / sizeof(opts[0]))
+
+static void errf(char *err, size_t errsz, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void errf(char *err, size_t errsz, const char *fmt, ...) {
+    if (!err || !errsz) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errsz, fmt, ap);
+    va_end(ap);
+}
+
+static void free_list(char ***list, size_t *n) {
+    for (size_t i = 0; i < *n; i++) free((*list)[i]);
+    free(*list);
+    *list = NULL;
+    *n = 0;
+}
+
+void srv_config_init(srv_config *c) {
+    memset(c, 0, sizeof *c);
+    c->host = strdup("127.0.0.1");
+    c->port = 8080;
+    c->max_body = 4 << 20;
+    c->max_json_depth = 64;
+    c->request_timeout = 600;
+    c->idle_timeout = 60;
+    c->drain_timeout = 30;
+    c->heartbeat_timeout = 30;
+    c->log_format = SRV_LOG_TEXT;
+    c->log_level = SRV_LOG_INFO;
+    c->device = strdup("auto");
+}
+
+void srv_config_free(srv_config *c) {
+    for (size_t i = 0; i < N_OPTS; i++) {
+        char *base = (char *)c;
+        if (opts[i].type == OPT_STR) {
+            char **p = (char **)(base + opts[i].off);
+            free(*p);
+            *p = NULL;
+        } else if (opts[i].type == OPT_LIST) {
+            free_list((char ***)(base + opts[i].off), (size_t *)(base + opts[i].count_off));
+        }
+    }
+    free(c->config_path);
+    c->config_path = NULL;
+}
+
+const char *srv_log_level_name(srv_log_level l) {
+    static const char *names[] = {"error", "warn", "info", "debug"};
+    return (unsigned)l < 4 ? names[l] : "?";
+}
+
+static const opt_desc *find_opt(const char *key, size_t len) {
+    for (size_t i = 0; i < N_OPTS; i++)
+        if (strlen(opts[i].key) == len && !strncmp(opts[i].key, key, len)) return &opts[i];
+    return NULL;
+}
+
+static char *trim(char *s) {
+    while (isspace((unsigned char)*s)) s++;
+    size_t n = strlen(s);
+    while (n && isspace((unsigned char)s[n - 1])) s[--n] = 0;
+    return s;
+}
+
+static int parse_bool(const char *v, bool *out) {
+    static const char *yes[] = {"1", "true", "yes", "on"}, *no[] = {"0", "false", "no", "off"};
+    for (int i = 0; i < 4; i++) {
+        if (!strcasecmp(v, yes[i])) return *out = true, 0;
+        if (!strcasecmp(v, no[i])) return *out = false, 0;
+    }
+    return -1;
+}
+
+static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *err, size_t errsz) {
+    char *base = (char *)c;
+    switch (o->type) {
+    case OPT_STR: {
+        char *dup = strdup(value);
+        if (!dup) return MOE_ENOMEM;
+        char **p = (char **)(base + o->off);
+        free(*p);
+        /* An empty value resets optional strings (served_model_name = ). */
+        if (!*dup) {
+            free(dup);
+            dup = NULL;
+            if (!strcmp(o->key, "host")) dup = strdup("127.0.0.1");
+            else if (!strcmp(o->key, "device")) dup = strdup("auto");
+        }
+        *p = dup;
+        return 0;
+    }
+    case OPT_INT: {
+        char *end;
+        errno = 0;
+        long long x = strtoll(value, &end, 10);
+        while (isspace((unsigned char)*end)) end++;
+        if (end == value || *end || errno) {
+            errf(err, errsz, "%s: '%s' is not an integer", o->key, value);
+            return MOE_EINVAL;
+        }
+        if ((double)x < o->min || (double)x > o->max) {
+            errf(err, errsz, "%s: %lld is out of range [%.0f, %.0f]", o->key, x, o->min, o->max);
+            return MOE_ERANGE;
+        }
+        *(int64_t *)(base + o->off) = x;
+        return 0;
+    }
+    case OPT_DBL: {
+        char *end;
+        errno = 0;
+        double x = strtod(value, &end);
+        while (isspace((unsigned char)*end)) end++;
+        if (end == value || *end || errno || !isfinite(x)) {
+            errf(err, errsz, "%s: '%s' is not a number", o->key, value);
+            return MOE_EINVAL;
+        }
+        if (x < o->min || x > o->max) {
+            errf(err, errsz, "%s: %g is out of range [%g, %g]", o->key, x, o->min, o->max);
+            return MOE_ERANGE;
+        }
+        *(double *)(base + o->off) = x;
+        return 0;
+    }
+    case OPT_BOOL: {
+        bool b;
+        if (parse_bool(value, &b)) {
+            errf(err, errsz, "%s: '%s' is not a boolean (true/false)", o->key, value);
+            return MOE_EINVAL;
+        }
+        *(bool *)(base + o->off) = b;
+        return 0;
+    }
+    case OPT_LIST: {
+        char ***list = (char ***)(base + o->off);
+        size_t *n = (size_t *)(base + o->count_off);
+        free_list(list, n);
+        char *copy = strdup(value);
+        if (!copy) return MOE_ENOMEM;
+        size_t cap = 1;
+        for (const char *p = value; *p; p++) cap += *p == ',';
+        char **v = calloc(cap, sizeof *v);
+        if (!v) {
+            free(copy);
+            return MOE_ENOMEM;
+        }
+        size_t k = 0;
+        char *save = NULL;
+        for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+            char *t = trim(tok);
+            if (!*t) continue;
+            if (!(v[k] = strdup(t))) {
+                free(copy);
+                free_list(&v, &k);
+                return MOE_ENOMEM;
+            }
+            k++;
+        }
+        free(copy);
+        if (!k) {
+            free(v);
+            v = NULL;
+        }
+        *list = v;
+        *n = k;
+        return 0;
+    }
+    case OPT_FMT:
+        if (!strcasecmp(value, "text")) c->log_format = SRV_LOG_TEXT;
+        else if (!strcasecmp(value, "json")) c->log_format = SRV_LOG_JSON;
+        else {
+            errf(err, errsz, "%s: '%s' is not text or json", o->key, value);
+            return MOE_EINVAL;
+        }
+        return 0;
+    case OPT_LEVEL:
+        for (int l = 0; l < 4; l++)
+            if (!strcasecmp(value, srv_log_level_name((srv_log_level)l))) {
+                c->log_level = (srv_log_level)l;
+                return 0;
+            }
+        if (!strcasecmp(value, "warning")) {
+            c->log_level = SRV_LOG_WARN;
+            return 0;
+        }
+        errf(err, errsz, "%s: '%s' is not error, warn, info or debug", o->key, value);
+        return MOE_EINVAL;
+    }
+    return MOE_EINVAL;
+}
+
+int srv_config_set(srv_config *c, const char *key, const char *value, char *err, size_t errsz) {
+    const opt_desc *o = find_opt(key, strlen(key));
+    if (!o) {
+        errf(err, errsz, "unknown option '%s'", key);
+        return MOE_ENOTFOUND;
+    }
+    return set_opt(c, o, value, err, errsz);
+}
+
+int srv_config_load_file(srv_config *c, const char *path, char *err, size_t errsz) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        errf(err, errsz, "%s: %s", path, strerror(errno));
+        return MOE_EIO;
+    }
+    char line[8192], sub[MOE_ERR_MAX];
+    int lineno = 0, rc = 0;
+    while (fgets(line, sizeof line, f)) {
+        lineno++;
+        if (!strchr(line, '\n') && !feof(f)) {
+            errf(err, errsz, "%s:%d: line too long", path, lineno);
+            rc = MOE_EINVAL;
+            break;
+        }
+        /* A '#' starts a comment unless it is inside a quoted value. */
+        bool q = false;
+        for (char *p = line; *p; p++) {
+            if (*p == '"') q = !q;
+            else if (*p == '#' && !q) {
+                *p = 0;
+                break;
+            }
+        }
+        char *s = trim(line);
+        if (!*s) continue;
+        char *eq = strchr(s, '=');
+        if (!eq) {
+            errf(err, errsz, "%s:%d: expected 'key = value'", path, lineno);
+            rc = MOE_EINVAL;
+            break;
+        }
+        *eq = 0;
+        char *key = trim(s), *val = trim(eq + 1);
+        size_t vl = strlen(val);
+        if (vl >= 2 && val[0] == '"' && val[vl - 1] == '"') {
+            val[vl - 1] = 0;
+            val++;
+        }
+        for (char *p = key; *p; p++)
+            if (*p == '-') *p = '_';
+        int st = srv_config_set(c, key, val, sub, sizeof sub);
+        if (st) {
+            errf(err, errsz, "%s:%d: %s", path, lineno, sub);
+            rc = st;
+            break;
+        }
+    }
+    if (!rc && ferror(f)) {
+        errf(err, errsz, "%s: read error", path);
+        rc = MOE_EIO;
+    }
+    fclose(f);
+    if (!rc) {
+        free(c->config_path);
+        c->config_path = strdup(path);
+    }
+    return rc;
+}
+
+/* "MOED_CTX_SIZE" -> the option ctx_size, or NULL. */
+static const opt_desc *env_opt(const char *name, size_t len) {
+    if (len <= 5 || strncmp(name, "MOED_", 5)) return NULL;
+    char key[64];
+    if (len - 5 >= sizeof key) return NULL;
+    for (size_t i = 5; i < len; i++) key[i - 5] = (char)tolower((unsigned char)name[i]);
+    return find_opt(key, len - 5);
+}
+
+int srv_config_load_env(srv_config *c, char *const *envp, char *err, size_t errsz) {
+    if (!envp) envp = environ;
+    char sub[MOE_ERR_MAX];
+    for (char *const *e = envp; e && *e; e++) {
+        const char *eq = strchr(*e, '=');
+        if (!eq) continue;
+        const opt_desc *o = env_opt(*e, (size_t)(eq - *e));
+        if (!o) continue;
+        int st = set_opt(c, o, eq + 1, sub, sizeof sub);
+        if (st) {
+            errf(err, errsz, "environment %.*s: %s", (int)(eq - *e), *e, sub);
+            return st;
+        }
+    }
+    return 0;
+}
+
+static const char *env_get(char *const *envp, const char *name) {
+    if (!envp) envp = environ;
+    size_t n = strlen(name);
+    for (char *const *e = envp; e && *e; e++)
+        if (!strncmp(*e, name, n) && (*e)[n] == '=') return *e + n + 1;
+    return NULL;
+}
+
+/* Resolves argv[i] to an option and its value; advances *i past a
+ * separate value argument. Returns 0, 1 for --config (value in *val),
+ * 2 for --help, 3 for a positional, or MOE_EINVAL. */
+static int cli_opt(int argc, char **argv, int *i, const opt_desc **o, const char **val, char *err, size_t errsz) {
+    const char *a = argv[*i];
+    *o = NULL;
+    *val = NULL;
+    if (!strcmp(a, "-h") || !strcmp(a, "--help")) return 2;
+    if (a[0] != '-' || !a[1]) {
+        *val = a;
+        return 3;
+    }
+    char name[64];
+    const char *inl = NULL;
+    if (a[1] != '-') {
+        if (a[2]) {
+            errf(err, errsz, "unknown option '%s'", a);
+            return MOE_EINVAL;
+        }
+        for (size_t k = 0; k < N_OPTS; k++)
+            if (opts[k].short_flag == a[1]) *o = &opts[k];
+        if (!*o) {
+            errf(err, errsz, "unknown option '%s'", a);
+            return MOE_EINVAL;
+        }
+    } else {
+        const char *body = a + 2;
+        inl = strchr(body, '=');
+        size_t len = inl ? (size_t)(inl - body) : strlen(body);
+        if (len >= sizeof name) len = sizeof name - 1;
+        for (size_t k = 0; k < len; k++) name[k] = body[k] == '-' ? '_' : body[k];
+        name[len] = 0;
+        if (inl) inl++;
+        if (!strcmp(name, "config")) {
+            if (!inl) {
+                if (*i + 1 >= argc) {
+                    errf(err, errsz, "option '--config' needs a value");
+                    return MOE_EINVAL;
+                }
+                inl = argv[++*i];
+            }
+            *val = inl;
+            return 1;
+        }
+        *o = find_opt(name, strlen(name));
+        if (!*o) {
+            errf(err, errsz, "unknown option '%s'", a);
+            return MOE_EINVAL;
+        }
+    }
+    if (inl) *val = inl;
+    else if ((*o)->type == OPT_BOOL) *val = "true"; /* --log-prompts alone turns it on */
+    else {
+        if (*i + 1 >= argc) {
+            errf(err, errsz, "option '%s' needs a value", a);
+            return MOE_EINVAL;
+        }
+        *val = argv[++*i];
+    }
+    return 0;
+}
+
+int srv_config_from_args(srv_config *c, int argc, char **argv, char *const *envp, char *err, size_t errsz) {
+    const char *config = env_get(envp, "MOED_CONFIG");
+    const char *positional = NULL;
+    /* Pass 1: --help, --config and syntax; nothing is applied yet. */
+    for (int i = 1; i < argc; i++) {
+        const opt_desc *o;
+        const char *v;
+        int r = cli_opt(argc, argv, &i, &o, &v, err, errsz);
+        if (r < 0) return r;
+        if (r == 2) return 1;
+        if (r == 1) config = v;
+        if (r == 3) {
+            if (positional) {
+                errf(err, errsz, "unexpected argument '%s'", v);
+                return MOE_EINVAL;
+            }
+            positional = v;
+        }
+    }
+    int st;
+    if (config && *config && (st = srv_config_load_file(c, config, err, errsz))) return st;
+    if ((st = srv_config_load_env(c, envp, err, errsz))) return st;
+    if (positional && (st = srv_config_set(c, "model", positional, err, errsz))) return st;
+    char sub[MOE_ERR_MAX];
+    for (int i = 1; i < argc; i++) {
+        const opt_desc *o;
+        const char *v;
+        int r = cli_opt(argc, argv, &i, &o, &v, err, errsz);
+        if (r != 0) continue;
+        if ((st = set_opt(c, o, v, sub, sizeof sub))) {
+            errf(err, errsz, "%s", sub);
+            return st;
+        }
+    }
+    return 0;
+}
+
+void srv_config_usage(FILE *f) {
+    fprintf(f, "usage: moed serve [-m] MODEL.gguf [OPTIONS]\n\n"
+               "Serves the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models,\n"
+               "/health, /metrics, /tokenize, /detokenize).\n\n"
+               "Every option is also a MOED_<KEY> environment variable and a `key = value` line\n"
+               "of the config file; precedence: flag > environment > file > default.\n\n"
+               "      --config FILE (MOED_CONFIG)  read options from FILE\n");
+    for (size_t i = 0; i < N_OPTS; i++) {
+        char flag[64], env[64];
+        size_t k;
+        for (k = 0; opts[i].key[k] && k < 40; k++) {
+            flag[k] = opts[i].key[k] == '_' ? '-' : opts[i].key[k];
+            env[k] = (char)toupper((unsigned char)opts[i].key[k]);
+        }
+        flag[k] = env[k] = 0;
+        const char *arg = opts[i].type == OPT_BOOL   ? ""
+                          : opts[i].type == OPT_INT  ? " N"
+                          : opts[i].type == OPT_DBL  ? " SEC"
+                          : opts[i].type == OPT_LIST ? " A,B"
+                                                     : " VALUE";
+        char lhs[96];
+        if (opts[i].short_flag) snprintf(lhs, sizeof lhs, "  -%c, --%s%s", opts[i].short_flag, flag, arg);
+        else snprintf(lhs, sizeof lhs, "      --%s%s", flag, arg);
+        fprintf(f, "%-34s %s (default: %s)\n%-34s [key %s, env MOED_%s]\n", lhs, opts[i].help, opts[i].def, "",
+                opts[i].key, env);
+    }
+    fprintf(f, "  -h, --help                       this help\n");
+}

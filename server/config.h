@@ -1,0 +1,90 @@
+/* config.h - `moed serve` options from flags, MOED_* variables and a file.
+ *
+ * Every option has one key (the file key, e.g. "ctx_size"), one flag
+ * ("--ctx-size", dashes for underscores) and one environment variable
+ * ("MOED_CTX_SIZE"). Precedence: flag > environment > file > default;
+ * srv_config_from_args applies them in the reverse order so that each
+ * later source overwrites the earlier ones. The file is `key = value`
+ * lines; '#' starts a comment; blank lines are ignored; values may be
+ * quoted with "..." (to keep a '#' or spaces at the ends).
+ *
+ * Lists (api_key, cors_origins) are comma-separated. Durations are in
+ * seconds (fractions allowed). Sizes are plain integers.
+ *
+ * Threads: not thread-safe; build the config on the main thread, then
+ * treat it as read-only.
+ */
+#ifndef SRV_CONFIG_H
+#define SRV_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+typedef enum srv_log_format { SRV_LOG_TEXT = 0, SRV_LOG_JSON = 1 } srv_log_format;
+typedef enum srv_log_level { SRV_LOG_ERROR = 0, SRV_LOG_WARN = 1, SRV_LOG_INFO = 2, SRV_LOG_DEBUG = 3 } srv_log_level;
+
+typedef struct srv_config {
+    char *host;               /* listen address; default "127.0.0.1" */
+    int64_t port;             /* default 8080; 0 = any free port (printed) */
+    char *model;              /* GGUF path; required */
+    char *served_model_name;  /* the id /v1/models reports; NULL = the file name without .gguf */
+    char **api_keys;          /* (n_api_keys) accepted Bearer tokens; none = open */
+    size_t n_api_keys;
+    int64_t threads;          /* CPU engine threads; 0 = all cores */
+    int64_t ctx_size;         /* positions per sequence; 0 = model's, capped at 8192 */
+    int64_t max_seqs;         /* max running sequences; 0 = engine default (32) */
+    int64_t kv_cache_mb;      /* KV cache MiB; 0 = engine default (1024) */
+    int64_t kv_blocks;        /* KV cache blocks (overrides kv_cache_mb); 0 = from kv_cache_mb */
+    int64_t step_tokens;      /* token budget per engine step; 0 = engine default (512) */
+    int64_t queue_limit;      /* waiting requests before 429; 0 = engine default (256) */
+    int64_t max_body;         /* largest request body in bytes (413 above); default 4 MiB */
+    int64_t max_json_depth;   /* deepest JSON nesting accepted; default 64 */
+    double request_timeout;   /* seconds a request may run before it is cancelled; 0 = none; default 600 */
+    double idle_timeout;      /* seconds a connection may stay idle / not read; default 60 */
+    double drain_timeout;     /* seconds in-flight requests get after SIGTERM; default 30 */
+    double heartbeat_timeout; /* /health is 503 when the engine loop is older than this; default 30 */
+    char **cors_origins;      /* (n_cors_origins) allowed Origins; "*" = any; none = no CORS headers */
+    size_t n_cors_origins;
+    srv_log_format log_format;
+    srv_log_level log_level;
+    bool log_prompts;         /* include prompt text in debug request logs */
+    char *device;             /* "auto", "cpu", "cuda"; default "auto" */
+    char *chat_template;      /* family override ("chatml", "deepseek3", ...); NULL = from the model */
+    char *config_path;        /* the file that was read, or NULL */
+} srv_config;
+
+/* Fills c with the defaults. srv_config_free releases it. */
+void srv_config_init(srv_config *c);
+void srv_config_free(srv_config *c);
+
+/* Sets one option by file key ("ctx_size"); value is parsed and checked.
+ * Returns 0, MOE_ENOTFOUND (unknown key), MOE_EINVAL or MOE_ERANGE, with
+ * a message naming the key in err. */
+int srv_config_set(srv_config *c, const char *key, const char *value, char *err, size_t errsz);
+
+/* Reads a `key = value` file. Errors name the file and line: MOE_EIO when
+ * it cannot be read, else as srv_config_set. */
+int srv_config_load_file(srv_config *c, const char *path, char *err, size_t errsz);
+
+/* Applies MOED_<KEY> variables found in envp (NULL-terminated "K=V"
+ * strings; NULL means the process environment). MOED_CONFIG is not an
+ * option here (srv_config_from_args reads it). Unknown MOED_* variables
+ * are ignored. Errors as srv_config_set, naming the variable. */
+int srv_config_load_env(srv_config *c, char *const *envp, char *err, size_t errsz);
+
+/* The whole precedence chain for `moed serve ARGS`: defaults, then the
+ * file named by --config or MOED_CONFIG, then the environment, then the
+ * flags. argv[0] is the subcommand name and is skipped. A lone positional
+ * argument is the model path. Returns 0, 1 when --help was given (nothing
+ * else is checked), or a negative status with a message in err (usage
+ * errors are MOE_EINVAL). c must have been initialised. */
+int srv_config_from_args(srv_config *c, int argc, char **argv, char *const *envp, char *err, size_t errsz);
+
+/* Prints the flag list (key, flag, variable, default, meaning). */
+void srv_config_usage(FILE *f);
+
+const char *srv_log_level_name(srv_log_level l);
+
+#endif

@@ -1,0 +1,264 @@
+/* check_config.c - `moed serve` options: defaults, file syntax, the
+ * environment, flags, and the precedence flag > env > file > default. */
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "status.h"
+
+static char tmpfile_path[64];
+
+static const char *write_conf(const char *text) {
+    strcpy(tmpfile_path, "/tmp/check_config_XXXXXX");
+    int fd = mkstemp(tmpfile_path);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+    close(fd);
+    return tmpfile_path;
+}
+
+START_TEST(test_defaults) {
+    srv_config c;
+    srv_config_init(&c);
+    ck_assert_str_eq(c.host, "127.0.0.1");
+    ck_assert_int_eq(c.port, 8080);
+    ck_assert_ptr_null(c.model);
+    ck_assert_int_eq(c.n_api_keys, 0);
+    ck_assert_int_eq(c.log_format, SRV_LOG_TEXT);
+    ck_assert_int_eq(c.log_level, SRV_LOG_INFO);
+    ck_assert(!c.log_prompts);
+    ck_assert_double_eq(c.drain_timeout, 30);
+    ck_assert_int_eq(c.max_body, 4 << 20);
+    ck_assert_str_eq(c.device, "auto");
+    srv_config_free(&c);
+}
+END_TEST
+
+START_TEST(test_file) {
+    const char *p = write_conf("# comment line\n"
+                               "\n"
+                               "model = /models/a.gguf   # trailing comment\n"
+                               "port=9000\n"
+                               "  api-key = k1, k2 ,,k3\n"
+                               "served_model_name = \"my # model\"\n"
+                               "log_format = json\n"
+                               "log_prompts = yes\n"
+                               "drain_timeout = 2.5\n"
+                               "cors_origins = *\n");
+    srv_config c;
+    srv_config_init(&c);
+    char err[256] = "";
+    ck_assert_int_eq(srv_config_load_file(&c, p, err, sizeof err), 0);
+    ck_assert_str_eq(c.model, "/models/a.gguf");
+    ck_assert_int_eq(c.port, 9000);
+    ck_assert_int_eq(c.n_api_keys, 3);
+    ck_assert_str_eq(c.api_keys[0], "k1");
+    ck_assert_str_eq(c.api_keys[1], "k2");
+    ck_assert_str_eq(c.api_keys[2], "k3");
+    ck_assert_str_eq(c.served_model_name, "my # model");
+    ck_assert_int_eq(c.log_format, SRV_LOG_JSON);
+    ck_assert(c.log_prompts);
+    ck_assert_double_eq(c.drain_timeout, 2.5);
+    ck_assert_int_eq(c.n_cors_origins, 1);
+    ck_assert_str_eq(c.cors_origins[0], "*");
+    srv_config_free(&c);
+    unlink(p);
+}
+END_TEST
+
+START_TEST(test_file_errors) {
+    struct {
+        const char *text;
+        int status;
+        const char *needle;
+    } cases[] = {
+        {"port = 80x\n", MOE_EINVAL, ":1: port"},
+        {"\n\nport = 70000\n", MOE_ERANGE, ":3: port"},
+        {"bogus = 1\n", MOE_ENOTFOUND, "bogus"},
+        {"just words\n", MOE_EINVAL, "key = value"},
+        {"log_format = xml\n", MOE_EINVAL, "log_format"},
+        {"log_level = loud\n", MOE_EINVAL, "log_level"},
+        {"log_prompts = maybe\n", MOE_EINVAL, "log_prompts"},
+        {"drain_timeout = -1\n", MOE_ERANGE, "drain_timeout"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const char *p = write_conf(cases[i].text);
+        srv_config c;
+        srv_config_init(&c);
+        char err[256] = "";
+        ck_assert_int_eq(srv_config_load_file(&c, p, err, sizeof err), cases[i].status);
+        ck_assert_msg(strstr(err, cases[i].needle), "case %zu: '%s'", i, err);
+        srv_config_free(&c);
+        unlink(p);
+    }
+    srv_config c;
+    srv_config_init(&c);
+    char err[256];
+    ck_assert_int_eq(srv_config_load_file(&c, "/nonexistent/moed.conf", err, sizeof err), MOE_EIO);
+    srv_config_free(&c);
+}
+END_TEST
+
+START_TEST(test_env) {
+    char *env[] = {"MOED_PORT=7000", "MOED_LOG_LEVEL=debug", "MOED_UNKNOWN_THING=1", "PATH=/bin",
+                   "MOED_API_KEY=secret", NULL};
+    srv_config c;
+    srv_config_init(&c);
+    char err[256];
+    ck_assert_int_eq(srv_config_load_env(&c, env, err, sizeof err), 0);
+    ck_assert_int_eq(c.port, 7000);
+    ck_assert_int_eq(c.log_level, SRV_LOG_DEBUG);
+    ck_assert_int_eq(c.n_api_keys, 1);
+    ck_assert_str_eq(c.api_keys[0], "secret");
+    char *bad[] = {"MOED_THREADS=many", NULL};
+    ck_assert_int_eq(srv_config_load_env(&c, bad, err, sizeof err), MOE_EINVAL);
+    ck_assert_msg(strstr(err, "MOED_THREADS"), "%s", err);
+    srv_config_free(&c);
+}
+END_TEST
+
+/* One key set in all four places: the flag wins; without the flag the
+ * environment; without both the file; without all three the default. */
+START_TEST(test_precedence) {
+    const char *p = write_conf("port = 1111\nthreads = 3\nhost = 10.0.0.1\nmodel = file.gguf\n");
+    char path[64];
+    strcpy(path, p);
+    char envc[128];
+    snprintf(envc, sizeof envc, "MOED_CONFIG=%s", path);
+    char *env[] = {envc, "MOED_PORT=2222", "MOED_THREADS=4", NULL};
+    char err[256] = "";
+
+    srv_config c;
+    srv_config_init(&c);
+    char *argv1[] = {"serve", "--port", "3333", NULL};
+    ck_assert_int_eq(srv_config_from_args(&c, 3, argv1, env, err, sizeof err), 0);
+    ck_assert_int_eq(c.port, 3333);           /* flag */
+    ck_assert_int_eq(c.threads, 4);           /* env over file */
+    ck_assert_str_eq(c.host, "10.0.0.1");     /* file over default */
+    ck_assert_int_eq(c.ctx_size, 0);          /* default */
+    ck_assert_str_eq(c.model, "file.gguf");
+    ck_assert_str_eq(c.config_path, path);
+    srv_config_free(&c);
+
+    /* --config on the command line beats MOED_CONFIG; a positional is the model;
+     * --key=value and short flags work. */
+    const char *p2 = write_conf("port = 5555\nctx_size = 512\n");
+    char path2[64];
+    strcpy(path2, p2);
+    srv_config_init(&c);
+    char *argv2[] = {"serve", "--config", path2, "pos.gguf", "-t", "7", "--log-format=json", "--log-prompts", NULL};
+    ck_assert_int_eq(srv_config_from_args(&c, 8, argv2, env, err, sizeof err), 0);
+    ck_assert_int_eq(c.port, 2222); /* env over the file */
+    ck_assert_int_eq(c.ctx_size, 512);
+    ck_assert_int_eq(c.threads, 7);
+    ck_assert_str_eq(c.model, "pos.gguf");
+    ck_assert_int_eq(c.log_format, SRV_LOG_JSON);
+    ck_assert(c.log_prompts);
+    srv_config_free(&c);
+
+    /* -m beats the positional, which beats the file. */
+    srv_config_init(&c);
+    char *argv3[] = {"serve", "pos.gguf", "-m", "flag.gguf", NULL};
+    ck_assert_int_eq(srv_config_from_args(&c, 4, argv3, env, err, sizeof err), 0);
+    ck_assert_str_eq(c.model, "flag.gguf");
+    srv_config_free(&c);
+    unlink(path);
+    unlink(path2);
+}
+END_TEST
+
+START_TEST(test_args_errors) {
+    char *env[] = {NULL};
+    char err[256];
+    srv_config c;
+    struct {
+        int argc;
+        char *argv[4];
+        int rc;
+        const char *needle;
+    } cases[] = {
+        {2, {"serve", "--nope"}, MOE_EINVAL, "--nope"},
+        {2, {"serve", "--port"}, MOE_EINVAL, "needs a value"},
+        {3, {"serve", "--port", "-5"}, MOE_ERANGE, "port"},
+        {3, {"serve", "a.gguf", "b.gguf"}, MOE_EINVAL, "b.gguf"},
+        {3, {"serve", "--config", "/nonexistent"}, MOE_EIO, "/nonexistent"},
+        {3, {"serve", "--bogus", "--help"}, MOE_EINVAL, "--bogus"},
+        {3, {"serve", "--port", "x", "--help"}, 1, ""},
+    };
+    cases[6].argc = 4;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        srv_config_init(&c);
+        err[0] = 0;
+        ck_assert_int_eq(srv_config_from_args(&c, cases[i].argc, cases[i].argv, env, err, sizeof err), cases[i].rc);
+        ck_assert_msg(strstr(err, cases[i].needle), "case %zu: '%s'", i, err);
+        srv_config_free(&c);
+    }
+}
+END_TEST
+
+START_TEST(test_usage_lists_every_key) {
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    srv_config_usage(f);
+    fclose(f);
+    /* every key of the example config file appears in --help */
+    char path[512];
+    snprintf(path, sizeof path, "%s/config/moed.conf", MOE_SRC_DIR);
+    FILE *conf = fopen(path, "r");
+    ck_assert_ptr_nonnull(conf);
+    char line[512];
+    int keys = 0;
+    srv_config c;
+    srv_config_init(&c);
+    while (fgets(line, sizeof line, conf)) {
+        char key[64];
+        /* documented keys appear as "#key = value" or "key = value" */
+        if (sscanf(line, "#%63[a-z_] =", key) == 1 || sscanf(line, "%63[a-z_] =", key) == 1) {
+            char needle[80];
+            snprintf(needle, sizeof needle, "[key %s,", key);
+            ck_assert_msg(strstr(buf, needle), "%s missing from --help", key);
+            char err[256];
+            ck_assert_int_ne(srv_config_set(&c, key, "", err, sizeof err), MOE_ENOTFOUND);
+            keys++;
+        }
+    }
+    fclose(conf);
+    srv_config_free(&c);
+    ck_assert_int_ge(keys, 24);
+    free(buf);
+}
+END_TEST
+
+static Suite *config_suite(void) {
+    Suite *s = suite_create("config");
+    TCase *tc = tcase_create("defaults");
+    tcase_add_test(tc, test_defaults);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("file");
+    tcase_add_test(tc, test_file);
+    tcase_add_test(tc, test_file_errors);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("env");
+    tcase_add_test(tc, test_env);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("precedence");
+    tcase_add_test(tc, test_precedence);
+    tcase_add_test(tc, test_args_errors);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("usage");
+    tcase_add_test(tc, test_usage_lists_every_key);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void) {
+    SRunner *sr = srunner_create(config_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
