@@ -158,14 +158,36 @@ bench: $(BIN) $(TOOL_BIN)
 
 install: $(BIN)
 	install -Dm755 $(BIN) $(DESTDIR)$(PREFIX)/bin/moed
-	install -Dm644 deploy/moed.service $(DESTDIR)$(PREFIX)/lib/systemd/system/moed.service
+	install -d $(DESTDIR)$(PREFIX)/lib/systemd/system
+	sed 's|^ExecStart=/usr/local/bin/moed |ExecStart=$(PREFIX)/bin/moed |' deploy/moed.service \
+		> $(DESTDIR)$(PREFIX)/lib/systemd/system/moed.service
+	chmod 644 $(DESTDIR)$(PREFIX)/lib/systemd/system/moed.service
 	install -Dm644 config/moed.conf $(DESTDIR)$(PREFIX)/share/moed/moed.conf.example
+	install -Dm644 deploy/moed.env $(DESTDIR)$(PREFIX)/share/moed/moed.env.example
 	install -Dm644 docs/moed.1 $(DESTDIR)$(PREFIX)/share/man/man1/moed.1
+	install -d $(DESTDIR)$(PREFIX)/share/doc/moed
+	install -m644 README.md docs/*.md docs/openapi.yaml $(DESTDIR)$(PREFIX)/share/doc/moed/
+	@# /etc/moed is the unit's fixed place; an existing config is the admin's, never overwritten.
+	install -d -m755 $(DESTDIR)/etc/moed
+	@[ -e $(DESTDIR)/etc/moed/moed.conf ] && echo "keeping $(DESTDIR)/etc/moed/moed.conf" || \
+		install -m644 config/moed.conf $(DESTDIR)/etc/moed/moed.conf
+	@# moed.env may hold an API key: readable by root only (systemd reads it before dropping to the service user).
+	@[ -e $(DESTDIR)/etc/moed/moed.env ] && echo "keeping $(DESTDIR)/etc/moed/moed.env" || \
+		install -m600 deploy/moed.env $(DESTDIR)/etc/moed/moed.env
+	@[ -n "$(DESTDIR)" ] || echo "now: systemctl daemon-reload; set model in /etc/moed/moed.conf; systemctl enable --now moed"
 
 uninstall:
+	@# Config files are removed only while they equal what install put there; edited ones stay.
+	@for f in moed.conf moed.env; do \
+		if cmp -s $(DESTDIR)/etc/moed/$$f $(DESTDIR)$(PREFIX)/share/moed/$$f.example; then \
+			rm -f $(DESTDIR)/etc/moed/$$f; \
+		elif [ -e $(DESTDIR)/etc/moed/$$f ]; then echo "keeping edited $(DESTDIR)/etc/moed/$$f"; fi; \
+	done
 	rm -f $(DESTDIR)$(PREFIX)/bin/moed $(DESTDIR)$(PREFIX)/lib/systemd/system/moed.service \
-		$(DESTDIR)$(PREFIX)/share/moed/moed.conf.example $(DESTDIR)$(PREFIX)/share/man/man1/moed.1
-	-rmdir $(DESTDIR)$(PREFIX)/share/moed 2>/dev/null
+		$(DESTDIR)$(PREFIX)/share/moed/moed.conf.example $(DESTDIR)$(PREFIX)/share/moed/moed.env.example \
+		$(DESTDIR)$(PREFIX)/share/man/man1/moed.1
+	rm -rf $(DESTDIR)$(PREFIX)/share/doc/moed
+	rmdir $(DESTDIR)$(PREFIX)/share/moed $(DESTDIR)/etc/moed 2>/dev/null || true
 
 clean:
 	rm -rf build build-asan
