@@ -11,7 +11,7 @@ struct moe_kv_cache {
     float **v; /* (n_layer) or NULL entries */
     int32_t *free_stack; /* (n_blocks) */
     int64_t n_free;
-    uint8_t *in_use; /* (n_blocks) */
+    int32_t *ref; /* (n_blocks) holders of each block; 0 = free */
 };
 
 moe_kv_cache *moe_kv_create(const moe_backend *be, const moe_kv_opts *o, int *status) {
@@ -33,8 +33,8 @@ moe_kv_cache *moe_kv_create(const moe_backend *be, const moe_kv_opts *o, int *st
     kv->k = calloc((size_t)o->n_layer, sizeof(float *));
     kv->v = calloc((size_t)o->n_layer, sizeof(float *));
     kv->free_stack = malloc((size_t)o->n_blocks * sizeof(int32_t));
-    kv->in_use = calloc((size_t)o->n_blocks, 1);
-    if (!kv->k || !kv->v || !kv->free_stack || !kv->in_use) goto fail;
+    kv->ref = calloc((size_t)o->n_blocks, sizeof(int32_t));
+    if (!kv->k || !kv->v || !kv->free_stack || !kv->ref) goto fail;
     for (int64_t il = 0; il < o->n_layer; il++) {
         kv->k[il] = be->ops->alloc(be->ctx, (size_t)slots * (size_t)o->k_width * sizeof(float));
         if (!kv->k[il]) goto fail;
@@ -63,7 +63,7 @@ void moe_kv_destroy(moe_kv_cache *kv) {
     free(kv->k);
     free(kv->v);
     free(kv->free_stack);
-    free(kv->in_use);
+    free(kv->ref);
     free(kv);
 }
 
@@ -84,7 +84,7 @@ int moe_kv_alloc(moe_kv_cache *kv, int64_t n, int32_t *out) {
     if (n > kv->n_free) return MOE_EFULL;
     for (int64_t i = 0; i < n; i++) {
         int32_t b = kv->free_stack[--kv->n_free];
-        kv->in_use[b] = 1;
+        kv->ref[b] = 1;
         out[i] = b;
     }
     return MOE_OK;
@@ -94,15 +94,26 @@ int moe_kv_free(moe_kv_cache *kv, const int32_t *blocks, int64_t n) {
     if (!kv || n < 0 || (n && !blocks)) return MOE_EINVAL;
     /* validate everything first so a bad list frees nothing */
     for (int64_t i = 0; i < n; i++) {
-        if (blocks[i] < 0 || blocks[i] >= kv->o.n_blocks || !kv->in_use[blocks[i]]) return MOE_EINVAL;
+        if (blocks[i] < 0 || blocks[i] >= kv->o.n_blocks || !kv->ref[blocks[i]]) return MOE_EINVAL;
         for (int64_t j = 0; j < i; j++)
             if (blocks[j] == blocks[i]) return MOE_EINVAL;
     }
-    for (int64_t i = 0; i < n; i++) {
-        kv->in_use[blocks[i]] = 0;
-        kv->free_stack[kv->n_free++] = blocks[i];
-    }
+    for (int64_t i = 0; i < n; i++)
+        if (--kv->ref[blocks[i]] == 0) kv->free_stack[kv->n_free++] = blocks[i];
     return MOE_OK;
+}
+
+int moe_kv_ref(moe_kv_cache *kv, const int32_t *blocks, int64_t n) {
+    if (!kv || n < 0 || (n && !blocks)) return MOE_EINVAL;
+    for (int64_t i = 0; i < n; i++)
+        if (blocks[i] < 0 || blocks[i] >= kv->o.n_blocks || !kv->ref[blocks[i]] || kv->ref[blocks[i]] == INT32_MAX)
+            return MOE_EINVAL;
+    for (int64_t i = 0; i < n; i++) kv->ref[blocks[i]]++;
+    return MOE_OK;
+}
+
+int32_t moe_kv_refcount(const moe_kv_cache *kv, int32_t block) {
+    return kv && block >= 0 && block < kv->o.n_blocks ? kv->ref[block] : 0;
 }
 
 int moe_kv_seq_reserve(moe_kv_cache *kv, moe_kv_seq *s, int64_t n_pos) {
@@ -121,6 +132,23 @@ int moe_kv_seq_reserve(moe_kv_cache *kv, moe_kv_seq *s, int64_t n_pos) {
     int rc = moe_kv_alloc(kv, need - s->n_blocks, s->blocks + s->n_blocks);
     if (rc) return rc;
     s->n_blocks = need;
+    return MOE_OK;
+}
+
+int moe_kv_seq_share(moe_kv_cache *kv, moe_kv_seq *dst, const moe_kv_seq *src, int64_t n_blocks) {
+    if (!kv || !dst || !src || dst->n_blocks || n_blocks < 0 || n_blocks > src->n_blocks) return MOE_EINVAL;
+    if (n_blocks > dst->cap) {
+        int64_t cap = dst->cap ? dst->cap : 4;
+        while (cap < n_blocks) cap *= 2;
+        int32_t *nb = realloc(dst->blocks, (size_t)cap * sizeof(int32_t));
+        if (!nb) return MOE_ENOMEM;
+        dst->blocks = nb;
+        dst->cap = cap;
+    }
+    int rc = moe_kv_ref(kv, src->blocks, n_blocks);
+    if (rc) return rc;
+    if (n_blocks) memcpy(dst->blocks, src->blocks, (size_t)n_blocks * sizeof(int32_t));
+    dst->n_blocks = n_blocks;
     return MOE_OK;
 }
 

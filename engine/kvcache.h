@@ -6,8 +6,12 @@
  * lists b as its j-th block. A slot is k_width floats of K and v_width of
  * V (GQA: n_kv_head * head_dim each; MLA: kv_lora + rope dims of latent
  * and v_width 0, nothing expanded). Storage is backend memory; the block
- * allocator is host-side bookkeeping (a free stack + an in-use map, so a
- * double free is caught instead of corrupting the free list).
+ * allocator is host-side bookkeeping (a free stack + a reference count per
+ * block, so a double free is caught instead of corrupting the free list).
+ * Blocks may be shared read-only between sequences (the full blocks of a
+ * prompt that n > 1 choices continue): each holder takes a reference and
+ * a block returns to the pool when its last holder frees it. Whoever
+ * shares a block must not write to it again.
  *
  * Threads: engine thread only (no locking).
  */
@@ -49,9 +53,15 @@ int64_t moe_kv_n_free(const moe_kv_cache *kv);
 /* Takes n blocks, all or nothing: writes their ids to out[n]. Returns
  * MOE_OK, MOE_EFULL (fewer than n free; nothing taken) or MOE_EINVAL. */
 int moe_kv_alloc(moe_kv_cache *kv, int64_t n, int32_t *out);
-/* Returns blocks to the pool. Returns MOE_EINVAL (and frees none) when an
- * id is out of range or not currently allocated (double free). */
+/* Drops one reference to each block; a block whose last reference goes
+ * returns to the pool. Returns MOE_EINVAL (and frees none) when an id is
+ * out of range, not currently allocated (double free) or listed twice. */
 int moe_kv_free(moe_kv_cache *kv, const int32_t *blocks, int64_t n);
+/* Takes one more reference to each (allocated) block. Returns MOE_OK or
+ * MOE_EINVAL (an id out of range or free; nothing changed). */
+int moe_kv_ref(moe_kv_cache *kv, const int32_t *blocks, int64_t n);
+/* Holders of `block` (0 when free or out of range). */
+int32_t moe_kv_refcount(const moe_kv_cache *kv, int32_t block);
 
 /* A sequence's block table. Zero-initialize; grows with reserve, returns
  * every block with release. */
@@ -64,7 +74,12 @@ typedef struct moe_kv_seq {
 /* Makes the table cover positions 0 .. n_pos-1, taking blocks as needed.
  * Returns MOE_OK, MOE_EFULL (nothing changed) or MOE_ENOMEM. */
 int moe_kv_seq_reserve(moe_kv_cache *kv, moe_kv_seq *s, int64_t n_pos);
-/* Frees all of the sequence's blocks and its table; s is zeroed. */
+/* Makes the empty table dst start with src's first n_blocks blocks,
+ * taking a reference to each (prefix sharing). Returns MOE_OK, MOE_EINVAL
+ * (dst not empty, n_blocks > src's) or MOE_ENOMEM (nothing changed). */
+int moe_kv_seq_share(moe_kv_cache *kv, moe_kv_seq *dst, const moe_kv_seq *src, int64_t n_blocks);
+/* Drops the sequence's reference to each of its blocks and frees its
+ * table; s is zeroed. */
 void moe_kv_seq_release(moe_kv_cache *kv, moe_kv_seq *s);
 
 #ifdef __cplusplus

@@ -1,0 +1,319 @@
+/* sampler.c - logits processing and the draw; see sampler.h. */
+#include "sampler.h"
+
+#include <math.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+void moe_rng_seed(moe_rng *r, uint64_t seed) {
+    uint64_t x = seed;
+    for (int i = 0; i < 4; i++) r->s[i] = splitmix64(&x);
+}
+
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+uint64_t moe_rng_next(moe_rng *r) {
+    uint64_t *s = r->s;
+    uint64_t res = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return res;
+}
+
+double moe_rng_uniform(moe_rng *r) { return (double)(moe_rng_next(r) >> 11) * 0x1.0p-53; }
+
+uint64_t moe_rng_os_seed(void) {
+    uint64_t v = 0;
+    if (getrandom(&v, sizeof v, GRND_NONBLOCK) == (ssize_t)sizeof v) return v;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t x = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    return splitmix64(&x);
+}
+
+struct moe_sampler {
+    int64_t n;
+    float *l;        /* (n) working logits */
+    int32_t *idx;    /* (n) candidate ids; a best-first sorted prefix grows in place */
+    int32_t *cnt;    /* (n) generated-token counts; all zero between calls */
+    uint8_t *mark;   /* (n) repetition-penalty applied; all zero between calls */
+    int32_t *touch;  /* (n) ids whose cnt/mark must be cleared */
+};
+
+moe_sampler *moe_sampler_new(int64_t n_vocab) {
+    if (n_vocab <= 0 || n_vocab > INT32_MAX) return NULL;
+    moe_sampler *sm = calloc(1, sizeof(*sm));
+    if (!sm) return NULL;
+    size_t n = (size_t)n_vocab;
+    sm->n = n_vocab;
+    sm->l = malloc(n * sizeof(float));
+    sm->idx = malloc(n * sizeof(int32_t));
+    sm->cnt = calloc(n, sizeof(int32_t));
+    sm->mark = calloc(n, 1);
+    sm->touch = malloc(n * sizeof(int32_t));
+    if (!sm->l || !sm->idx || !sm->cnt || !sm->mark || !sm->touch) {
+        moe_sampler_free(sm);
+        return NULL;
+    }
+    return sm;
+}
+
+void moe_sampler_free(moe_sampler *sm) {
+    if (!sm) return;
+    free(sm->l);
+    free(sm->idx);
+    free(sm->cnt);
+    free(sm->mark);
+    free(sm->touch);
+    free(sm);
+}
+
+/* a ranks before b: higher value, ties to the lower id */
+static inline bool better(const float *v, int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); }
+
+static inline void swap32(int32_t *a, int32_t *b) {
+    int32_t t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* Reorders idx[lo..hi) so that its best k (k <= hi - lo) come first (in no
+ * particular order): quickselect with a median-of-three pivot. */
+static void select_best(const float *v, int32_t *idx, int64_t lo, int64_t hi, int64_t k) {
+    int64_t target = lo + k; /* idx[lo..target) must end up the best */
+    while (hi - lo > 16 && target > lo && target < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (better(v, idx[mid], idx[lo])) swap32(&idx[mid], &idx[lo]);
+        if (better(v, idx[hi - 1], idx[lo])) swap32(&idx[hi - 1], &idx[lo]);
+        if (better(v, idx[hi - 1], idx[mid])) swap32(&idx[hi - 1], &idx[mid]);
+        int32_t piv = idx[mid];
+        int64_t i = lo, j = hi - 1;
+        for (;;) { /* Hoare partition: [lo, i) better-or-equal, (j, hi) worse-or-equal */
+            while (better(v, idx[i], piv)) i++;
+            while (better(v, piv, idx[j])) j--;
+            if (i >= j) break;
+            swap32(&idx[i], &idx[j]);
+            i++;
+            j--;
+        }
+        int64_t cut = j + 1; /* idx[lo..cut) all rank at or before piv, idx[cut..hi) at or after */
+        if (cut == lo || cut == hi) cut = mid; /* cannot happen with a strict total order; guard */
+        if (target <= cut) hi = cut;
+        else lo = cut;
+    }
+    /* small range: selection sort up to target */
+    for (int64_t i = lo; i < target && i < hi; i++) {
+        int64_t b = i;
+        for (int64_t j = i + 1; j < hi; j++)
+            if (better(v, idx[j], idx[b])) b = j;
+        swap32(&idx[i], &idx[b]);
+    }
+}
+
+/* Sifts idx[lo + i] down a heap over idx[lo..lo+n) whose root is the worst. */
+static void sift_worst(const float *v, int32_t *h, int64_t i, int64_t n) {
+    for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= n) return;
+        if (c + 1 < n && better(v, h[c], h[c + 1])) c++; /* the worse child */
+        if (!better(v, h[i], h[c])) return;
+        swap32(&h[i], &h[c]);
+        i = c;
+    }
+}
+
+/* Sorts idx[lo..hi) best first: insertion sort for short runs, else a
+ * heapsort (no recursion, no comparator context needed). */
+static void sort_best(const float *v, int32_t *idx, int64_t lo, int64_t hi) {
+    int64_t n = hi - lo;
+    if (n <= 32) {
+        for (int64_t i = lo + 1; i < hi; i++) {
+            int32_t x = idx[i];
+            int64_t j = i;
+            while (j > lo && better(v, x, idx[j - 1])) {
+                idx[j] = idx[j - 1];
+                j--;
+            }
+            idx[j] = x;
+        }
+        return;
+    }
+    int32_t *h = idx + lo;
+    for (int64_t i = n / 2 - 1; i >= 0; i--) sift_worst(v, h, i, n);
+    for (int64_t end = n - 1; end > 0; end--) {
+        swap32(&h[0], &h[end]); /* the worst left goes last */
+        sift_worst(v, h, 0, end);
+    }
+}
+
+/* Makes idx[0..m) the best m of idx[0..n_c), sorted best first, given that
+ * idx[0..have) already is (have <= m <= n_c). */
+static void grow_sorted(const float *v, int32_t *idx, int64_t n_c, int64_t have, int64_t m) {
+    if (m <= have) return;
+    if (m < n_c) select_best(v, idx, have, n_c, m - have);
+    sort_best(v, idx, have, m);
+}
+
+int moe_sampler_sample(moe_sampler *sm, const moe_sampling *p, moe_rng *rng, const float *logits,
+                       const int32_t *prompt, int64_t n_prompt, const int32_t *gen, int64_t n_gen, int32_t *out) {
+    if (!sm || !p || !logits || !out || (n_prompt > 0 && !prompt) || (n_gen > 0 && !gen)) return MOE_EINVAL;
+    if (p->n_logit_bias > 0 && (!p->logit_bias_ids || !p->logit_bias)) return MOE_EINVAL;
+    const int64_t n = sm->n;
+    for (int32_t i = 0; i < p->n_logit_bias; i++)
+        if (p->logit_bias_ids[i] < 0 || p->logit_bias_ids[i] >= n) return MOE_EINVAL;
+    float *l = sm->l;
+    for (int64_t i = 0; i < n; i++) l[i] = isnan(logits[i]) ? -INFINITY : logits[i];
+    for (int32_t i = 0; i < p->n_logit_bias; i++) l[p->logit_bias_ids[i]] += p->logit_bias[i];
+
+    bool rep = p->repetition_penalty > 0 && p->repetition_penalty != 1.0f;
+    if (rep || p->presence_penalty != 0 || p->frequency_penalty != 0) {
+        int64_t nt = 0;
+        for (int64_t i = 0; i < n_gen; i++) {
+            int32_t t = gen[i];
+            if (t < 0 || t >= n) continue;
+            if (!sm->cnt[t] && !sm->mark[t]) sm->touch[nt++] = t;
+            sm->cnt[t]++;
+            if (rep && !sm->mark[t]) {
+                sm->mark[t] = 1;
+                l[t] = l[t] > 0 ? l[t] / p->repetition_penalty : l[t] * p->repetition_penalty;
+            }
+        }
+        for (int64_t i = 0; rep && i < n_prompt; i++) {
+            int32_t t = prompt[i];
+            if (t < 0 || t >= n || sm->mark[t]) continue;
+            if (!sm->cnt[t]) sm->touch[nt++] = t;
+            sm->mark[t] = 1;
+            l[t] = l[t] > 0 ? l[t] / p->repetition_penalty : l[t] * p->repetition_penalty;
+        }
+        for (int64_t i = 0; i < nt; i++) {
+            int32_t t = sm->touch[i];
+            if (sm->cnt[t]) l[t] -= p->presence_penalty + p->frequency_penalty * (float)sm->cnt[t];
+            sm->cnt[t] = 0;
+            sm->mark[t] = 0;
+        }
+    }
+
+    if (!(p->temperature > 0)) {
+        int64_t best = 0;
+        for (int64_t i = 1; i < n; i++)
+            if (l[i] > l[best]) best = i;
+        *out = (int32_t)best;
+        return MOE_OK;
+    }
+    if (!rng) return MOE_EINVAL;
+    float inv_t = 1.0f / p->temperature;
+    float mx = -INFINITY;
+    int64_t arg = 0;
+    for (int64_t i = 0; i < n; i++) {
+        l[i] *= inv_t;
+        if (l[i] > mx) {
+            mx = l[i];
+            arg = i;
+        }
+    }
+    if (mx == -INFINITY) {
+        *out = 0;
+        return MOE_OK;
+    }
+
+    /* Candidates: idx[0..n_c), best-first sorted over idx[0..n_sorted). */
+    int32_t *idx = sm->idx;
+    int64_t n_c = 0, n_sorted = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (l[i] > -INFINITY) idx[n_c++] = (int32_t)i;
+    if (p->top_k > 0 && p->top_k < n_c) {
+        grow_sorted(l, idx, n_c, 0, p->top_k);
+        n_c = n_sorted = p->top_k;
+    }
+    if (p->top_p < 1.0f && n_c > 1) {
+        double z = 0;
+        for (int64_t i = 0; i < n_c; i++) z += exp((double)l[idx[i]] - mx);
+        double want = (double)p->top_p * z, acc = 0;
+        int64_t keep = 0, m = n_sorted > 0 ? n_sorted : 64;
+        for (;;) {
+            if (m > n_c) m = n_c;
+            grow_sorted(l, idx, n_c, n_sorted, m);
+            if (m > n_sorted) n_sorted = m;
+            while (keep < n_sorted) {
+                acc += exp((double)l[idx[keep]] - mx);
+                keep++;
+                if (acc >= want) break;
+            }
+            if (acc >= want || keep == n_c) break;
+            m *= 2;
+        }
+        n_c = n_sorted = keep;
+    }
+    if (p->min_p > 0 && n_c > 1) {
+        /* p_i >= min_p * p_max  <=>  l_i >= mx + log(min_p) */
+        float thr = mx + logf(p->min_p);
+        int64_t k = 0;
+        for (int64_t i = 0; i < n_c; i++)
+            if (l[idx[i]] >= thr) idx[k++] = idx[i]; /* keeps a sorted prefix sorted */
+        n_c = k;
+        if (n_sorted > n_c) n_sorted = n_c;
+    }
+    if (n_c <= 1) {
+        *out = n_c == 1 ? idx[0] : (int32_t)arg;
+        return MOE_OK;
+    }
+    double z = 0;
+    for (int64_t i = 0; i < n_c; i++) z += exp((double)l[idx[i]] - mx);
+    double u = moe_rng_uniform(rng) * z, acc = 0;
+    for (int64_t i = 0; i < n_c; i++) {
+        acc += exp((double)l[idx[i]] - mx);
+        if (u < acc) {
+            *out = idx[i];
+            return MOE_OK;
+        }
+    }
+    *out = idx[n_c - 1]; /* u landed on rounding slack at the very end */
+    return MOE_OK;
+}
+
+int moe_sampler_logprobs(moe_sampler *sm, const float *logits, int32_t id, int32_t n_top, float *logprob,
+                         moe_logprob *top) {
+    if (!sm || !logits || id < 0 || id >= sm->n || n_top < 0 || n_top > sm->n || (n_top && !top)) return MOE_EINVAL;
+    const int64_t n = sm->n;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; i++)
+        if (logits[i] > mx) mx = logits[i];
+    double z = 0;
+    if (mx > -INFINITY)
+        for (int64_t i = 0; i < n; i++)
+            if (logits[i] > -INFINITY) z += exp((double)logits[i] - mx);
+    double lse = mx > -INFINITY ? (double)mx + log(z) : 0;
+    if (logprob) *logprob = isnan(logits[id]) ? -INFINITY : (float)((double)logits[id] - lse);
+    if (n_top) {
+        /* best n_top by insertion into a short sorted list: scanning ids in
+         * ascending order, a later equal value never displaces an earlier one */
+        int32_t k = 0;
+        for (int64_t i = 0; i < n; i++) {
+            float v = isnan(logits[i]) ? -INFINITY : logits[i];
+            if (k == n_top && !(v > top[k - 1].logprob)) continue;
+            int32_t j = k < n_top ? k++ : k - 1;
+            while (j > 0 && v > top[j - 1].logprob) {
+                top[j] = top[j - 1];
+                j--;
+            }
+            top[j].id = (int32_t)i;
+            top[j].logprob = v;
+        }
+        for (int32_t j = 0; j < k; j++) top[j].logprob = (float)((double)top[j].logprob - lse);
+    }
+    return MOE_OK;
+}
