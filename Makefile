@@ -25,7 +25,7 @@ CUDA ?= $(if $(shell command -v $(NVCC) 2>/dev/null),1,0)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
 CUDA_ARCH ?= -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_90,code=compute_90
 
-PKGS := libmicrohttpd libuv libcjson libpcre2-8 libsystemd
+PKGS := libmicrohttpd libuv libcjson libpcre2-8 libsystemd icu-uc
 pkg_cflags = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 pkg_libs = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 check_cflags = $(shell pkg-config --cflags check 2>/dev/null)

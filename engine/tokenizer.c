@@ -14,6 +14,8 @@
 #include "tokenizer.h"
 
 #include <pcre2.h>
+#include <unicode/unorm2.h>
+#include <unicode/ustring.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -88,6 +90,7 @@ struct moe_tok {
     int32_t bos, eos, eot, eom, pad, unk;
     bool add_bos, add_eos, add_space_prefix, ignore_merges;
     bool spm_split_ws; /* SPM: no token has U+2581 after another character */
+    bool nfc;          /* NFC-normalise text before splitting (Qwen2: HF's normalizer is NFC) */
     uint8_t *eog; /* n_vocab flags */
     /* added tokens, for splitting them out of text */
     int32_t *added; /* ids of CONTROL / USER_DEFINED tokens */
@@ -316,6 +319,9 @@ static int compile_pre(moe_tok *t, char *err, size_t errsz) {
         def = &PRE_DEFS[sizeof PRE_DEFS / sizeof PRE_DEFS[0] - 1];
     }
     t->ignore_merges = def->ignore_merges;
+    /* GGUF does not record HF's normalizer; of the vocabularies we know,
+     * Qwen2's is the one that declares NFC. */
+    t->nfc = strcmp(t->pre, "qwen2") == 0;
     for (int i = 0; def->re[i]; i++) {
         int ec;
         PCRE2_SIZE eo;
@@ -888,6 +894,55 @@ static int32_t match_added(const moe_tok *t, const char *s, size_t len, bool par
     return -1;
 }
 
+/* NFC of valid UTF-8 s[0..len) via ICU (which works in UTF-16). Returns
+ * MOE_OK with *out = NULL when s is already NFC (the common case, found by
+ * ICU's quick check), a malloc'd normalised copy otherwise, or MOE_ENOMEM. */
+static int nfc_normalize(const char *s, size_t len, char **out, size_t *out_len) {
+    *out = NULL;
+    size_t k = 0;
+    while (k < len && (unsigned char)s[k] < 0x80) k++;
+    if (k == len || len > INT32_MAX / 4) return MOE_OK; /* ASCII is NFC; absurd sizes left alone */
+    UErrorCode ec = U_ZERO_ERROR;
+    const UNormalizer2 *nfc = unorm2_getNFCInstance(&ec);
+    if (U_FAILURE(ec)) return MOE_OK; /* no ICU data: tokenize unnormalised rather than fail */
+    int32_t n16 = 0;
+    UChar *u = malloc(((size_t)len + 1) * sizeof *u); /* UTF-16 units <= UTF-8 bytes */
+    if (!u) return MOE_ENOMEM;
+    u_strFromUTF8(u, (int32_t)len + 1, &n16, s, (int32_t)len, &ec);
+    if (U_FAILURE(ec) || unorm2_isNormalized(nfc, u, n16, &ec) || U_FAILURE(ec)) {
+        free(u);
+        return MOE_OK;
+    }
+    /* composition never lengthens; decomposition inside NFC is bounded by 3x */
+    int32_t cap = n16 * 3 + 16;
+    UChar *v = malloc((size_t)cap * sizeof *v);
+    char *o = NULL;
+    int st = MOE_ENOMEM;
+    if (!v) goto done;
+    int32_t nv = unorm2_normalize(nfc, u, n16, v, cap, &ec);
+    if (U_FAILURE(ec)) {
+        st = MOE_OK;
+        goto done;
+    }
+    int32_t n8 = 0;
+    o = malloc((size_t)nv * 3 + 1);
+    if (!o) goto done;
+    u_strToUTF8(o, nv * 3 + 1, &n8, v, nv, &ec);
+    if (U_FAILURE(ec)) {
+        free(o);
+        o = NULL;
+        st = MOE_OK;
+        goto done;
+    }
+    *out = o;
+    *out_len = (size_t)n8;
+    st = MOE_OK;
+done:
+    free(u);
+    free(v);
+    return st;
+}
+
 int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_special, bool add_bos,
                    int32_t **ids, size_t *n) {
     if (!t || !ids || !n || (!text && len)) return MOE_EINVAL;
@@ -910,6 +965,16 @@ int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_sp
         size_t cl = 0;
         utf8_sanitize((const unsigned char *)text, len, true, false, clean, &cl);
         s = clean, len = cl;
+    }
+    if (t->nfc) {
+        char *norm;
+        size_t nl;
+        if (nfc_normalize(s, len, &norm, &nl) != MOE_OK) goto out;
+        if (norm) {
+            free(clean);
+            clean = norm;
+            s = clean, len = nl;
+        }
     }
     if (t->kind == MOE_TOK_BPE && !(e.md = pcre2_match_data_create(1, NULL))) goto out;
     if (add_bos && t->bos >= 0 && push_id(&e, t->bos) != MOE_OK) goto out;
