@@ -43,9 +43,9 @@ the C tokenizer applies too). "parse_special=0" ids come from the same
 tokenizer with encode_special_tokens=True (special added tokens are not
 matched; non-special added tokens still are, as in HF). Decode is
 tokenizer.decode(ids_special, skip_special_tokens=False). No BOS is added
-(add_special_tokens=False). Qwen2's normalizer is NFC, which moed does not
-apply (neither does llama.cpp): the 4th column is followed by a 5th,
-"nfc", when NFC changes the input, and the check skips those cases.
+(add_special_tokens=False). Qwen2's normalizer is NFC, which moed applies
+too (llama.cpp does not): the 4th column is followed by a 5th, "nfc", when
+NFC changes the input, and the check counts those cases.
 
 Chat cases go to tests/fixtures/chat/cases.json and the templates to
 tests/fixtures/chat/<name>.jinja.
