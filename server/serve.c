@@ -1,11 +1,1246 @@
-/* serve.c - `moed serve`. Placeholder until its issue lands. */
+/* serve.c - `moed serve`: the OpenAI-compatible HTTP server.
+ *
+ * One thread runs a libuv loop that drives libmicrohttpd (server/http.c).
+ * Generation requests are parsed and validated (server/openai.c) and
+ * submitted to the engine; the engine delivers token events on its own
+ * thread into one mutex-protected event list plus a uv_async_t wake-up.
+ * The loop drains the list, renders SSE chunks (or accumulates the
+ * non-streamed body) and resumes the suspended connection.
+ *
+ * A generation's state (srv_gen) is shared by the engine (until the DONE
+ * event of every prompt), MHD (until the request-completed callback) and,
+ * for streams, the response object (until MHD frees it): a refcount on
+ * the loop thread frees it after the last of the three.
+ */
+#include <inttypes.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include <cJSON.h>
 
 #include "cli.h"
+#include "config.h"
+#include "engine.h"
+#include "http.h"
+#include "log.h"
+#include "metrics.h"
+#include "notify.h"
+#include "openai.h"
+#include "status.h"
+
+typedef struct server server;
+typedef struct srv_gen srv_gen;
+
+/* One engine event, copied off the engine thread. */
+typedef struct ev_node {
+    struct ev_node *next;
+    struct srv_sub *sub;
+    moe_event_kind kind;
+    int32_t index;
+    int32_t token;
+    float logprob;
+    int32_t n_top;
+    moe_finish finish;
+    int64_t prompt_tokens, completion_tokens;
+    uint64_t t_now_ns;
+    size_t text_len;
+    moe_logprob *top; /* points into the node's tail */
+    char *text;       /* idem, NUL-terminated */
+} ev_node;
+
+/* One engine request of a generation (completions may hold several prompts). */
+typedef struct srv_sub {
+    srv_gen *g;
+    uint64_t eng_id;
+    int32_t base;   /* choice index of this prompt's first choice */
+    bool submitted;
+    bool done;
+} srv_sub;
+
+typedef struct choice_state {
+    uint64_t t_last_ns;
+    size_t text_len; /* streamed text so far (for completions' text_offset) */
+    moe_finish finish;
+} choice_state;
+
+typedef struct sbuf {
+    char *p;
+    size_t len, off, cap;
+} sbuf;
+
+struct srv_gen {
+    server *s;
+    srv_gen *prev, *next; /* server's active list */
+    struct MHD_Connection *conn;
+    int refs;
+    srv_oai_req req;
+    srv_oai_ctx ctx;
+    char id[48];
+    srv_sub *subs;
+    size_t n_subs, subs_done;
+    int32_t n_choices;
+    srv_oai_choice *choices; /* non-streamed: accumulated text/logprobs */
+    choice_state *cs;
+    sbuf out;                /* streamed bytes not yet taken by MHD */
+    bool stream_finished;    /* [DONE] is in out */
+    bool suspended;
+    bool finished;           /* every sub is DONE */
+    bool mhd_done;
+    bool client_gone;
+    bool drain_cancel, timed_out;
+    char err[512];           /* engine error (MOE_EV_ERROR) */
+    int status;              /* HTTP status of the answer */
+    char *body;              /* non-streamed body, ready when finished */
+    uint64_t t_start_ns, t_first_ns;
+    int64_t prompt_tokens, completion_tokens;
+};
+
+/* One HTTP request (MHD's con_cls). */
+typedef struct srv_conn {
+    uint64_t t_start_ns;
+    char *body;
+    size_t len, cap;
+    bool too_large;
+    bool seen;
+    int status;
+    char method[16];
+    char path[128];
+    char err[640];
+    srv_gen *gen;
+} srv_conn;
+
+struct server {
+    srv_config *cfg;
+    uv_loop_t *loop;
+    srv_http *http;
+    moe_engine *eng;
+    moe_engine_info info;
+    bool ready;
+    char *model_name; /* served name */
+    char *model_file_id;
+    srv_metrics metrics;
+    uv_async_t async;
+    uv_timer_t tick, watchdog;
+    uv_signal_t sigterm, sigint;
+    pthread_mutex_t ev_mu;
+    ev_node *ev_head, *ev_tail;
+    srv_gen *gens;
+    size_t n_gens;
+    bool draining, drain_cancelled, shutting_down;
+    uint64_t drain_deadline_ns;
+    uint64_t watchdog_usec;
+    uint64_t id_base, id_next;
+    int64_t started_unix;
+    int exit_code;
+};
+
+/* ------------------------------------------------------------------ */
+/* small helpers */
+
+static bool sbuf_put(sbuf *b, const char *s, size_t n) {
+    if (b->off && b->off == b->len) b->off = b->len = 0;
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 1024;
+        while (cap < b->len + n) cap *= 2;
+        char *p = realloc(b->p, cap);
+        if (!p) return false;
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    return true;
+}
+
+/* "data: <json>\n\n"; takes json. */
+static void sse_put(srv_gen *g, char *json) {
+    if (!json) return;
+    sbuf_put(&g->out, "data: ", 6);
+    sbuf_put(&g->out, json, strlen(json));
+    sbuf_put(&g->out, "\n\n", 2);
+    free(json);
+}
+
+static double ns_to_s(uint64_t ns) { return (double)ns * 1e-9; }
+
+static char *model_id_from_path(const char *path) {
+    const char *b = strrchr(path, '/');
+    b = b ? b + 1 : path;
+    size_t n = strlen(b);
+    if (n > 5 && !strcasecmp(b + n - 5, ".gguf")) n -= 5;
+    return strndup(b, n);
+}
+
+/* ------------------------------------------------------------------ */
+/* responses */
+
+static void add_cors(server *s, struct MHD_Connection *conn, struct MHD_Response *r, bool preflight) {
+    if (!s->cfg->n_cors_origins) return;
+    const char *origin = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Origin");
+    if (!origin) return;
+    bool any = false, ok = false;
+    for (size_t i = 0; i < s->cfg->n_cors_origins; i++) {
+        if (!strcmp(s->cfg->cors_origins[i], "*")) any = true;
+        else if (!strcmp(s->cfg->cors_origins[i], origin)) ok = true;
+    }
+    if (!ok && !any) return;
+    MHD_add_response_header(r, "Access-Control-Allow-Origin", ok ? origin : "*");
+    if (ok) MHD_add_response_header(r, "Vary", "Origin");
+    if (preflight) {
+        MHD_add_response_header(r, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+        const char *req_h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Access-Control-Request-Headers");
+        MHD_add_response_header(r, "Access-Control-Allow-Headers", req_h ? req_h : "Authorization, Content-Type");
+        MHD_add_response_header(r, "Access-Control-Max-Age", "600");
+    }
+}
+
+/* Queues body (malloc'd, taken) with status. */
+static enum MHD_Result respond(server *s, srv_conn *c, struct MHD_Connection *conn, int status, const char *ctype,
+                               char *body, size_t len, const char *retry_after) {
+    struct MHD_Response *r = MHD_create_response_from_buffer(len, body ? body : (char *)"",
+                                                             body ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
+    if (!r) {
+        free(body);
+        return MHD_NO;
+    }
+    if (ctype) MHD_add_response_header(r, "Content-Type", ctype);
+    if (retry_after) MHD_add_response_header(r, "Retry-After", retry_after);
+    add_cors(s, conn, r, false);
+    c->status = status;
+    enum MHD_Result ret = MHD_queue_response(conn, (unsigned)status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result respond_json(server *s, srv_conn *c, struct MHD_Connection *conn, int status, cJSON *o) {
+    char *body = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (!body) return MHD_NO;
+    return respond(s, c, conn, status, "application/json", body, strlen(body), NULL);
+}
+
+static enum MHD_Result respond_err(server *s, srv_conn *c, struct MHD_Connection *conn, const srv_oai_err *e) {
+    char *body = srv_oai_err_json(e);
+    snprintf(c->err, sizeof c->err, "%s%s%s", e->param[0] ? e->param : "", e->param[0] ? ": " : "", e->message);
+    if (!body) return MHD_NO;
+    const char *retry = e->http == 429 || e->http == 503 ? "1" : NULL;
+    return respond(s, c, conn, e->http, "application/json", body, strlen(body), retry);
+}
+
+static enum MHD_Result respond_errf(server *s, srv_conn *c, struct MHD_Connection *conn, int http, const char *param,
+                                    const char *code, const char *msg) {
+    srv_oai_err e;
+    srv_oai_err_set(&e, http, param, "%s", msg);
+    if (code) snprintf(e.code, sizeof e.code, "%s", code);
+    return respond_err(s, c, conn, &e);
+}
+
+/* ------------------------------------------------------------------ */
+/* generations */
+
+static void gen_free(srv_gen *g) {
+    server *s = g->s;
+    if (g->prev) g->prev->next = g->next;
+    else if (s->gens == g) s->gens = g->next;
+    if (g->next) g->next->prev = g->prev;
+    s->n_gens--;
+    if (g->choices)
+        for (int32_t i = 0; i < g->n_choices; i++) srv_oai_choice_free(&g->choices[i]);
+    free(g->choices);
+    free(g->cs);
+    free(g->subs);
+    free(g->out.p);
+    free(g->body);
+    srv_oai_req_free(&g->req);
+    free(g);
+}
+
+static void gen_release(srv_gen *g) {
+    if (--g->refs == 0) gen_free(g);
+}
+
+static void gen_resume(srv_gen *g) {
+    if (g->suspended && g->conn) {
+        g->suspended = false;
+        MHD_resume_connection(g->conn);
+    }
+}
+
+static void gen_cancel(srv_gen *g) {
+    if (!g->s->eng) return;
+    for (size_t i = 0; i < g->n_subs; i++)
+        if (g->subs[i].submitted && !g->subs[i].done) moe_engine_cancel(g->s->eng, g->subs[i].eng_id);
+}
+
+/* Engine thread: copy the event and wake the loop. */
+static void on_event_cb(void *user, const moe_event *ev) {
+    srv_sub *sub = user;
+    server *s = sub->g->s;
+    size_t tl = ev->text ? ev->text_len : 0;
+    int32_t nt = ev->top && ev->n_top > 0 ? ev->n_top : 0;
+    ev_node *n = malloc(sizeof *n + (size_t)nt * sizeof(moe_logprob) + tl + 1);
+    if (!n) {
+        /* Losing a TOKEN only loses text; DONE must get through or the
+         * request would never be freed, so retry it until memory returns. */
+        if (ev->kind != MOE_EV_DONE) return;
+        while (!(n = malloc(sizeof *n + 1))) {
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
+        tl = 0;
+        nt = 0;
+    }
+    n->next = NULL;
+    n->sub = sub;
+    n->kind = ev->kind;
+    n->index = ev->index;
+    n->token = ev->token;
+    n->logprob = ev->logprob;
+    n->n_top = nt;
+    n->finish = ev->finish;
+    n->prompt_tokens = ev->prompt_tokens;
+    n->completion_tokens = ev->completion_tokens;
+    n->t_now_ns = ev->t_now_ns ? ev->t_now_ns : moe_now_ns();
+    n->top = (moe_logprob *)(n + 1);
+    if (nt) memcpy(n->top, ev->top, (size_t)nt * sizeof(moe_logprob));
+    n->text = (char *)(n->top + nt);
+    if (tl) memcpy(n->text, ev->text, tl);
+    n->text[tl] = 0;
+    n->text_len = tl;
+    pthread_mutex_lock(&s->ev_mu);
+    if (s->ev_tail) s->ev_tail->next = n;
+    else s->ev_head = n;
+    s->ev_tail = n;
+    pthread_mutex_unlock(&s->ev_mu);
+    uv_async_send(&s->async);
+}
+
+static const char *finish_log_name(srv_gen *g) {
+    if (g->err[0]) return "error";
+    if (g->drain_cancel) return "drain";
+    if (g->timed_out) return "timeout";
+    if (g->client_gone) return "cancelled";
+    moe_finish f = MOE_FINISH_NONE;
+    for (int32_t i = 0; i < g->n_choices; i++)
+        if (g->cs[i].finish > f) f = g->cs[i].finish;
+    return f == MOE_FINISH_STOP ? "stop" : f == MOE_FINISH_LENGTH ? "length" : f == MOE_FINISH_CANCELLED ? "cancelled" : NULL;
+}
+
+static void gen_error_body(srv_gen *g, int http, const char *code, const char *msg) {
+    srv_oai_err e;
+    srv_oai_err_set(&e, http, NULL, "%s", msg);
+    snprintf(e.code, sizeof e.code, "%s", code);
+    if (g->req.stream) {
+        sse_put(g, srv_oai_err_json(&e));
+    } else {
+        g->status = http;
+        free(g->body);
+        g->body = srv_oai_err_json(&e);
+    }
+}
+
+/* Every sub is DONE: close the stream or build the body. */
+static void gen_finish(srv_gen *g) {
+    server *s = g->s;
+    g->finished = true;
+    srv_hist_observe(&s->metrics.e2e, ns_to_s(moe_now_ns() - g->t_start_ns));
+    if (g->err[0]) gen_error_body(g, 500, "engine_error", g->err);
+    else if (g->drain_cancel) gen_error_body(g, 503, "server_shutdown", "the server is shutting down; the request was cut short");
+    else if (g->timed_out) gen_error_body(g, 504, "request_timeout", "the request ran past the server's request_timeout");
+    else if (g->req.stream) {
+        if (g->req.include_usage)
+            sse_put(g, srv_oai_render_usage_chunk(&g->ctx, g->prompt_tokens, g->completion_tokens));
+    } else {
+        for (int32_t i = 0; i < g->n_choices; i++) g->choices[i].finish = g->cs[i].finish;
+        g->status = 200;
+        g->body = srv_oai_render_response(&g->ctx, g->choices, (size_t)g->n_choices, g->prompt_tokens,
+                                          g->completion_tokens);
+        if (!g->body) gen_error_body(g, 500, "out_of_memory", "out of memory rendering the response");
+    }
+    if (g->req.stream) {
+        sbuf_put(&g->out, "data: [DONE]\n\n", 14);
+        g->stream_finished = true;
+    }
+    gen_resume(g);
+}
+
+static void process_event(server *s, ev_node *n) {
+    srv_sub *sub = n->sub;
+    srv_gen *g = sub->g;
+    int32_t idx = sub->base + n->index;
+    bool idx_ok = n->kind == MOE_EV_TOKEN || n->kind == MOE_EV_FINISH ? idx >= 0 && idx < g->n_choices : true;
+    if (!idx_ok) return;
+    switch (n->kind) {
+    case MOE_EV_TOKEN: {
+        choice_state *cs = &g->cs[idx];
+        if (!g->t_first_ns) {
+            g->t_first_ns = n->t_now_ns;
+            srv_hist_observe(&s->metrics.ttft, ns_to_s(n->t_now_ns - g->t_start_ns));
+        }
+        if (cs->t_last_ns) srv_hist_observe(&s->metrics.itl, ns_to_s(n->t_now_ns - cs->t_last_ns));
+        cs->t_last_ns = n->t_now_ns;
+        srv_oai_lp lp;
+        if (g->req.logprobs) {
+            lp.id = n->token;
+            lp.logprob = n->logprob;
+            lp.n_top = n->n_top < g->req.top_logprobs ? n->n_top : g->req.top_logprobs;
+            memcpy(lp.top, n->top, (size_t)lp.n_top * sizeof(moe_logprob));
+            lp.text_offset = cs->text_len;
+        }
+        if (g->req.stream) {
+            if (n->text_len || g->req.logprobs)
+                sse_put(g, srv_oai_render_chunk(&g->ctx, idx, false, n->text, n->text_len, g->req.logprobs ? &lp : NULL,
+                                                g->req.logprobs ? 1 : 0, MOE_FINISH_NONE));
+        } else {
+            srv_oai_choice_append(&g->choices[idx], n->text, n->text_len);
+            if (g->req.logprobs) srv_oai_choice_add_lp(&g->choices[idx], &lp);
+        }
+        cs->text_len += n->text_len;
+        break;
+    }
+    case MOE_EV_FINISH: {
+        choice_state *cs = &g->cs[idx];
+        cs->finish = n->finish;
+        if (g->req.stream) {
+            if (n->finish != MOE_FINISH_CANCELLED)
+                sse_put(g, srv_oai_render_chunk(&g->ctx, idx, false, n->text, n->text_len, NULL, 0, n->finish));
+        } else if (n->text_len)
+            srv_oai_choice_append(&g->choices[idx], n->text, n->text_len);
+        cs->text_len += n->text_len;
+        break;
+    }
+    case MOE_EV_ERROR:
+        if (!g->err[0]) snprintf(g->err, sizeof g->err, "%s", n->text_len ? n->text : "engine error");
+        break;
+    case MOE_EV_DONE:
+        sub->done = true;
+        g->prompt_tokens += n->prompt_tokens;
+        g->completion_tokens += n->completion_tokens;
+        if (++g->subs_done == g->n_subs) {
+            gen_finish(g);
+            gen_release(g); /* the engine's reference */
+            return;
+        }
+        break;
+    }
+    if (g->req.stream) gen_resume(g);
+}
+
+static void async_cb(uv_async_t *a) {
+    server *s = a->data;
+    pthread_mutex_lock(&s->ev_mu);
+    ev_node *n = s->ev_head;
+    s->ev_head = s->ev_tail = NULL;
+    pthread_mutex_unlock(&s->ev_mu);
+    while (n) {
+        ev_node *next = n->next;
+        process_event(s, n);
+        free(n);
+        n = next;
+    }
+    if (s->http) srv_http_kick(s->http);
+}
+
+/* MHD: the stream's bytes. */
+static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
+    (void)pos;
+    srv_gen *g = cls;
+    if (g->out.off < g->out.len) {
+        size_t n = g->out.len - g->out.off;
+        if (n > max) n = max;
+        memcpy(buf, g->out.p + g->out.off, n);
+        g->out.off += n;
+        if (g->out.off == g->out.len) g->out.off = g->out.len = 0;
+        return (ssize_t)n;
+    }
+    if (g->stream_finished) return MHD_CONTENT_READER_END_OF_STREAM;
+    if (!g->conn) return MHD_CONTENT_READER_END_WITH_ERROR;
+    MHD_suspend_connection(g->conn);
+    g->suspended = true;
+    return 0;
+}
+
+static void stream_free_cb(void *cls) { gen_release(cls); }
+
+static const char *make_id(server *s, const char *prefix, char *buf, size_t n) {
+    uint64_t x = s->id_base + s->id_next++ * 0x9e3779b97f4a7c15ull;
+    x ^= x >> 31;
+    snprintf(buf, n, "%s%016" PRIx64 "%08" PRIx64, prefix, x, s->id_next);
+    return buf;
+}
+
+static void fill_limits(server *s, srv_oai_limits *lim) {
+    memset(lim, 0, sizeof *lim);
+    lim->model_name = s->model_name;
+    lim->model_alt = s->model_file_id;
+    lim->n_vocab = s->info.n_vocab;
+    lim->ctx_size = s->info.ctx_size;
+    lim->max_seqs = s->info.max_seqs;
+    lim->max_depth = (int)s->cfg->max_json_depth;
+    lim->tok = s->info.tok;
+    lim->chat = s->info.chat;
+}
+
+/* Maps a failed submit to an HTTP error. */
+static void submit_error(int st, const char *msg, srv_oai_err *e) {
+    if (st == MOE_EFULL) {
+        srv_oai_err_set(e, 429, NULL, "the server is at capacity (request queue full); retry later");
+        snprintf(e->code, sizeof e->code, "queue_full");
+    } else if (st == MOE_ESTATE) {
+        srv_oai_err_set(e, 503, NULL, "the engine is not accepting requests (loading or shutting down)");
+        snprintf(e->code, sizeof e->code, "engine_unavailable");
+    } else if (st == MOE_EINVAL || st == MOE_ERANGE) {
+        /* The engine's message starts with the field name ("max_tokens: ..."). */
+        char param[64] = "";
+        const char *colon = strchr(msg, ':');
+        if (colon && colon - msg < (ptrdiff_t)sizeof param && colon > msg) {
+            memcpy(param, msg, (size_t)(colon - msg));
+            param[colon - msg] = 0;
+            for (char *p = param; *p; p++)
+                if (*p == ' ') {
+                    param[0] = 0;
+                    break;
+                }
+        }
+        srv_oai_err_set(e, 400, param[0] ? param : NULL, "%s", msg[0] ? msg : moe_strerror(st));
+    } else {
+        srv_oai_err_set(e, st == MOE_ENOMEM ? 503 : 500, NULL, "cannot start the request: %s", msg[0] ? msg : moe_strerror(st));
+    }
+}
+
+static enum MHD_Result handle_generate(server *s, srv_conn *c, struct MHD_Connection *conn, srv_oai_kind kind) {
+    srv_oai_limits lim;
+    fill_limits(s, &lim);
+    srv_gen *g = calloc(1, sizeof *g);
+    if (!g) return respond_errf(s, c, conn, 503, NULL, "out_of_memory", "out of memory");
+    srv_oai_err e;
+    if (srv_oai_parse(kind, c->body ? c->body : "", c->len, &lim, &g->req, &e)) {
+        free(g);
+        return respond_err(s, c, conn, &e);
+    }
+    g->s = s;
+    g->conn = conn;
+    g->t_start_ns = c->t_start_ns;
+    make_id(s, kind == SRV_OAI_CHAT ? "chatcmpl-" : "cmpl-", g->id, sizeof g->id);
+    g->ctx.kind = kind;
+    g->ctx.id = g->id;
+    g->ctx.created = (int64_t)time(NULL);
+    g->ctx.model = s->model_name;
+    g->ctx.tok = s->info.tok;
+    g->ctx.logprobs = g->req.logprobs;
+    g->n_subs = g->req.n_prompts;
+    g->n_choices = (int32_t)(g->n_subs * (size_t)g->req.n);
+    g->subs = calloc(g->n_subs, sizeof *g->subs);
+    g->cs = calloc((size_t)g->n_choices, sizeof *g->cs);
+    g->choices = calloc((size_t)g->n_choices, sizeof *g->choices);
+    if (!g->subs || !g->cs || !g->choices) {
+        free(g->subs);
+        free(g->cs);
+        free(g->choices);
+        srv_oai_req_free(&g->req);
+        free(g);
+        return respond_errf(s, c, conn, 503, NULL, "out_of_memory", "out of memory");
+    }
+    /* linked first so gen_free can unlink it on every path */
+    g->next = s->gens;
+    if (s->gens) s->gens->prev = g;
+    s->gens = g;
+    s->n_gens++;
+    g->refs = 1; /* MHD's */
+    c->gen = g;
+    srv_log_prompt(g->id, g->req.prompts[0].text ? g->req.prompts[0].text : "", g->req.prompts[0].text_len);
+    /* echo: the prompt text starts each choice */
+    for (size_t p = 0; p < g->n_subs; p++) {
+        g->subs[p].g = g;
+        g->subs[p].base = (int32_t)(p * (size_t)g->req.n);
+        if (g->req.echo && kind == SRV_OAI_COMPLETION)
+            for (int32_t i = 0; i < g->req.n; i++) {
+                int32_t idx = g->subs[p].base + i;
+                if (!g->req.stream)
+                    srv_oai_choice_append(&g->choices[idx], g->req.prompts[p].text, g->req.prompts[p].text_len);
+                g->cs[idx].text_len = g->req.prompts[p].text_len;
+            }
+    }
+    /* Submit every prompt; on a failure cancel those already queued. */
+    size_t ok = 0;
+    char msg[MOE_ERR_MAX] = "";
+    int st = 0;
+    for (size_t p = 0; p < g->n_subs; p++) {
+        moe_request er;
+        srv_oai_engine_request(&g->req, p, &er);
+        er.on_event = on_event_cb;
+        er.user = &g->subs[p];
+        msg[0] = 0;
+        if (p == 0) g->refs++; /* the engine's, dropped at the last DONE */
+        st = moe_engine_submit(s->eng, &er, &g->subs[p].eng_id, msg, sizeof msg);
+        if (st) break;
+        g->subs[p].submitted = true;
+        ok++;
+    }
+    if (st) {
+        submit_error(st, msg, &e);
+        if (!ok) {
+            g->refs--; /* no DONE will come */
+            c->gen = NULL;
+            gen_free(g);
+            return respond_err(s, c, conn, &e);
+        }
+        /* Later prompts failed: the ones queued are cancelled, their DONE
+         * ends the request with the error. */
+        snprintf(g->err, sizeof g->err, "%s", e.message);
+        for (size_t p = ok; p < g->n_subs; p++) g->subs[p].done = true;
+        g->n_subs = ok;
+        g->req.stream = false;
+        gen_cancel(g);
+    }
+    if (g->req.stream) {
+        /* chat: the first chunk of each choice carries the role; completions with echo: the prompt */
+        for (int32_t i = 0; i < g->n_choices; i++) {
+            size_t p = (size_t)(i / g->req.n);
+            if (kind == SRV_OAI_CHAT) sse_put(g, srv_oai_render_chunk(&g->ctx, i, true, "", 0, NULL, 0, MOE_FINISH_NONE));
+            else if (g->req.echo)
+                sse_put(g, srv_oai_render_chunk(&g->ctx, i, false, g->req.prompts[p].text, g->req.prompts[p].text_len,
+                                                NULL, 0, MOE_FINISH_NONE));
+        }
+        struct MHD_Response *r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_reader, g,
+                                                                   stream_free_cb);
+        if (!r) {
+            gen_cancel(g);
+            return MHD_NO;
+        }
+        g->refs++; /* the response's */
+        MHD_add_response_header(r, "Content-Type", "text/event-stream");
+        MHD_add_response_header(r, "Cache-Control", "no-cache");
+        MHD_add_response_header(r, "X-Request-Id", g->id);
+        add_cors(s, conn, r, false);
+        c->status = 200;
+        enum MHD_Result ret = MHD_queue_response(conn, MHD_HTTP_OK, r);
+        MHD_destroy_response(r);
+        return ret;
+    }
+    MHD_suspend_connection(conn);
+    g->suspended = true;
+    return MHD_YES;
+}
+
+/* The handler is called again after a non-streamed generation resumed. */
+static enum MHD_Result answer_generation(server *s, srv_conn *c, struct MHD_Connection *conn) {
+    srv_gen *g = c->gen;
+    if (!g->finished) { /* spurious: wait on */
+        MHD_suspend_connection(conn);
+        g->suspended = true;
+        return MHD_YES;
+    }
+    char *body = g->body;
+    g->body = NULL;
+    if (!body) return MHD_NO;
+    if (g->status != 200) {
+        cJSON *o = cJSON_Parse(body);
+        const cJSON *m = cJSON_GetObjectItem(cJSON_GetObjectItem(o, "error"), "message");
+        if (cJSON_IsString(m)) snprintf(c->err, sizeof c->err, "%s", m->valuestring);
+        cJSON_Delete(o);
+    }
+    return respond(s, c, conn, g->status, "application/json", body, strlen(body),
+                   g->status == 503 ? "1" : NULL);
+}
+
+/* ------------------------------------------------------------------ */
+/* other endpoints */
+
+static cJSON *model_object(server *s) {
+    cJSON *m = cJSON_CreateObject();
+    cJSON_AddStringToObject(m, "id", s->model_name);
+    cJSON_AddStringToObject(m, "object", "model");
+    cJSON_AddNumberToObject(m, "created", (double)s->started_unix);
+    cJSON_AddStringToObject(m, "owned_by", "moed");
+    if (s->ready) {
+        cJSON_AddNumberToObject(m, "max_model_len", (double)s->info.ctx_size);
+        if (s->info.arch) cJSON_AddStringToObject(m, "arch", s->info.arch);
+    }
+    return m;
+}
+
+static enum MHD_Result handle_models(server *s, srv_conn *c, struct MHD_Connection *conn, const char *id) {
+    if (id) {
+        if (strcmp(id, s->model_name) && (!s->model_file_id || strcmp(id, s->model_file_id)))
+            return respond_errf(s, c, conn, 404, "model", "model_not_found", "The model does not exist");
+        return respond_json(s, c, conn, 200, model_object(s));
+    }
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "object", "list");
+    cJSON *d = cJSON_AddArrayToObject(o, "data");
+    cJSON_AddItemToArray(d, model_object(s));
+    return respond_json(s, c, conn, 200, o);
+}
+
+static const char *health_state(server *s, bool *ok) {
+    *ok = false;
+    if (s->draining || !s->eng) return "draining";
+    moe_engine_stats st;
+    moe_engine_get_stats(s->eng, &st);
+    switch (st.state) {
+    case MOE_ENGINE_LOADING: return "loading";
+    case MOE_ENGINE_FAILED: return "failed";
+    case MOE_ENGINE_DRAINING: return "draining";
+    case MOE_ENGINE_STOPPED: return "stopped";
+    case MOE_ENGINE_READY: break;
+    }
+    uint64_t now = moe_now_ns();
+    if (st.heartbeat_ns && now > st.heartbeat_ns && ns_to_s(now - st.heartbeat_ns) > s->cfg->heartbeat_timeout)
+        return "unresponsive";
+    if (!s->ready) return "loading";
+    *ok = true;
+    return "ok";
+}
+
+static enum MHD_Result handle_health(server *s, srv_conn *c, struct MHD_Connection *conn) {
+    bool ok;
+    const char *state = health_state(s, &ok);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "status", state);
+    if (!ok && !strcmp(state, "failed")) cJSON_AddStringToObject(o, "error", moe_engine_error(s->eng));
+    char *body = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (!body) return MHD_NO;
+    return respond(s, c, conn, ok ? 200 : 503, "application/json", body, strlen(body), ok ? NULL : "1");
+}
+
+static enum MHD_Result handle_metrics(server *s, srv_conn *c, struct MHD_Connection *conn) {
+    moe_engine_stats st;
+    memset(&st, 0, sizeof st);
+    if (s->eng) moe_engine_get_stats(s->eng, &st);
+    size_t len;
+    char *body = srv_metrics_render(&s->metrics, &st, s->model_name, &len);
+    if (!body) return MHD_NO;
+    return respond(s, c, conn, 200, "text/plain; version=0.0.4; charset=utf-8", body, len, NULL);
+}
+
+static cJSON *parse_body_object(server *s, srv_conn *c, srv_oai_err *e) {
+    if (srv_oai_precheck(c->body ? c->body : "", c->len, (int)s->cfg->max_json_depth, e)) return NULL;
+    cJSON *o = c->len ? cJSON_ParseWithLength(c->body, c->len) : NULL;
+    if (!cJSON_IsObject(o)) {
+        cJSON_Delete(o);
+        srv_oai_err_set(e, 400, NULL, "request body must be a JSON object");
+        return NULL;
+    }
+    return o;
+}
+
+static enum MHD_Result handle_tokenize(server *s, srv_conn *c, struct MHD_Connection *conn) {
+    srv_oai_err e;
+    cJSON *o = parse_body_object(s, c, &e);
+    if (!o) return respond_err(s, c, conn, &e);
+    const cJSON *content = cJSON_GetObjectItemCaseSensitive(o, "content");
+    const cJSON *add = cJSON_GetObjectItemCaseSensitive(o, "add_special");
+    const cJSON *parse = cJSON_GetObjectItemCaseSensitive(o, "parse_special");
+    if (!cJSON_IsString(content)) {
+        cJSON_Delete(o);
+        return respond_errf(s, c, conn, 400, "content", NULL, "'content' must be a string");
+    }
+    if ((add && !cJSON_IsBool(add)) || (parse && !cJSON_IsBool(parse))) {
+        cJSON_Delete(o);
+        return respond_errf(s, c, conn, 400, add && !cJSON_IsBool(add) ? "add_special" : "parse_special", NULL,
+                            "must be a boolean");
+    }
+    int32_t *ids = NULL;
+    size_t n = 0;
+    int st = moe_tok_encode(s->info.tok, content->valuestring, strlen(content->valuestring),
+                            parse ? cJSON_IsTrue(parse) : true, add ? cJSON_IsTrue(add) : false, &ids, &n);
+    cJSON_Delete(o);
+    if (st) return respond_errf(s, c, conn, 500, NULL, NULL, moe_strerror(st));
+    cJSON *r = cJSON_CreateObject(), *a = cJSON_AddArrayToObject(r, "tokens");
+    for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(ids[i]));
+    free(ids);
+    return respond_json(s, c, conn, 200, r);
+}
+
+static enum MHD_Result handle_detokenize(server *s, srv_conn *c, struct MHD_Connection *conn) {
+    srv_oai_err e;
+    cJSON *o = parse_body_object(s, c, &e);
+    if (!o) return respond_err(s, c, conn, &e);
+    const cJSON *toks = cJSON_GetObjectItemCaseSensitive(o, "tokens");
+    if (!cJSON_IsArray(toks)) {
+        cJSON_Delete(o);
+        return respond_errf(s, c, conn, 400, "tokens", NULL, "'tokens' must be an array of token ids");
+    }
+    int n = cJSON_GetArraySize(toks);
+    int32_t *ids = malloc(((size_t)n + 1) * sizeof *ids);
+    int k = 0;
+    for (const cJSON *x = toks->child; ids && x; x = x->next, k++) {
+        if (!cJSON_IsNumber(x) || x->valuedouble != floor(x->valuedouble) || x->valuedouble < 0 ||
+            x->valuedouble >= (double)s->info.n_vocab) {
+            free(ids);
+            cJSON_Delete(o);
+            char msg[128];
+            snprintf(msg, sizeof msg, "'tokens[%d]' is not a token id in [0, %lld)", k, (long long)s->info.n_vocab);
+            return respond_errf(s, c, conn, 400, "tokens", NULL, msg);
+        }
+        ids[k] = (int32_t)x->valuedouble;
+    }
+    cJSON_Delete(o);
+    if (!ids) return MHD_NO;
+    char *text = NULL;
+    size_t tl = 0;
+    int st = moe_tok_decode(s->info.tok, ids, (size_t)k, false, &text, &tl);
+    free(ids);
+    if (st) return respond_errf(s, c, conn, 500, NULL, NULL, moe_strerror(st));
+    char *clean = srv_oai_utf8_clean(text, tl);
+    free(text);
+    cJSON *r = cJSON_CreateObject();
+    cJSON_AddStringToObject(r, "content", clean ? clean : "");
+    free(clean);
+    return respond_json(s, c, conn, 200, r);
+}
+
+/* ------------------------------------------------------------------ */
+/* routing */
+
+static bool auth_ok(server *s, struct MHD_Connection *conn) {
+    if (!s->cfg->n_api_keys) return true;
+    const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
+    if (!h || strncasecmp(h, "Bearer ", 7)) return false;
+    h += 7;
+    while (*h == ' ') h++;
+    size_t hl = strlen(h);
+    bool ok = false;
+    for (size_t i = 0; i < s->cfg->n_api_keys; i++) {
+        const char *k = s->cfg->api_keys[i];
+        size_t kl = strlen(k);
+        /* constant time in the key's length */
+        unsigned char diff = (unsigned char)(kl != hl);
+        for (size_t j = 0; j < kl; j++) diff |= (unsigned char)(k[j] ^ (j < hl ? h[j] : 0));
+        ok |= !diff;
+    }
+    return ok;
+}
+
+typedef enum { R_NONE, R_CHAT, R_COMPL, R_MODELS, R_MODEL, R_HEALTH, R_METRICS, R_TOKENIZE, R_DETOKENIZE } route;
+
+static route find_route(const char *url, const char **arg) {
+    *arg = NULL;
+    if (!strcmp(url, "/v1/chat/completions")) return R_CHAT;
+    if (!strcmp(url, "/v1/completions")) return R_COMPL;
+    if (!strcmp(url, "/v1/models")) return R_MODELS;
+    if (!strncmp(url, "/v1/models/", 11) && url[11]) {
+        *arg = url + 11;
+        return R_MODEL;
+    }
+    if (!strcmp(url, "/health") || !strcmp(url, "/v1/health")) return R_HEALTH;
+    if (!strcmp(url, "/metrics")) return R_METRICS;
+    if (!strcmp(url, "/tokenize")) return R_TOKENIZE;
+    if (!strcmp(url, "/detokenize")) return R_DETOKENIZE;
+    return R_NONE;
+}
+
+static enum MHD_Result dispatch(server *s, srv_conn *c, struct MHD_Connection *conn, const char *url,
+                                const char *method) {
+    const char *arg;
+    route r = find_route(url, &arg);
+    if (!strcmp(method, "OPTIONS")) {
+        struct MHD_Response *resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+        MHD_add_response_header(resp, "Allow", "GET, POST, OPTIONS");
+        add_cors(s, conn, resp, true);
+        c->status = 204;
+        enum MHD_Result ret = MHD_queue_response(conn, 204, resp);
+        MHD_destroy_response(resp);
+        return ret;
+    }
+    if (r == R_NONE) return respond_errf(s, c, conn, 404, NULL, "not_found", "no such endpoint");
+    bool post = r == R_CHAT || r == R_COMPL || r == R_TOKENIZE || r == R_DETOKENIZE;
+    bool head = !strcmp(method, "HEAD");
+    if (post ? strcmp(method, "POST") : (strcmp(method, "GET") && !head)) {
+        srv_oai_err e;
+        srv_oai_err_set(&e, 405, NULL, "method %.16s is not allowed here; use %s", method, post ? "POST" : "GET");
+        snprintf(e.code, sizeof e.code, "method_not_allowed");
+        char *body = srv_oai_err_json(&e);
+        if (!body) return MHD_NO;
+        struct MHD_Response *resp = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+        MHD_add_response_header(resp, "Allow", post ? "POST, OPTIONS" : "GET, HEAD, OPTIONS");
+        MHD_add_response_header(resp, "Content-Type", "application/json");
+        add_cors(s, conn, resp, false);
+        c->status = 405;
+        enum MHD_Result ret = MHD_queue_response(conn, 405, resp);
+        MHD_destroy_response(resp);
+        return ret;
+    }
+    if (r == R_HEALTH) return handle_health(s, c, conn);
+    if (r == R_METRICS) return handle_metrics(s, c, conn);
+    if (!auth_ok(s, conn)) {
+        srv_oai_err e;
+        srv_oai_err_set(&e, 401, NULL, "Incorrect API key provided (Authorization: Bearer KEY)");
+        snprintf(e.code, sizeof e.code, "invalid_api_key");
+        return respond_err(s, c, conn, &e);
+    }
+    if (c->too_large) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "request body is larger than %lld bytes", (long long)s->cfg->max_body);
+        return respond_errf(s, c, conn, 413, NULL, "request_too_large", msg);
+    }
+    if (r == R_MODELS) return handle_models(s, c, conn, NULL);
+    if (r == R_MODEL) return handle_models(s, c, conn, arg);
+    if (s->draining)
+        return respond_errf(s, c, conn, 503, NULL, "server_shutdown", "the server is shutting down");
+    if (!s->ready) {
+        bool ok;
+        const char *st = health_state(s, &ok);
+        char msg[96];
+        snprintf(msg, sizeof msg, "the model is not ready (%s)", st);
+        return respond_errf(s, c, conn, 503, NULL, "model_not_ready", msg);
+    }
+    if (r == R_TOKENIZE) return handle_tokenize(s, c, conn);
+    if (r == R_DETOKENIZE) return handle_detokenize(s, c, conn);
+    return handle_generate(s, c, conn, r == R_CHAT ? SRV_OAI_CHAT : SRV_OAI_COMPLETION);
+}
+
+static enum MHD_Result handler_cb(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
+                                  const char *version, const char *upload_data, size_t *upload_size, void **con_cls) {
+    (void)version;
+    server *s = cls;
+    srv_conn *c = *con_cls;
+    if (!c) {
+        c = calloc(1, sizeof *c);
+        if (!c) return MHD_NO;
+        c->t_start_ns = moe_now_ns();
+        snprintf(c->method, sizeof c->method, "%s", method);
+        snprintf(c->path, sizeof c->path, "%s", url);
+        *con_cls = c;
+        /* An announced oversized body is refused before it is read. */
+        const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
+        if (cl && strtoull(cl, NULL, 10) > (unsigned long long)s->cfg->max_body) c->too_large = true;
+        return MHD_YES;
+    }
+    if (c->gen) return answer_generation(s, c, conn);
+    if (*upload_size) {
+        if (!c->too_large) {
+            if (c->len + *upload_size > (size_t)s->cfg->max_body) {
+                c->too_large = true;
+                free(c->body);
+                c->body = NULL;
+                c->len = c->cap = 0;
+            } else {
+                if (c->len + *upload_size + 1 > c->cap) {
+                    size_t cap = c->cap ? c->cap : 4096;
+                    while (cap < c->len + *upload_size + 1) cap *= 2;
+                    char *b = realloc(c->body, cap);
+                    if (!b) return MHD_NO;
+                    c->body = b;
+                    c->cap = cap;
+                }
+                memcpy(c->body + c->len, upload_data, *upload_size);
+                c->len += *upload_size;
+                c->body[c->len] = 0;
+            }
+        }
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    if (c->seen) return MHD_YES;
+    c->seen = true;
+    return dispatch(s, c, conn, url, method);
+}
+
+static void completed_cb(void *cls, struct MHD_Connection *conn, void **con_cls, enum MHD_RequestTerminationCode toe) {
+    (void)conn;
+    server *s = cls;
+    srv_conn *c = *con_cls;
+    if (!c) return;
+    *con_cls = NULL;
+    srv_gen *g = c->gen;
+    int status = c->status ? c->status : 499; /* nginx's "client closed request" */
+    srv_metrics_count_status(&s->metrics, status);
+    srv_log_request lr = {.id = g ? g->id : "-",
+                          .method = c->method,
+                          .path = c->path,
+                          .status = status,
+                          .ttft_ms = -1,
+                          .total_ms = (double)(moe_now_ns() - c->t_start_ns) * 1e-6,
+                          .error = c->err[0] ? c->err : NULL};
+    if (g) {
+        g->conn = NULL;
+        g->mhd_done = true;
+        if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && !g->finished) {
+            g->client_gone = true;
+            s->metrics.requests_cancelled++;
+            gen_cancel(g);
+        }
+        lr.model = s->model_name;
+        lr.stream = g->req.stream;
+        lr.prompt_tokens = g->prompt_tokens;
+        if (!g->finished)
+            for (size_t i = 0; i < g->n_subs; i++) lr.prompt_tokens += g->req.prompts[i].n;
+        lr.completion_tokens = g->completion_tokens;
+        if (g->t_first_ns) lr.ttft_ms = (double)(g->t_first_ns - g->t_start_ns) * 1e-6;
+        lr.finish = g->finished ? finish_log_name(g) : "cancelled";
+        if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && toe != MHD_REQUEST_TERMINATED_CLIENT_ABORT && g->finished)
+            lr.finish = "write_error";
+    }
+    bool quiet = !strcmp(c->path, "/health") || !strcmp(c->path, "/metrics");
+    if (!quiet || srv_log_enabled(SRV_LOG_DEBUG) || status >= 400) srv_log_req(&lr);
+    if (g) gen_release(g);
+    free(c->body);
+    free(c);
+}
+
+/* ------------------------------------------------------------------ */
+/* lifecycle */
+
+static void close_walk_cb(uv_handle_t *h, void *arg) {
+    (void)arg;
+    if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+static void shutdown_server(server *s) {
+    if (s->shutting_down) return;
+    s->shutting_down = true;
+    /* Every outstanding request gets its DONE here (cancelled at once), so
+     * every generation finishes; MHD must not be stopped with suspended
+     * connections. */
+    if (s->eng) {
+        for (srv_gen *g = s->gens; g; g = g->next)
+            if (!g->finished) g->drain_cancel = true;
+        moe_engine_destroy(s->eng, 0);
+        s->eng = NULL;
+    }
+    async_cb(&s->async);
+    for (srv_gen *g = s->gens; g; g = g->next) gen_resume(g);
+    if (s->http) srv_http_kick(s->http);
+    srv_http_stop(s->http);
+    s->http = NULL;
+    uv_walk(s->loop, close_walk_cb, NULL);
+}
+
+static void start_drain(server *s) {
+    if (s->draining) {
+        /* a second signal: stop waiting */
+        srv_log(SRV_LOG_WARN, "second signal: cancelling %zu in-flight requests now", s->n_gens);
+        s->drain_deadline_ns = moe_now_ns();
+        return;
+    }
+    s->draining = true;
+    srv_notify_stopping();
+    srv_log(SRV_LOG_INFO, "draining: %zu requests in flight, up to %.1f s", s->n_gens, s->cfg->drain_timeout);
+    if (s->http) srv_http_quiesce(s->http);
+    if (s->eng) moe_engine_drain(s->eng);
+    s->drain_deadline_ns = moe_now_ns() + (uint64_t)(s->cfg->drain_timeout * 1e9);
+}
+
+static void signal_cb(uv_signal_t *h, int signum) {
+    server *s = h->data;
+    srv_log(SRV_LOG_INFO, "received %s", signum == SIGINT ? "SIGINT" : "SIGTERM");
+    start_drain(s);
+}
+
+static void on_ready(server *s) {
+    if (moe_engine_get_info(s->eng, &s->info)) return;
+    s->ready = true;
+    if (s->info.model_id && strcmp(s->info.model_id, s->model_file_id)) {
+        free(s->model_file_id);
+        s->model_file_id = strdup(s->info.model_id);
+    }
+    char status[256];
+    snprintf(status, sizeof status, "serving %s on %s:%d (%s, ctx %lld, %lld KV blocks)", s->model_name, s->cfg->host,
+             srv_http_port(s->http), s->info.device ? s->info.device : "?", (long long)s->info.ctx_size,
+             (long long)s->info.kv_blocks);
+    srv_notify_ready(status);
+    srv_log(SRV_LOG_INFO, "%s", status);
+}
+
+static void tick_cb(uv_timer_t *t) {
+    server *s = t->data;
+    uint64_t now = moe_now_ns();
+    if (!s->ready && !s->draining) {
+        moe_engine_state st = moe_engine_get_state(s->eng);
+        if (st == MOE_ENGINE_READY) on_ready(s);
+        else if (st == MOE_ENGINE_FAILED) {
+            srv_log(SRV_LOG_ERROR, "model load failed: %s", moe_engine_error(s->eng));
+            srv_notify_status("model load failed: %s", moe_engine_error(s->eng));
+            s->exit_code = 1;
+            shutdown_server(s);
+            return;
+        }
+    }
+    /* request timeouts */
+    if (s->cfg->request_timeout > 0)
+        for (srv_gen *g = s->gens; g; g = g->next)
+            if (!g->finished && !g->timed_out && ns_to_s(now - g->t_start_ns) > s->cfg->request_timeout) {
+                g->timed_out = true;
+                s->metrics.requests_cancelled++;
+                gen_cancel(g);
+            }
+    if (s->draining) {
+        if (!s->n_gens) {
+            srv_log(SRV_LOG_INFO, "drained; stopping");
+            shutdown_server(s);
+            return;
+        }
+        if (now >= s->drain_deadline_ns && !s->drain_cancelled) {
+            s->drain_cancelled = true;
+            srv_log(SRV_LOG_WARN, "drain timeout: ending %zu requests with an error", s->n_gens);
+            for (srv_gen *g = s->gens; g; g = g->next)
+                if (!g->finished) {
+                    g->drain_cancel = true;
+                    s->metrics.requests_cancelled++;
+                    gen_cancel(g);
+                }
+        }
+        /* Clients that never read their last bytes do not hold the exit up. */
+        if (now >= s->drain_deadline_ns + 5000000000ull) {
+            srv_log(SRV_LOG_WARN, "drain: %zu connections still open; closing them", s->n_gens);
+            shutdown_server(s);
+        }
+    }
+}
+
+static void watchdog_cb(uv_timer_t *t) {
+    server *s = t->data;
+    if (!s->eng) return;
+    moe_engine_stats st;
+    moe_engine_get_stats(s->eng, &st);
+    uint64_t now = moe_now_ns();
+    bool fresh = st.state != MOE_ENGINE_FAILED && st.state != MOE_ENGINE_STOPPED &&
+                 (!st.heartbeat_ns || now < st.heartbeat_ns ||
+                  ns_to_s(now - st.heartbeat_ns) <= s->cfg->heartbeat_timeout);
+    if (fresh) srv_notify_watchdog();
+    else srv_log(SRV_LOG_WARN, "engine heartbeat is stale; not feeding the watchdog");
+}
+
+static void engine_status_cb(void *user, const char *status) {
+    (void)user;
+    srv_notify_status("loading: %s", status);
+    srv_log(SRV_LOG_INFO, "loading: %s", status);
+}
 
 int srv_cmd_serve(int argc, char **argv) {
-    (void)argc;
-    (void)argv;
-    fprintf(stderr, "moed: 'serve' is not implemented yet\n");
-    return 1;
+    srv_config cfg;
+    srv_config_init(&cfg);
+    char err[MOE_ERR_MAX];
+    int rc = srv_config_from_args(&cfg, argc, argv, NULL, err, sizeof err);
+    if (rc == 1) {
+        srv_config_usage(stdout);
+        srv_config_free(&cfg);
+        return 0;
+    }
+    if (rc < 0) {
+        fprintf(stderr, "moed serve: %s\n", err);
+        fprintf(stderr, "Try 'moed serve --help'.\n");
+        srv_config_free(&cfg);
+        return rc == MOE_EIO ? 1 : 2;
+    }
+    if (!cfg.model) {
+        fprintf(stderr, "moed serve: no model given (-m MODEL.gguf, MOED_MODEL or 'model =' in --config)\n");
+        srv_config_free(&cfg);
+        return 2;
+    }
+    if (cfg.chat_template && moe_chat_family_parse(cfg.chat_template) < 0) {
+        fprintf(stderr, "moed serve: chat_template: unknown format '%s'\n", cfg.chat_template);
+        srv_config_free(&cfg);
+        return 2;
+    }
+    srv_log_setup(cfg.log_format, cfg.log_level, cfg.log_prompts);
+    signal(SIGPIPE, SIG_IGN);
+
+    server *s = calloc(1, sizeof *s);
+    if (!s) return 1;
+    s->cfg = &cfg;
+    s->loop = uv_default_loop();
+    s->model_file_id = model_id_from_path(cfg.model);
+    s->model_name = strdup(cfg.served_model_name ? cfg.served_model_name : s->model_file_id);
+    s->started_unix = (int64_t)time(NULL);
+    if (getrandom(&s->id_base, sizeof s->id_base, 0) != sizeof s->id_base) s->id_base = moe_now_ns() ^ (uint64_t)getpid();
+    srv_metrics_init(&s->metrics);
+    pthread_mutex_init(&s->ev_mu, NULL);
+    srv_notify_init(&s->watchdog_usec);
+
+    moe_engine_opts eo = {0};
+    eo.model_path = cfg.model;
+    eo.device = cfg.device;
+    eo.n_threads = (int)cfg.threads;
+    eo.ctx_size = cfg.ctx_size;
+    eo.max_seqs = cfg.max_seqs;
+    eo.kv_blocks = cfg.kv_blocks;
+    eo.kv_mem_mb = cfg.kv_cache_mb;
+    eo.step_tokens = cfg.step_tokens;
+    eo.queue_limit = cfg.queue_limit;
+    eo.chat_family = cfg.chat_template ? moe_chat_family_parse(cfg.chat_template) : -1;
+    eo.on_status = engine_status_cb;
+    srv_notify_status("loading %s", cfg.model);
+    srv_log(SRV_LOG_INFO, "loading %s", cfg.model);
+    int st = 0;
+    s->eng = moe_engine_start(&eo, &st, err, sizeof err);
+    if (!s->eng) {
+        srv_log(SRV_LOG_ERROR, "cannot start the engine: %s", err);
+        fprintf(stderr, "moed serve: %s\n", err);
+        goto fail;
+    }
+
+    uv_async_init(s->loop, &s->async, async_cb);
+    s->async.data = s;
+    srv_http_opts ho = {.host = cfg.host,
+                        .port = (int)cfg.port,
+                        .idle_timeout_s = (unsigned)ceil(cfg.idle_timeout),
+                        .handler = handler_cb,
+                        .handler_cls = s,
+                        .completed = completed_cb,
+                        .completed_cls = s};
+    s->http = srv_http_start(s->loop, &ho, err, sizeof err);
+    if (!s->http) {
+        srv_log(SRV_LOG_ERROR, "%s", err);
+        fprintf(stderr, "moed serve: %s\n", err);
+        uv_close((uv_handle_t *)&s->async, NULL);
+        uv_run(s->loop, UV_RUN_DEFAULT);
+        moe_engine_destroy(s->eng, 0);
+        goto fail;
+    }
+    srv_log(SRV_LOG_INFO, "listening on http://%s:%d", cfg.host, srv_http_port(s->http));
+    uv_timer_init(s->loop, &s->tick);
+    s->tick.data = s;
+    uv_timer_start(&s->tick, tick_cb, 50, 100);
+    uv_signal_init(s->loop, &s->sigterm);
+    s->sigterm.data = s;
+    uv_signal_start(&s->sigterm, signal_cb, SIGTERM);
+    uv_signal_init(s->loop, &s->sigint);
+    s->sigint.data = s;
+    uv_signal_start(&s->sigint, signal_cb, SIGINT);
+    uv_timer_init(s->loop, &s->watchdog);
+    s->watchdog.data = s;
+    if (s->watchdog_usec) {
+        uint64_t ms = s->watchdog_usec / 2000;
+        uv_timer_start(&s->watchdog, watchdog_cb, ms ? ms : 1, ms ? ms : 1);
+    }
+
+    uv_run(s->loop, UV_RUN_DEFAULT);
+
+    /* The loop has ended: every handle is closed, no connection is open. */
+    moe_engine_destroy(s->eng, 0);
+    s->eng = NULL;
+    pthread_mutex_lock(&s->ev_mu);
+    ev_node *n = s->ev_head;
+    s->ev_head = s->ev_tail = NULL;
+    pthread_mutex_unlock(&s->ev_mu);
+    while (n) {
+        ev_node *next = n->next;
+        free(n);
+        n = next;
+    }
+    while (s->gens) gen_free(s->gens);
+    rc = s->exit_code;
+    srv_log(SRV_LOG_INFO, "stopped");
+    goto done;
+fail:
+    rc = 1;
+done:
+    uv_loop_close(s->loop);
+    pthread_mutex_destroy(&s->ev_mu);
+    free(s->model_name);
+    free(s->model_file_id);
+    free(s);
+    srv_config_free(&cfg);
+    return rc;
 }
