@@ -326,3 +326,28 @@ def test_k8s_manifests_consistent():
     for s in services:
         assert any(p["targetPort"] == "http" for p in s["spec"]["ports"])
 
+
+
+# --- container image ------------------------------------------------------------
+
+def test_dockerfile_runtime_libraries_cover_the_binary(moed_bin):
+    # Every shared library the binary links directly must come from a package
+    # the runtime stage installs (versions and Ubuntu's t64 suffix aside), so a
+    # new dependency (e.g. ICU) cannot be forgotten there.
+    readelf, dpkg = shutil.which("readelf"), shutil.which("dpkg")
+    if not readelf or not dpkg:
+        pytest.skip("needs readelf and dpkg")
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    runtime = text[text.rindex("FROM "):]
+    needed = re.findall(r"\(NEEDED\).*\[(.+)\]", subprocess.run([readelf, "-d", str(moed_bin)], capture_output=True,
+                                                                  text=True, check=True).stdout)
+    assert needed
+    for lib in needed:
+        if re.match(r"lib(c|m|dl|rt|pthread|gcc_s|stdc\+\+)\.so|ld-linux|libcu", lib):
+            continue  # the C/C++ runtime is in every base image; CUDA's in the nvidia/cuda one
+        p = subprocess.run([dpkg, "-S", lib], capture_output=True, text=True)
+        assert p.returncode == 0, f"{lib}: {p.stderr}"
+        pkg = p.stdout.split(":")[0].strip()
+        stem = re.sub(r"(t64)?$", "", pkg)
+        stem = re.sub(r"\d+$", "", stem) if pkg.startswith("libicu") else stem
+        assert stem in runtime, f"{lib} (package {pkg}) is not installed by the Dockerfile's runtime stage"
