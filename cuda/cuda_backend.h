@@ -1,6 +1,28 @@
-/* cuda_backend.h - the CUDA backend's C interface (compiled by gcc and nvcc). */
+/* cuda_backend.h - the CUDA backend's C interface (compiled by gcc and nvcc).
+ *
+ * moe_cuda_backend_init() fills the same op table as the CPU backend
+ * (engine/backend.h) with GPU implementations: weights are copied to
+ * device memory by bind_weight (cudaMalloc, never managed memory), every
+ * op runs on one CUDA stream owned by the backend, and the small host
+ * index arrays the ops receive are copied through a pinned staging ring.
+ * Errors come back as negative moe_status (MOE_EBACKEND for a CUDA or
+ * cuBLAS failure, whose message is printed to stderr where it happens).
+ *
+ * Precision (checked by tests/check_cuda_ops.c against the CPU backend):
+ * f32 everywhere except the cuBLAS path of F16/BF16 weights for more than
+ * `gemv_max_tok` tokens, which rounds the activations to the weight's
+ * 16-bit type (f32 accumulation). Quantized weights are dequantized
+ * exactly and multiplied in f32 (the CPU rounds activations to int8
+ * instead, so the two differ by the CPU's ~0.5 %).
+ *
+ * Threads: a backend belongs to one thread, as every backend.
+ */
 #ifndef CUDA_BACKEND_H
 #define CUDA_BACKEND_H
+
+#include <stdint.h>
+
+#include "backend.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -9,6 +31,33 @@ extern "C" {
 /* Number of CUDA devices usable by this process; 0 when there is no
  * driver or no GPU. Any thread. */
 int cuda_device_count(void);
+
+typedef struct moe_cuda_backend_opts {
+    int device;       /* CUDA device ordinal */
+    int gemv_max_tok; /* matmul: up to this many tokens per weight use the GEMV kernels; <= 0: 8 */
+} moe_cuda_backend_opts;
+
+/* Fills *be with a CUDA backend on opts->device (opts may be NULL: device
+ * 0, defaults). Returns MOE_OK, MOE_EINVAL (bad device ordinal),
+ * MOE_EUNSUPPORTED (no CUDA device) or MOE_EBACKEND. Caller frees with
+ * moe_backend_destroy(). */
+int moe_cuda_backend_init(moe_backend *be, const moe_cuda_backend_opts *opts);
+
+/* Sampling on the device (backend.h has no sample op). */
+typedef struct moe_cuda_sample_params {
+    float temperature; /* <= 0: greedy argmax (lowest id on ties) */
+    float top_p;       /* in (0, 1]; 1 keeps every token */
+    uint64_t seed;     /* with the row index, picks the random draw */
+} moe_cuda_sample_params;
+
+/* For each of n_rows rows of logits (device memory of a CUDA backend
+ * `be`, n_vocab floats per row), picks a token per params[row] (host
+ * array) and writes it to out_host[row]. Top-p keeps the smallest set of
+ * the most probable tokens whose probability reaches top_p (at the
+ * probability threshold all tokens tied with it are kept). Synchronous.
+ * Returns MOE_OK, MOE_EINVAL or MOE_EBACKEND. */
+int moe_cuda_sample(const moe_backend *be, const float *logits, int64_t n_rows, int64_t n_vocab,
+                    const moe_cuda_sample_params *params, int32_t *out_host);
 
 #ifdef __cplusplus
 }
