@@ -362,9 +362,10 @@ static bool stop_scan(const eng_req *r, const eng_choice *c, bool final, size_t 
 }
 
 static void hold_drop(eng_choice *c, size_t n) {
+    if (!c->hold) return;
     memmove(c->hold, c->hold + n, c->hold_len - n);
     c->hold_len -= n;
-    if (c->hold) c->hold[c->hold_len] = 0;
+    c->hold[c->hold_len] = 0;
 }
 
 /* Ends choice c with `why`; text still held back is flushed (minus a stop

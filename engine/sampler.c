@@ -45,6 +45,10 @@ uint64_t moe_rng_os_seed(void) {
     return splitmix64(&x);
 }
 
+/* filter histogram: see bucket_of() */
+#define HIST_SHIFT 17
+#define HIST_N ((0x3F800000u >> HIST_SHIFT) + 1)
+
 struct moe_sampler {
     int64_t n;
     float *l;        /* (n) working logits */
@@ -52,6 +56,8 @@ struct moe_sampler {
     int32_t *cnt;    /* (n) generated-token counts; all zero between calls */
     uint8_t *mark;   /* (n) repetition-penalty applied; all zero between calls */
     int32_t *touch;  /* (n) ids whose cnt/mark must be cleared */
+    int64_t *hcnt;   /* (HIST_N) filter histogram: tokens per bucket */
+    double *hmass;   /* (HIST_N) and their weight */
 };
 
 moe_sampler *moe_sampler_new(int64_t n_vocab) {
@@ -65,7 +71,9 @@ moe_sampler *moe_sampler_new(int64_t n_vocab) {
     sm->cnt = calloc(n, sizeof(int32_t));
     sm->mark = calloc(n, 1);
     sm->touch = malloc(n * sizeof(int32_t));
-    if (!sm->l || !sm->idx || !sm->cnt || !sm->mark || !sm->touch) {
+    sm->hcnt = malloc(HIST_N * sizeof(int64_t));
+    sm->hmass = malloc(HIST_N * sizeof(double));
+    if (!sm->l || !sm->idx || !sm->cnt || !sm->mark || !sm->touch || !sm->hcnt || !sm->hmass) {
         moe_sampler_free(sm);
         return NULL;
     }
@@ -79,6 +87,8 @@ void moe_sampler_free(moe_sampler *sm) {
     free(sm->cnt);
     free(sm->mark);
     free(sm->touch);
+    free(sm->hcnt);
+    free(sm->hmass);
     free(sm);
 }
 
@@ -89,39 +99,6 @@ static inline void swap32(int32_t *a, int32_t *b) {
     int32_t t = *a;
     *a = *b;
     *b = t;
-}
-
-/* Reorders idx[lo..hi) so that its best k (k <= hi - lo) come first (in no
- * particular order): quickselect with a median-of-three pivot. */
-static void select_best(const float *v, int32_t *idx, int64_t lo, int64_t hi, int64_t k) {
-    int64_t target = lo + k; /* idx[lo..target) must end up the best */
-    while (hi - lo > 16 && target > lo && target < hi) {
-        int64_t mid = lo + (hi - lo) / 2;
-        if (better(v, idx[mid], idx[lo])) swap32(&idx[mid], &idx[lo]);
-        if (better(v, idx[hi - 1], idx[lo])) swap32(&idx[hi - 1], &idx[lo]);
-        if (better(v, idx[hi - 1], idx[mid])) swap32(&idx[hi - 1], &idx[mid]);
-        int32_t piv = idx[mid];
-        int64_t i = lo, j = hi - 1;
-        for (;;) { /* Hoare partition: [lo, i) better-or-equal, (j, hi) worse-or-equal */
-            while (better(v, idx[i], piv)) i++;
-            while (better(v, piv, idx[j])) j--;
-            if (i >= j) break;
-            swap32(&idx[i], &idx[j]);
-            i++;
-            j--;
-        }
-        int64_t cut = j + 1; /* idx[lo..cut) all rank at or before piv, idx[cut..hi) at or after */
-        if (cut == lo || cut == hi) cut = mid; /* cannot happen with a strict total order; guard */
-        if (target <= cut) hi = cut;
-        else lo = cut;
-    }
-    /* small range: selection sort up to target */
-    for (int64_t i = lo; i < target && i < hi; i++) {
-        int64_t b = i;
-        for (int64_t j = i + 1; j < hi; j++)
-            if (better(v, idx[j], idx[b])) b = j;
-        swap32(&idx[i], &idx[b]);
-    }
 }
 
 /* Sifts idx[lo + i] down a heap over idx[lo..lo+n) whose root is the worst. */
@@ -160,12 +137,53 @@ static void sort_best(const float *v, int32_t *idx, int64_t lo, int64_t hi) {
     }
 }
 
-/* Makes idx[0..m) the best m of idx[0..n_c), sorted best first, given that
- * idx[0..have) already is (have <= m <= n_c). */
-static void grow_sorted(const float *v, int32_t *idx, int64_t n_c, int64_t have, int64_t m) {
-    if (m <= have) return;
-    if (m < n_c) select_best(v, idx, have, n_c, m - have);
-    sort_best(v, idx, have, m);
+/* Weights w in (0, 1] bucketed by their float bits, which order positive
+ * floats like their values: 6 mantissa bits per octave, bucket 0 holds
+ * the largest. Filters find the bucket where the kept set ends with one
+ * O(n) histogram pass and sort only inside that bucket. */
+
+static inline uint32_t bucket_of(float w) {
+    uint32_t b;
+    memcpy(&b, &w, sizeof b);
+    return (0x3F800000u - b) >> HIST_SHIFT;
+}
+
+/* Keeps the best of idx[0..n_c) by weight w (ties to the lower id): the k
+ * best when k > 0, else the smallest best-first prefix whose weight
+ * reaches `mass`. Compacts idx in place (order not kept); returns the
+ * count kept. */
+static int64_t keep_best(moe_sampler *sm, const float *w, int32_t *idx, int64_t n_c, int64_t k, double mass) {
+    memset(sm->hcnt, 0, HIST_N * sizeof(*sm->hcnt));
+    memset(sm->hmass, 0, HIST_N * sizeof(*sm->hmass));
+    for (int64_t i = 0; i < n_c; i++) {
+        uint32_t b = bucket_of(w[idx[i]]);
+        sm->hcnt[b]++;
+        sm->hmass[b] += w[idx[i]];
+    }
+    int64_t cnt = 0;
+    double acc = 0;
+    uint32_t B = 0;
+    for (; B < HIST_N; B++) {
+        if (k > 0 ? cnt + sm->hcnt[B] >= k : acc + sm->hmass[B] >= mass) break;
+        cnt += sm->hcnt[B];
+        acc += sm->hmass[B];
+    }
+    if (B == HIST_N) return n_c; /* rounding: the target is the whole mass */
+    int64_t m = 0, t = 0;
+    int32_t *tmp = sm->touch; /* free outside the penalty pass */
+    for (int64_t i = 0; i < n_c; i++) {
+        uint32_t b = bucket_of(w[idx[i]]);
+        if (b < B) idx[m++] = idx[i];
+        else if (b == B) tmp[t++] = idx[i];
+    }
+    sort_best(w, tmp, 0, t);
+    for (int64_t j = 0; j < t; j++) {
+        if (k > 0 ? cnt >= k : acc >= mass) break;
+        idx[m++] = tmp[j];
+        cnt++;
+        acc += w[tmp[j]];
+    }
+    return m;
 }
 
 int moe_sampler_sample(moe_sampler *sm, const moe_sampling *p, moe_rng *rng, const float *logits,
@@ -215,67 +233,70 @@ int moe_sampler_sample(moe_sampler *sm, const moe_sampling *p, moe_rng *rng, con
         return MOE_OK;
     }
     if (!rng) return MOE_EINVAL;
+    /* From here on l holds unnormalised probabilities w = exp(l/T - max):
+     * one exp per token, the order is the logits' order, the best is 1. */
     float inv_t = 1.0f / p->temperature;
     float mx = -INFINITY;
-    int64_t arg = 0;
     for (int64_t i = 0; i < n; i++) {
         l[i] *= inv_t;
-        if (l[i] > mx) {
-            mx = l[i];
-            arg = i;
-        }
+        mx = l[i] > mx ? l[i] : mx;
     }
     if (mx == -INFINITY) {
         *out = 0;
         return MOE_OK;
     }
+    double z = 0;
+    for (int64_t i = 0; i < n; i++) {
+        l[i] = expf(l[i] - mx);
+        z += l[i];
+    }
 
-    /* Candidates: idx[0..n_c), best-first sorted over idx[0..n_sorted). */
-    int32_t *idx = sm->idx;
-    int64_t n_c = 0, n_sorted = 0;
-    for (int64_t i = 0; i < n; i++)
-        if (l[i] > -INFINITY) idx[n_c++] = (int32_t)i;
-    if (p->top_k > 0 && p->top_k < n_c) {
-        grow_sorted(l, idx, n_c, 0, p->top_k);
-        n_c = n_sorted = p->top_k;
-    }
-    if (p->top_p < 1.0f && n_c > 1) {
-        double z = 0;
-        for (int64_t i = 0; i < n_c; i++) z += exp((double)l[idx[i]] - mx);
-        double want = (double)p->top_p * z, acc = 0;
-        int64_t keep = 0, m = n_sorted > 0 ? n_sorted : 64;
-        for (;;) {
-            if (m > n_c) m = n_c;
-            grow_sorted(l, idx, n_c, n_sorted, m);
-            if (m > n_sorted) n_sorted = m;
-            while (keep < n_sorted) {
-                acc += exp((double)l[idx[keep]] - mx);
-                keep++;
-                if (acc >= want) break;
-            }
-            if (acc >= want || keep == n_c) break;
-            m *= 2;
+    bool filt = (p->top_k > 0 && p->top_k < n) || p->top_p < 1.0f || p->min_p > 0;
+    if (!filt) {
+        double u = moe_rng_uniform(rng) * z, acc = 0;
+        int64_t last = 0;
+        for (int64_t i = 0; i < n; i++) {
+            if (l[i] <= 0) continue;
+            acc += l[i];
+            last = i;
+            if (u < acc) break;
         }
-        n_c = n_sorted = keep;
-    }
-    if (p->min_p > 0 && n_c > 1) {
-        /* p_i >= min_p * p_max  <=>  l_i >= mx + log(min_p) */
-        float thr = mx + logf(p->min_p);
-        int64_t k = 0;
-        for (int64_t i = 0; i < n_c; i++)
-            if (l[idx[i]] >= thr) idx[k++] = idx[i]; /* keeps a sorted prefix sorted */
-        n_c = k;
-        if (n_sorted > n_c) n_sorted = n_c;
-    }
-    if (n_c <= 1) {
-        *out = n_c == 1 ? idx[0] : (int32_t)arg;
+        *out = (int32_t)last;
         return MOE_OK;
     }
-    double z = 0;
-    for (int64_t i = 0; i < n_c; i++) z += exp((double)l[idx[i]] - mx);
+
+    /* candidates idx[0..n_c): tokens whose weight did not underflow to 0 */
+    int32_t *idx = sm->idx;
+    int64_t n_c = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (l[i] > 0) idx[n_c++] = (int32_t)i;
+    if (p->top_k > 0 && p->top_k < n_c) {
+        n_c = keep_best(sm, l, idx, n_c, p->top_k, 0);
+        z = 0;
+        for (int64_t i = 0; i < n_c; i++) z += l[idx[i]];
+    }
+    if (p->top_p < 1.0f && n_c > 1) {
+        n_c = keep_best(sm, l, idx, n_c, 0, (double)p->top_p * z);
+        z = 0;
+        for (int64_t i = 0; i < n_c; i++) z += l[idx[i]];
+    }
+    if (p->min_p > 0 && n_c > 1) {
+        int64_t k = 0;
+        z = 0;
+        for (int64_t i = 0; i < n_c; i++)
+            if (l[idx[i]] >= p->min_p) { /* the best weighs 1 */
+                idx[k++] = idx[i];
+                z += l[idx[i]];
+            }
+        n_c = k;
+    }
+    if (n_c == 1) { /* the best token always survives every filter */
+        *out = idx[0];
+        return MOE_OK;
+    }
     double u = moe_rng_uniform(rng) * z, acc = 0;
     for (int64_t i = 0; i < n_c; i++) {
-        acc += exp((double)l[idx[i]] - mx);
+        acc += l[idx[i]];
         if (u < acc) {
             *out = idx[i];
             return MOE_OK;
@@ -295,7 +316,7 @@ int moe_sampler_logprobs(moe_sampler *sm, const float *logits, int32_t id, int32
     double z = 0;
     if (mx > -INFINITY)
         for (int64_t i = 0; i < n; i++)
-            if (logits[i] > -INFINITY) z += exp((double)logits[i] - mx);
+            if (logits[i] > -INFINITY) z += expf(logits[i] - mx);
     double lse = mx > -INFINITY ? (double)mx + log(z) : 0;
     if (logprob) *logprob = isnan(logits[id]) ? -INFINITY : (float)((double)logits[id] - lse);
     if (n_top) {
