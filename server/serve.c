@@ -100,6 +100,7 @@ struct srv_gen {
     char *body;              /* non-streamed body, ready when finished */
     uint64_t t_start_ns, t_first_ns;
     int64_t prompt_tokens, completion_tokens;
+    int64_t tokens_seen; /* TOKEN events so far (the count while unfinished) */
 };
 
 /* One HTTP request (MHD's con_cls). */
@@ -386,6 +387,7 @@ static void process_event(server *s, ev_node *n) {
         }
         if (cs->t_last_ns) srv_hist_observe(&s->metrics.itl, ns_to_s(n->t_now_ns - cs->t_last_ns));
         cs->t_last_ns = n->t_now_ns;
+        g->tokens_seen++;
         srv_oai_lp lp;
         if (g->req.logprobs) {
             lp.id = n->token;
@@ -975,7 +977,7 @@ static void completed_cb(void *cls, struct MHD_Connection *conn, void **con_cls,
         lr.prompt_tokens = g->prompt_tokens;
         if (!g->finished)
             for (size_t i = 0; i < g->n_subs; i++) lr.prompt_tokens += g->req.prompts[i].n;
-        lr.completion_tokens = g->completion_tokens;
+        lr.completion_tokens = g->finished ? g->completion_tokens : g->tokens_seen;
         if (g->t_first_ns) lr.ttft_ms = (double)(g->t_first_ns - g->t_start_ns) * 1e-6;
         lr.finish = g->finished ? finish_log_name(g) : "cancelled";
         if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && toe != MHD_REQUEST_TERMINATED_CLIENT_ABORT && g->finished)

@@ -1,0 +1,178 @@
+"""`moed serve` under concurrent load: continuous batching is real,
+clients that go away mid-stream cancel only their own request and free
+their KV blocks, and SIGTERM drains (streams finish or end with an error
+event, exit 0 within the drain timeout)."""
+import signal
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+from server_util import Server, make_model, metric, sse_events
+
+
+@pytest.fixture(scope="module")
+def model(moed_bin, tmp_path_factory):
+    return make_model(moed_bin, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def server(moed_bin, model, tmp_path_factory):
+    s = Server(moed_bin, model, "--max-seqs", "64", log_dir=tmp_path_factory.mktemp("log")).wait_ready()
+    yield s
+    assert s.stop() == 0, s.read_log()
+
+
+def wait_idle(server, timeout=15):
+    deadline = time.time() + timeout
+    while True:
+        m = server.metrics()
+        if (metric(m, "moed_requests_running") == 0 and metric(m, "moed_requests_waiting") == 0
+                and metric(m, "moed_kv_blocks_used") == 0):
+            return m
+        assert time.time() < deadline, m
+        time.sleep(0.1)
+
+
+def test_batching_is_real(server, model):
+    client = openai.OpenAI(base_url=server.url("/v1"), api_key="x", max_retries=0)
+    kw = dict(model=model.stem, prompt="Tell me a story", max_tokens=48, temperature=0, stream=True,
+              extra_body={"ignore_eos": True})
+
+    def one(out=None):
+        n = sum(1 for c in client.completions.create(**kw) if c.choices and c.choices[0].text is not None)
+        if out is not None:
+            out.append(n)
+
+    one()  # warm-up
+    before = server.metrics()
+    t = time.perf_counter()
+    for _ in range(8):
+        one()
+    sequential = time.perf_counter() - t
+    mid = server.metrics()
+    outs = []
+    th = [threading.Thread(target=one, args=(outs,)) for _ in range(8)]
+    t = time.perf_counter()
+    [x.start() for x in th]
+    [x.join() for x in th]
+    concurrent = time.perf_counter() - t
+    after = server.metrics()
+    assert len(outs) == 8
+    print(f"8 sequential streams: {sequential:.2f} s, 8 concurrent: {concurrent:.2f} s "
+          f"({sequential / concurrent:.2f}x)")
+    assert concurrent < sequential * 0.8, (sequential, concurrent)
+    # sequential steps were single-sequence; concurrent ones batched several
+    one_seq = metric(mid, "moed_batch_size_bucket", le="1") - metric(before, "moed_batch_size_bucket", le="1")
+    seq_steps = metric(mid, "moed_batch_size_count") - metric(before, "moed_batch_size_count")
+    assert one_seq == seq_steps
+    conc_steps = metric(after, "moed_batch_size_count") - metric(mid, "moed_batch_size_count")
+    conc_single = metric(after, "moed_batch_size_bucket", le="1") - metric(mid, "moed_batch_size_bucket", le="1")
+    assert conc_steps - conc_single > 0, "no step ran more than one sequence"
+    assert metric(after, "moed_batch_size_bucket", le="8") - metric(after, "moed_batch_size_bucket", le="2") > 0
+    wait_idle(server)
+
+
+def test_cancellation_50_streams(server, model):
+    """50 streams; 10 are closed after a few chunks. The other 40 get exactly
+    max_tokens tokens; afterwards nothing runs, every KV block is free and
+    the 10 were cancelled (not run to their 450 tokens)."""
+    max_tokens = 24
+    before = wait_idle(server)
+    results, errors = {}, []
+    body = {"model": model.stem, "messages": [{"role": "user", "content": "count"}], "max_tokens": max_tokens,
+            "stream": True, "ignore_eos": True, "logprobs": True, "stream_options": {"include_usage": True}}
+
+    def run(i):
+        try:
+            # the ones that go away ask for long outputs, so they are surely mid-stream when they leave
+            b = dict(body, max_tokens=450) if i % 5 == 0 else body
+            with requests.post(server.url("/v1/chat/completions"), json=b, stream=True, timeout=120) as r:
+                assert r.status_code == 200
+                tokens, usage, finish, done = 0, None, None, False
+                for ev in sse_events(r):
+                    if ev == "[DONE]":
+                        done = True
+                        break
+                    for ch in ev["choices"]:
+                        if ch.get("logprobs"):
+                            tokens += len(ch["logprobs"]["content"])
+                        finish = ch["finish_reason"] or finish
+                    usage = ev.get("usage") or usage
+                    if i % 5 == 0 and tokens >= 3:
+                        r.raw._fp.fp.raw._sock.shutdown(socket.SHUT_RDWR)  # the client goes away
+                        results[i] = "closed"
+                        return
+                results[i] = (tokens, usage, finish, done)
+        except Exception as e:  # noqa: BLE001
+            errors.append((i, repr(e)))
+
+    th = [threading.Thread(target=run, args=(i,)) for i in range(50)]
+    [t.start() for t in th]
+    [t.join() for t in th]
+    assert not errors, errors[:3]
+    closed = [i for i, v in results.items() if v == "closed"]
+    assert len(closed) == 10
+    for i, v in results.items():
+        if v == "closed":
+            continue
+        tokens, usage, finish, done = v
+        assert tokens == max_tokens and usage["completion_tokens"] == max_tokens, (i, v)
+        assert finish == "length" and done
+    m = wait_idle(server)
+    assert metric(m, "moed_requests_cancelled_total") - metric(before, "moed_requests_cancelled_total") == 10
+    generated = metric(m, "moed_generation_tokens_total") - metric(before, "moed_generation_tokens_total")
+    assert generated < 40 * max_tokens + 10 * 450, generated
+    assert metric(m, "moed_sequences_running") == 0
+    r = requests.post(server.url("/v1/completions"), json={"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200
+
+
+def test_sigterm_drains_under_load(moed_bin, model, tmp_path):
+    drain = 2.0
+    s = Server(moed_bin, model, "--ctx-size", "8192", "--drain-timeout", str(drain), log_dir=tmp_path).wait_ready()
+    results = {}
+
+    def run(i, max_tokens):
+        body = {"model": model.stem, "prompt": "go", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+        events = []
+        try:
+            with requests.post(s.url("/v1/completions"), json=body, stream=True, timeout=60) as r:
+                for ev in sse_events(r):
+                    events.append(ev)
+        except requests.RequestException as e:
+            events.append(("exception", repr(e)))
+        results[i] = events
+
+    short = [threading.Thread(target=run, args=(i, 16)) for i in range(3)]
+    long = [threading.Thread(target=run, args=(i, 8000)) for i in range(3, 6)]
+    for t in short + long:
+        t.start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    s.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    # no new connections once draining
+    with pytest.raises(requests.ConnectionError):
+        requests.get(s.url("/health"), timeout=2)
+    rc = s.proc.wait(timeout=drain + 10)
+    elapsed = time.perf_counter() - t0
+    for t in short + long:
+        t.join(timeout=10)
+    assert rc == 0, s.read_log()
+    assert elapsed < drain + 3, elapsed
+    for i in range(3):  # short streams finished normally
+        evs = results[i]
+        assert evs[-1] == "[DONE]", evs[-3:]
+        assert [e["choices"][0]["finish_reason"] for e in evs[:-1] if e["choices"][0]["finish_reason"]] == ["length"]
+    for i in range(3, 6):  # long ones were cut at the drain timeout with an error event
+        evs = results[i]
+        assert evs[-1] == "[DONE]", evs[-3:]
+        assert "error" in evs[-2] and evs[-2]["error"]["code"] == "server_shutdown", evs[-2]
+        assert 0 < len(evs) - 2 < 8000
+    log = s.read_log()
+    assert "received SIGTERM" in log and "drain timeout" in log
+    s.stop()
