@@ -111,6 +111,42 @@ START_TEST(storage_and_churn) {
 }
 END_TEST
 
+/* shared blocks: a block returns to the pool only when its last holder
+ * frees it; sharing a prefix takes one reference per block */
+START_TEST(references) {
+    int32_t a[2];
+    ck_assert_int_eq(moe_kv_alloc(kv, 2, a), MOE_OK);
+    ck_assert_int_eq(moe_kv_refcount(kv, a[0]), 1);
+    ck_assert_int_eq(moe_kv_ref(kv, a, 2), MOE_OK);
+    ck_assert_int_eq(moe_kv_refcount(kv, a[1]), 2);
+    ck_assert_int_eq(moe_kv_free(kv, a, 2), MOE_OK);
+    ck_assert_int_eq(moe_kv_n_free(kv), 6); /* still held once */
+    ck_assert_int_eq(moe_kv_free(kv, a, 2), MOE_OK);
+    ck_assert_int_eq(moe_kv_n_free(kv), 8);
+    ck_assert_int_eq(moe_kv_refcount(kv, a[0]), 0);
+    ck_assert_int_eq(moe_kv_ref(kv, a, 1), MOE_EINVAL); /* free blocks cannot be shared */
+    ck_assert_int_eq(moe_kv_refcount(kv, 99), 0);
+
+    moe_kv_seq s1 = {0}, s2 = {0}, s3 = {0};
+    ck_assert_int_eq(moe_kv_seq_reserve(kv, &s1, 10), MOE_OK); /* 3 blocks */
+    ck_assert_int_eq(moe_kv_seq_share(kv, &s2, &s1, 2), MOE_OK);
+    ck_assert_int_eq(s2.n_blocks, 2);
+    ck_assert_int_eq(s2.blocks[1], s1.blocks[1]);
+    ck_assert_int_eq(moe_kv_n_free(kv), 5);
+    ck_assert_int_eq(moe_kv_seq_share(kv, &s2, &s1, 1), MOE_EINVAL); /* s2 not empty */
+    ck_assert_int_eq(moe_kv_seq_share(kv, &s3, &s1, 4), MOE_EINVAL); /* more than s1 has */
+    /* s2 grows with blocks of its own */
+    ck_assert_int_eq(moe_kv_seq_reserve(kv, &s2, 12), MOE_OK);
+    ck_assert_int_eq(moe_kv_n_free(kv), 4);
+    ck_assert_int_ne(s2.blocks[2], s1.blocks[2]);
+    moe_kv_seq_release(kv, &s1);
+    ck_assert_int_eq(moe_kv_n_free(kv), 5); /* only s1's own third block came back */
+    ck_assert_int_eq(moe_kv_refcount(kv, s2.blocks[0]), 1);
+    moe_kv_seq_release(kv, &s2);
+    ck_assert_int_eq(moe_kv_n_free(kv), 8);
+}
+END_TEST
+
 START_TEST(bad_create) {
     int st = 0;
     ck_assert_ptr_null(moe_kv_create(&be, &(moe_kv_opts){.n_layer = 1, .block_size = 0, .n_blocks = 1, .k_width = 1}, &st));
@@ -138,6 +174,7 @@ int main(void) {
     TCase *tq = tcase_create("sequences");
     tcase_add_checked_fixture(tq, setup, teardown);
     tcase_add_test(tq, sequences);
+    tcase_add_test(tq, references);
     suite_add_tcase(s, tq);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
