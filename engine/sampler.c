@@ -193,12 +193,21 @@ int moe_sampler_sample(moe_sampler *sm, const moe_sampling *p, moe_rng *rng, con
     const int64_t n = sm->n;
     for (int32_t i = 0; i < p->n_logit_bias; i++)
         if (p->logit_bias_ids[i] < 0 || p->logit_bias_ids[i] >= n) return MOE_EINVAL;
+    bool rep = p->repetition_penalty > 0 && p->repetition_penalty != 1.0f;
+    bool pen = rep || p->presence_penalty != 0 || p->frequency_penalty != 0;
+    if (!(p->temperature > 0) && !pen && p->n_logit_bias == 0) {
+        /* plain greedy reads the row in place (NaN never compares greater) */
+        int64_t best = 0;
+        for (int64_t i = 1; i < n; i++)
+            if (logits[i] > logits[best] || (isnan(logits[best]) && !isnan(logits[i]))) best = i;
+        *out = (int32_t)best;
+        return MOE_OK;
+    }
     float *l = sm->l;
     for (int64_t i = 0; i < n; i++) l[i] = isnan(logits[i]) ? -INFINITY : logits[i];
     for (int32_t i = 0; i < p->n_logit_bias; i++) l[p->logit_bias_ids[i]] += p->logit_bias[i];
 
-    bool rep = p->repetition_penalty > 0 && p->repetition_penalty != 1.0f;
-    if (rep || p->presence_penalty != 0 || p->frequency_penalty != 0) {
+    if (pen) {
         int64_t nt = 0;
         for (int64_t i = 0; i < n_gen; i++) {
             int32_t t = gen[i];
