@@ -31,6 +31,8 @@ typedef struct fwd_layer {
     moe_weight gate_sh, up_sh, down_sh, gate_inp_sh;
     void *k_b_owned; /* backend buffers derived from attn_kv_b, or NULL */
     void *v_b_owned;
+    int64_t dense_bytes;  /* every weight above but the routed experts */
+    int64_t expert_bytes; /* one routed expert's gate + up + down */
 } fwd_layer;
 
 /* Per-step scratch in backend memory, kept across steps and grown when a
@@ -75,6 +77,12 @@ struct moe_fwd {
     int64_t cap;     /* tokens B holds */
     float *lg;       /* (lg_cap, n_vocab) logits */
     int64_t lg_cap;
+    /* traffic counting (moe_fwd_set_count_traffic) */
+    bool count_traffic;
+    moe_fwd_traffic last;
+    int32_t *ids;    /* host (ids_cap) routing of one layer when route_out is not set */
+    int64_t ids_cap;
+    uint8_t *seen;   /* host (n_expert) */
 };
 
 static void seterr(char *err, size_t errsz, const char *fmt, ...) {
@@ -146,6 +154,13 @@ static int bind(moe_fwd *fw, const char *name, moe_weight *w) {
 }
 
 static bool has(const moe_weight *w) { return w->data != NULL; }
+
+/* Bytes of w's data (0 when absent). */
+static int64_t wbytes(const moe_weight *w) {
+    if (!has(w)) return 0;
+    size_t ms = w->mat_stride ? w->mat_stride : (size_t)w->n_out * moe_row_size(w->type, w->n_in);
+    return (int64_t)ms * (w->n_mat > 0 ? w->n_mat : 1);
+}
 
 void moe_rope_yarn_inv_freq(int64_t n_rot, double base, double factor, double orig_ctx, double beta_fast,
                             double beta_slow, float *inv_freq) {
@@ -243,6 +258,8 @@ void moe_fwd_free(moe_fwd *fw) {
         if (fw->layers[il].v_b_owned) fw->be.ops->free(fw->be.ctx, fw->layers[il].v_b_owned);
     }
     free(fw->bound);
+    free(fw->ids);
+    free(fw->seen);
     free(fw->layers);
     free(fw->inv_freq);
     free(fw);
@@ -534,6 +551,18 @@ moe_fwd *moe_fwd_create(const moe_gguf *g, const moe_backend *be, int *status, c
             goto fail;
         }
     }
+    for (int64_t il = 0; il < fw->n_layer; il++) {
+        fwd_layer *L = &fw->layers[il];
+        const moe_weight *dense[] = {&L->attn_norm, &L->ffn_norm, &L->wq,       &L->wk,        &L->wv,
+                                     &L->bq,        &L->bk,       &L->bv,       &L->q_norm,    &L->k_norm,
+                                     &L->q_a,       &L->q_a_norm, &L->q_b,      &L->kv_a,      &L->kv_a_norm,
+                                     &L->k_b,       &L->v_b,      &L->wo,       &L->ffn_gate,  &L->ffn_up,
+                                     &L->ffn_down,  &L->gate_inp, &L->exp_probs_b, &L->gate_sh, &L->up_sh,
+                                     &L->down_sh,   &L->gate_inp_sh};
+        for (size_t i = 0; i < sizeof dense / sizeof dense[0]; i++) L->dense_bytes += wbytes(dense[i]);
+        if (has(&L->gate_inp))
+            L->expert_bytes = (wbytes(&L->gate_exps) + wbytes(&L->up_exps) + wbytes(&L->down_exps)) / fw->n_expert;
+    }
     if (status) *status = MOE_OK;
     return fw;
 fail:
@@ -555,6 +584,24 @@ void moe_fwd_set_route_out(moe_fwd *fw, int32_t *ids) {
 }
 
 int64_t moe_fwd_n_expert_used(const moe_fwd *fw) { return fw ? fw->n_used : 0; }
+
+void moe_fwd_set_count_traffic(moe_fwd *fw, bool on) {
+    if (fw) fw->count_traffic = on;
+}
+
+int moe_fwd_last_traffic(const moe_fwd *fw, moe_fwd_traffic *out) {
+    if (!fw || !out) return MOE_EINVAL;
+    *out = fw->last;
+    return MOE_OK;
+}
+
+int64_t moe_fwd_weight_bytes(const moe_fwd *fw) {
+    if (!fw) return 0;
+    int64_t n = wbytes(&fw->out_norm) + wbytes(&fw->output);
+    for (int64_t il = 0; il < fw->n_layer; il++)
+        n += fw->layers[il].dense_bytes + fw->layers[il].expert_bytes * fw->n_expert;
+    return n;
+}
 
 int moe_fwd_kv_opts(const moe_fwd *fw, int64_t block_size, int64_t n_blocks, moe_kv_opts *out) {
     if (!fw || !out) return MOE_EINVAL;
@@ -657,6 +704,24 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
         }
         fw->cap = n;
     }
+    moe_fwd_traffic tr = {0};
+    bool count = fw->count_traffic;
+    if (count) {
+        int64_t need = n * (fw->n_used > 0 ? fw->n_used : 1);
+        if (need > fw->ids_cap) {
+            free(fw->ids);
+            fw->ids = malloc((size_t)need * sizeof(int32_t));
+            fw->ids_cap = fw->ids ? need : 0;
+        }
+        if (!fw->seen && fw->n_expert > 0) fw->seen = malloc((size_t)fw->n_expert);
+        if (!fw->ids || (fw->n_expert > 0 && !fw->seen)) {
+            rc = MOE_ENOMEM;
+            goto out;
+        }
+        int64_t slot = (kw + (mla ? 0 : Hkv * fw->dv)) * (int64_t)fs * fw->n_layer;
+        for (int64_t t = 0; t < n; t++) tr.kv_bytes += ((int64_t)b->pos[t] + 1) * slot;
+        tr.dense_bytes = n * (int64_t)moe_row_size(fw->tok_embd.type, E);
+    }
     fwd_bufs B = fw->B;
     moe_rope_params rp = {.style = fw->rope_style, .n_rot = fw->n_rot, .inv_freq = fw->inv_freq,
                           .attn_factor = fw->attn_factor};
@@ -664,6 +729,7 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
     CK(op->embed(c, &fw->tok_embd, b->ids, n, B.x));
     for (int64_t il = 0; il < fw->n_layer; il++) {
         const fwd_layer *L = &fw->layers[il];
+        tr.dense_bytes += L->dense_bytes;
         CK(op->rms_norm(c, B.x, E, B.h, E, n, E, L->attn_norm.data, fw->eps));
         if (mla) {
             if (has(&L->wq)) {
@@ -702,8 +768,17 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
                                   .norm = fw->expert_norm, .scale = fw->expert_scale,
                                   .bias = has(&L->exp_probs_b) ? L->exp_probs_b.data : NULL};
             CK(op->matmul(c, &L->gate_inp, B.h, n, NULL, B.ga));
-            CK(op->moe(c, B.h, n, B.ga, &r, &L->gate_exps, &L->up_exps, &L->down_exps, B.o,
-                       fw->route_out ? fw->route_out + il * n * fw->n_used : NULL, NULL));
+            int32_t *ids = fw->route_out ? fw->route_out + il * n * fw->n_used : count ? fw->ids : NULL;
+            CK(op->moe(c, B.h, n, B.ga, &r, &L->gate_exps, &L->up_exps, &L->down_exps, B.o, ids, NULL));
+            if (count) {
+                memset(fw->seen, 0, (size_t)fw->n_expert);
+                for (int64_t i = 0; i < n * fw->n_used; i++)
+                    if (ids[i] >= 0 && ids[i] < fw->n_expert && !fw->seen[ids[i]]) {
+                        fw->seen[ids[i]] = 1;
+                        tr.expert_reads++;
+                        tr.expert_bytes += L->expert_bytes;
+                    }
+            }
             if (has(&L->gate_sh)) {
                 CK(ffn(fw, &L->gate_sh, &L->up_sh, &L->down_sh, B.h, n, B.ga, B.up, B.sh));
                 if (has(&L->gate_inp_sh)) {
@@ -737,7 +812,9 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
         if (!rc) rc = op->rms_norm(c, B.h, E, B.h, E, n_out, E, fw->out_norm.data, fw->eps);
         if (!rc) rc = op->matmul(c, &fw->output, B.h, n_out, NULL, lg);
         if (!rc) rc = op->download(c, logits, lg, (size_t)n_out * fw->n_vocab * fs);
+        tr.dense_bytes += wbytes(&fw->out_norm) + wbytes(&fw->output);
     }
+    if (!rc && count) fw->last = tr;
 out:
     free(bt);
     free(boff);

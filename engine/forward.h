@@ -15,6 +15,7 @@
 #ifndef MOE_FORWARD_H
 #define MOE_FORWARD_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -63,6 +64,33 @@ void moe_fwd_set_hidden_out(moe_fwd *fw, float *hidden);
  * ids + (il * n_tok + t) * n_used (dense layers leave theirs untouched). */
 void moe_fwd_set_route_out(moe_fwd *fw, int32_t *ids);
 int64_t moe_fwd_n_expert_used(const moe_fwd *fw); /* 0 for dense models */
+
+/* Weight and cache traffic of the last moe_fwd_run, for benchmarks:
+ * what a step has to read from memory at least, counting every byte once
+ * per step however many tokens use it. */
+typedef struct moe_fwd_traffic {
+    int64_t dense_bytes;  /* weights every token passes through: attention, dense FFNs, shared
+                           * experts, routers, norms, the output head when logits were asked
+                           * for, and the embedding rows looked up */
+    int64_t expert_bytes; /* routed experts: the distinct (layer, expert) pairs the step
+                           * selected times each one's gate+up+down bytes */
+    int64_t expert_reads; /* those distinct (layer, expert) pairs */
+    int64_t kv_bytes;     /* cache slots attention read: per token, its context times the
+                           * slot width, every layer */
+} moe_fwd_traffic;
+
+/* Turns the traffic count on or off (off by default: on a device backend
+ * counting the distinct experts costs a copy of the routing per MoE layer).
+ * Cheap on the CPU backend. */
+void moe_fwd_set_count_traffic(moe_fwd *fw, bool on);
+
+/* The counts of the last moe_fwd_run that ran with counting on (zeros
+ * before). Returns MOE_OK or MOE_EINVAL (NULL argument). */
+int moe_fwd_last_traffic(const moe_fwd *fw, moe_fwd_traffic *out);
+
+/* Bytes of all weights a step may read (dense plus every expert; the
+ * embedding table excluded), for reports. */
+int64_t moe_fwd_weight_bytes(const moe_fwd *fw);
 
 /* Rope frequencies: inv_freq[i] = base^(-2i/n_rot) for i < n_rot/2, with
  * YaRN's ramp when factor > 1 (transformers / llama.cpp semantics:

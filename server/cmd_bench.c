@@ -1,11 +1,435 @@
-/* cmd_bench.c - `moed bench`. Placeholder until its issue lands. */
+/* cmd_bench.c - `moed bench`: prefill and decode speed of one model next to
+ * the memory read bandwidth measured in the same run.
+ *
+ *   moed bench -m MODEL [--threads N] [--prompt N] [--gen N] [--batch LIST]
+ *              [--device cpu|cuda] [--bw-mib N] [--json]
+ *
+ * Decode on a CPU is bound by memory reads, so the number that says how
+ * good a decode step is, is the bytes it had to read per second compared
+ * with what the memory delivers. The bench therefore:
+ *  1. measures the read bandwidth with the same thread count (a streaming
+ *     sum over a buffer far larger than the last-level cache, best of 5);
+ *  2. faults every weight page in, so no step pays for page-cache misses;
+ *  3. prefills one sequence of --prompt random token ids in one step;
+ *  4. decodes --gen steps at batch 1 and at each --batch size B: B
+ *     sequences that share the prompt's cached blocks (prefix sharing, as
+ *     the scheduler does for n > 1) each feed one random token per step.
+ *     The forward pass counts what each step read (moe_fwd_last_traffic):
+ *     dense weights once, the distinct experts the step selected, and the
+ *     KV slots attention read; their sum over the step time is the
+ *     effective GB/s, printed with its ratio to the measured bandwidth, and
+ *     the aggregate tok/s of batch B is compared with batch 1.
+ * It drives the forward pass and KV cache directly (not the engine
+ * thread), so scheduling and sampling costs are not in the numbers.
+ * Decode inputs are random ids rather than sampled tokens: the speed does
+ * not depend on which tokens they are, only on which experts they pick.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
 
+#include "backend.h"
 #include "cli.h"
+#include "cpu_matmul.h"
+#include "cpu_membw.h"
+#include "forward.h"
+#include "gguf.h"
+#include "kvcache.h"
+#include "threadpool.h"
+
+#define MAX_BATCHES 16
+#define BLOCK 16
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: moed bench -m MODEL [--threads N] [--prompt N] [--gen N] [--batch LIST] [--device cpu|cuda]\n"
+            "                  [--bw-mib N] [--json]\n"
+            "Measures, in one run: the memory read bandwidth (all threads summing a buffer far larger than the\n"
+            "cache, best of 5 passes), prefill tok/s of one prompt, and decode tok/s at batch 1 and at each batch\n"
+            "size B (B sequences decoding together, aggregate tok/s). For decode it prints the bytes a step had\n"
+            "to read (dense weights, the distinct experts selected, KV cache) per second and their ratio to the\n"
+            "measured bandwidth, and each batch's speed-up over batch 1. Prompt and decode tokens are random ids.\n"
+            "  -m, --model PATH    GGUF model file\n"
+            "  -t, --threads N     CPU threads, for the bandwidth and the model (default: all online CPUs)\n"
+            "      --prompt N      prompt tokens prefilled in one step (default 128)\n"
+            "      --gen N         timed decode steps per batch size (default 32)\n"
+            "      --batch LIST    comma-separated decode batch sizes (default 1,8,32); batch 1 always runs\n"
+            "      --device DEV    cpu (default) or cuda (not available yet)\n"
+            "      --bw-mib N      bandwidth buffer in MiB (default 1024)\n"
+            "      --json          one JSON object on stdout instead of text\n");
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* splitmix64 */
+static uint64_t rng_next(uint64_t *s) {
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static int parse_long(const char *s, long lo, long hi, long *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end || errno || v < lo || v > hi) return -1;
+    *out = v;
+    return 0;
+}
+
+/* "1,8,32" -> sizes (deduplicated, order kept). */
+static int parse_batches(const char *s, long *out, int *n) {
+    *n = 0;
+    char buf[256];
+    if (strlen(s) >= sizeof buf) return -1;
+    strcpy(buf, s);
+    for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        long v;
+        if (parse_long(t, 1, 4096, &v)) return -1;
+        int dup = 0;
+        for (int i = 0; i < *n; i++) dup |= out[i] == v;
+        if (dup) continue;
+        if (*n == MAX_BATCHES) return -1;
+        out[(*n)++] = v;
+    }
+    return *n ? 0 : -1;
+}
+
+/* Reads one byte of every page of every tensor, so the timed steps do not
+ * fault the mapped file in. */
+static void touch_weights(const moe_gguf *g) {
+    uint64_t s = 0;
+    for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
+        const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
+        const volatile uint8_t *p = t->data;
+        for (uint64_t o = 0; o < t->nbytes; o += 4096) s += p[o];
+    }
+    volatile uint64_t sink = s;
+    (void)sink;
+}
+
+typedef struct dec_res {
+    long batch;
+    int64_t steps;
+    double seconds;
+    double tok_s;
+    double dense, expert, kv; /* bytes per step, averaged */
+    double experts_per_layer; /* distinct experts per MoE layer per step */
+    double gbs, ratio, speedup;
+} dec_res;
+
+typedef struct bench {
+    moe_fwd *fw;
+    moe_kv_cache *kv;
+    moe_kv_seq prompt; /* the prefilled prompt, shared by every decode sequence */
+    int64_t n_prompt, n_vocab, n_moe_layers;
+    uint64_t rng;
+    float *logits;
+} bench;
+
+/* Decodes `steps` timed steps (after one untimed) of `nb` sequences that
+ * continue the prompt. */
+static int decode(bench *bn, long nb, int64_t steps, dec_res *r) {
+    int rc = MOE_OK;
+    int64_t shared = bn->n_prompt / BLOCK, rest = bn->n_prompt % BLOCK, total = bn->n_prompt + steps + 1;
+    moe_kv_seq *seqs = calloc((size_t)nb, sizeof *seqs);
+    int64_t cap = nb * (rest > 1 ? rest : 1);
+    int32_t *ids = malloc((size_t)cap * sizeof(int32_t)), *pos = malloc((size_t)cap * sizeof(int32_t));
+    int32_t *sq = malloc((size_t)cap * sizeof(int32_t));
+    uint8_t *want = calloc((size_t)cap, 1);
+    if (!seqs || !ids || !pos || !sq || !want) {
+        rc = MOE_ENOMEM;
+        goto out;
+    }
+    for (long s = 0; s < nb && !rc; s++) {
+        rc = moe_kv_seq_share(bn->kv, &seqs[s], &bn->prompt, shared);
+        if (!rc) rc = moe_kv_seq_reserve(bn->kv, &seqs[s], total);
+    }
+    if (rc) goto out;
+    /* the prompt's last partial block is each sequence's own: compute it
+     * (untimed) rather than share a block the decode would write into */
+    if (rest) {
+        for (long s = 0; s < nb; s++)
+            for (int64_t i = 0; i < rest; i++) {
+                int64_t k = s * rest + i;
+                ids[k] = (int32_t)(rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
+                pos[k] = (int32_t)(shared * BLOCK + i);
+                sq[k] = (int32_t)s;
+            }
+        moe_batch b = {.n_tok = nb * rest, .ids = ids, .pos = pos, .seq = sq, .n_seq = nb, .seqs = seqs,
+                       .want_logits = want};
+        if ((rc = moe_fwd_run(bn->fw, bn->kv, &b, bn->logits))) goto out;
+    }
+    memset(r, 0, sizeof *r);
+    r->batch = nb;
+    r->steps = steps;
+    double dense = 0, expert = 0, kvb = 0, reads = 0;
+    for (int64_t step = 0; step <= steps; step++) {
+        for (long s = 0; s < nb; s++) {
+            ids[s] = (int32_t)(rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
+            pos[s] = (int32_t)(bn->n_prompt + step);
+            sq[s] = (int32_t)s;
+        }
+        moe_batch b = {.n_tok = nb, .ids = ids, .pos = pos, .seq = sq, .n_seq = nb, .seqs = seqs};
+        double t0 = now_s();
+        if ((rc = moe_fwd_run(bn->fw, bn->kv, &b, bn->logits))) goto out;
+        double dt = now_s() - t0;
+        if (step == 0) continue; /* scratch growth and cold caches */
+        moe_fwd_traffic tr;
+        moe_fwd_last_traffic(bn->fw, &tr);
+        r->seconds += dt;
+        dense += (double)tr.dense_bytes;
+        expert += (double)tr.expert_bytes;
+        kvb += (double)tr.kv_bytes;
+        reads += (double)tr.expert_reads;
+    }
+    r->tok_s = (double)(steps * nb) / r->seconds;
+    r->dense = dense / (double)steps;
+    r->expert = expert / (double)steps;
+    r->kv = kvb / (double)steps;
+    r->experts_per_layer = bn->n_moe_layers ? reads / (double)steps / (double)bn->n_moe_layers : 0;
+    r->gbs = (dense + expert + kvb) / r->seconds / 1e9;
+out:
+    for (long s = 0; seqs && s < nb; s++) moe_kv_seq_release(bn->kv, &seqs[s]);
+    free(seqs);
+    free(ids);
+    free(pos);
+    free(sq);
+    free(want);
+    return rc;
+}
+
+static void json_str(const char *s) {
+    putchar('"');
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') printf("\\%c", ch);
+        else if (ch < 0x20) printf("\\u%04x", ch);
+        else putchar(ch);
+    }
+    putchar('"');
+}
 
 int srv_cmd_bench(int argc, char **argv) {
-    (void)argc;
-    (void)argv;
-    fprintf(stderr, "moed: 'bench' is not implemented yet\n");
-    return 1;
+    static const struct option opts[] = {
+        {"model", required_argument, 0, 'm'},  {"threads", required_argument, 0, 't'},
+        {"prompt", required_argument, 0, 'p'}, {"gen", required_argument, 0, 'g'},
+        {"batch", required_argument, 0, 'b'},  {"device", required_argument, 0, 'd'},
+        {"bw-mib", required_argument, 0, 'w'}, {"json", no_argument, 0, 'j'},
+        {"help", no_argument, 0, 'h'},         {0, 0, 0, 0},
+    };
+    const char *model = NULL, *device = "cpu";
+    long threads = 0, n_prompt = 128, n_gen = 32, bw_mib = 1024;
+    long batches[MAX_BATCHES + 1] = {1, 8, 32};
+    int n_batches = 3, json = 0;
+    optind = 1;
+    int c;
+    while ((c = getopt_long(argc, argv, "m:t:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 't':
+            if (parse_long(optarg, 0, 1024, &threads)) goto bad;
+            break;
+        case 'p':
+            if (parse_long(optarg, 1, 1000000, &n_prompt)) goto bad;
+            break;
+        case 'g':
+            if (parse_long(optarg, 1, 1000000, &n_gen)) goto bad;
+            break;
+        case 'b':
+            if (parse_batches(optarg, batches, &n_batches)) goto bad;
+            break;
+        case 'd': device = optarg; break;
+        case 'w':
+            if (parse_long(optarg, 1, 1 << 20, &bw_mib)) goto bad;
+            break;
+        case 'j': json = 1; break;
+        case 'h': usage(stdout); return 0;
+        default: goto bad;
+        }
+    }
+    if (!model || optind != argc) goto bad;
+    if (!strcmp(device, "cuda")) {
+        fprintf(stderr, "moed bench: CUDA backend not available\n");
+        return 1;
+    }
+    if (strcmp(device, "cpu")) goto bad;
+    /* batch 1 first: every other batch is compared with it */
+    {
+        int k = 0;
+        long tmp[MAX_BATCHES + 1];
+        tmp[k++] = 1;
+        for (int i = 0; i < n_batches; i++)
+            if (batches[i] != 1) tmp[k++] = batches[i];
+        memcpy(batches, tmp, sizeof tmp);
+        n_batches = k;
+    }
+
+    int rc = 1, st = 0;
+    char err[MOE_ERR_MAX] = "";
+    moe_backend be = {0};
+    bench bn = {0};
+    dec_res res[MAX_BATCHES + 1];
+    moe_gguf *g = NULL;
+
+    /* bandwidth first, with the model not yet mapped */
+    cpu_pool *pool = cpu_pool_create((int)threads, &st);
+    if (!pool) {
+        fprintf(stderr, "moed bench: threads: %s\n", moe_strerror(st));
+        return 1;
+    }
+    int n_threads = cpu_pool_size(pool);
+    double bw = cpu_mem_read_bw(pool, (size_t)bw_mib << 20, 5);
+    cpu_pool_destroy(pool);
+    if (bw <= 0) {
+        fprintf(stderr, "moed bench: measuring the bandwidth: %s\n", moe_strerror((int)bw));
+        return 1;
+    }
+
+    g = moe_gguf_open(model, &st, err, sizeof err);
+    if (!g) {
+        fprintf(stderr, "moed bench: %s: %s (%s)\n", model, err, moe_strerror(st));
+        goto out;
+    }
+    if ((st = moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = n_threads}))) {
+        fprintf(stderr, "moed bench: CPU backend: %s\n", moe_strerror(st));
+        goto out;
+    }
+    bn.fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    if (!bn.fw) {
+        fprintf(stderr, "moed bench: %s: %s (%s)\n", model, err, moe_strerror(st));
+        goto out;
+    }
+    moe_fwd_set_count_traffic(bn.fw, true);
+    bn.n_prompt = n_prompt;
+    bn.n_vocab = moe_fwd_n_vocab(bn.fw);
+    bn.rng = 0x5eed;
+    long max_b = 1;
+    for (int i = 0; i < n_batches; i++) max_b = batches[i] > max_b ? batches[i] : max_b;
+    /* the prompt's blocks once, plus each decode sequence's own blocks */
+    int64_t own = (n_prompt % BLOCK + n_gen + 1 + BLOCK - 1) / BLOCK + 1;
+    moe_kv_opts ko;
+    moe_fwd_kv_opts(bn.fw, BLOCK, (n_prompt + BLOCK - 1) / BLOCK + max_b * own, &ko);
+    bn.kv = moe_kv_create(&be, &ko, &st);
+    int64_t max_rows = max_b * (n_prompt % BLOCK > 1 ? n_prompt % BLOCK : 1);
+    bn.logits = malloc((size_t)max_rows * (size_t)bn.n_vocab * sizeof(float));
+    int32_t *ids = malloc((size_t)n_prompt * sizeof(int32_t)), *pos = malloc((size_t)n_prompt * sizeof(int32_t));
+    int32_t *sq = calloc((size_t)n_prompt, sizeof(int32_t));
+    uint8_t *want = calloc((size_t)n_prompt, 1);
+    if (!bn.kv || !bn.logits || !ids || !pos || !sq || !want || moe_kv_seq_reserve(bn.kv, &bn.prompt, n_prompt)) {
+        fprintf(stderr, "moed bench: out of memory for the KV cache or the batch\n");
+        free(ids);
+        free(pos);
+        free(sq);
+        free(want);
+        goto out;
+    }
+    {
+        /* MoE layers: those whose routing a one-token step reports */
+        int64_t K = moe_fwd_n_expert_used(bn.fw);
+        moe_kv_seq tmp = {0};
+        int32_t id = 1, p0 = 0, s0 = 0;
+        touch_weights(g);
+        if (!moe_kv_seq_reserve(bn.kv, &tmp, 1)) {
+            moe_batch b = {.n_tok = 1, .ids = &id, .pos = &p0, .seq = &s0, .n_seq = 1, .seqs = &tmp};
+            moe_fwd_traffic tr;
+            if (!moe_fwd_run(bn.fw, bn.kv, &b, bn.logits) && !moe_fwd_last_traffic(bn.fw, &tr) && K > 0)
+                bn.n_moe_layers = tr.expert_reads / K;
+            moe_kv_seq_release(bn.kv, &tmp);
+        }
+    }
+    for (int64_t i = 0; i < n_prompt; i++) {
+        ids[i] = (int32_t)(rng_next(&bn.rng) % (uint64_t)bn.n_vocab);
+        pos[i] = (int32_t)i;
+    }
+    want[n_prompt - 1] = 1;
+    moe_batch pb = {.n_tok = n_prompt, .ids = ids, .pos = pos, .seq = sq, .n_seq = 1, .seqs = &bn.prompt,
+                    .want_logits = want};
+    double t0 = now_s();
+    st = moe_fwd_run(bn.fw, bn.kv, &pb, bn.logits);
+    double t_prefill = now_s() - t0;
+    free(ids);
+    free(pos);
+    free(sq);
+    free(want);
+    if (st) {
+        fprintf(stderr, "moed bench: prefill: %s\n", moe_strerror(st));
+        goto out;
+    }
+    for (int i = 0; i < n_batches; i++) {
+        if ((st = decode(&bn, batches[i], n_gen, &res[i]))) {
+            fprintf(stderr, "moed bench: decode at batch %ld: %s\n", batches[i], moe_strerror(st));
+            goto out;
+        }
+        res[i].ratio = res[i].gbs * 1e9 / bw;
+        res[i].speedup = res[i].tok_s / res[0].tok_s;
+    }
+
+    moe_gguf_str arch = {0};
+    moe_gguf_get_str(g, "general.architecture", &arch);
+    char archs[64];
+    snprintf(archs, sizeof archs, "%.*s", (int)(arch.len < 63 ? arch.len : 63), arch.ptr ? arch.ptr : "");
+    double wmb = (double)moe_fwd_weight_bytes(bn.fw) / 1e6;
+    if (json) {
+        printf("{\"model\": ");
+        json_str(model);
+        printf(", \"arch\": ");
+        json_str(archs);
+        printf(", \"device\": \"cpu\", \"isa\": \"%s\", \"threads\": %d, \"n_layer\": %lld, \"moe_layers\": %lld, "
+               "\"weight_bytes\": %lld,\n",
+               cpu_isa_name(cpu_isa_get()), n_threads, (long long)moe_fwd_n_layer(bn.fw), (long long)bn.n_moe_layers,
+               (long long)moe_fwd_weight_bytes(bn.fw));
+        printf(" \"bandwidth\": {\"gbs\": %.3f, \"mib\": %ld, \"passes\": 5},\n", bw / 1e9, bw_mib);
+        printf(" \"prefill\": {\"tokens\": %ld, \"seconds\": %.6f, \"tok_s\": %.3f},\n", n_prompt, t_prefill,
+               (double)n_prompt / t_prefill);
+        printf(" \"decode\": [");
+        for (int i = 0; i < n_batches; i++) {
+            const dec_res *r = &res[i];
+            printf("%s\n  {\"batch\": %ld, \"steps\": %lld, \"seconds\": %.6f, \"tok_s\": %.3f, \"ms_per_step\": %.3f, "
+                   "\"bytes_per_step\": %.0f, \"dense_bytes_per_step\": %.0f, \"expert_bytes_per_step\": %.0f, "
+                   "\"kv_bytes_per_step\": %.0f, \"experts_per_moe_layer\": %.3f, \"gbs\": %.3f, "
+                   "\"bandwidth_ratio\": %.4f, \"speedup\": %.3f}",
+                   i ? "," : "", r->batch, (long long)r->steps, r->seconds, r->tok_s,
+                   1e3 * r->seconds / (double)r->steps, r->dense + r->expert + r->kv, r->dense, r->expert, r->kv,
+                   r->experts_per_layer, r->gbs, r->ratio, r->speedup);
+        }
+        printf("\n ]}\n");
+    } else {
+        printf("model: %s (%s, %lld layers, %lld MoE, %.1f MB of weights)\n", model, archs,
+               (long long)moe_fwd_n_layer(bn.fw), (long long)bn.n_moe_layers, wmb);
+        printf("cpu: %d threads, %s kernels\n", n_threads, cpu_isa_name(cpu_isa_get()));
+        printf("memory read bandwidth: %.2f GB/s (%d threads, %ld MiB buffer, best of 5)\n", bw / 1e9, n_threads,
+               bw_mib);
+        printf("prefill: %ld tokens in %.3f s = %.1f tok/s\n", n_prompt, t_prefill, (double)n_prompt / t_prefill);
+        printf("decode (%ld steps after the prompt; bytes read per step = dense weights + distinct experts + KV):\n",
+               n_gen);
+        printf("  batch     tok/s   ms/step  MB/step (dense+experts+kv)    experts/layer     GB/s  of bw  speed-up\n");
+        for (int i = 0; i < n_batches; i++) {
+            const dec_res *r = &res[i];
+            printf("  %5ld %9.2f %9.2f %8.1f (%.0f+%.0f+%.1f) %13.1f %11.2f %5.1f%% %8.2fx\n", r->batch, r->tok_s,
+                   1e3 * r->seconds / (double)r->steps, (r->dense + r->expert + r->kv) / 1e6, r->dense / 1e6,
+                   r->expert / 1e6, r->kv / 1e6, r->experts_per_layer, r->gbs, 100.0 * r->ratio, r->speedup);
+        }
+    }
+    rc = 0;
+out:
+    moe_kv_seq_release(bn.kv, &bn.prompt);
+    moe_kv_destroy(bn.kv);
+    moe_fwd_free(bn.fw);
+    moe_backend_destroy(&be);
+    moe_gguf_close(g);
+    free(bn.logits);
+    return rc;
+bad:
+    usage(stderr);
+    return 2;
 }

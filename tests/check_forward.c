@@ -540,6 +540,99 @@ START_TEST(bad_batches_refused) {
 }
 END_TEST
 
+/* The traffic count against sums taken from the file itself: dense bytes
+ * are every tensor but the routed experts and the embedding table (plus
+ * the rows looked up, and the table again when the output head is tied to
+ * it); expert bytes are the distinct experts route_out reports, each
+ * 1/E of its layer's three expert tensors; KV bytes are each token's
+ * context times the cache slot width. */
+START_TEST(traffic_counts) {
+    static const char *files[] = {"qwen2moe.gguf", "deepseek3-mla.gguf", "llama.gguf"};
+    char path[512], err[256], name[96];
+    int st;
+    snprintf(path, sizeof path, FIXDIR "%s", files[_i]);
+    moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
+    ck_assert_msg(g != NULL, "%s", err);
+    moe_backend be;
+    ck_assert_int_eq(moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = 2}), MOE_OK);
+    moe_fwd *fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    ck_assert_msg(fw != NULL, "%s", err);
+    int64_t L = moe_fwd_n_layer(fw), K = moe_fwd_n_expert_used(fw), V = moe_fwd_n_vocab(fw);
+    int64_t dense = 0, all = 0, exp_each[64] = {0};
+    const moe_gguf_tensor *emb = moe_gguf_find_tensor(g, "token_embd.weight");
+    for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
+        const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
+        if (t == emb || !strcmp(t->name, "rope_freqs.weight")) continue;
+        all += (int64_t)t->nbytes;
+        int il;
+        if (strstr(t->name, "_exps.weight") && sscanf(t->name, "blk.%d.", &il) == 1 && il < 64)
+            exp_each[il] += (int64_t)t->nbytes / t->ne[2];
+        else
+            dense += (int64_t)t->nbytes;
+    }
+    if (!moe_gguf_find_tensor(g, "output.weight")) {
+        dense += (int64_t)emb->nbytes;
+        all += (int64_t)emb->nbytes;
+    }
+    ck_assert_int_eq(moe_fwd_weight_bytes(fw), all);
+    moe_kv_opts ko;
+    moe_fwd_kv_opts(fw, 4, 8, &ko);
+    moe_kv_cache *kv = moe_kv_create(&be, &ko, &st);
+    moe_kv_seq s = {0};
+    ck_assert_int_eq(moe_kv_seq_reserve(kv, &s, 8), MOE_OK);
+    int32_t ids[5] = {3, 17, 42, 9, 11}, pos[5] = {0, 1, 2, 3, 4}, sq[5] = {0};
+    int32_t *route = calloc((size_t)(L * 5 * (K ? K : 1)), sizeof(int32_t));
+    float *logits = malloc((size_t)(5 * V) * sizeof(float));
+    moe_fwd_traffic tr;
+    moe_batch b = {.n_tok = 3, .ids = ids, .pos = pos, .seq = sq, .n_seq = 1, .seqs = &s};
+    /* off by default: nothing counted */
+    ck_assert_int_eq(moe_fwd_run(fw, kv, &b, logits), MOE_OK);
+    ck_assert_int_eq(moe_fwd_last_traffic(fw, &tr), MOE_OK);
+    ck_assert(tr.dense_bytes == 0 && tr.expert_bytes == 0 && tr.expert_reads == 0 && tr.kv_bytes == 0);
+    moe_fwd_set_count_traffic(fw, true);
+    for (int with_route = 0; with_route < 2; with_route++) {
+        /* positions 3, 4 (after the first three), then 3, 4 again */
+        moe_batch d = {.n_tok = 2, .ids = ids + 3, .pos = pos + 3, .seq = sq, .n_seq = 1, .seqs = &s};
+        moe_fwd_set_route_out(fw, with_route ? route : NULL);
+        ck_assert_int_eq(moe_fwd_run(fw, kv, &d, logits), MOE_OK);
+        ck_assert_int_eq(moe_fwd_last_traffic(fw, &tr), MOE_OK);
+        ck_assert_int_eq(tr.dense_bytes, dense + 2 * (int64_t)moe_row_size(emb->type, emb->ne[0]));
+        ck_assert_int_eq(tr.kv_bytes, (4 + 5) * (ko.k_width + ko.v_width) * 4 * L);
+        if (!K) {
+            ck_assert(tr.expert_bytes == 0 && tr.expert_reads == 0);
+            continue;
+        }
+        if (!with_route) continue;
+        int64_t reads = 0, bytes = 0;
+        for (int64_t il = 0; il < L; il++) {
+            if (!exp_each[il]) continue;
+            snprintf(name, sizeof name, "blk.%d.ffn_gate_exps.weight", (int)il);
+            int64_t E = moe_gguf_find_tensor(g, name)->ne[2];
+            char seen[256] = {0};
+            for (int64_t i = 0; i < 2 * K; i++) {
+                int32_t e = route[il * 2 * K + i];
+                ck_assert(e >= 0 && e < E);
+                if (!seen[e]) {
+                    seen[e] = 1;
+                    reads++;
+                    bytes += exp_each[il];
+                }
+            }
+        }
+        ck_assert_int_eq(tr.expert_reads, reads);
+        ck_assert_int_eq(tr.expert_bytes, bytes);
+        ck_assert(reads >= K); /* at least one token's worth per MoE layer */
+    }
+    free(route);
+    free(logits);
+    moe_kv_seq_release(kv, &s);
+    moe_kv_destroy(kv);
+    moe_fwd_free(fw);
+    moe_backend_destroy(&be);
+    moe_gguf_close(g);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("forward");
     TCase *tc = tcase_create("fixtures_f32");
@@ -556,6 +649,7 @@ int main(void) {
     tcase_add_test(tb, bad_batches_refused);
     tcase_add_test(tb, bad_models_refused);
     tcase_add_test(tb, rope_freqs_factors);
+    tcase_add_loop_test(tb, traffic_counts, 0, 3);
     suite_add_tcase(s, tb);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

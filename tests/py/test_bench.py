@@ -1,0 +1,103 @@
+"""`moed bench` end to end on the tiny fixture models: one run prints the
+measured bandwidth, prefill and decode rates for every batch size with the
+bytes per step and their ratios, all well-formed and positive (no timing
+thresholds: the machine is shared). Usage errors and --device cuda fail
+cleanly."""
+import json
+import pathlib
+import re
+import subprocess
+
+import pytest
+
+FIXDIR = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models"
+SMALL = ["--prompt", "20", "--gen", "3", "--bw-mib", "32", "-t", "2"]
+
+
+def bench(moed_bin, *args):
+    return subprocess.run([str(moed_bin), "bench", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("model", ["deepseek2.gguf", "qwen2moe.gguf", "llama.gguf"])
+def test_json_report(moed_bin, model):
+    p = bench(moed_bin, "-m", str(FIXDIR / model), *SMALL, "--batch", "4,1,2", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["device"] == "cpu" and r["threads"] == 2
+    assert r["bandwidth"]["gbs"] > 0 and r["weight_bytes"] > 0
+    assert r["prefill"]["tokens"] == 20 and r["prefill"]["tok_s"] > 0 and r["prefill"]["seconds"] > 0
+    # batch 1 first (the reference of every speed-up), then the others in the given order
+    assert [d["batch"] for d in r["decode"]] == [1, 4, 2]
+    moe = model != "llama.gguf"
+    assert (r["moe_layers"] > 0) == moe
+    for d in r["decode"]:
+        assert d["steps"] == 3
+        for k in ("seconds", "tok_s", "ms_per_step", "bytes_per_step", "dense_bytes_per_step", "kv_bytes_per_step",
+                  "gbs", "bandwidth_ratio", "speedup"):
+            assert d[k] > 0, (k, d)
+        assert d["bytes_per_step"] == pytest.approx(
+            d["dense_bytes_per_step"] + d["expert_bytes_per_step"] + d["kv_bytes_per_step"], rel=1e-6, abs=2)
+        assert d["tok_s"] == pytest.approx(d["batch"] * d["steps"] / d["seconds"], rel=1e-3)
+        assert d["bandwidth_ratio"] == pytest.approx(d["gbs"] / r["bandwidth"]["gbs"], rel=1e-2)
+        # dense weights are read once per step whatever the batch; more tokens never select fewer experts
+        assert d["dense_bytes_per_step"] <= r["weight_bytes"] + 1e6
+        if moe:
+            assert d["expert_bytes_per_step"] > 0 and d["experts_per_moe_layer"] > 0
+        else:
+            assert d["expert_bytes_per_step"] == 0
+    one = r["decode"][0]
+    assert one["speedup"] == pytest.approx(1.0)
+    for d in r["decode"][1:]:
+        assert d["speedup"] == pytest.approx(d["tok_s"] / one["tok_s"], rel=1e-2)
+        assert d["dense_bytes_per_step"] == pytest.approx(one["dense_bytes_per_step"], rel=0.01)
+        assert d["kv_bytes_per_step"] == pytest.approx(one["kv_bytes_per_step"] * d["batch"], rel=1e-6)
+        if moe:
+            assert d["experts_per_moe_layer"] >= one["experts_per_moe_layer"]
+
+
+def test_text_report(moed_bin):
+    p = bench(moed_bin, "-m", str(FIXDIR / "deepseek2lite.gguf"), *SMALL, "--batch", "1,3")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    bw = re.search(r"memory read bandwidth: ([0-9.]+) GB/s", out)
+    pre = re.search(r"prefill: 20 tokens in ([0-9.]+) s = ([0-9.]+) tok/s", out)
+    assert bw and float(bw.group(1)) > 0, out
+    assert pre and float(pre.group(2)) > 0, out
+    rows = re.findall(r"^\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+) \(.*\)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)%"
+                      r"\s+([0-9.]+)x$", out, re.M)
+    assert [int(r[0]) for r in rows] == [1, 3], out
+    for r in rows:
+        assert all(float(v) > 0 for v in r[1:]), r
+
+
+def test_cuda_not_available(moed_bin):
+    p = bench(moed_bin, "-m", str(FIXDIR / "llama.gguf"), "--device", "cuda")
+    assert p.returncode == 1
+    assert "CUDA backend not available" in p.stderr
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["-m", str(FIXDIR / "llama.gguf"), "--batch", "0"],
+    ["-m", str(FIXDIR / "llama.gguf"), "--batch", "1,x"],
+    ["-m", str(FIXDIR / "llama.gguf"), "--prompt", "0"],
+    ["-m", str(FIXDIR / "llama.gguf"), "--gen", "-1"],
+    ["-m", str(FIXDIR / "llama.gguf"), "--device", "tpu"],
+    ["-m", str(FIXDIR / "llama.gguf"), "extra"],
+])
+def test_usage_errors(moed_bin, args):
+    p = bench(moed_bin, *args)
+    assert p.returncode == 2 and "usage: moed bench" in p.stderr
+
+
+def test_help_lists_every_option(moed_bin):
+    p = bench(moed_bin, "--help")
+    assert p.returncode == 0
+    for opt in ("--model", "--threads", "--prompt", "--gen", "--batch", "--device", "--bw-mib", "--json"):
+        assert opt in p.stdout, opt
+    assert "default 128" in p.stdout and "default 32" in p.stdout and "1,8,32" in p.stdout
+
+
+def test_missing_model_fails(moed_bin, tmp_path):
+    p = bench(moed_bin, "-m", str(tmp_path / "nope.gguf"), *SMALL)
+    assert p.returncode == 1 and "nope.gguf" in p.stderr
