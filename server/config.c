@@ -52,7 +52,7 @@ static const opt_desc opts[] = {
     {"cors_origins", 0, OPT_LIST, OFF(cors_origins), OFF(n_cors_origins), 0, 0, "none", "allowed CORS origins, comma-separated (* = any)"},
     {"log_format", 0, OPT_FMT, OFF(log_format), 0, 0, 0, "text", "log line format: text or json"},
     {"log_level", 0, OPT_LEVEL, OFF(log_level), 0, 0, 0, "info", "error, warn, info or debug"},
-    {"log_prompts", 0, OPT_BOOL, OFF(log_prompts), 0, 0, 0, "false", "log prompt text (debug level)"},
+    {"log_prompts", 0, OPT_BOOL, OFF(log_prompts), 0, 0, 0, "false", "also log each request's prompt text (one line per request)"},
     {"device", 0, OPT_STR, OFF(device), 0, 0, 0, "auto", "engine device: auto, cpu or cuda"},
     {"chat_template", 0, OPT_STR, OFF(chat_template), 0, 0, 0, "from model", "chat format override: chatml, deepseek2, deepseek3, mistral, mistral-v3, llama3"},
 };
@@ -469,12 +469,14 @@ void srv_config_usage(FILE *f) {
                           : opts[i].type == OPT_INT  ? " N"
                           : opts[i].type == OPT_DBL  ? " SEC"
                           : opts[i].type == OPT_LIST ? " A,B"
+                          : !strcmp(opts[i].key, "model") ? " PATH"
                                                      : " VALUE";
         char lhs[96];
         if (opts[i].short_flag) snprintf(lhs, sizeof lhs, "  -%c, --%s%s", opts[i].short_flag, flag, arg);
         else snprintf(lhs, sizeof lhs, "      --%s%s", flag, arg);
-        fprintf(f, "%-34s %s (default: %s)\n%-34s [key %s, env MOED_%s]\n", lhs, opts[i].help, opts[i].def, "",
-                opts[i].key, env);
+        if (opts[i].def[0] == '(') fprintf(f, "%-34s %s %s\n", lhs, opts[i].help, opts[i].def);
+        else fprintf(f, "%-34s %s (default: %s)\n", lhs, opts[i].help, opts[i].def);
+        fprintf(f, "%-34s [key %s, env MOED_%s]\n", "", opts[i].key, env);
     }
     fprintf(f, "  -h, --help                       this help\n");
 }

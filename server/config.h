@@ -49,7 +49,7 @@ typedef struct srv_config {
     size_t n_cors_origins;
     srv_log_format log_format;
     srv_log_level log_level;
-    bool log_prompts;         /* include prompt text in debug request logs */
+    bool log_prompts;         /* also log each request's prompt text (info level) */
     char *device;             /* "auto", "cpu", "cuda"; default "auto" */
     char *chat_template;      /* family override ("chatml", "deepseek3", ...); NULL = from the model */
     char *config_path;        /* the file that was read, or NULL */

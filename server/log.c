@@ -133,11 +133,11 @@ void srv_log_req(const srv_log_request *r) {
 }
 
 void srv_log_prompt(const char *id, const char *text, size_t len) {
-    if (!g_prompts || !srv_log_enabled(SRV_LOG_DEBUG)) return;
+    if (!g_prompts || !srv_log_enabled(SRV_LOG_INFO)) return;
     char *clean = srv_oai_utf8_clean(text, len);
     if (!clean) return;
     if (g_fmt == SRV_LOG_JSON) {
-        cJSON *o = json_head(SRV_LOG_DEBUG);
+        cJSON *o = json_head(SRV_LOG_INFO);
         cJSON_AddStringToObject(o, "msg", "prompt");
         cJSON_AddStringToObject(o, "id", id);
         cJSON_AddStringToObject(o, "prompt", clean);
@@ -147,7 +147,7 @@ void srv_log_prompt(const char *id, const char *text, size_t len) {
         cJSON *s = cJSON_CreateString(clean);
         char *q = cJSON_PrintUnformatted(s);
         cJSON_Delete(s);
-        srv_log(SRV_LOG_DEBUG, "prompt id=%s text=%.1900s", id, q ? q : "");
+        srv_log(SRV_LOG_INFO, "prompt id=%s text=%.1900s", id, q ? q : "");
         free(q);
     }
     free(clean);

@@ -2,7 +2,7 @@
  *
  * One line per event; a request's line carries its id, model, token
  * counts, TTFT, total time and HTTP status. Prompt text is logged only
- * when the configuration asks for it (srv_log_prompt), at debug level.
+ * when the configuration asks for it (srv_log_prompt, info level).
  *
  * Threads: any (each line is written with one fwrite, under a lock).
  */
@@ -40,7 +40,7 @@ typedef struct srv_log_request {
 /* The one line per request (info level; 5xx at warn). */
 void srv_log_req(const srv_log_request *r);
 
-/* The prompt text of a request, at debug level, only with log_prompts. */
+/* The prompt text of a request (JSON-escaped), at info level, only with log_prompts. */
 void srv_log_prompt(const char *id, const char *text, size_t len);
 
 #endif
