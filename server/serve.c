@@ -913,9 +913,15 @@ static enum MHD_Result handler_cb(void *cls, struct MHD_Connection *conn, const 
         snprintf(c->method, sizeof c->method, "%s", method);
         snprintf(c->path, sizeof c->path, "%s", url);
         *con_cls = c;
-        /* An announced oversized body is refused before it is read. */
+        /* An announced oversized body is refused before it is read (MHD
+         * then sends no 100 Continue and closes the connection). */
         const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
-        if (cl && strtoull(cl, NULL, 10) > (unsigned long long)s->cfg->max_body) c->too_large = true;
+        if (cl && strtoull(cl, NULL, 10) > (unsigned long long)s->cfg->max_body) {
+            c->seen = true;
+            char msg[96];
+            snprintf(msg, sizeof msg, "request body is larger than %lld bytes", (long long)s->cfg->max_body);
+            return respond_errf(s, c, conn, 413, NULL, "request_too_large", msg);
+        }
         return MHD_YES;
     }
     if (c->gen) return answer_generation(s, c, conn);
