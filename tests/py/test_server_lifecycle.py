@@ -119,3 +119,31 @@ def test_health_while_loading_and_failed_load(moed_bin, tmp_path):
     s.stop()
     assert rc == 1
     assert "bad.gguf" in s.read_log() or "load" in s.read_log()
+
+
+def test_health_503_until_ready(moed_bin, model, tmp_path):
+    """The socket listens before the model is loaded: until then /health and
+    generation requests answer 503 with Retry-After (how many such answers
+    a run sees depends on timing; every one must be well formed)."""
+    s = Server(moed_bin, model, log_dir=tmp_path)
+    seen = []
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                r = requests.get(s.url("/health"), timeout=2)
+            except requests.ConnectionError:
+                continue
+            seen.append(r.status_code)
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503 and r.headers["Retry-After"]
+            assert r.json()["status"] == "loading"
+            g = requests.post(s.url("/v1/completions"), json={"prompt": "x", "max_tokens": 1}, timeout=5)
+            if g.status_code != 200:
+                assert g.status_code == 503 and g.headers["Retry-After"]
+                assert g.json()["error"]["code"] == "model_not_ready"
+        assert seen[-1] == 200
+        print(f"503 answers before ready: {len(seen) - 1}")
+    finally:
+        assert s.stop() == 0
