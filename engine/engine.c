@@ -220,7 +220,7 @@ static int load(moe_engine *e) {
     int64_t max_seqs = e->o.max_seqs > 0 ? e->o.max_seqs : 32;
     int64_t step = e->o.step_tokens > 0 ? e->o.step_tokens : 512;
     if (step < max_seqs) step = max_seqs; /* every running decode fits one step */
-    e->sched = moe_sched_new(e->kv, &(moe_sched_opts){.max_seqs = max_seqs, .step_tokens = step});
+    e->sched = moe_sched_new(e->kv, &(moe_sched_opts){.max_seqs = max_seqs, .step_tokens = step, .prefix_cache = true});
     e->sm = moe_sampler_new(n_vocab);
     e->logits = malloc((size_t)max_seqs * (size_t)n_vocab * sizeof(float));
     if (!e->sched || !e->sm || !e->logits) {

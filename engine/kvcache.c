@@ -1,6 +1,7 @@
 /* kvcache.c - block allocator and storage of the paged KV cache. */
 #include "kvcache.h"
 
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -9,9 +10,28 @@ struct moe_kv_cache {
     moe_kv_opts o;
     float **k; /* (n_layer) */
     float **v; /* (n_layer) or NULL entries */
-    int32_t *free_stack; /* (n_blocks) */
-    int64_t n_free;
-    int32_t *ref; /* (n_blocks) holders of each block; 0 = free */
+    int32_t *free_stack; /* (n_blocks) blocks with no content worth keeping */
+    int64_t n_stack;
+    int64_t n_free; /* n_stack + cached blocks nobody holds (both can be handed out) */
+    int32_t *ref;   /* (n_blocks) holders of each block; 0 = free or cached */
+    /* prefix cache (NULL until moe_kv_prefix_enable) */
+    struct kv_prefix *pc;
+};
+
+/* A published block: its content is the K/V of `toks` at positions that
+ * follow the chain whose hash is `parent`. Published blocks nobody holds
+ * sit in an LRU list (oldest at the head) and are evicted when the free
+ * stack runs dry. */
+struct kv_prefix {
+    int64_t n_buckets; /* power of two */
+    int32_t *bucket;   /* (n_buckets) first block of each hash chain, -1 */
+    int32_t *chain;    /* (n_blocks) next block in the same bucket, -1 */
+    uint64_t *hash, *parent; /* (n_blocks) */
+    int32_t *toks;     /* (n_blocks, block_size) */
+    uint8_t *published; /* (n_blocks) */
+    int32_t *lru_prev, *lru_next; /* (n_blocks) */
+    int32_t lru_head, lru_tail;
+    int64_t n_lru;
 };
 
 moe_kv_cache *moe_kv_create(const moe_backend *be, const moe_kv_opts *o, int *status) {
@@ -45,7 +65,7 @@ moe_kv_cache *moe_kv_create(const moe_backend *be, const moe_kv_opts *o, int *st
     }
     /* low ids on top, so a fresh cache hands out 0, 1, 2, ... */
     for (int64_t i = 0; i < o->n_blocks; i++) kv->free_stack[i] = (int32_t)(o->n_blocks - 1 - i);
-    kv->n_free = o->n_blocks;
+    kv->n_stack = kv->n_free = o->n_blocks;
     if (status) *status = MOE_OK;
     return kv;
 fail:
@@ -64,6 +84,17 @@ void moe_kv_destroy(moe_kv_cache *kv) {
     free(kv->v);
     free(kv->free_stack);
     free(kv->ref);
+    if (kv->pc) {
+        free(kv->pc->bucket);
+        free(kv->pc->chain);
+        free(kv->pc->hash);
+        free(kv->pc->parent);
+        free(kv->pc->toks);
+        free(kv->pc->published);
+        free(kv->pc->lru_prev);
+        free(kv->pc->lru_next);
+        free(kv->pc);
+    }
     free(kv);
 }
 
@@ -79,11 +110,48 @@ float *moe_kv_v(moe_kv_cache *kv, int64_t il) {
 
 int64_t moe_kv_n_free(const moe_kv_cache *kv) { return kv ? kv->n_free : 0; }
 
+static void lru_unlink(struct kv_prefix *pc, int32_t b) {
+    int32_t p = pc->lru_prev[b], n = pc->lru_next[b];
+    if (p >= 0) pc->lru_next[p] = n;
+    else pc->lru_head = n;
+    if (n >= 0) pc->lru_prev[n] = p;
+    else pc->lru_tail = p;
+    pc->lru_prev[b] = pc->lru_next[b] = -1;
+    pc->n_lru--;
+}
+
+static void lru_push(struct kv_prefix *pc, int32_t b) {
+    pc->lru_prev[b] = pc->lru_tail;
+    pc->lru_next[b] = -1;
+    if (pc->lru_tail >= 0) pc->lru_next[pc->lru_tail] = b;
+    else pc->lru_head = b;
+    pc->lru_tail = b;
+    pc->n_lru++;
+}
+
+/* Forgets what block b holds (it is about to be overwritten). */
+static void unpublish(struct kv_prefix *pc, int32_t b) {
+    if (!pc->published[b]) return;
+    int32_t *pp = &pc->bucket[pc->hash[b] & (uint64_t)(pc->n_buckets - 1)];
+    while (*pp != b) pp = &pc->chain[*pp];
+    *pp = pc->chain[b];
+    pc->chain[b] = -1;
+    pc->published[b] = 0;
+}
+
 int moe_kv_alloc(moe_kv_cache *kv, int64_t n, int32_t *out) {
     if (!kv || n < 0 || (n && !out)) return MOE_EINVAL;
     if (n > kv->n_free) return MOE_EFULL;
     for (int64_t i = 0; i < n; i++) {
-        int32_t b = kv->free_stack[--kv->n_free];
+        int32_t b;
+        if (kv->n_stack) {
+            b = kv->free_stack[--kv->n_stack];
+        } else { /* evict the least recently released cached block */
+            b = kv->pc->lru_head;
+            lru_unlink(kv->pc, b);
+            unpublish(kv->pc, b);
+        }
+        kv->n_free--;
         kv->ref[b] = 1;
         out[i] = b;
     }
@@ -98,8 +166,15 @@ int moe_kv_free(moe_kv_cache *kv, const int32_t *blocks, int64_t n) {
         for (int64_t j = 0; j < i; j++)
             if (blocks[j] == blocks[i]) return MOE_EINVAL;
     }
-    for (int64_t i = 0; i < n; i++)
-        if (--kv->ref[blocks[i]] == 0) kv->free_stack[kv->n_free++] = blocks[i];
+    /* last block first: a sequence's deepest cached blocks are evicted
+     * before the prefix they extend */
+    for (int64_t i = n - 1; i >= 0; i--) {
+        int32_t b = blocks[i];
+        if (--kv->ref[b]) continue;
+        kv->n_free++;
+        if (kv->pc && kv->pc->published[b]) lru_push(kv->pc, b);
+        else kv->free_stack[kv->n_stack++] = b;
+    }
     return MOE_OK;
 }
 
@@ -151,6 +226,97 @@ int moe_kv_seq_share(moe_kv_cache *kv, moe_kv_seq *dst, const moe_kv_seq *src, i
     dst->n_blocks = n_blocks;
     return MOE_OK;
 }
+
+int moe_kv_prefix_enable(moe_kv_cache *kv) {
+    if (!kv) return MOE_EINVAL;
+    if (kv->pc) return MOE_OK;
+    int64_t nb = kv->o.n_blocks, nbk = 16;
+    while (nbk < nb) nbk *= 2;
+    if ((uint64_t)nb > SIZE_MAX / sizeof(int32_t) / (uint64_t)kv->o.block_size) return MOE_ENOMEM;
+    struct kv_prefix *pc = calloc(1, sizeof(*pc));
+    if (!pc) return MOE_ENOMEM;
+    pc->n_buckets = nbk;
+    pc->bucket = malloc((size_t)nbk * sizeof(int32_t));
+    pc->chain = malloc((size_t)nb * sizeof(int32_t));
+    pc->hash = calloc((size_t)nb, sizeof(uint64_t));
+    pc->parent = calloc((size_t)nb, sizeof(uint64_t));
+    pc->toks = malloc((size_t)nb * (size_t)kv->o.block_size * sizeof(int32_t));
+    pc->published = calloc((size_t)nb, 1);
+    pc->lru_prev = malloc((size_t)nb * sizeof(int32_t));
+    pc->lru_next = malloc((size_t)nb * sizeof(int32_t));
+    kv->pc = pc; /* freed by moe_kv_destroy even when incomplete */
+    if (!pc->bucket || !pc->chain || !pc->hash || !pc->parent || !pc->toks || !pc->published || !pc->lru_prev ||
+        !pc->lru_next) {
+        kv->pc = NULL;
+        free(pc->bucket);
+        free(pc->chain);
+        free(pc->hash);
+        free(pc->parent);
+        free(pc->toks);
+        free(pc->published);
+        free(pc->lru_prev);
+        free(pc->lru_next);
+        free(pc);
+        return MOE_ENOMEM;
+    }
+    memset(pc->bucket, 0xff, (size_t)nbk * sizeof(int32_t));
+    memset(pc->chain, 0xff, (size_t)nb * sizeof(int32_t));
+    memset(pc->lru_prev, 0xff, (size_t)nb * sizeof(int32_t));
+    memset(pc->lru_next, 0xff, (size_t)nb * sizeof(int32_t));
+    pc->lru_head = pc->lru_tail = -1;
+    return MOE_OK;
+}
+
+uint64_t moe_kv_block_hash(uint64_t parent, const int32_t *toks, int64_t n) {
+    uint64_t h = parent ^ 0x6a09e667f3bcc909ull;
+    for (int64_t i = 0; i < n; i++) {
+        h ^= (uint32_t)toks[i];
+        h *= 0x100000001b3ull; /* FNV-1a over 32-bit units */
+    }
+    h ^= h >> 31; /* splitmix64's finaliser spreads the low bits */
+    h *= 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 27;
+    h *= 0x94d049bb133111ebull;
+    return h ^ (h >> 31);
+}
+
+static bool same_block(const moe_kv_cache *kv, int32_t b, uint64_t parent, uint64_t hash, const int32_t *toks) {
+    const struct kv_prefix *pc = kv->pc;
+    return pc->hash[b] == hash && pc->parent[b] == parent &&
+           !memcmp(pc->toks + (size_t)b * (size_t)kv->o.block_size, toks, (size_t)kv->o.block_size * sizeof(int32_t));
+}
+
+int32_t moe_kv_prefix_find(moe_kv_cache *kv, uint64_t parent, uint64_t hash, const int32_t *toks) {
+    if (!kv || !kv->pc || !toks) return -1;
+    struct kv_prefix *pc = kv->pc;
+    for (int32_t b = pc->bucket[hash & (uint64_t)(pc->n_buckets - 1)]; b >= 0; b = pc->chain[b]) {
+        if (!same_block(kv, b, parent, hash, toks)) continue;
+        if (kv->ref[b] == 0) { /* cached, unheld: no longer evictable */
+            lru_unlink(pc, b);
+            kv->n_free--;
+        }
+        kv->ref[b]++;
+        return b;
+    }
+    return -1;
+}
+
+void moe_kv_prefix_publish(moe_kv_cache *kv, int32_t block, uint64_t parent, uint64_t hash, const int32_t *toks) {
+    if (!kv || !kv->pc || !toks || block < 0 || block >= kv->o.n_blocks || !kv->ref[block]) return;
+    struct kv_prefix *pc = kv->pc;
+    if (pc->published[block]) return;
+    int32_t *head = &pc->bucket[hash & (uint64_t)(pc->n_buckets - 1)];
+    for (int32_t b = *head; b >= 0; b = pc->chain[b])
+        if (same_block(kv, b, parent, hash, toks)) return; /* already cached elsewhere */
+    pc->hash[block] = hash;
+    pc->parent[block] = parent;
+    memcpy(pc->toks + (size_t)block * (size_t)kv->o.block_size, toks, (size_t)kv->o.block_size * sizeof(int32_t));
+    pc->published[block] = 1;
+    pc->chain[block] = *head;
+    *head = block;
+}
+
+int64_t moe_kv_n_cached(const moe_kv_cache *kv) { return kv && kv->pc ? kv->pc->n_lru : 0; }
 
 void moe_kv_seq_release(moe_kv_cache *kv, moe_kv_seq *s) {
     if (!s) return;

@@ -48,6 +48,7 @@ const moe_kv_opts *moe_kv_get_opts(const moe_kv_cache *kv);
 float *moe_kv_k(moe_kv_cache *kv, int64_t il);
 float *moe_kv_v(moe_kv_cache *kv, int64_t il);
 
+/* Blocks that can be handed out: free ones plus cached ones nobody holds. */
 int64_t moe_kv_n_free(const moe_kv_cache *kv);
 
 /* Takes n blocks, all or nothing: writes their ids to out[n]. Returns
@@ -62,6 +63,31 @@ int moe_kv_free(moe_kv_cache *kv, const int32_t *blocks, int64_t n);
 int moe_kv_ref(moe_kv_cache *kv, const int32_t *blocks, int64_t n);
 /* Holders of `block` (0 when free or out of range). */
 int32_t moe_kv_refcount(const moe_kv_cache *kv, int32_t block);
+
+/* Prefix cache (vLLM's automatic prefix caching, by block hash): once a
+ * sequence has computed a whole block, it publishes the block under the
+ * hash of its tokens chained to the hash of the blocks before it. A later
+ * sequence whose tokens start the same way finds those blocks and takes
+ * references instead of recomputing them. A published block keeps its
+ * content when its last holder frees it: it counts as free and is only
+ * overwritten (evicted, least recently released first, the deepest block
+ * of a sequence before its prefix) when no plain free block is left.
+ * Lookups compare the tokens and the parent hash too, so a hash collision
+ * can never return the wrong K/V. Off until enabled. */
+/* Enables the prefix cache. Returns MOE_OK or MOE_ENOMEM. */
+int moe_kv_prefix_enable(moe_kv_cache *kv);
+/* Hash of a block of n token ids following the chain hash `parent` (0 for
+ * the first block). */
+uint64_t moe_kv_block_hash(uint64_t parent, const int32_t *toks, int64_t n);
+/* The block holding toks[0..block_size) after `parent` with this hash, with
+ * a reference taken for the caller; -1 when none (or the cache is off). */
+int32_t moe_kv_prefix_find(moe_kv_cache *kv, uint64_t parent, uint64_t hash, const int32_t *toks);
+/* Publishes a held, fully computed block. Ignored when the cache is off,
+ * the block is not held or already published, or the same content is
+ * cached in another block. The caller must never write to it again. */
+void moe_kv_prefix_publish(moe_kv_cache *kv, int32_t block, uint64_t parent, uint64_t hash, const int32_t *toks);
+/* Cached blocks that nobody holds (counted in moe_kv_n_free). */
+int64_t moe_kv_n_cached(const moe_kv_cache *kv);
 
 /* A sequence's block table. Zero-initialize; grows with reserve, returns
  * every block with release. */

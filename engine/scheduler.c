@@ -19,6 +19,8 @@ struct moe_sched {
     int64_t n_wait, n_groups_running;
     uint64_t next_order;
     uint64_t preemptions;
+    uint64_t prefix_hits;
+    uint64_t step_no;
     int64_t budget; /* during moe_sched_step */
     /* batch arrays */
     int32_t *ids, *pos, *seq; /* (step_tokens) */
@@ -70,6 +72,7 @@ moe_sched *moe_sched_new(moe_kv_cache *kv, const moe_sched_opts *o) {
     if (!kv || !o || o->max_seqs < 1 || o->step_tokens < o->max_seqs || o->max_seqs > INT32_MAX ||
         o->step_tokens > INT32_MAX)
         return NULL;
+    if (o->prefix_cache && moe_kv_prefix_enable(kv)) return NULL;
     moe_sched *s = calloc(1, sizeof(*s));
     if (!s) return NULL;
     s->kv = kv;
@@ -207,6 +210,8 @@ static void preempt(moe_sched *s, moe_sched_seq *q) {
     if (q->kv.n_blocks) moe_kv_free(s->kv, q->kv.blocks, q->kv.n_blocks);
     q->kv.n_blocks = 0;
     q->n_computed = 0;
+    q->n_hashed = 0;
+    q->chain_hash = 0;
     s->budget += q->chunk;
     q->chunk = 0;
     q->state = MOE_SEQ_WAITING;
@@ -230,6 +235,8 @@ static bool reserve(moe_sched *s, moe_sched_seq *q, int64_t n_pos, moe_sched_bat
                 if (q->kv.n_blocks) moe_kv_free(s->kv, q->kv.blocks, q->kv.n_blocks);
                 q->kv.n_blocks = 0;
                 q->n_computed = 0;
+                q->n_hashed = 0;
+                q->chain_hash = 0;
                 q->chunk = 0;
                 q->state = MOE_SEQ_WAITING;
                 q->order = 0; /* in no list now */
@@ -255,10 +262,51 @@ static void schedule(moe_sched *s, moe_sched_seq *q, moe_sched_batch *out) {
     s->budget -= c;
 }
 
+/* Takes the prefix cache's blocks for q's leading whole blocks (never
+ * its last position: the step that computes it yields q's logits). */
+static void prefix_lookup(moe_sched *s, moe_sched_seq *q) {
+    if (!s->o.prefix_cache || q->n_computed || q->kv.n_blocks) return;
+    int64_t bs = s->bs, max_blocks = (q->n_tok - 1) / bs;
+    uint64_t h = 0;
+    while (q->kv.n_blocks < max_blocks) {
+        const int32_t *t = q->toks + q->kv.n_blocks * bs;
+        uint64_t hj = moe_kv_block_hash(h, t, bs);
+        if (q->kv.n_blocks == q->kv.cap) {
+            int64_t cap = q->kv.cap ? q->kv.cap * 2 : 4;
+            int32_t *nb = realloc(q->kv.blocks, (size_t)cap * sizeof(int32_t));
+            if (!nb) break;
+            q->kv.blocks = nb;
+            q->kv.cap = cap;
+        }
+        int32_t b = moe_kv_prefix_find(s->kv, h, hj, t);
+        if (b < 0) break;
+        q->kv.blocks[q->kv.n_blocks++] = b;
+        h = hj;
+    }
+    q->n_computed = q->kv.n_blocks * bs;
+    q->n_hashed = q->kv.n_blocks;
+    q->chain_hash = h;
+    s->prefix_hits += (uint64_t)q->n_computed;
+}
+
+/* Publishes q's whole computed blocks not published yet. */
+static void prefix_publish(moe_sched *s, moe_sched_seq *q) {
+    if (!s->o.prefix_cache) return;
+    int64_t bs = s->bs;
+    while ((q->n_hashed + 1) * bs <= q->n_computed && q->n_hashed < q->kv.n_blocks) {
+        const int32_t *t = q->toks + q->n_hashed * bs;
+        uint64_t hj = moe_kv_block_hash(q->chain_hash, t, bs);
+        moe_kv_prefix_publish(s->kv, q->kv.blocks[q->n_hashed], q->chain_hash, hj, t);
+        q->chain_hash = hj;
+        q->n_hashed++;
+    }
+}
+
 static void admit(moe_sched *s, moe_sched_seq *q) {
     if (!q->order) q->order = ++s->next_order;
     q->state = MOE_SEQ_RUNNING;
     list_ins(s->run, &s->n_run, q);
+    prefix_lookup(s, q);
 }
 
 int moe_sched_step(moe_sched *s, moe_sched_batch *out) {
@@ -266,6 +314,7 @@ int moe_sched_step(moe_sched *s, moe_sched_batch *out) {
     memset(out, 0, sizeof(*out));
     out->rows = s->rows;
     out->failed = s->failed;
+    s->step_no++;
     s->budget = s->o.step_tokens;
     for (int64_t i = 0; i < s->n_run; i++) {
         s->run[i]->chunk = 0;
@@ -290,12 +339,12 @@ int moe_sched_step(moe_sched *s, moe_sched_batch *out) {
         if (s->n_pre) {
             moe_sched_seq *q = s->pre[0];
             int64_t c = q->n_tok < s->budget ? q->n_tok : s->budget;
-            if (blocks_for(s, c) > n_free) break;
+            if (blocks_for(s, c) > n_free || q->admit_step == s->step_no) break;
             list_del(s->pre, &s->n_pre, q);
             admit(s, q);
-            if (!reserve(s, q, c, out)) break; /* cannot happen: the blocks were free */
-            q->chunk = c;
-            s->budget -= c;
+            q->admit_step = s->step_no; /* at most once per step: no admit/preempt ping-pong */
+            schedule(s, q, out);
+            if (q->state != MOE_SEQ_RUNNING) break;
             n_free = moe_kv_n_free(s->kv);
             continue;
         }
@@ -362,6 +411,7 @@ void moe_sched_commit(moe_sched *s) {
         if (q->state != MOE_SEQ_RUNNING) continue;
         q->n_computed += q->chunk;
         q->chunk = 0;
+        prefix_publish(s, q);
         moe_sched_group *g = q->group;
         if (q->index != 0 || !g->n_fork_wait || q->n_computed < shared_len(s, g)) continue;
         int64_t sl = shared_len(s, g);
@@ -372,7 +422,7 @@ void moe_sched_commit(moe_sched *s) {
             s->n_fork_wait--;
             /* on ENOMEM the choice just computes the whole prompt itself */
             if (moe_kv_seq_share(s->kv, &c->kv, &q->kv, sl / s->bs) == MOE_OK) c->n_computed = sl;
-            admit(s, c);
+            admit(s, c); /* (no prefix lookup: it holds blocks already, or computes all on ENOMEM) */
         }
     }
     s->n_bseq = 0;
@@ -387,4 +437,5 @@ void moe_sched_get_counts(const moe_sched *s, moe_sched_counts *out) {
     out->seqs_running = s->n_run + s->n_fork_wait;
     out->seqs_preempted = s->n_pre;
     out->preemptions = s->preemptions;
+    out->prefix_hit_tokens = s->prefix_hits;
 }

@@ -26,6 +26,12 @@
  * tokens as cached; the caller then samples every logits row and calls
  * moe_sched_append() or moe_sched_finish() for its sequence.
  *
+ * Prefix cache (opts.prefix_cache, see kvcache.h): a sequence admitted
+ * (or re-admitted after preemption) first takes the cached blocks that
+ * match its leading whole blocks, short of its last position (whose
+ * logits it needs), and computes only the rest; every whole block it
+ * computes is published after the step.
+ *
  * Sharing (n > 1): choice 0 computes the prompt; once it has cached the
  * prompt's whole blocks short of the last position, the other choices
  * take references to those blocks (moe_kv_seq_share) and compute only
@@ -69,6 +75,9 @@ typedef struct moe_sched_seq {
     moe_seq_state state;
     uint64_t order;     /* admission order; lower is older (kept across preemption) */
     int64_t n_preempted;
+    int64_t n_hashed;    /* leading whole blocks whose prefix-cache hash is known (published or found) */
+    uint64_t chain_hash; /* hash of the chain of those blocks */
+    uint64_t admit_step; /* the step it was last re-admitted in */
     /* the current step, valid from moe_sched_step to the next one */
     int64_t chunk; /* tokens of this sequence in the batch */
     int64_t row;   /* its logits row, or -1 */
@@ -96,6 +105,7 @@ void moe_sched_group_free(moe_sched_group *g); /* NULL is a no-op; blocks must h
 typedef struct moe_sched_opts {
     int64_t max_seqs;    /* sequences admitted at once, >= 1 */
     int64_t step_tokens; /* tokens per step, >= max_seqs */
+    bool prefix_cache;   /* reuse cached blocks of earlier sequences with the same leading tokens */
 } moe_sched_opts;
 
 typedef struct moe_sched moe_sched;
@@ -141,6 +151,7 @@ typedef struct moe_sched_counts {
     int64_t seqs_running;    /* RUNNING + FORK_WAIT */
     int64_t seqs_preempted;  /* waiting for re-admission */
     uint64_t preemptions;    /* total */
+    uint64_t prefix_hit_tokens; /* positions taken from the prefix cache instead of computed */
 } moe_sched_counts;
 void moe_sched_get_counts(const moe_sched *s, moe_sched_counts *out);
 

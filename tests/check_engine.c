@@ -632,6 +632,37 @@ START_TEST(cancel_running) {
 }
 END_TEST
 
+/* The prefix cache: the same prompt again computes only its last partial
+ * block (prompt_tokens_total counts what was computed), same output. */
+START_TEST(prefix_cache) {
+    const char *model = FIXDIR "qwen3moe.gguf";
+    int32_t p[37], ref[6];
+    make_prompt(p, 37, 31);
+    ref_greedy(model, p, 37, 6, ref);
+    moe_engine *e = start(model, (moe_engine_opts){.block_size = 8});
+    uint64_t before[3];
+    for (int k = 0; k < 2; k++) {
+        moe_engine_stats st;
+        moe_engine_get_stats(e, &st);
+        before[k] = st.prompt_tokens_total;
+        col c;
+        col_init(&c);
+        moe_request r = greedy_req(p, 37, 6, &c);
+        ck_assert_int_eq(moe_engine_submit(e, &r, NULL, NULL, 0), MOE_OK);
+        ck_assert(col_wait(&c, 30));
+        ck_assert_int_eq(c.ntok[0], 6);
+        for (int t = 0; t < 6; t++) ck_assert_int_eq(c.toks[0][t], ref[t]);
+    }
+    moe_engine_stats st;
+    moe_engine_get_stats(e, &st);
+    before[2] = st.prompt_tokens_total;
+    ck_assert_uint_eq(before[1] - before[0], 37);
+    ck_assert_uint_eq(before[2] - before[1], 37 - 32); /* 4 whole blocks of 8 reused */
+    ck_assert_int_eq(st.kv_blocks_used, 0);
+    moe_engine_destroy(e, 1000);
+}
+END_TEST
+
 static int n_status;
 static void on_status(void *u, const char *s) {
     (void)u;
@@ -694,6 +725,7 @@ int main(void) {
     tcase_add_test(tr, validation);
     tcase_add_test(tr, queue_full_and_destroy_cancels);
     tcase_add_test(tr, cancel_running);
+    tcase_add_test(tr, prefix_cache);
     tcase_add_test(tr, start_failures);
     suite_add_tcase(s, tr);
     SRunner *sr = srunner_create(s);

@@ -202,6 +202,14 @@ static void roomy_chunked_and_tight(const char *model) {
     ck_assert_uint_gt(c.preemptions, 0);
     ck_assert_int_le(c.max_used, 11);
     check_against_reference(mix, NG, &c);
+    /* the same with the prefix cache: re-admitted sequences find their own
+     * blocks when they were not evicted meanwhile */
+    result d, e2;
+    drive(mix, NG, 4, 11, (moe_sched_opts){.max_seqs = 8, .step_tokens = 64, .prefix_cache = true}, &d);
+    ck_assert_uint_gt(d.preemptions, 0);
+    check_against_reference(mix, NG, &d);
+    drive(mix, NG, 4, 256, (moe_sched_opts){.max_seqs = 4, .step_tokens = 6, .prefix_cache = true}, &e2);
+    check_against_reference(mix, NG, &e2);
     fprintf(stderr, "%s: steps roomy %lld, chunked %lld, tight %lld (%llu preemptions)\n", model, (long long)a.steps,
             (long long)b.steps, (long long)c.steps, (unsigned long long)c.preemptions);
     close_model();
@@ -358,6 +366,86 @@ START_TEST(never_fits_reported) {
 }
 END_TEST
 
+/* Runs one group to GEN greedy tokens on an existing scheduler; returns
+ * the tokens computed in its first step. */
+static int64_t run_one(moe_sched *s, moe_kv_cache *kv, const int32_t *prompt, int64_t np, int32_t *out) {
+    (void)kv;
+    moe_sched_group *gr = moe_sched_group_new(prompt, np, 1, GEN, NULL);
+    moe_sched_add(s, gr);
+    float *lg = malloc(4 * (size_t)nv * sizeof(float));
+    int64_t first = -1;
+    while (gr->n_finished < 1) {
+        moe_sched_batch sb;
+        ck_assert_int_eq(moe_sched_step(s, &sb), MOE_OK);
+        ck_assert_int_eq(sb.n_failed, 0);
+        if (first < 0) first = sb.b.n_tok;
+        ck_assert_int_eq(moe_fwd_run(fw, kv, &sb.b, lg), MOE_OK);
+        moe_sched_commit(s);
+        for (int64_t r = 0; r < sb.n_rows; r++) {
+            moe_sched_seq *q = sb.rows[r];
+            int32_t id = argmax(lg + (size_t)r * (size_t)nv);
+            moe_sched_append(s, q, id);
+            int64_t k = q->n_tok - np;
+            out[k - 1] = id;
+            if (k == GEN) moe_sched_finish(s, q);
+        }
+    }
+    moe_sched_remove(s, gr);
+    moe_sched_group_free(gr);
+    free(lg);
+    return first;
+}
+
+/* Prefix cache: the same prompt again computes only what is past its
+ * cached whole blocks; a follow-up turn (prompt + answer + more) reuses
+ * the answer's blocks too; eviction under pressure keeps results right. */
+START_TEST(prefix_cache_reuse) {
+    open_model(FIXDIR "deepseek2.gguf");
+    int st;
+    moe_kv_opts ko;
+    moe_fwd_kv_opts(fw, 4, 16, &ko);
+    moe_kv_cache *kv = moe_kv_create(&be, &ko, &st);
+    moe_sched *s = moe_sched_new(kv, &(moe_sched_opts){.max_seqs = 4, .step_tokens = 64, .prefix_cache = true});
+    ck_assert_ptr_nonnull(s);
+    int32_t a[30], out[GEN], ref[GEN], out2[GEN];
+    make_prompt(a, 30, 21);
+    ref_greedy(a, 30, ref);
+    ck_assert_int_eq(run_one(s, kv, a, 30, out), 30);
+    ck_assert(!memcmp(out, ref, sizeof ref));
+    /* everything is free again, most of it as cache */
+    ck_assert_int_eq(moe_kv_n_free(kv), 16);
+    ck_assert_int_eq(moe_kv_n_cached(kv), 9); /* positions 0..35 of the 39 computed */
+    ck_assert_int_eq(run_one(s, kv, a, 30, out2), 2); /* 7 blocks (28 positions) found */
+    ck_assert(!memcmp(out2, ref, sizeof ref));
+    moe_sched_counts sc;
+    moe_sched_get_counts(s, &sc);
+    ck_assert_uint_eq(sc.prefix_hit_tokens, 28);
+    /* the next turn: prompt + answer + 5 more tokens */
+    int32_t b[45], refb[GEN];
+    memcpy(b, a, sizeof a);
+    memcpy(b + 30, ref, sizeof ref);
+    make_prompt(b + 40, 5, 22);
+    b[40] = 7;
+    ref_greedy(b, 45, refb);
+    ck_assert_int_eq(run_one(s, kv, b, 45, out), 45 - 36);
+    ck_assert(!memcmp(out, refb, sizeof refb));
+    /* a different 50-token sequence needs 15 of the 16 blocks: cached
+     * blocks get evicted, and a itself is right again afterwards */
+    int32_t c[50], refc[GEN];
+    make_prompt(c, 50, 23);
+    ref_greedy(c, 50, refc);
+    ck_assert_int_eq(run_one(s, kv, c, 50, out), 50);
+    ck_assert(!memcmp(out, refc, sizeof refc));
+    ck_assert_int_lt(moe_kv_n_cached(kv), 16);
+    run_one(s, kv, a, 30, out);
+    ck_assert(!memcmp(out, ref, sizeof ref));
+    ck_assert_int_eq(moe_kv_n_free(kv), 16);
+    moe_sched_free(s);
+    moe_kv_destroy(kv);
+    close_model();
+}
+END_TEST
+
 START_TEST(bad_arguments) {
     int32_t p[2] = {1, 2};
     ck_assert_ptr_null(moe_sched_group_new(p, 0, 1, 4, NULL));
@@ -394,6 +482,7 @@ int main(void) {
     tcase_add_test(tp, decodes_not_starved);
     tcase_add_test(tp, choices_share_prompt_blocks);
     tcase_add_test(tp, never_fits_reported);
+    tcase_add_test(tp, prefix_cache_reuse);
     tcase_add_test(tp, bad_arguments);
     suite_add_tcase(s, tp);
     SRunner *sr = srunner_create(s);
