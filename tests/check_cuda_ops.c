@@ -10,16 +10,21 @@
  *    band allows different summation orders over n_in up to 4096).
  *  - embed/get_rows: bit-exact (the dequantizers evaluate quant.c's
  *    expressions, with FMA contraction ruled out).
- *  - matmul on quantized weights vs the CPU: 3e-2. The GPU multiplies the
- *    exactly dequantized weights by f32 activations; the CPU rounds the
- *    activations to int8 per block of 32 (Q8_0 family) or 256 (K-quants)
- *    first, ~0.3-1 % relative per output (cpu_matmul.h). The GPU is
- *    additionally held to 1e-4 against an f64 product of the dequantized
- *    weights, so the loose CPU band hides nothing of its own.
+ *  - matmul on quantized weights vs the CPU: 5e-3 measured on the scale
+ *    sum_i |w_i x_i| of each output (one dot product can cancel to ~0, so
+ *    ||y|| is no scale for a single output). The GPU multiplies the exactly
+ *    dequantized weights by f32 activations; the CPU rounds the activations
+ *    to int8 per block of 32 (Q8_0 family) or 256 (K-quants) first. The
+ *    CPU's own error against an f64 product, measured with
+ *    MOE_CUDA_TEST_EMULATE=1 over every type and shape: <= 6e-4 on that
+ *    scale, <= 5.1e-3 as ||err|| / ||y||. The GPU is additionally held to
+ *    1e-4 (||err|| / ||y||) against the f64 product, so the CPU band hides
+ *    nothing of its own.
  *  - matmul through cuBLAS (F16/BF16 weights, more than 8 tokens): the
  *    activations are rounded to the weight type: f16 2e-3 (unit roundoff
  *    2^-11), bf16 1e-2 (2^-8) against the f64 reference.
- *  - moe / mla on quantized weights vs the CPU: 3e-2 for the same reason;
+ *  - moe / mla on quantized weights vs the CPU: 3e-2 as ||err|| / ||out||,
+ *    ~6x the CPU's 5e-3 per product above (two or three chained products);
  *    the expert choice itself must be identical.
  *
  * Built with CUDA=0 or run where no GPU is visible, it prints
@@ -45,10 +50,16 @@
 
 static moe_backend cpu, gpu;
 static uint64_t rng_state;
+/* MOE_CUDA_TEST_EMULATE=1: "gpu" is a second CPU backend, so the harness
+ * itself (references, bands, layouts) can be exercised without a GPU; the
+ * f64 references then measure the CPU's own error, i.e. the gap a correct
+ * GPU shows against the CPU. Device-only tests (sampling) are skipped. */
+static int emulate;
 
 static void setup(void) {
     ck_assert_int_eq(moe_cpu_backend_init(&cpu, &(moe_cpu_backend_opts){.n_threads = 2}), MOE_OK);
-    ck_assert_int_eq(moe_cuda_backend_init(&gpu, NULL), MOE_OK);
+    if (emulate) ck_assert_int_eq(moe_cpu_backend_init(&gpu, &(moe_cpu_backend_opts){.n_threads = 2}), MOE_OK);
+    else ck_assert_int_eq(moe_cuda_backend_init(&gpu, NULL), MOE_OK);
     const char *s = getenv("MOE_TEST_SEED");
     rng_state = s ? strtoull(s, NULL, 10) : ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
     fprintf(stderr, "seed %llu\n", (unsigned long long)rng_state);
@@ -337,17 +348,36 @@ END_TEST
 
 /* ---- matmul ---- */
 
-/* y = x . W^T in f64 from the dequantized weights. */
+/* y = x . W^T in f64 from the dequantized weights; *mag (same shape) =
+ * sum_i |w_oi x_ti| + |bias_o|, the scale the rounding of either operand
+ * is relative to (a single dot product can cancel to near zero). */
 static double *ref_matmul(const float *deq, int64_t n_in, int64_t n_out, const float *x, int64_t n_tok,
-                          const float *bias) {
+                          const float *bias, double **mag) {
     double *y = malloc((size_t)n_tok * n_out * sizeof(double));
+    *mag = malloc((size_t)n_tok * n_out * sizeof(double));
     for (int64_t t = 0; t < n_tok; t++)
         for (int64_t o = 0; o < n_out; o++) {
-            double s = bias ? bias[o] : 0;
-            for (int64_t i = 0; i < n_in; i++) s += (double)deq[o * n_in + i] * x[t * n_in + i];
+            double s = bias ? bias[o] : 0, a = bias ? fabs(bias[o]) : 0;
+            for (int64_t i = 0; i < n_in; i++) {
+                double p = (double)deq[o * n_in + i] * x[t * n_in + i];
+                s += p;
+                a += fabs(p);
+            }
             y[t * n_out + o] = s;
+            (*mag)[t * n_out + o] = a;
         }
     return y;
+}
+
+/* ||a - b|| / ||mag|| */
+static double rel_mag(const float *a, const float *b, const double *mag, size_t n) {
+    double dd = 0, mm = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - (double)b[i];
+        dd += d * d;
+        mm += mag[i] * mag[i];
+    }
+    return mm > 0 ? sqrt(dd / mm) : sqrt(dd);
 }
 
 START_TEST(matmul_types_shapes) {
@@ -371,16 +401,30 @@ START_TEST(matmul_types_shapes) {
             poison(dy, (size_t)n_tok * n_out * sizeof(float));
             ck_assert_int_eq(gpu.ops->matmul(gpu.ctx, &w.g, dx, n_tok, db, dy), MOE_OK);
             float *g = down(dy, (size_t)n_tok * n_out);
-            double *ref = ref_matmul(w.deq, n_in, n_out, x, n_tok, bias);
-            double tol_ref = 1e-4, tol_cpu = is_plain(type) ? 1e-4 : 3e-2;
+            double *mag = NULL, *ref = ref_matmul(w.deq, n_in, n_out, x, n_tok, bias, &mag);
+            double tol_ref = 1e-4, tol_cpu = is_plain(type) ? 1e-4 : 5e-3;
             if (n_tok > 8 && type == MOE_TYPE_F16) tol_ref = tol_cpu = 2e-3;
             if (n_tok > 8 && type == MOE_TYPE_BF16) tol_ref = tol_cpu = 1e-2;
-            double e_ref = rel_d(g, ref, (size_t)n_tok * n_out), e_cpu = rel(g, cy, (size_t)n_tok * n_out);
+            if (emulate) tol_ref = tol_cpu;
+            /* the CPU's int8 activations: its error is relative to sum |w x| */
+            double e_ref = rel_d(g, ref, (size_t)n_tok * n_out),
+                   e_cpu = is_plain(type) ? rel(g, cy, (size_t)n_tok * n_out) : rel_mag(g, cy, mag, (size_t)n_tok * n_out);
+            if (emulate && !is_plain(type)) {
+                float *rf = malloc((size_t)n_tok * n_out * sizeof(float));
+                for (size_t i = 0; i < (size_t)(n_tok * n_out); i++) rf[i] = (float)ref[i];
+                if (getenv("MOE_TEST_VERBOSE")) fprintf(stderr, "  plain rel %.2e\n", rel_d(g, ref, (size_t)n_tok * n_out));
+                e_ref = rel_mag(g, rf, mag, (size_t)n_tok * n_out); /* the CPU's own error, on the same scale */
+                free(rf);
+            }
+            if (getenv("MOE_TEST_VERBOSE"))
+                fprintf(stderr, "matmul %-5s %5lld x %4lld n_tok %3lld: vs f64 %.2e, vs cpu %.2e\n", moe_type_name(type),
+                        (long long)n_in, (long long)n_out, (long long)n_tok, e_ref, e_cpu);
             ck_assert_msg(e_ref <= tol_ref && e_cpu <= tol_cpu,
                           "matmul %s n_in %lld n_out %lld n_tok %lld: vs f64 %.2e (<= %.0e), vs cpu %.2e (<= %.0e)",
                           moe_type_name(type), (long long)n_in, (long long)n_out, (long long)n_tok, e_ref, tol_ref,
                           e_cpu, tol_cpu);
             free(ref);
+            free(mag);
             free(g);
             free(cy);
             free(x);
@@ -394,6 +438,7 @@ START_TEST(matmul_types_shapes) {
 END_TEST
 
 START_TEST(matmul_unsupported) {
+    if (emulate) return;
     /* Q2_K is readable but the CPU multiplies it neither */
     int64_t n_in = 256;
     size_t rs = moe_row_size(MOE_TYPE_Q2_K, n_in);
@@ -588,7 +633,7 @@ END_TEST
 START_TEST(moe_routing_and_ffn) {
     /* (E, K, G, Gu, gating, norm, scale*10, n_embd, n_ff) */
     static const int64_t cfg[][9] = {
-        {8, 2, 1, 1, MOE_GATING_SOFTMAX, 1, 10, 64, 48},     /* Mixtral-like */
+        {8, 2, 1, 1, MOE_GATING_SOFTMAX, 1, 10, 64, 96},     /* Mixtral-like */
         {16, 4, 4, 2, MOE_GATING_SIGMOID, 1, 25, 64, 32},    /* V3-like, with bias */
         {8, 3, 4, 2, MOE_GATING_SOFTMAX, 0, 25, 64, 32},     /* V2 group-limited greedy */
         {64, 6, 1, 1, MOE_GATING_SOFTMAX, 0, 10, 512, 256},  /* V2-Lite-like */
@@ -596,13 +641,14 @@ START_TEST(moe_routing_and_ffn) {
     static const int types[] = {MOE_TYPE_F32, MOE_TYPE_BF16, MOE_TYPE_Q8_0, MOE_TYPE_Q4_K};
     static const int64_t toks[] = {1, 5, 8, 9, 70};
     for (int ci = 0; ci < 4; ci++)
-        for (int ty = 0; ty < 4; ty++)
+        for (int ty = 0; ty < 4; ty++) {
+            int type = types[ty];
+            int64_t E = cfg[ci][0], K = cfg[ci][1], n_embd = cfg[ci][7], n_ff = cfg[ci][8];
+            if (type == MOE_TYPE_Q4_K && (n_embd % 256 || n_ff % 256)) continue;
+            wpair gate = make_weight(type, n_embd, n_ff, E, 0.2f), up = make_weight(type, n_embd, n_ff, E, 0.2f),
+                  dn = make_weight(type, n_ff, n_embd, E, 0.2f);
             for (int ti = 0; ti < 5; ti++) {
-                int type = types[ty];
-                int64_t E = cfg[ci][0], K = cfg[ci][1], n_embd = cfg[ci][7], n_ff = cfg[ci][8], n_tok = toks[ti];
-                if (type == MOE_TYPE_Q4_K && (n_embd % 256 || n_ff % 256)) continue;
-                wpair gate = make_weight(type, n_embd, n_ff, E, 0.2f), up = make_weight(type, n_embd, n_ff, E, 0.2f),
-                      dn = make_weight(type, n_ff, n_embd, E, 0.2f);
+                int64_t n_tok = toks[ti];
                 float *h = rand_vec((size_t)n_tok * n_embd, -1, 1), *lg = rand_vec((size_t)n_tok * E, -3, 3);
                 float *bias = cfg[ci][4] == MOE_GATING_SIGMOID ? rand_vec((size_t)E, -0.15f, 0.15f) : NULL;
                 float *dbias = bias ? dev(bias, (size_t)E * 4) : NULL;
@@ -623,6 +669,7 @@ START_TEST(moe_routing_and_ffn) {
                 CHECK_REL(gw, cw, ne, 1e-6, "moe weights");
                 char what[64];
                 snprintf(what, sizeof what, "moe cfg %d %s n_tok %lld", ci, moe_type_name(type), (long long)n_tok);
+                if (getenv("MOE_TEST_VERBOSE")) fprintf(stderr, "%s: vs cpu %.2e\n", what, rel(g, cout, no));
                 CHECK_REL(g, cout, no, is_plain(type) ? 1e-4 : 3e-2, what);
                 free(g);
                 free(cout);
@@ -637,16 +684,18 @@ START_TEST(moe_routing_and_ffn) {
                 gfree(dh);
                 gfree(dlg);
                 gfree(dout);
-                free_weight(&gate);
-                free_weight(&up);
-                free_weight(&dn);
             }
+            free_weight(&gate);
+            free_weight(&up);
+            free_weight(&dn);
+        }
 }
 END_TEST
 
 /* ---- sampling ---- */
 
 START_TEST(sample_greedy) {
+    if (emulate) return;
     static const int64_t vocab[] = {320, 102400};
     for (int vi = 0; vi < 2; vi++) {
         int64_t V = vocab[vi], R = 5;
@@ -673,6 +722,7 @@ START_TEST(sample_greedy) {
 END_TEST
 
 START_TEST(sample_distribution) {
+    if (emulate) return;
     /* 8 tokens; draws over many rows (one seed each) follow softmax(l / T), and
      * top-p keeps exactly the nucleus */
     enum { V = 8, R = 20000 };
@@ -761,7 +811,8 @@ static int gpu_present(void) {
 }
 
 int main(void) {
-    if (!gpu_present()) {
+    emulate = getenv("MOE_CUDA_TEST_EMULATE") && atoi(getenv("MOE_CUDA_TEST_EMULATE"));
+    if (!emulate && !gpu_present()) {
         printf("SKIP: no CUDA device\n");
         return 0;
     }
