@@ -166,16 +166,20 @@ __global__ void __launch_bounds__(ATT_THREADS) k_attention(att_args a) {
             ps = block_reduce(ps, red, false); // its barriers also publish sc
             l = l * alpha + ps;
             m = m_new;
+            // each thread: its output dims tid, tid + 128, ... over the tile's positions
+            float s[ATT_MAXV];
 #pragma unroll
-            for (int r = 0; r < ATT_MAXV; r++) {
-                int64_t d = tid + (int64_t)r * ATT_THREADS;
-                if (d < a.dv) {
-                    const float *vb = a.vc + g * a.v_head + d;
-                    float s = 0.0f;
-                    for (int i = 0; i < n; i++) s += sc[i] * vb[sl[i] * a.v_stride];
-                    acc[r] = acc[r] * alpha + s;
-                }
+            for (int r = 0; r < ATT_MAXV; r++) s[r] = 0.0f;
+            const float *vb = a.vc + g * a.v_head + tid;
+            for (int i = 0; i < n; i++) {
+                float w = sc[i];
+                const float *row = vb + sl[i] * a.v_stride;
+#pragma unroll
+                for (int r = 0; r < ATT_MAXV; r++)
+                    if (tid + r * ATT_THREADS < a.dv) s[r] += w * row[r * ATT_THREADS];
             }
+#pragma unroll
+            for (int r = 0; r < ATT_MAXV; r++) acc[r] = acc[r] * alpha + s[r];
         }
         float inv = 1.0f / l;
 #pragma unroll

@@ -137,9 +137,10 @@ static int cuda_upload(void *vctx, void *dst, const void *src_host, size_t nbyte
     cuda_ctx *c = (cuda_ctx *)vctx;
     if ((!dst || !src_host) && nbytes) return MOE_EINVAL;
     if (!nbytes) return MOE_OK;
-    // pageable source: the call returns once the bytes are staged, so the
-    // caller may reuse src at once; ordered with the ops on our stream
+    // synchronous: the caller may reuse src at once even when it is pinned
+    // memory (an async copy from pinned memory would read it later)
     CUDA_CHECK(cudaMemcpyAsync(dst, src_host, nbytes, cudaMemcpyHostToDevice, c->stream));
+    CUDA_CHECK(cudaStreamSynchronize(c->stream));
     return MOE_OK;
 }
 

@@ -11,6 +11,7 @@
 // holding u, and that thread walks it. Sums are in double in a fixed
 // order, so a (seed, row) always gives the same token.
 #include <math.h>
+#include <string.h>
 
 #include "cuda_internal.cuh"
 
@@ -161,7 +162,7 @@ __global__ void __launch_bounds__(SMP_THREADS) k_sample(const float *__restrict_
 extern "C" int moe_cuda_sample(const moe_backend *be, const float *logits, int64_t n_rows, int64_t n_vocab,
                                const moe_cuda_sample_params *params, int32_t *out_host) {
     if (!be || !be->ctx || !be->ops || !logits || !params || !out_host || n_rows < 0 || n_vocab <= 0 ||
-        n_vocab > INT32_MAX || n_rows > 65535)
+        n_vocab > INT32_MAX || n_rows > 65535 || !be->ops->name || strcmp(be->ops->name, "cuda"))
         return MOE_EINVAL;
     if (!n_rows) return MOE_OK;
     for (int64_t r = 0; r < n_rows; r++)
