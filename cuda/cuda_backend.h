@@ -59,6 +59,12 @@ typedef struct moe_cuda_sample_params {
 int moe_cuda_sample(const moe_backend *be, const float *logits, int64_t n_rows, int64_t n_vocab,
                     const moe_cuda_sample_params *params, int32_t *out_host);
 
+/* Test hook: the GPU kernels' dequantizer (the same source, compiled for
+ * the host) applied to one row of n elements of `type`. Lets the kernels'
+ * block decoding be checked against engine/quant.c on machines without a
+ * GPU. Returns MOE_OK, MOE_EINVAL (bad n) or MOE_EUNSUPPORTED. Any thread. */
+int cuda__dequant_row_host(int type, const void *row, float *out, int64_t n);
+
 #ifdef __cplusplus
 }
 #endif

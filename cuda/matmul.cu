@@ -23,79 +23,98 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <limits.h>
+#include <string.h>
 
 #include "cuda_internal.cuh"
 
 // ---- loads ----
 
-__device__ __forceinline__ float f16_to_f32(uint16_t b) { return __half2float(__ushort_as_half(b)); }
-__device__ __forceinline__ float bf16_to_f32(uint16_t b) { return __uint_as_float((uint32_t)b << 16); }
-__device__ __forceinline__ uint16_t ld_u16(const uint8_t *p) { return __ldg((const unsigned short *)p); }
+// The dequantizer is __host__ __device__ so that cuda__dequant_row_host()
+// can check the very same code against engine/quant.c without a GPU.
+#define HD __host__ __device__ __forceinline__
+#ifdef __CUDA_ARCH__
+#define LDG(p) __ldg(p)
+#define FMUL_RN(a, b) __fmul_rn(a, b)
+#define UNROLL _Pragma("unroll")
+#else
+#define UNROLL
+#define LDG(p) (*(p))
+#define FMUL_RN(a, b) ((a) * (b)) /* host: -std=c++17 does not contract */
+#endif
+
+HD float f16_to_f32(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+HD float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+HD uint16_t ld_u16(const uint8_t *p) { return LDG((const unsigned short *)p); }
 
 // 8 bytes from a 2-byte aligned address (Q8_0, Q4_0, Q5_0 and Q6_K blocks
 // are 2-byte aligned only), as two little-endian words.
-__device__ __forceinline__ uint2 ld8_a2(const uint8_t *p) {
+HD uint2 ld8_a2(const uint8_t *p) {
     const unsigned short *s = (const unsigned short *)p;
     uint2 r;
-    r.x = (uint32_t)__ldg(s) | ((uint32_t)__ldg(s + 1) << 16);
-    r.y = (uint32_t)__ldg(s + 2) | ((uint32_t)__ldg(s + 3) << 16);
+    r.x = (uint32_t)LDG(s) | ((uint32_t)LDG(s + 1) << 16);
+    r.y = (uint32_t)LDG(s + 2) | ((uint32_t)LDG(s + 3) << 16);
     return r;
 }
-__device__ __forceinline__ uint2 ld8_a4(const uint8_t *p) {
+HD uint2 ld8_a4(const uint8_t *p) {
     const unsigned *s = (const unsigned *)p;
-    return make_uint2(__ldg(s), __ldg(s + 1));
+    return make_uint2(LDG(s), LDG(s + 1));
 }
-__device__ __forceinline__ uint2 ld8_a8(const uint8_t *p) { return __ldg((const uint2 *)p); }
+HD uint2 ld8_a8(const uint8_t *p) { return LDG((const uint2 *)p); }
 
-__device__ __forceinline__ int byte_of(uint2 v, int i) { return (int)(((i < 4 ? v.x : v.y) >> (8 * (i & 3))) & 0xFF); }
+HD int byte_of(uint2 v, int i) { return (int)(((i < 4 ? v.x : v.y) >> (8 * (i & 3))) & 0xFF); }
 
-__device__ __forceinline__ bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+HD bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
 // xv[0..8) = x[k .. k+8) (zero past n); 16-byte loads when aligned.
-__device__ __forceinline__ void load_x8(const float *xr, int64_t k, int64_t n, float xv[8]) {
+HD void load_x8(const float *xr, int64_t k, int64_t n, float xv[8]) {
     const float *p = xr + k;
     if (k + 8 <= n && aligned16(p)) {
-        float4 a = __ldg((const float4 *)p), b = __ldg((const float4 *)p + 1);
+        float4 a = LDG((const float4 *)p), b = LDG((const float4 *)p + 1);
         xv[0] = a.x, xv[1] = a.y, xv[2] = a.z, xv[3] = a.w;
         xv[4] = b.x, xv[5] = b.y, xv[6] = b.z, xv[7] = b.w;
     } else {
-#pragma unroll
-        for (int i = 0; i < 8; i++) xv[i] = k + i < n ? __ldg(p + i) : 0.0f;
+UNROLL
+        for (int i = 0; i < 8; i++) xv[i] = k + i < n ? LDG(p + i) : 0.0f;
     }
 }
 
 // ---- dequantization: 8 consecutive weights of a row, starting at k (k % 8 == 0) ----
 
 // 6-bit scale and min j of a Q4_K/Q5_K block (engine/quant.c k4_scale_min)
-__device__ __forceinline__ void k4_scale_min(int j, const uint8_t *q, int &sc, int &m) {
+HD void k4_scale_min(int j, const uint8_t *q, int &sc, int &m) {
     if (j < 4) {
-        sc = __ldg(q + j) & 63;
-        m = __ldg(q + j + 4) & 63;
+        sc = LDG(q + j) & 63;
+        m = LDG(q + j + 4) & 63;
     } else {
-        sc = (__ldg(q + j + 4) & 0xF) | ((__ldg(q + j - 4) >> 6) << 4);
-        m = (__ldg(q + j + 4) >> 4) | ((__ldg(q + j) >> 6) << 4);
+        sc = (LDG(q + j + 4) & 0xF) | ((LDG(q + j - 4) >> 6) << 4);
+        m = (LDG(q + j + 4) >> 4) | ((LDG(q + j) >> 6) << 4);
     }
 }
 
 template <int T>
-__device__ __forceinline__ void dequant8(const uint8_t *row, int64_t k, int64_t n, float v[8]) {
+HD void dequant8(const uint8_t *row, int64_t k, int64_t n, float v[8]) {
     if constexpr (T == MOE_TYPE_F32) {
         load_x8((const float *)row, k, n, v);
     } else if constexpr (T == MOE_TYPE_F16 || T == MOE_TYPE_BF16) {
         const uint16_t *p = (const uint16_t *)row + k;
         if (k + 8 <= n && aligned16(p)) {
-            uint4 q = __ldg((const uint4 *)p);
+            uint4 q = LDG((const uint4 *)p);
             uint32_t w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
+UNROLL
             for (int i = 0; i < 4; i++) {
                 uint16_t lo = (uint16_t)(w[i] & 0xFFFF), hi = (uint16_t)(w[i] >> 16);
                 v[2 * i] = T == MOE_TYPE_F16 ? f16_to_f32(lo) : bf16_to_f32(lo);
                 v[2 * i + 1] = T == MOE_TYPE_F16 ? f16_to_f32(hi) : bf16_to_f32(hi);
             }
         } else {
-#pragma unroll
+UNROLL
             for (int i = 0; i < 8; i++) {
-                uint16_t b = k + i < n ? __ldg((const unsigned short *)p + i) : 0;
+                uint16_t b = k + i < n ? LDG((const unsigned short *)p + i) : 0;
                 v[i] = T == MOE_TYPE_F16 ? f16_to_f32(b) : bf16_to_f32(b);
             }
         }
@@ -104,29 +123,29 @@ __device__ __forceinline__ void dequant8(const uint8_t *row, int64_t k, int64_t 
         int j0 = (int)(k % 32);
         float d = f16_to_f32(ld_u16(b));
         uint2 q = ld8_a2(b + 2 + j0);
-#pragma unroll
+UNROLL
         for (int i = 0; i < 8; i++) v[i] = d * (float)(int8_t)byte_of(q, i);
     } else if constexpr (T == MOE_TYPE_Q4_0) {
         const uint8_t *b = row + (k / 32) * sizeof(moe_block_q4_0);
         int j0 = (int)(k % 32), sh = j0 >= 16 ? 4 : 0;
         float d = f16_to_f32(ld_u16(b));
         uint2 q = ld8_a2(b + 2 + (j0 & 15));
-#pragma unroll
+UNROLL
         for (int i = 0; i < 8; i++) v[i] = d * (float)(((byte_of(q, i) >> sh) & 0xF) - 8);
     } else if constexpr (T == MOE_TYPE_Q4_1) {
         const uint8_t *b = row + (k / 32) * sizeof(moe_block_q4_1);
         int j0 = (int)(k % 32), sh = j0 >= 16 ? 4 : 0;
         float d = f16_to_f32(ld_u16(b)), m = f16_to_f32(ld_u16(b + 2));
         uint2 q = ld8_a4(b + 4 + (j0 & 15));
-#pragma unroll
-        for (int i = 0; i < 8; i++) v[i] = __fmul_rn(d, (float)((byte_of(q, i) >> sh) & 0xF)) + m;
+UNROLL
+        for (int i = 0; i < 8; i++) v[i] = FMUL_RN(d, (float)((byte_of(q, i) >> sh) & 0xF)) + m;
     } else if constexpr (T == MOE_TYPE_Q5_0) {
         const uint8_t *b = row + (k / 32) * sizeof(moe_block_q5_0);
         int j0 = (int)(k % 32), sh = j0 >= 16 ? 4 : 0;
         float d = f16_to_f32(ld_u16(b));
         uint32_t qh = (uint32_t)ld_u16(b + 2) | ((uint32_t)ld_u16(b + 4) << 16);
         uint2 q = ld8_a2(b + 6 + (j0 & 15));
-#pragma unroll
+UNROLL
         for (int i = 0; i < 8; i++) {
             int lo = (byte_of(q, i) >> sh) & 0xF, hi = (int)((qh >> (j0 + i)) & 1u) << 4;
             v[i] = d * (float)((lo | hi) - 16);
@@ -135,12 +154,12 @@ __device__ __forceinline__ void dequant8(const uint8_t *row, int64_t k, int64_t 
         const uint8_t *b = row + (k / 32) * sizeof(moe_block_q5_1);
         int j0 = (int)(k % 32), sh = j0 >= 16 ? 4 : 0;
         float d = f16_to_f32(ld_u16(b)), m = f16_to_f32(ld_u16(b + 2));
-        uint32_t qh = __ldg((const unsigned *)(b + 4));
+        uint32_t qh = LDG((const unsigned *)(b + 4));
         uint2 q = ld8_a8(b + 8 + (j0 & 15));
-#pragma unroll
+UNROLL
         for (int i = 0; i < 8; i++) {
             int lo = (byte_of(q, i) >> sh) & 0xF, hi = (int)((qh >> (j0 + i)) & 1u) << 4;
-            v[i] = __fmul_rn(d, (float)(lo | hi)) + m;
+            v[i] = FMUL_RN(d, (float)(lo | hi)) + m;
         }
     } else if constexpr (T == MOE_TYPE_Q4_K || T == MOE_TYPE_Q5_K) {
         constexpr size_t BS = T == MOE_TYPE_Q4_K ? sizeof(moe_block_q4_K) : sizeof(moe_block_q5_K);
@@ -150,25 +169,25 @@ __device__ __forceinline__ void dequant8(const uint8_t *row, int64_t k, int64_t 
         float d = f16_to_f32(ld_u16(b)), dmin = f16_to_f32(ld_u16(b + 2));
         int sc, m;
         k4_scale_min(2 * c + hi, b + 4, sc, m);
-        float d1 = d * (float)sc, m1 = __fmul_rn(dmin, (float)m); // no FMA with the subtraction below
+        float d1 = d * (float)sc, m1 = FMUL_RN(dmin, (float)m); // no FMA with the subtraction below
         uint2 q = ld8_a8(b + QS + 32 * c + l);
         uint2 h = make_uint2(0, 0);
         if constexpr (T == MOE_TYPE_Q5_K) h = ld8_a8(b + 16 + l);
-#pragma unroll
+UNROLL
         for (int i = 0; i < 8; i++) {
             int qv = (byte_of(q, i) >> (4 * hi)) & 0xF;
             if constexpr (T == MOE_TYPE_Q5_K) qv += ((byte_of(h, i) >> (2 * c + hi)) & 1) ? 16 : 0;
-            v[i] = __fmul_rn(d1, (float)qv) - m1;
+            v[i] = FMUL_RN(d1, (float)qv) - m1;
         }
     } else if constexpr (T == MOE_TYPE_Q6_K) {
         const uint8_t *b = row + (k / 256) * sizeof(moe_block_q6_K);
         int e = (int)(k % 256), h = e / 128, r = e % 128, qq = r / 32, l = r % 32;
         float d = f16_to_f32(ld_u16(b + 208));
-        int sc = (int8_t)__ldg(b + 192 + 8 * h + l / 16 + 2 * qq);
+        int sc = (int8_t)LDG(b + 192 + 8 * h + l / 16 + 2 * qq);
         float ds = d * (float)sc;
         uint2 ql = ld8_a2(b + 64 * h + l + ((qq & 1) ? 32 : 0));
         uint2 qh = ld8_a2(b + 128 + 32 * h + l);
-#pragma unroll
+UNROLL
         for (int i = 0; i < 8; i++) {
             int lo = (byte_of(ql, i) >> (qq >= 2 ? 4 : 0)) & 0xF;
             int hb = (byte_of(qh, i) >> (2 * qq)) & 3;
@@ -197,6 +216,14 @@ static int type_align(int type) {
 
 bool cuda__gmm_supported(int type) { return type_align(type) != 0; }
 
+template <int T> static void dequant_row_host(const uint8_t *row, float *out, int64_t n) {
+    for (int64_t k = 0; k < n; k += 8) {
+        float v[8];
+        dequant8<T>(row, k, n, v);
+        for (int i = 0; i < 8 && k + i < n; i++) out[k + i] = v[i];
+    }
+}
+
 // Calls F.template operator()<T>() for the runtime type (one instantiation per type).
 #define TYPE_SWITCH(type, BODY)                                                                                       \
     switch (type) {                                                                                                   \
@@ -213,6 +240,13 @@ bool cuda__gmm_supported(int type) { return type_align(type) != 0; }
     case MOE_TYPE_Q6_K: { constexpr int TT = MOE_TYPE_Q6_K; BODY; } break;                                            \
     default: return MOE_EUNSUPPORTED;                                                                                 \
     }
+
+extern "C" int cuda__dequant_row_host(int type, const void *row, float *out, int64_t n) {
+    if (!row || !out || n < 0 || !moe_row_size(type, n)) return MOE_EINVAL;
+    const uint8_t *r = (const uint8_t *)row;
+    TYPE_SWITCH(type, dequant_row_host<TT>(r, out, n));
+    return MOE_OK;
+}
 
 // ---- dequantized rows (embed) ----
 
