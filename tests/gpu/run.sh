@@ -97,6 +97,16 @@ suite() { # name binary timeout
 suite check_cuda_ops "$B/tests/check_cuda_ops" 150
 suite check_cuda_e2e "$B/tests/check_cuda_e2e" 150
 
+# ---- kernel timings (tests/tool_cuda_bench.c) ----
+echo "== tool_cuda_bench"
+t=$SECONDS
+if make CUDA=1 BUILD="$B" -j"$J" "$B/tests/tool_cuda_bench" >>"$OUT/build.log" 2>&1; then
+    timeout 120 "$B/tests/tool_cuda_bench" 2>&1 | tee "$OUT/kernels.txt"
+    row "tool_cuda_bench" "$([ "${PIPESTATUS[0]}" = 0 ] && echo ok || echo FAIL)" $((SECONDS - t)) "table: kernels.txt"
+else
+    row "tool_cuda_bench" "FAIL" $((SECONDS - t)) "not built"
+fi
+
 # ---- moed bench on the GPU: a V2-Lite-shaped model (4 layers, Q8_0) made here ----
 echo "== moed bench --device cuda"
 t=$SECONDS
