@@ -8,6 +8,7 @@
 
 #include <math.h>
 #include <stdarg.h>
+#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -83,7 +84,35 @@ struct moe_fwd {
     int32_t *ids;    /* host (ids_cap) routing of one layer when route_out is not set */
     int64_t ids_cap;
     uint8_t *seen;   /* host (n_expert) */
+    /* MOE_FWD_PROFILE=1: wall time per op kind, printed to stderr by moe_fwd_free */
+    bool prof;
+    int n_prof;
+    int prof_bucket; /* of the running step: 0 one token, 1 up to 64, 2 more */
+    const char *prof_name[64];
+    int prof_b[64];
+    double prof_s[64];
+    int64_t prof_calls[64];
 };
+
+static double prof_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Adds dt to the op `name` (a string literal: compared by address). */
+static void prof_add(moe_fwd *fw, const char *name, double dt) {
+    int i = 0;
+    while (i < fw->n_prof && (fw->prof_name[i] != name || fw->prof_b[i] != fw->prof_bucket)) i++;
+    if (i == fw->n_prof) {
+        if (i == 64) return;
+        fw->prof_name[i] = name;
+        fw->prof_b[i] = fw->prof_bucket;
+        fw->n_prof++;
+    }
+    fw->prof_s[i] += dt;
+    fw->prof_calls[i]++;
+}
 
 static void seterr(char *err, size_t errsz, const char *fmt, ...) {
     if (!err || !errsz) return;
@@ -251,6 +280,20 @@ static void free_bufs(moe_fwd *fw) {
 
 void moe_fwd_free(moe_fwd *fw) {
     if (!fw) return;
+    if (fw->prof && fw->n_prof) {
+        static const char *bname[] = {"1 token", "2-64 tokens", "> 64 tokens"};
+        for (int bk = 0; bk < 3; bk++) {
+            double tot = 0;
+            for (int i = 0; i < fw->n_prof; i++) tot += fw->prof_b[i] == bk ? fw->prof_s[i] : 0;
+            if (tot == 0) continue;
+            fprintf(stderr, "moe_fwd profile, steps of %s (%.3f s in ops):\n", bname[bk], tot);
+            for (int i = 0; i < fw->n_prof; i++)
+                if (fw->prof_b[i] == bk)
+                    fprintf(stderr, "  %-16s %9.3f s %5.1f%% %8lld calls %9.3f ms/call\n", fw->prof_name[i],
+                            fw->prof_s[i], 100.0 * fw->prof_s[i] / tot, (long long)fw->prof_calls[i],
+                            1e3 * fw->prof_s[i] / (double)fw->prof_calls[i]);
+        }
+    }
     free_bufs(fw);
     for (int64_t i = 0; i < fw->n_bound; i++) fw->be.ops->unbind_weight(fw->be.ctx, fw->bound[i]);
     for (int64_t il = 0; fw->layers && il < fw->n_layer; il++) {
@@ -299,6 +342,8 @@ moe_fwd *moe_fwd_create(const moe_gguf *g, const moe_backend *be, int *status, c
     if (!fw) goto fail;
     fw->g = g;
     fw->be = *be;
+    const char *pe = getenv("MOE_FWD_PROFILE");
+    fw->prof = pe && *pe && strcmp(pe, "0");
     moe_gguf_str a;
     st = MOE_EFORMAT;
     if (moe_gguf_get_str(g, "general.architecture", &a) || a.len >= 32) {
@@ -624,6 +669,14 @@ int moe_fwd_kv_opts(const moe_fwd *fw, int64_t block_size, int64_t n_blocks, moe
         rc = (expr);                                                                                                 \
         if (rc) goto out;                                                                                            \
     } while (0)
+/* CK, timing the op under `name` when profiling */
+#define CKP(name, expr)                                                                                              \
+    do {                                                                                                             \
+        double t0_ = fw->prof ? prof_now() : 0;                                                                      \
+        rc = (expr);                                                                                                 \
+        if (fw->prof) prof_add(fw, name, prof_now() - t0_);                                                          \
+        if (rc) goto out;                                                                                            \
+    } while (0)
 
 /* y = down(silu(gate x) * up x) */
 static int ffn(moe_fwd *fw, const moe_weight *gate, const moe_weight *up, const moe_weight *down, const float *x,
@@ -704,6 +757,7 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
         }
         fw->cap = n;
     }
+    fw->prof_bucket = n == 1 ? 0 : n <= 64 ? 1 : 2;
     moe_fwd_traffic tr = {0};
     bool count = fw->count_traffic;
     if (count) {
@@ -726,50 +780,50 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
     moe_rope_params rp = {.style = fw->rope_style, .n_rot = fw->n_rot, .inv_freq = fw->inv_freq,
                           .attn_factor = fw->attn_factor};
 
-    CK(op->embed(c, &fw->tok_embd, b->ids, n, B.x));
+    CKP("embed", op->embed(c, &fw->tok_embd, b->ids, n, B.x));
     for (int64_t il = 0; il < fw->n_layer; il++) {
         const fwd_layer *L = &fw->layers[il];
         tr.dense_bytes += L->dense_bytes;
-        CK(op->rms_norm(c, B.x, E, B.h, E, n, E, L->attn_norm.data, fw->eps));
+        CKP("rms_norm", op->rms_norm(c, B.x, E, B.h, E, n, E, L->attn_norm.data, fw->eps));
         if (mla) {
             if (has(&L->wq)) {
-                CK(op->matmul(c, &L->wq, B.h, n, NULL, B.q));
+                CKP("wq", op->matmul(c, &L->wq, B.h, n, NULL, B.q));
             } else {
                 int64_t ql = L->q_a.n_out;
-                CK(op->matmul(c, &L->q_a, B.h, n, NULL, B.ga));
-                CK(op->rms_norm(c, B.ga, ql, B.ga, ql, n, ql, L->q_a_norm.data, fw->eps));
-                CK(op->matmul(c, &L->q_b, B.ga, n, NULL, B.q));
+                CKP("q_a", op->matmul(c, &L->q_a, B.h, n, NULL, B.ga));
+                CKP("rms_norm", op->rms_norm(c, B.ga, ql, B.ga, ql, n, ql, L->q_a_norm.data, fw->eps));
+                CKP("q_b", op->matmul(c, &L->q_b, B.ga, n, NULL, B.q));
             }
-            CK(op->matmul(c, &L->kv_a, B.h, n, NULL, B.k));
+            CKP("kv_a", op->matmul(c, &L->kv_a, B.h, n, NULL, B.k));
             /* norm the latent only; k_pe (the last n_rot) is roped, not normed */
-            CK(op->rms_norm(c, B.k, kw, B.k, kw, n, fw->kv_lora, L->kv_a_norm.data, fw->eps));
-            CK(op->rope(c, B.k + fw->kv_lora, n, kw, 1, kw, b->pos, &rp));
-            CK(op->rope(c, B.q + fw->nope, n, H * dq, H, dq, b->pos, &rp));
-            CK(op->kv_store(c, &kv, moe_kv_k(kvc, il), NULL, kw, 0, B.k, NULL));
-            CK(op->mla_attention(c, &kv, B.q, moe_kv_k(kvc, il), fw->kv_lora, fw->n_rot, fw->nope, &L->k_b, &L->v_b,
+            CKP("rms_norm", op->rms_norm(c, B.k, kw, B.k, kw, n, fw->kv_lora, L->kv_a_norm.data, fw->eps));
+            CKP("rope", op->rope(c, B.k + fw->kv_lora, n, kw, 1, kw, b->pos, &rp));
+            CKP("rope", op->rope(c, B.q + fw->nope, n, H * dq, H, dq, b->pos, &rp));
+            CKP("kv_store", op->kv_store(c, &kv, moe_kv_k(kvc, il), NULL, kw, 0, B.k, NULL));
+            CKP("mla_attention", op->mla_attention(c, &kv, B.q, moe_kv_k(kvc, il), fw->kv_lora, fw->n_rot, fw->nope, &L->k_b, &L->v_b,
                                  fw->attn_scale, B.att));
         } else {
-            CK(op->matmul(c, &L->wq, B.h, n, has(&L->bq) ? L->bq.data : NULL, B.q));
-            CK(op->matmul(c, &L->wk, B.h, n, has(&L->bk) ? L->bk.data : NULL, B.k));
-            CK(op->matmul(c, &L->wv, B.h, n, has(&L->bv) ? L->bv.data : NULL, B.v));
-            if (has(&L->q_norm)) CK(op->rms_norm(c, B.q, dq, B.q, dq, n * H, dq, L->q_norm.data, fw->eps));
-            if (has(&L->k_norm)) CK(op->rms_norm(c, B.k, dq, B.k, dq, n * Hkv, dq, L->k_norm.data, fw->eps));
-            CK(op->rope(c, B.q, n, H * dq, H, dq, b->pos, &rp));
-            CK(op->rope(c, B.k, n, Hkv * dq, Hkv, dq, b->pos, &rp));
-            CK(op->kv_store(c, &kv, moe_kv_k(kvc, il), moe_kv_v(kvc, il), kw, Hkv * fw->dv, B.k, B.v));
-            CK(op->attention(c, &kv, B.q, moe_kv_k(kvc, il), moe_kv_v(kvc, il), H, Hkv, fw->dk, fw->attn_scale, B.att));
+            CKP("wq", op->matmul(c, &L->wq, B.h, n, has(&L->bq) ? L->bq.data : NULL, B.q));
+            CKP("wk", op->matmul(c, &L->wk, B.h, n, has(&L->bk) ? L->bk.data : NULL, B.k));
+            CKP("wv", op->matmul(c, &L->wv, B.h, n, has(&L->bv) ? L->bv.data : NULL, B.v));
+            if (has(&L->q_norm)) CKP("rms_norm", op->rms_norm(c, B.q, dq, B.q, dq, n * H, dq, L->q_norm.data, fw->eps));
+            if (has(&L->k_norm)) CKP("rms_norm", op->rms_norm(c, B.k, dq, B.k, dq, n * Hkv, dq, L->k_norm.data, fw->eps));
+            CKP("rope", op->rope(c, B.q, n, H * dq, H, dq, b->pos, &rp));
+            CKP("rope", op->rope(c, B.k, n, Hkv * dq, Hkv, dq, b->pos, &rp));
+            CKP("kv_store", op->kv_store(c, &kv, moe_kv_k(kvc, il), moe_kv_v(kvc, il), kw, Hkv * fw->dv, B.k, B.v));
+            CKP("attention", op->attention(c, &kv, B.q, moe_kv_k(kvc, il), moe_kv_v(kvc, il), H, Hkv, fw->dk, fw->attn_scale, B.att));
         }
-        CK(op->matmul(c, &L->wo, B.att, n, NULL, B.o));
-        CK(op->add(c, B.x, B.o, n * E));
-        CK(op->rms_norm(c, B.x, E, B.h, E, n, E, L->ffn_norm.data, fw->eps));
+        CKP("wo", op->matmul(c, &L->wo, B.att, n, NULL, B.o));
+        CKP("add", op->add(c, B.x, B.o, n * E));
+        CKP("rms_norm", op->rms_norm(c, B.x, E, B.h, E, n, E, L->ffn_norm.data, fw->eps));
         if (has(&L->gate_inp)) {
             moe_route_params r = {.gating = fw->gating, .n_expert = fw->n_expert, .n_used = fw->n_used,
                                   .n_group = fw->n_group, .n_group_used = fw->n_group_used,
                                   .norm = fw->expert_norm, .scale = fw->expert_scale,
                                   .bias = has(&L->exp_probs_b) ? L->exp_probs_b.data : NULL};
-            CK(op->matmul(c, &L->gate_inp, B.h, n, NULL, B.ga));
+            CKP("gate_inp", op->matmul(c, &L->gate_inp, B.h, n, NULL, B.ga));
             int32_t *ids = fw->route_out ? fw->route_out + il * n * fw->n_used : count ? fw->ids : NULL;
-            CK(op->moe(c, B.h, n, B.ga, &r, &L->gate_exps, &L->up_exps, &L->down_exps, B.o, ids, NULL));
+            CKP("moe", op->moe(c, B.h, n, B.ga, &r, &L->gate_exps, &L->up_exps, &L->down_exps, B.o, ids, NULL));
             if (count) {
                 memset(fw->seen, 0, (size_t)fw->n_expert);
                 for (int64_t i = 0; i < n * fw->n_used; i++)
@@ -780,18 +834,18 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
                     }
             }
             if (has(&L->gate_sh)) {
-                CK(ffn(fw, &L->gate_sh, &L->up_sh, &L->down_sh, B.h, n, B.ga, B.up, B.sh));
+                CKP("shared_ffn", ffn(fw, &L->gate_sh, &L->up_sh, &L->down_sh, B.h, n, B.ga, B.up, B.sh));
                 if (has(&L->gate_inp_sh)) {
-                    CK(op->matmul(c, &L->gate_inp_sh, B.h, n, NULL, B.gl));
-                    CK(op->sigmoid_scale(c, B.sh, B.gl, n, E));
+                    CKP("gate_inp_sh", op->matmul(c, &L->gate_inp_sh, B.h, n, NULL, B.gl));
+                    CKP("sigmoid_scale", op->sigmoid_scale(c, B.sh, B.gl, n, E));
                 }
-                CK(op->add(c, B.o, B.sh, n * E));
+                CKP("add", op->add(c, B.o, B.sh, n * E));
             }
         } else {
-            CK(ffn(fw, &L->ffn_gate, &L->ffn_up, &L->ffn_down, B.h, n, B.ga, B.up, B.o));
+            CKP("dense_ffn", ffn(fw, &L->ffn_gate, &L->ffn_up, &L->ffn_down, B.h, n, B.ga, B.up, B.o));
         }
-        CK(op->add(c, B.x, B.o, n * E));
-        if (fw->hidden_out) CK(op->download(c, fw->hidden_out + il * n * E, B.x, (size_t)n * E * fs));
+        CKP("add", op->add(c, B.x, B.o, n * E));
+        if (fw->hidden_out) CKP("download", op->download(c, fw->hidden_out + il * n * E, B.x, (size_t)n * E * fs));
     }
     /* logits only for the rows that want them */
     int64_t n_out = 0;
@@ -808,10 +862,12 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
             }
         }
         float *lg = fw->lg;
+        double t0 = fw->prof ? prof_now() : 0;
         rc = op->get_rows(c, B.x, E, E, rows, n_out, B.h);
         if (!rc) rc = op->rms_norm(c, B.h, E, B.h, E, n_out, E, fw->out_norm.data, fw->eps);
         if (!rc) rc = op->matmul(c, &fw->output, B.h, n_out, NULL, lg);
         if (!rc) rc = op->download(c, logits, lg, (size_t)n_out * fw->n_vocab * fs);
+        if (fw->prof) prof_add(fw, "output", prof_now() - t0);
         tr.dense_bytes += wbytes(&fw->out_norm) + wbytes(&fw->output);
     }
     if (!rc && count) fw->last = tr;

@@ -412,6 +412,43 @@ START_TEST(test_pool) {
 }
 END_TEST
 
+/* A job larger than one claim word can count (2^20 - 1 tasks) runs in
+ * pieces, each task still exactly once; and a job whose ctx lives on the
+ * caller's stack can be followed at once by another: a worker that wakes
+ * late never runs a task of a job it did not see start (the counts of
+ * every job would be off otherwise). */
+typedef struct {
+    unsigned char *hits;
+} big_ctx;
+static void big_cb(void *ctx, int64_t task, int thread) {
+    (void)thread;
+    big_ctx *c = ctx;
+    __atomic_fetch_add(&c->hits[task], 1, __ATOMIC_RELAXED);
+}
+
+START_TEST(test_pool_big_and_back_to_back) {
+    int st;
+    cpu_pool *p = cpu_pool_create(3, &st);
+    ck_assert_ptr_nonnull(p);
+    int64_t n = 2500000;
+    unsigned char *hits = calloc((size_t)n, 1);
+    big_ctx c = {hits};
+    cpu_pool_run(p, big_cb, &c, n);
+    int64_t bad = 0;
+    for (int64_t t = 0; t < n; t++)
+        bad += hits[t] != 1;
+    ck_assert_int_eq(bad, 0);
+    free(hits);
+    for (int rep = 0; rep < 20000; rep++) {
+        int h[3] = {0, 0, 0};
+        pool_ctx pc = {h, 0};
+        cpu_pool_run(p, count_cb, &pc, 2 + rep % 2);
+        ck_assert(h[0] == 1 && h[1] == 1 && h[2] == (rep % 2));
+    }
+    cpu_pool_destroy(p);
+}
+END_TEST
+
 static Suite *cpu_matmul_suite(void) {
     Suite *s = suite_create("cpu_matmul");
     TCase *tc = tcase_create("reference");
@@ -424,6 +461,7 @@ static Suite *cpu_matmul_suite(void) {
     tc = tcase_create("threads");
     tcase_add_loop_test(tc, test_threads_identical, 0, N_TYPES);
     tcase_add_test(tc, test_pool);
+    tcase_add_test(tc, test_pool_big_and_back_to_back);
     suite_add_tcase(s, tc);
     tc = tcase_create("experts");
     tcase_add_loop_test(tc, test_experts, 0, N_TYPES);

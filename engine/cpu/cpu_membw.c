@@ -68,17 +68,10 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-double cpu_mem_read_bw(cpu_pool *pool, size_t bytes, int passes) {
-    if (bytes < ((size_t)1 << 20) || passes < 1) return MOE_EINVAL;
-    uint64_t *buf = malloc(bytes);
-    if (!buf) return MOE_ENOMEM;
-    /* distinct non-zero words: a zero page could be shared by the kernel */
-    for (size_t i = 0; i < bytes / 8; i++) buf[i] = i * 2654435761u + 1;
+double cpu_mem_read_bw_buf(cpu_pool *pool, const void *buf, size_t bytes, int passes) {
+    if (!buf || bytes < ((size_t)1 << 20) || passes < 1) return MOE_EINVAL;
     bw_job *j = calloc(1, sizeof *j);
-    if (!j) {
-        free(buf);
-        return MOE_ENOMEM;
-    }
+    if (!j) return MOE_ENOMEM;
     j->buf = buf;
     j->words = (int64_t)(bytes / 8);
     int64_t n_tasks = (int64_t)cpu_pool_size(pool) * 4; /* a few large chunks per thread */
@@ -97,6 +90,16 @@ double cpu_mem_read_bw(cpu_pool *pool, size_t bytes, int passes) {
     (void)sink;
     double nbytes = (double)j->words * 8.0;
     free(j);
-    free(buf);
     return best > 0 ? nbytes / best : MOE_EINVAL;
+}
+
+double cpu_mem_read_bw(cpu_pool *pool, size_t bytes, int passes) {
+    if (bytes < ((size_t)1 << 20) || passes < 1) return MOE_EINVAL;
+    uint64_t *buf = malloc(bytes);
+    if (!buf) return MOE_ENOMEM;
+    /* distinct non-zero words: a zero page could be shared by the kernel */
+    for (size_t i = 0; i < bytes / 8; i++) buf[i] = i * 2654435761u + 1;
+    double bw = cpu_mem_read_bw_buf(pool, buf, bytes, passes);
+    free(buf);
+    return bw;
 }

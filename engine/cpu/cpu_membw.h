@@ -25,6 +25,11 @@ extern "C" {
  * moe_status (MOE_EINVAL, MOE_ENOMEM) when it cannot measure. */
 double cpu_mem_read_bw(cpu_pool *pool, size_t bytes, int passes);
 
+/* The same over a caller's buffer (at least 1 MiB, filled with non-zero
+ * data), so a benchmark can measure again between its phases without
+ * paying for the allocation each time. */
+double cpu_mem_read_bw_buf(cpu_pool *pool, const void *buf, size_t bytes, int passes);
+
 #ifdef __cplusplus
 }
 #endif

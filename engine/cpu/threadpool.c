@@ -1,12 +1,18 @@
 /* threadpool.c - see threadpool.h.
  *
- * Protocol: the caller publishes a job (fn, ctx, n_tasks), resets the task
- * counter and bumps `generation`. Workers notice the new generation by
- * spinning for a while, else by sleeping on `wake`. Everyone, the caller
- * included, claims tasks with an atomic fetch-add until they run out;
- * each worker then increments `done`, and the caller waits (spin, then
- * the `idle` condition) until all workers have checked in, so the job's
- * ctx may be freed as soon as cpu_pool_run() returns.
+ * Protocol: the caller publishes a job (fn, ctx) and then one 64-bit
+ * claim word holding the job's generation, its task count and the next
+ * task to hand out, and bumps `generation` to wake the workers (they spin
+ * for a while, else sleep on `wake`). Everyone, the caller included,
+ * claims tasks by compare-and-swap on that word, which fails once the
+ * word belongs to another generation, so a worker that wakes up late can
+ * never run a task of a job it did not see start. Finished tasks are
+ * counted and the caller returns as soon as all tasks of its job are done
+ * (spin, then the `idle` condition): it never waits for a worker that
+ * claimed nothing. On a loaded machine a descheduled worker would
+ * otherwise hold up every op until the scheduler ran it again; now the
+ * caller does its share. The job's ctx may be freed as soon as
+ * cpu_pool_run() returns. Jobs of more than MAX_JOB tasks run in pieces.
  */
 #include "threadpool.h"
 
@@ -29,19 +35,27 @@
  * pass, short enough not to matter when the server is idle. */
 #define SPIN_ITERS 5000
 
+/* claim word: generation (24 bits) | task count (20) | next task (20) */
+#define IDX_BITS 20
+#define MAX_JOB ((1 << IDX_BITS) - 1)
+#define GEN_MASK 0xFFFFFFu
+
+static inline uint64_t claim_word(unsigned gen, int64_t n, int64_t next) {
+    return ((uint64_t)(gen & GEN_MASK) << (2 * IDX_BITS)) | ((uint64_t)n << IDX_BITS) | (uint64_t)next;
+}
+
 struct cpu_pool {
     int n;           /* threads including the caller */
     pthread_t *tids; /* (n - 1) workers */
     pthread_mutex_t mu;
     pthread_cond_t wake; /* workers wait here for a new generation */
-    pthread_cond_t idle; /* the caller waits here for `done` */
+    pthread_cond_t idle; /* the caller waits here for the last task */
     atomic_uint generation;
-    atomic_int done;       /* workers finished with the current generation */
-    atomic_int_fast64_t next; /* next task to claim */
-    int stop;              /* under mu */
-    cpu_task_fn fn;
+    _Atomic uint64_t claim;       /* see claim_word() */
+    atomic_int_fast64_t finished; /* tasks of the current job done */
+    int stop;                     /* under mu */
+    cpu_task_fn fn;               /* the current job; read only after a successful claim */
     void *ctx;
-    int64_t n_tasks;
 };
 
 typedef struct {
@@ -49,13 +63,26 @@ typedef struct {
     int id;
 } worker_arg;
 
-static void run_tasks(cpu_pool *p, int thread) {
+/* Claims and runs tasks of generation `gen` until none are left. Returns
+ * whether this thread finished the job's last task. */
+static int run_tasks(cpu_pool *p, unsigned gen, int thread) {
+    uint64_t v = atomic_load_explicit(&p->claim, memory_order_acquire);
+    int last = 0;
     for (;;) {
-        int64_t t = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed);
-        if (t >= p->n_tasks)
+        if ((unsigned)(v >> (2 * IDX_BITS)) != (gen & GEN_MASK))
             break;
+        int64_t n = (int64_t)((v >> IDX_BITS) & MAX_JOB), t = (int64_t)(v & MAX_JOB);
+        if (t >= n)
+            break;
+        if (!atomic_compare_exchange_weak_explicit(&p->claim, &v, v + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue; /* v was reloaded */
+        /* the job cannot finish before this task does, so fn/ctx are its own */
         p->fn(p->ctx, t, thread);
+        last = atomic_fetch_add_explicit(&p->finished, 1, memory_order_acq_rel) + 1 == n;
+        v = atomic_load_explicit(&p->claim, memory_order_acquire);
     }
+    return last;
 }
 
 static void *worker_main(void *arg) {
@@ -80,8 +107,7 @@ static void *worker_main(void *arg) {
                 return NULL;
         }
         seen = g;
-        run_tasks(p, id);
-        if (atomic_fetch_add_explicit(&p->done, 1, memory_order_acq_rel) + 1 == p->n - 1) {
+        if (run_tasks(p, g, id)) {
             pthread_mutex_lock(&p->mu);
             pthread_cond_signal(&p->idle);
             pthread_mutex_unlock(&p->mu);
@@ -109,8 +135,8 @@ cpu_pool *cpu_pool_create(int n, int *status) {
     pthread_cond_init(&p->wake, NULL);
     pthread_cond_init(&p->idle, NULL);
     atomic_init(&p->generation, 0);
-    atomic_init(&p->done, 0);
-    atomic_init(&p->next, 0);
+    atomic_init(&p->claim, claim_word(0, 0, 0));
+    atomic_init(&p->finished, 0);
     if (n > 1) {
         p->tids = calloc((size_t)n - 1, sizeof *p->tids);
         if (!p->tids) {
@@ -160,6 +186,17 @@ void cpu_pool_destroy(cpu_pool *p) {
 
 int cpu_pool_size(const cpu_pool *p) { return p ? p->n : 1; }
 
+typedef struct {
+    cpu_task_fn fn;
+    void *ctx;
+    int64_t off;
+} piece_ctx;
+
+static void piece_task(void *ctx, int64_t t, int thread) {
+    piece_ctx *pc = ctx;
+    pc->fn(pc->ctx, pc->off + t, thread);
+}
+
 void cpu_pool_run(cpu_pool *p, cpu_task_fn fn, void *ctx, int64_t n_tasks) {
     if (n_tasks <= 0)
         return;
@@ -168,25 +205,31 @@ void cpu_pool_run(cpu_pool *p, cpu_task_fn fn, void *ctx, int64_t n_tasks) {
             fn(ctx, t, 0);
         return;
     }
+    if (n_tasks > MAX_JOB) {
+        for (int64_t off = 0; off < n_tasks; off += MAX_JOB) {
+            piece_ctx pc = {fn, ctx, off};
+            cpu_pool_run(p, piece_task, &pc, n_tasks - off < MAX_JOB ? n_tasks - off : MAX_JOB);
+        }
+        return;
+    }
     p->fn = fn;
     p->ctx = ctx;
-    p->n_tasks = n_tasks;
-    atomic_store_explicit(&p->next, 0, memory_order_relaxed);
-    atomic_store_explicit(&p->done, 0, memory_order_relaxed);
-    /* The release publishes fn/ctx/n_tasks to workers that acquire it. */
+    atomic_store_explicit(&p->finished, 0, memory_order_relaxed);
+    unsigned gen = atomic_load_explicit(&p->generation, memory_order_relaxed) + 1;
+    /* the release publishes fn/ctx/finished to whoever claims a task */
+    atomic_store_explicit(&p->claim, claim_word(gen, n_tasks, 0), memory_order_release);
     pthread_mutex_lock(&p->mu);
-    atomic_fetch_add_explicit(&p->generation, 1, memory_order_release);
+    atomic_store_explicit(&p->generation, gen, memory_order_release);
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
-    run_tasks(p, 0);
-    int workers = p->n - 1;
+    run_tasks(p, gen, 0);
     for (int i = 0; i < SPIN_ITERS; i++) {
-        if (atomic_load_explicit(&p->done, memory_order_acquire) == workers)
+        if (atomic_load_explicit(&p->finished, memory_order_acquire) == n_tasks)
             return;
         CPU_RELAX();
     }
     pthread_mutex_lock(&p->mu);
-    while (atomic_load_explicit(&p->done, memory_order_acquire) != workers)
+    while (atomic_load_explicit(&p->finished, memory_order_acquire) != n_tasks)
         pthread_cond_wait(&p->idle, &p->mu);
     pthread_mutex_unlock(&p->mu);
 }

@@ -25,6 +25,8 @@ def test_json_report(moed_bin, model):
     r = json.loads(p.stdout)
     assert r["device"] == "cpu" and r["threads"] == 2
     assert r["bandwidth"]["gbs"] > 0 and r["weight_bytes"] > 0
+    # the best of all passes, the first measurement among them
+    assert r["bandwidth"]["gbs"] >= r["bandwidth"]["first_gbs"] > 0 and r["bandwidth"]["passes"] > 5
     assert r["prefill"]["tokens"] == 20 and r["prefill"]["tok_s"] > 0 and r["prefill"]["seconds"] > 0
     # batch 1 first (the reference of every speed-up), then the others in the given order
     assert [d["batch"] for d in r["decode"]] == [1, 4, 2]
@@ -37,7 +39,7 @@ def test_json_report(moed_bin, model):
             assert d[k] > 0, (k, d)
         assert d["bytes_per_step"] == pytest.approx(
             d["dense_bytes_per_step"] + d["expert_bytes_per_step"] + d["kv_bytes_per_step"], rel=1e-6, abs=2)
-        assert d["tok_s"] == pytest.approx(d["batch"] * d["steps"] / d["seconds"], rel=1e-3)
+        assert d["tok_s"] == pytest.approx(d["batch"] * d["steps"] / d["seconds"], rel=1e-2)
         assert d["bandwidth_ratio"] == pytest.approx(d["gbs"] / r["bandwidth"]["gbs"], rel=1e-2)
         # dense weights are read once per step whatever the batch; more tokens never select fewer experts
         assert d["dense_bytes_per_step"] <= r["weight_bytes"] + 1e6
@@ -46,9 +48,11 @@ def test_json_report(moed_bin, model):
         else:
             assert d["expert_bytes_per_step"] == 0
     one = r["decode"][0]
-    assert one["speedup"] == pytest.approx(1.0)
+    assert one["speedup"] == pytest.approx(1.0) and one["bytes_bound_speedup"] == pytest.approx(1.0)
     for d in r["decode"][1:]:
         assert d["speedup"] == pytest.approx(d["tok_s"] / one["tok_s"], rel=1e-2)
+        assert d["bytes_bound_speedup"] == pytest.approx(
+            d["batch"] * one["bytes_per_step"] / d["bytes_per_step"], rel=1e-3)
         assert d["dense_bytes_per_step"] == pytest.approx(one["dense_bytes_per_step"], rel=0.01)
         assert d["kv_bytes_per_step"] == pytest.approx(one["kv_bytes_per_step"] * d["batch"], rel=1e-6)
         if moe:
@@ -64,7 +68,7 @@ def test_text_report(moed_bin):
     assert bw and float(bw.group(1)) > 0, out
     assert pre and float(pre.group(2)) > 0, out
     rows = re.findall(r"^\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+) \(.*\)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)%"
-                      r"\s+([0-9.]+)x$", out, re.M)
+                      r"\s+([0-9.]+)x  \(([0-9.]+)x\)$", out, re.M)
     assert [int(r[0]) for r in rows] == [1, 3], out
     for r in rows:
         assert all(float(v) > 0 for v in r[1:]), r
