@@ -92,6 +92,149 @@ void moe_sampler_free(moe_sampler *sm) {
     free(sm);
 }
 
+/* exp(x) for x <= 0, four lanes at a time (GCC/Clang vector extensions:
+ * SSE2 on any x86-64, NEON on arm64, no -march needed): Cephes' expf
+ * polynomial after a round-to-nearest range reduction, relative error
+ * < 2e-7. NaN and x < -87 (below FLT_MIN) give 0. libm's expf per token
+ * was most of a 100k-vocabulary draw. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+static inline v4f exp_neg4(v4f x) {
+    const v4f lo = {-87.0f, -87.0f, -87.0f, -87.0f};
+    v4i ok = x >= lo; /* all ones where x >= -87; NaN compares false */
+    v4f xc = (v4f)((ok & (v4i)x) | (~ok & (v4i)lo));
+    v4f r = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* nearest integer (1.5 * 2^23) */
+    v4i k = __builtin_convertvector(r, v4i);
+    v4f f = xc - r * 0.693359375f;
+    f = f - r * -2.12194440e-4f;
+    v4f y = ((((1.9875691500e-4f * f + 1.3981999507e-3f) * f + 8.3334519073e-3f) * f + 4.1665795894e-2f) * f +
+             1.6666665459e-1f) * f + 5.0000001201e-1f;
+    y = y * f * f + f + 1.0f;
+    v4f p2 = (v4f)((k + 127) << 23);
+    return (v4f)(ok & (v4i)(y * p2));
+}
+
+static inline float exp_neg(float x) {
+    v4f v = {x, x, x, x};
+    return exp_neg4(v)[0];
+}
+
+/* Sum of exp((v[i] - mx) * inv_t) over i < n (every v[i] <= mx), also
+ * stored to w[i] when w is not NULL (w may be v). Four vectors of partial
+ * sums, flushed to a double every 1024 values to keep rounding small. */
+static double exp_sum(const float *v, float *w, int64_t n, float mx, float inv_t) {
+    double z = 0;
+    int64_t i = 0;
+    v4f m = {mx, mx, mx, mx};
+    while (i + 16 <= n) {
+        v4f acc[4] = {{0}};
+        for (int64_t end = i + 1024 < n ? i + 1024 : n; i + 16 <= end; i += 16)
+            for (int j = 0; j < 4; j++) {
+                v4f x;
+                memcpy(&x, v + i + 4 * j, sizeof x);
+                v4f e = exp_neg4((x - m) * inv_t);
+                if (w) memcpy(w + i + 4 * j, &e, sizeof e);
+                acc[j] += e;
+            }
+        v4f t = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        z += (double)t[0] + (double)t[1] + (double)t[2] + (double)t[3];
+    }
+    for (; i < n; i++) {
+        float e = exp_neg((v[i] - mx) * inv_t);
+        if (w) w[i] = e;
+        z += e;
+    }
+    return z;
+}
+
+/* dst = src with NaN as -inf; returns the maximum. */
+static float copy_max(const float *src, float *dst, int64_t n) {
+    const v4f ninf = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    v4f m = ninf;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        v4f x;
+        memcpy(&x, src + i, sizeof x);
+        v4i ok = x == x;
+        x = (v4f)((ok & (v4i)x) | (~ok & (v4i)ninf));
+        memcpy(dst + i, &x, sizeof x);
+        v4i gt = x > m;
+        m = (v4f)((gt & (v4i)x) | (~gt & (v4i)m));
+    }
+    float mx = m[0];
+    for (int j = 1; j < 4; j++) mx = m[j] > mx ? m[j] : mx;
+    for (; i < n; i++) {
+        dst[i] = isnan(src[i]) ? -INFINITY : src[i];
+        mx = dst[i] > mx ? dst[i] : mx;
+    }
+    return mx;
+}
+
+/* The first token whose running weight sum exceeds u (blocks of 64 are
+ * summed as vectors and skipped whole). u is in [0, sum of w). */
+static int32_t draw_all(const float *w, int64_t n, double u) {
+    double acc = 0;
+    int64_t i = 0, last = -1;
+    for (; i + 64 <= n; i += 64) {
+        v4f a = {0}, b = {0};
+        for (int j = 0; j < 64; j += 8) {
+            v4f x, y;
+            memcpy(&x, w + i + j, sizeof x);
+            memcpy(&y, w + i + j + 4, sizeof y);
+            a += x;
+            b += y;
+        }
+        v4f t = a + b;
+        double bsum = (double)t[0] + (double)t[1] + (double)t[2] + (double)t[3];
+        if (bsum > 0) last = i; /* remembers a block with weight for the rounding case */
+        if (u < acc + bsum) break;
+        acc += bsum;
+    }
+    for (; i < n; i++) {
+        if (w[i] <= 0) continue;
+        acc += w[i];
+        last = i;
+        if (u < acc) return (int32_t)i;
+    }
+    /* rounding slack past the end: the last token with weight */
+    if (last >= 0)
+        for (int64_t j = last + 63 < n - 1 ? last + 63 : n - 1; j >= last; j--)
+            if (w[j] > 0) return (int32_t)j;
+    return 0;
+}
+
+/* Repetition (prompt + generated), presence and frequency (generated)
+ * penalties on sm->l; scratch counts are cleared again before returning. */
+static void apply_penalties(moe_sampler *sm, const moe_sampling *p, bool rep, const int32_t *prompt,
+                            int64_t n_prompt, const int32_t *gen, int64_t n_gen) {
+    float *l = sm->l;
+    int64_t n = sm->n, nt = 0;
+    for (int64_t i = 0; i < n_gen; i++) {
+        int32_t t = gen[i];
+        if (t < 0 || t >= n) continue;
+        if (!sm->cnt[t] && !sm->mark[t]) sm->touch[nt++] = t;
+        sm->cnt[t]++;
+        if (rep && !sm->mark[t]) {
+            sm->mark[t] = 1;
+            l[t] = l[t] > 0 ? l[t] / p->repetition_penalty : l[t] * p->repetition_penalty;
+        }
+    }
+    for (int64_t i = 0; rep && i < n_prompt; i++) {
+        int32_t t = prompt[i];
+        if (t < 0 || t >= n || sm->mark[t]) continue;
+        if (!sm->cnt[t]) sm->touch[nt++] = t;
+        sm->mark[t] = 1;
+        l[t] = l[t] > 0 ? l[t] / p->repetition_penalty : l[t] * p->repetition_penalty;
+    }
+    for (int64_t i = 0; i < nt; i++) {
+        int32_t t = sm->touch[i];
+        if (sm->cnt[t]) l[t] -= p->presence_penalty + p->frequency_penalty * (float)sm->cnt[t];
+        sm->cnt[t] = 0;
+        sm->mark[t] = 0;
+    }
+}
+
 /* a ranks before b: higher value, ties to the lower id */
 static inline bool better(const float *v, int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); }
 
@@ -153,6 +296,13 @@ static inline uint32_t bucket_of(float w) {
  * reaches `mass`. Compacts idx in place (order not kept); returns the
  * count kept. */
 static int64_t keep_best(moe_sampler *sm, const float *w, int32_t *idx, int64_t n_c, int64_t k, double mass) {
+    if (n_c <= 512) { /* few: sort them and take the prefix */
+        sort_best(w, idx, 0, n_c);
+        int64_t m = 0;
+        double acc = 0;
+        while (m < n_c && (k > 0 ? m < k : acc < mass)) acc += w[idx[m++]];
+        return m;
+    }
     memset(sm->hcnt, 0, HIST_N * sizeof(*sm->hcnt));
     memset(sm->hmass, 0, HIST_N * sizeof(*sm->hmass));
     for (int64_t i = 0; i < n_c; i++) {
@@ -195,46 +345,28 @@ int moe_sampler_sample(moe_sampler *sm, const moe_sampling *p, moe_rng *rng, con
         if (p->logit_bias_ids[i] < 0 || p->logit_bias_ids[i] >= n) return MOE_EINVAL;
     bool rep = p->repetition_penalty > 0 && p->repetition_penalty != 1.0f;
     bool pen = rep || p->presence_penalty != 0 || p->frequency_penalty != 0;
-    if (!(p->temperature > 0) && !pen && p->n_logit_bias == 0) {
-        /* plain greedy reads the row in place (NaN never compares greater) */
+    bool greedy = !(p->temperature > 0);
+    if (greedy && !pen && p->n_logit_bias == 0) {
+        /* plain greedy reads the row in place; NaN never compares greater */
         int64_t best = 0;
-        for (int64_t i = 1; i < n; i++)
-            if (logits[i] > logits[best] || (isnan(logits[best]) && !isnan(logits[i]))) best = i;
+        float bv = -INFINITY;
+        for (int64_t i = 0; i < n; i++)
+            if (logits[i] > bv) {
+                bv = logits[i];
+                best = i;
+            }
         *out = (int32_t)best;
         return MOE_OK;
     }
     float *l = sm->l;
-    for (int64_t i = 0; i < n; i++) l[i] = isnan(logits[i]) ? -INFINITY : logits[i];
+    float mx = copy_max(logits, l, n);
     for (int32_t i = 0; i < p->n_logit_bias; i++) l[p->logit_bias_ids[i]] += p->logit_bias[i];
-
-    if (pen) {
-        int64_t nt = 0;
-        for (int64_t i = 0; i < n_gen; i++) {
-            int32_t t = gen[i];
-            if (t < 0 || t >= n) continue;
-            if (!sm->cnt[t] && !sm->mark[t]) sm->touch[nt++] = t;
-            sm->cnt[t]++;
-            if (rep && !sm->mark[t]) {
-                sm->mark[t] = 1;
-                l[t] = l[t] > 0 ? l[t] / p->repetition_penalty : l[t] * p->repetition_penalty;
-            }
-        }
-        for (int64_t i = 0; rep && i < n_prompt; i++) {
-            int32_t t = prompt[i];
-            if (t < 0 || t >= n || sm->mark[t]) continue;
-            if (!sm->cnt[t]) sm->touch[nt++] = t;
-            sm->mark[t] = 1;
-            l[t] = l[t] > 0 ? l[t] / p->repetition_penalty : l[t] * p->repetition_penalty;
-        }
-        for (int64_t i = 0; i < nt; i++) {
-            int32_t t = sm->touch[i];
-            if (sm->cnt[t]) l[t] -= p->presence_penalty + p->frequency_penalty * (float)sm->cnt[t];
-            sm->cnt[t] = 0;
-            sm->mark[t] = 0;
-        }
+    if (pen) apply_penalties(sm, p, rep, prompt, n_prompt, gen, n_gen);
+    if (pen || p->n_logit_bias) { /* sparse updates may have moved the maximum */
+        mx = -INFINITY;
+        for (int64_t i = 0; i < n; i++) mx = l[i] > mx ? l[i] : mx;
     }
-
-    if (!(p->temperature > 0)) {
+    if (greedy || mx == -INFINITY || mx == INFINITY) { /* (an infinite logit wins outright) */
         int64_t best = 0;
         for (int64_t i = 1; i < n; i++)
             if (l[i] > l[best]) best = i;
@@ -242,47 +374,59 @@ int moe_sampler_sample(moe_sampler *sm, const moe_sampling *p, moe_rng *rng, con
         return MOE_OK;
     }
     if (!rng) return MOE_EINVAL;
-    /* From here on l holds unnormalised probabilities w = exp(l/T - max):
+    /* From here on l holds unnormalised probabilities w = exp((l - max)/T):
      * one exp per token, the order is the logits' order, the best is 1. */
-    float inv_t = 1.0f / p->temperature;
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < n; i++) {
-        l[i] *= inv_t;
-        mx = l[i] > mx ? l[i] : mx;
-    }
-    if (mx == -INFINITY) {
-        *out = 0;
-        return MOE_OK;
-    }
-    double z = 0;
-    for (int64_t i = 0; i < n; i++) {
-        l[i] = expf(l[i] - mx);
-        z += l[i];
-    }
+    double z = exp_sum(l, l, n, mx, 1.0f / p->temperature);
 
     bool filt = (p->top_k > 0 && p->top_k < n) || p->top_p < 1.0f || p->min_p > 0;
     if (!filt) {
-        double u = moe_rng_uniform(rng) * z, acc = 0;
-        int64_t last = 0;
-        for (int64_t i = 0; i < n; i++) {
-            if (l[i] <= 0) continue;
-            acc += l[i];
-            last = i;
-            if (u < acc) break;
-        }
-        *out = (int32_t)last;
+        *out = draw_all(l, n, moe_rng_uniform(rng) * z);
         return MOE_OK;
     }
 
-    /* candidates idx[0..n_c): tokens whose weight did not underflow to 0 */
+    /* Candidates idx[0..n_c): tokens with weight > thr. Without top_k, a
+     * token of weight <= (1 - top_p) z / n can never be in the nucleus
+     * (all such tokens weigh at most (1 - top_p) z together, so the better
+     * ones reach top_p first): they are dropped before any selection. */
     int32_t *idx = sm->idx;
+    float thr = 0;
+    if (!(p->top_k > 0 && p->top_k < n)) { /* (top_p's mass must be the top_k set's, so only without it) */
+        if (p->top_p < 1.0f) thr = (float)((1.0 - (double)p->top_p) * z / (double)n);
+        /* min_p keeps a best-first prefix too (w >= min_p): filtering first gives the same set */
+        if (p->min_p > thr) thr = nextafterf(p->min_p, 0.0f);
+    }
     int64_t n_c = 0;
-    for (int64_t i = 0; i < n; i++)
-        if (l[i] > 0) idx[n_c++] = (int32_t)i;
-    if (p->top_k > 0 && p->top_k < n_c) {
-        n_c = keep_best(sm, l, idx, n_c, p->top_k, 0);
+    if (p->top_k > 0 && p->top_k <= 256) {
+        /* small k: one pass keeping the k best in a heap whose root is the
+         * worst of them (scanning ids upwards, an equal weight later never
+         * displaces an earlier one) */
+        int64_t k = p->top_k;
+        float cut = thr; /* a token must beat this: thr, then also the heap's worst */
+        for (int64_t i = 0; i < n; i++) {
+            if (!(l[i] > cut)) continue;
+            if (n_c < k) {
+                int64_t c = n_c++;
+                idx[c] = (int32_t)i;
+                while (c > 0 && better(l, idx[(c - 1) / 2], idx[c])) { /* parent better: move up the worse */
+                    swap32(&idx[c], &idx[(c - 1) / 2]);
+                    c = (c - 1) / 2;
+                }
+            } else {
+                idx[0] = (int32_t)i;
+                sift_worst(l, idx, 0, n_c);
+            }
+            if (n_c == k) cut = l[idx[0]] > thr ? l[idx[0]] : thr;
+        }
         z = 0;
         for (int64_t i = 0; i < n_c; i++) z += l[idx[i]];
+    } else {
+        for (int64_t i = 0; i < n; i++)
+            if (l[i] > thr) idx[n_c++] = (int32_t)i;
+        if (p->top_k > 0 && p->top_k < n_c) {
+            n_c = keep_best(sm, l, idx, n_c, p->top_k, 0);
+            z = 0;
+            for (int64_t i = 0; i < n_c; i++) z += l[idx[i]];
+        }
     }
     if (p->top_p < 1.0f && n_c > 1) {
         n_c = keep_best(sm, l, idx, n_c, 0, (double)p->top_p * z);
@@ -322,10 +466,7 @@ int moe_sampler_logprobs(moe_sampler *sm, const float *logits, int32_t id, int32
     float mx = -INFINITY;
     for (int64_t i = 0; i < n; i++)
         if (logits[i] > mx) mx = logits[i];
-    double z = 0;
-    if (mx > -INFINITY)
-        for (int64_t i = 0; i < n; i++)
-            if (logits[i] > -INFINITY) z += expf(logits[i] - mx);
+    double z = mx > -INFINITY ? exp_sum(logits, NULL, n, mx, 1.0f) : 0;
     double lse = mx > -INFINITY ? (double)mx + log(z) : 0;
     if (logprob) *logprob = isnan(logits[id]) ? -INFINITY : (float)((double)logits[id] - lse);
     if (n_top) {

@@ -44,6 +44,16 @@ START_TEST(greedy_ties_nonfinite) {
     moe_sampling_defaults(&t);
     float d[] = {-INFINITY, NAN, 4, -INFINITY};
     for (int i = 0; i < 20; i++) ck_assert_int_eq(pick(4, d, &t, NULL, 0, NULL, 0), 2);
+    float e[] = {1, INFINITY, 3, INFINITY};
+    for (int i = 0; i < 5; i++) ck_assert_int_eq(pick(4, e, &t, NULL, 0, NULL, 0), 1);
+    /* long rows go through the vector paths and their tails */
+    for (int n = 1; n < 80; n += 7) {
+        float *l = malloc((size_t)n * sizeof(float));
+        for (int i = 0; i < n; i++) l[i] = i == n / 2 ? 50.0f : (i % 3 ? -INFINITY : NAN);
+        ck_assert_int_eq(pick(n, l, &t, NULL, 0, NULL, 0), n / 2);
+        ck_assert_int_eq(pick(n, l, &s, NULL, 0, NULL, 0), n / 2);
+        free(l);
+    }
 }
 END_TEST
 
