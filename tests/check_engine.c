@@ -237,6 +237,7 @@ static void concurrent_greedy(const char *model, moe_engine_opts o, int n_req) {
     }
     moe_engine_stats st;
     moe_engine_get_stats(e, &st);
+    if (o.kv_blocks && o.kv_blocks < 20) ck_assert_uint_gt(st.preemptions_total, 0);
     ck_assert_int_eq(st.requests_running, 0);
     ck_assert_int_eq(st.requests_waiting, 0);
     ck_assert_int_eq(st.seqs_running, 0);
@@ -263,6 +264,13 @@ START_TEST(greedy_equals_reference_gqa_chunked) {
     /* tiny blocks and a 7-token step budget: prompts are split over many
      * steps, mixed with other requests' decodes; 3 slots for 6 requests */
     concurrent_greedy(FIXDIR "qwen2moe.gguf", (moe_engine_opts){.block_size = 4, .step_tokens = 7, .max_seqs = 3}, 6);
+}
+END_TEST
+
+START_TEST(greedy_equals_reference_preempted) {
+    /* 16 blocks of 4: the 6 requests (up to 52 positions each) cannot all
+     * fit, so the youngest are preempted and recomputed */
+    concurrent_greedy(FIXDIR "deepseek3.gguf", (moe_engine_opts){.block_size = 4, .kv_blocks = 16, .max_seqs = 6}, 6);
 }
 END_TEST
 
@@ -663,6 +671,87 @@ START_TEST(prefix_cache) {
 }
 END_TEST
 
+/* Several threads submit and cancel at random: every accepted request gets
+ * exactly one DONE after its FINISH events, and nothing is left over. */
+typedef struct stress_arg {
+    moe_engine *e;
+    unsigned seed;
+    int n_ok;
+    col *cols;
+} stress_arg;
+
+#define STRESS_N 24
+
+static void *stress_thread(void *p) {
+    stress_arg *a = p;
+    unsigned r = a->seed;
+    for (int i = 0; i < STRESS_N; i++) {
+        col *c = &a->cols[i];
+        col_init(c);
+        int32_t prompt[20];
+        r = r * 1103515245u + 12345u;
+        int64_t np = 1 + (r >> 16) % 20;
+        make_prompt(prompt, np, r);
+        moe_request q = greedy_req(prompt, np, 1 + (int64_t)((r >> 8) % 30), c);
+        q.n = 1 + (int32_t)((r >> 4) % 3);
+        q.sampling.temperature = (r >> 20) % 2 ? 0.8f : 0;
+        q.ignore_eos = (r >> 21) % 2;
+        uint64_t id = 0;
+        if (moe_engine_submit(a->e, &q, &id, NULL, 0) != MOE_OK) {
+            c->n_done = -1; /* refused: no events expected */
+            continue;
+        }
+        a->n_ok++;
+        if ((r >> 12) % 3 == 0) {
+            usleep((r >> 3) % 2000);
+            moe_engine_cancel(a->e, id);
+        }
+    }
+    return NULL;
+}
+
+START_TEST(stress_submit_cancel) {
+    moe_engine *e = start(FIXDIR "qwen2moe.gguf", (moe_engine_opts){.block_size = 4, .kv_blocks = 40, .max_seqs = 5,
+                                                                    .step_tokens = 16, .queue_limit = 1000});
+    enum { NT = 3 };
+    pthread_t th[NT];
+    stress_arg a[NT];
+    for (int t = 0; t < NT; t++) {
+        a[t] = (stress_arg){.e = e, .seed = 17u + (unsigned)t, .cols = calloc(STRESS_N, sizeof(col))};
+        pthread_create(&th[t], NULL, stress_thread, &a[t]);
+    }
+    for (int t = 0; t < NT; t++) pthread_join(th[t], NULL);
+    int total = 0;
+    for (int t = 0; t < NT; t++)
+        for (int i = 0; i < STRESS_N; i++) {
+            col *c = &a[t].cols[i];
+            if (c->n_done < 0) continue;
+            total++;
+            ck_assert(col_wait(c, 60));
+            ck_assert(!c->order_bad);
+            ck_assert_int_eq(c->n_error, 0);
+            int64_t sum = 0;
+            for (int k = 0; k < MAXC; k++) {
+                if (!c->n_finish[k]) continue;
+                ck_assert_int_eq(c->n_finish[k], 1);
+                ck_assert_int_eq(c->comp[k], c->ntok[k] + (c->finish[k] == MOE_FINISH_STOP && c->comp[k] > c->ntok[k]));
+                sum += c->comp[k];
+            }
+            ck_assert_int_eq(c->done_comp, sum);
+        }
+    ck_assert_int_gt(total, 0);
+    moe_engine_stats st;
+    moe_engine_get_stats(e, &st);
+    ck_assert_uint_eq(st.requests_finished_total, (uint64_t)total);
+    ck_assert_int_eq(st.kv_blocks_used, 0);
+    ck_assert_int_eq(st.seqs_running, 0);
+    ck_assert_int_eq(st.requests_running, 0);
+    ck_assert_int_eq(st.requests_waiting, 0);
+    moe_engine_destroy(e, 1000);
+    for (int t = 0; t < NT; t++) free(a[t].cols);
+}
+END_TEST
+
 static int n_status;
 static void on_status(void *u, const char *s) {
     (void)u;
@@ -709,6 +798,7 @@ int main(void) {
     tcase_set_timeout(tg, 120);
     tcase_add_test(tg, greedy_equals_reference_mla);
     tcase_add_test(tg, greedy_equals_reference_gqa_chunked);
+    tcase_add_test(tg, greedy_equals_reference_preempted);
     suite_add_tcase(s, tg);
     TCase *tt = tcase_create("text");
     tcase_set_timeout(tt, 60);
@@ -726,6 +816,7 @@ int main(void) {
     tcase_add_test(tr, queue_full_and_destroy_cancels);
     tcase_add_test(tr, cancel_running);
     tcase_add_test(tr, prefix_cache);
+    tcase_add_test(tr, stress_submit_cancel);
     tcase_add_test(tr, start_failures);
     suite_add_tcase(s, tr);
     SRunner *sr = srunner_create(s);
