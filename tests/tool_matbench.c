@@ -1,10 +1,10 @@
 /* tool_matbench - memory bandwidth vs. matrix-vector rate of cpu_matmul.
  *
- *   tool_matbench [--threads N] [--mem MIB] [--iters N] [--types q8_0,q4_0,bf16,...]
+ *   tool_matbench [--threads N] [--mem MIB] [--iters N] [--tok N] [--types q8_0,q4_0,bf16,...]
  *
  * 1. Read bandwidth: N threads sum a MIB-sized buffer (default 1024) of
  *    uint64 words; best of --iters passes.
- * 2. Matvec: y = W x at n_tok = 1 for each type on a 4096x4096 and an
+ * 2. Matvec: y = W x at n_tok = 1 (or --tok N rows, as a batched decode) for each type on a 4096x4096 and an
  *    expert-shaped 2048->1408 weight. Enough copies of W are cycled that
  *    their total exceeds 512 MiB, so the weights come from DRAM, not the
  *    32 MiB L3, as they would in a real model. Prints GB/s of weight bytes
@@ -127,11 +127,11 @@ static void fill_weights(int type, uint8_t *w, int64_t n_in, int64_t n_out) {
     free(row);
 }
 
-static void bench_matvec(cpu_pool *pool, int type, int64_t n_in, int64_t n_out, int iters, double bw) {
+static void bench_matvec(cpu_pool *pool, int type, int64_t n_in, int64_t n_out, int iters, double bw, int n_tok) {
     size_t bytes = moe_row_size(type, n_in) * (size_t)n_out;
     int copies = (int)((512ull << 20) / bytes) + 1;
     uint8_t *w = malloc(bytes * copies);
-    float *x = malloc(sizeof(float) * n_in), *y = malloc(sizeof(float) * n_out);
+    float *x = malloc(sizeof(float) * n_in * n_tok), *y = malloc(sizeof(float) * n_out * n_tok);
     if (!w || !x || !y) {
         printf("%-5s %5lldx%-5lld  out of memory\n", moe_type_name(type), (long long)n_in, (long long)n_out);
         goto out;
@@ -139,15 +139,15 @@ static void bench_matvec(cpu_pool *pool, int type, int64_t n_in, int64_t n_out, 
     fill_weights(type, w, n_in, n_out);
     for (int c = 1; c < copies; c++)
         memcpy(w + bytes * c, w, bytes);
-    for (int64_t i = 0; i < n_in; i++)
+    for (int64_t i = 0; i < n_in * n_tok; i++)
         x[i] = (float)((i * 37) % 101) / 50.0f - 1.0f;
     int n_calls = iters * copies;
     if (n_calls < 2 * copies)
         n_calls = 2 * copies;
-    cpu_matmul(pool, type, w, n_in, n_out, x, 1, y); /* warm-up */
+    cpu_matmul(pool, type, w, n_in, n_out, x, n_tok, y); /* warm-up */
     double t0 = now();
     for (int c = 0; c < n_calls; c++) {
-        int rc = cpu_matmul(pool, type, w + bytes * (c % copies), n_in, n_out, x, 1, y);
+        int rc = cpu_matmul(pool, type, w + bytes * (c % copies), n_in, n_out, x, n_tok, y);
         if (rc != MOE_OK) {
             printf("cpu_matmul: %s\n", moe_strerror(rc));
             goto out;
@@ -155,8 +155,8 @@ static void bench_matvec(cpu_pool *pool, int type, int64_t n_in, int64_t n_out, 
     }
     double dt = (now() - t0) / n_calls;
     double gbs = (double)bytes / dt / 1e9;
-    printf("%-5s %5lld x %-5lld  %7.2f MB  %8.1f us/matvec  %6.2f GB/s  %5.0f %% of bandwidth\n",
-           moe_type_name(type), (long long)n_out, (long long)n_in, (double)bytes / 1e6, dt * 1e6, gbs,
+    printf("%-5s %5lld x %-5lld x %2d tok  %7.2f MB  %8.1f us/matvec  %6.2f GB/s  %5.0f %% of bandwidth\n",
+           moe_type_name(type), (long long)n_out, (long long)n_in, n_tok, (double)bytes / 1e6, dt * 1e6, gbs,
            100.0 * gbs / bw);
 out:
     free(w);
@@ -165,7 +165,7 @@ out:
 }
 
 int main(int argc, char **argv) {
-    int threads = 0, iters = 3;
+    int threads = 0, iters = 3, n_tok = 1;
     size_t mem_mib = 1024;
     const char *types = "q8_0,q4_0,bf16,f16,q4_k,q5_k,q6_k";
     for (int i = 1; i < argc; i++) {
@@ -175,10 +175,12 @@ int main(int argc, char **argv) {
             mem_mib = (size_t)atol(argv[++i]);
         else if (!strcmp(argv[i], "--iters") && i + 1 < argc)
             iters = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--tok") && i + 1 < argc)
+            n_tok = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--types") && i + 1 < argc)
             types = argv[++i];
         else {
-            fprintf(stderr, "usage: %s [--threads N] [--mem MIB] [--iters N] [--types a,b]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--threads N] [--mem MIB] [--iters N] [--tok N] [--types a,b]\n", argv[0]);
             return 2;
         }
     }
@@ -203,7 +205,7 @@ int main(int argc, char **argv) {
                 printf("skipping %s\n", tok);
                 continue;
             }
-            bench_matvec(pool, t, shapes[s][0], shapes[s][1], iters, bw);
+            bench_matvec(pool, t, shapes[s][0], shapes[s][1], iters, bw, n_tok < 1 ? 1 : n_tok);
         }
     }
     cpu_pool_destroy(pool);

@@ -173,11 +173,15 @@ TGT static ALWAYS_INLINE void q8_0_step(const int NT, const moe_block_q8_0 *w, c
                                         int64_t b, __m256 *acc) {
     __m256i wq = _mm256_loadu_si256((const __m256i *)w[b].qs);
     __m256i aw = _mm256_sign_epi8(wq, wq);
-    float dw = h2f(w[b].d);
+    /* the weight scale broadcast once per block; each row's scale comes in
+     * with a broadcast load (no shuffle-port op), and the vector product
+     * equals the scalar dw * d in every lane, so the sums are unchanged */
+    __m256 dw = _mm256_set1_ps(h2f(w[b].d));
     FOR_T {
         __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x[t][b].qs), wq);
         __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), _mm256_set1_epi16(1));
-        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[t][b].d), _mm256_cvtepi32_ps(s), acc[t]);
+        __m256 sc = _mm256_mul_ps(dw, _mm256_broadcast_ss(&x[t][b].d));
+        acc[t] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(s), acc[t]);
     }
 }
 
@@ -203,9 +207,11 @@ TGT static ALWAYS_INLINE void q4_0_step(const int NT, const moe_block_q4_0 *w, c
                                         int64_t b, __m256 *acc, float *moff) {
     __m256i q = unpack_nibbles(w[b].qs);
     float dw = h2f(w[b].d);
+    __m256 dwv = _mm256_set1_ps(dw); /* as in q8_0_step */
     FOR_T {
         __m256i s = mul_sum_u8(q, _mm256_loadu_si256((const __m256i *)x[t][b].qs));
-        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[t][b].d), _mm256_cvtepi32_ps(s), acc[t]);
+        __m256 sc = _mm256_mul_ps(dwv, _mm256_broadcast_ss(&x[t][b].d));
+        acc[t] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(s), acc[t]);
         moff[t] += dw * x[t][b].s;
     }
 }
