@@ -278,6 +278,25 @@ START_TEST(test_experts) {
         float *y2 = malloc(sizeof(float) * n_out * k);
         ck_assert_int_eq(cpu_matmul_experts(pool, type, w, n_in, n_out, n_exp, xin, k, off, NULL, y2), MOE_OK);
         ck_assert(memcmp(y, y2, sizeof(float) * n_out * k) == 0);
+        /* two stacks at once (gate + up): each equals its own call bit for
+         * bit; the second stack here is the first with its experts rotated */
+        uint8_t *wb = malloc(rs * n_out * n_exp);
+        for (int e = 0; e < n_exp; e++)
+            memcpy(wb + rs * n_out * e, w + rs * n_out * ((e + 1) % n_exp), rs * n_out);
+        float *ya = malloc(sizeof(float) * n_out * k), *yb = malloc(sizeof(float) * n_out * k);
+        float *yb1 = malloc(sizeof(float) * n_out * k);
+        ck_assert_int_eq(cpu_matmul_experts2(pool, type, w, wb, n_in, n_out, n_exp, pe[0].x, n_tok, off, rows, ya, yb),
+                         MOE_OK);
+        ck_assert_int_eq(cpu_matmul_experts(pool, type, wb, n_in, n_out, n_exp, pe[0].x, n_tok, off, rows, yb1), MOE_OK);
+        ck_assert(memcmp(ya, y, sizeof(float) * n_out * k) == 0);
+        ck_assert(memcmp(yb, yb1, sizeof(float) * n_out * k) == 0);
+        ck_assert(memcmp(yb, ya, sizeof(float) * n_out * k) != 0);
+        ck_assert_int_eq(cpu_matmul_experts2(pool, type, w, NULL, n_in, n_out, n_exp, pe[0].x, n_tok, off, rows, ya, yb),
+                         MOE_EINVAL);
+        free(wb);
+        free(ya);
+        free(yb);
+        free(yb1);
         free(xin);
         free(y2);
         free(y);

@@ -615,8 +615,14 @@ static int cpu_moe(void *vctx, const float *h, int64_t n_tok, const float *route
             free(fill);
         }
     }
-    if (!rc) rc = cpu_matmul_experts(c->pool, gate->type, gate->data, n_embd, n_ff, E, h, n_tok, off, rows, g);
-    if (!rc) rc = cpu_matmul_experts(c->pool, up->type, up->data, n_embd, n_ff, E, h, n_tok, off, rows, u);
+    if (!rc && gate->type == up->type && mat_stride(gate) == mat_stride(up) &&
+        mat_stride(gate) == (size_t)n_ff * moe_row_size(gate->type, n_embd)) {
+        /* gate and up in one pass: one quantization of h, one dispatch */
+        rc = cpu_matmul_experts2(c->pool, gate->type, gate->data, up->data, n_embd, n_ff, E, h, n_tok, off, rows, g, u);
+    } else {
+        if (!rc) rc = cpu_matmul_experts(c->pool, gate->type, gate->data, n_embd, n_ff, E, h, n_tok, off, rows, g);
+        if (!rc) rc = cpu_matmul_experts(c->pool, up->type, up->data, n_embd, n_ff, E, h, n_tok, off, rows, u);
+    }
     if (!rc) {
         for (int64_t i = 0; i < n_ent * n_ff; i++) g[i] = silu(g[i]) * u[i];
         rc = cpu_matmul_experts(c->pool, down->type, down->data, n_ff, n_embd, E, g, n_ent, off, NULL, d);

@@ -381,14 +381,14 @@ typedef struct {
     int type;
     cpu__dot_fn dot;
     cpu__cvt_fn cvt; /* widen a row once when an expert has > 1 token */
-    const uint8_t *w;
+    const uint8_t *w, *w2; /* w2/y2: a second matrix stack on the same rows, or NULL */
     size_t row_bytes, expert_bytes;
     int64_t n_in, n_out, n_x;
     const float *x;
     act_kind kind;
     uint8_t *xa; /* quantized activations, n_x rows of xa_stride bytes */
     size_t xa_stride;
-    float *y;
+    float *y, *y2;
     const int64_t *off;
     const int32_t *x_rows;
     const int32_t *active; /* experts with rows, in order */
@@ -409,11 +409,18 @@ static void quant_task(void *ctx, int64_t t, int thread) {
 
 static void mm_task(void *ctx, int64_t task, int thread) {
     const mm_job *j = ctx;
-    int32_t e = j->active[task / j->tasks_per_expert];
-    int64_t r0 = (task % j->tasks_per_expert) * j->rows_per_task;
+    /* with two stacks, an expert's tasks are its row chunks of the first
+     * then of the second, so both read the same activations back to back */
+    int n_mats = j->w2 ? 2 : 1;
+    int64_t per_e = j->tasks_per_expert * n_mats, rem = task % per_e;
+    int32_t e = j->active[task / per_e];
+    int second = rem >= j->tasks_per_expert;
+    const uint8_t *wbase = second ? j->w2 : j->w;
+    float *yout = second ? j->y2 : j->y;
+    int64_t r0 = (rem % j->tasks_per_expert) * j->rows_per_task;
     int64_t r1 = r0 + j->rows_per_task < j->n_out ? r0 + j->rows_per_task : j->n_out;
     int64_t k0 = j->off[e], k1 = j->off[e + 1];
-    const uint8_t *wexp = j->w + (size_t)e * j->expert_bytes;
+    const uint8_t *wexp = wbase + (size_t)e * j->expert_bytes;
     int widen = j->cvt && k1 - k0 > 1;
     float *row_f32 = j->scratch ? j->scratch + (size_t)thread * (size_t)j->n_in : NULL;
     cpu__dot_fn dot = widen ? j->k->dot[MOE_TYPE_F32] : j->dot;
@@ -444,23 +451,23 @@ static void mm_task(void *ctx, int64_t task, int thread) {
                         for (int t = 0; t < 4; t++) {
                             int64_t xr = j->x_rows ? j->x_rows[k + t] : k + t;
                             xs[t] = j->xa + (size_t)xr * j->xa_stride;
-                            ys[t] = &j->y[(k + t) * j->n_out + r];
+                            ys[t] = &yout[(k + t) * j->n_out + r];
                         }
                         dot4(j->n_in, wr, xs, ys);
                     }
                 }
                 for (; k < kt1; k++) {
                     int64_t xr = j->x_rows ? j->x_rows[k] : k;
-                    dot(j->n_in, wr, j->xa + (size_t)xr * j->xa_stride, &j->y[k * j->n_out + r]);
+                    dot(j->n_in, wr, j->xa + (size_t)xr * j->xa_stride, &yout[k * j->n_out + r]);
                 }
             }
         }
     }
 }
 
-int cpu_matmul_experts(cpu_pool *pool, int type, const void *w, int64_t n_in, int64_t n_out,
-                       int64_t n_expert, const float *x, int64_t n_x, const int64_t *expert_off,
-                       const int32_t *x_rows, float *y) {
+static int matmul_experts(cpu_pool *pool, int type, const void *w, const void *w2, int64_t n_in, int64_t n_out,
+                          int64_t n_expert, const float *x, int64_t n_x, const int64_t *expert_off,
+                          const int32_t *x_rows, float *y, float *y2) {
     if (!cpu_matmul_supported(type))
         return MOE_EUNSUPPORTED;
     const moe_type_traits *tr = moe_type_get(type);
@@ -477,7 +484,7 @@ int cpu_matmul_experts(cpu_pool *pool, int type, const void *w, int64_t n_in, in
     int64_t n_rows = expert_off[n_expert];
     if (n_rows == 0)
         return MOE_OK;
-    if (!x || !y || n_x == 0 || n_expert > INT32_MAX)
+    if (!x || !y || n_x == 0 || n_expert > INT32_MAX || (w2 && !y2))
         return MOE_EINVAL;
     if (x_rows) {
         for (int64_t k = 0; k < n_rows; k++)
@@ -495,6 +502,7 @@ int cpu_matmul_experts(cpu_pool *pool, int type, const void *w, int64_t n_in, in
     j.dot = j.k->dot[type];
     j.cvt = j.k->cvt[type];
     j.w = w;
+    j.w2 = w2;
     j.row_bytes = moe_row_size(type, n_in);
     j.expert_bytes = j.row_bytes * (size_t)n_out;
     j.n_in = n_in;
@@ -503,6 +511,7 @@ int cpu_matmul_experts(cpu_pool *pool, int type, const void *w, int64_t n_in, in
     j.x = x;
     j.kind = act_kind_of(type);
     j.y = y;
+    j.y2 = w2 ? y2 : NULL;
     j.off = expert_off;
     j.x_rows = x_rows;
     int n_threads = cpu_pool_size(pool);
@@ -535,23 +544,43 @@ int cpu_matmul_experts(cpu_pool *pool, int type, const void *w, int64_t n_in, in
         if (!xa_buf)
             goto out;
         j.xa = xa_buf;
-        cpu_pool_run(pool, quant_task, &j, n_x);
+        /* a handful of rows (decode) is quicker to quantize here than to
+         * hand out to the pool and wait for */
+        if (n_x * n_in <= 16384)
+            for (int64_t t = 0; t < n_x; t++)
+                quant_task(&j, t, 0);
+        else
+            cpu_pool_run(pool, quant_task, &j, n_x);
     }
     /* Aim for ~8 tasks per thread over all active experts so uneven expert
      * loads still balance, but never split below 4 rows. */
-    int64_t total = n_out * n_active;
+    int64_t total = n_out * n_active * (w2 ? 2 : 1);
     int64_t per = (total + (int64_t)n_threads * 8 - 1) / ((int64_t)n_threads * 8);
     per = per < 4 ? 4 : per;
     per = per > n_out ? n_out : per;
     j.rows_per_task = per;
     j.tasks_per_expert = (n_out + per - 1) / per;
-    cpu_pool_run(pool, mm_task, &j, j.tasks_per_expert * n_active);
+    cpu_pool_run(pool, mm_task, &j, j.tasks_per_expert * n_active * (w2 ? 2 : 1));
     rc = MOE_OK;
 out:
     free(xa_buf);
     free(j.scratch);
     free(active);
     return rc;
+}
+
+int cpu_matmul_experts(cpu_pool *pool, int type, const void *w, int64_t n_in, int64_t n_out,
+                       int64_t n_expert, const float *x, int64_t n_x, const int64_t *expert_off,
+                       const int32_t *x_rows, float *y) {
+    return matmul_experts(pool, type, w, NULL, n_in, n_out, n_expert, x, n_x, expert_off, x_rows, y, NULL);
+}
+
+int cpu_matmul_experts2(cpu_pool *pool, int type, const void *w_a, const void *w_b, int64_t n_in, int64_t n_out,
+                        int64_t n_expert, const float *x, int64_t n_x, const int64_t *expert_off,
+                        const int32_t *x_rows, float *y_a, float *y_b) {
+    if (!w_b)
+        return MOE_EINVAL;
+    return matmul_experts(pool, type, w_a, w_b, n_in, n_out, n_expert, x, n_x, expert_off, x_rows, y_a, y_b);
 }
 
 int cpu_matmul(cpu_pool *pool, int type, const void *w, int64_t n_in, int64_t n_out,

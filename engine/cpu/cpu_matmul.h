@@ -87,6 +87,15 @@ int cpu_matmul_experts(cpu_pool *pool, int type, const void *w, int64_t n_in, in
                        int64_t n_expert, const float *x, int64_t n_x, const int64_t *expert_off,
                        const int32_t *x_rows, float *y);
 
+/* Two expert stacks of the same type and shape on the same routing (a
+ * MoE layer's gate and up): y_a from w_a and y_b from w_b exactly as two
+ * cpu_matmul_experts() calls would compute them (bit for bit), with the
+ * activations quantized once and one dispatch to the pool instead of two.
+ * Returns as cpu_matmul_experts() (MOE_EINVAL also for a NULL w_b/y_b). */
+int cpu_matmul_experts2(cpu_pool *pool, int type, const void *w_a, const void *w_b, int64_t n_in, int64_t n_out,
+                        int64_t n_expert, const float *x, int64_t n_x, const int64_t *expert_off,
+                        const int32_t *x_rows, float *y_a, float *y_b);
+
 #ifdef __cplusplus
 }
 #endif
