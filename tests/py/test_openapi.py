@@ -99,3 +99,37 @@ def test_live_server_conforms(tmp_path, moed_bin):
         assert m and int(m.group(1)) >= 200, out[-3000:]
     finally:
         assert srv.stop(timeout=45) == 0, srv.log()
+
+
+def test_auth_answers_conform(tmp_path, moed_bin):
+    # With api_key set: the document's security says /health and /metrics
+    # are open and everything else needs the Bearer key (401 otherwise).
+    st = pytest.importorskip("schemathesis")
+    if serve_is_placeholder(moed_bin):
+        pytest.xfail("moed serve is still a placeholder")
+    model = make_tiny_model(moed_bin, tmp_path / "tiny.gguf")
+    srv = Server(moed_bin, model, tmp_path, env={"MOED_API_KEY": "sk-a,sk-b"})
+    try:
+        srv.wait_healthy()
+        schema = st.openapi.from_path(str(SPEC))
+        schema.config.update(base_url=srv.url)
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for path, method, body, headers, status in [
+            ("/v1/models", "GET", None, {}, 401),
+            ("/v1/models", "GET", None, {"Authorization": "Bearer sk-wrong"}, 401),
+            ("/v1/models", "GET", None, {"Authorization": "Bearer sk-b"}, 200),
+            ("/v1/chat/completions", "POST", chat, {}, 401),
+            ("/v1/chat/completions", "POST", chat, {"Authorization": "Bearer sk-a"}, 200),
+            ("/tokenize", "POST", {"content": "x"}, {}, 401),
+            ("/health", "GET", None, {}, 200),
+            ("/metrics", "GET", None, {}, 200),
+        ]:
+            kwargs = {"body": body, "media_type": "application/json"} if body is not None else {}
+            case = schema[path][method].Case(headers=headers, **kwargs)
+            r = case.call()
+            assert r.status_code == status, (path, headers, r.status_code, r.text[:300])
+            case.validate_response(r)
+            if status == 401:
+                assert r.json()["error"]["code"] == "invalid_api_key"
+    finally:
+        assert srv.stop(timeout=45) == 0, srv.log()
