@@ -148,6 +148,27 @@ static double exp_sum(const float *v, float *w, int64_t n, float mx, float inv_t
     return z;
 }
 
+/* The maximum of v[0..n), NaN ignored (-inf when nothing else). */
+static float row_max(const float *v, int64_t n) {
+    v4f m = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, m2 = m;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v4f x, y;
+        memcpy(&x, v + i, sizeof x);
+        memcpy(&y, v + i + 4, sizeof y);
+        v4i gx = x > m, gy = y > m2;
+        m = (v4f)((gx & (v4i)x) | (~gx & (v4i)m));
+        m2 = (v4f)((gy & (v4i)y) | (~gy & (v4i)m2));
+    }
+    float mx = -INFINITY;
+    for (int j = 0; j < 4; j++) {
+        mx = m[j] > mx ? m[j] : mx;
+        mx = m2[j] > mx ? m2[j] : mx;
+    }
+    for (; i < n; i++) mx = v[i] > mx ? v[i] : mx;
+    return mx;
+}
+
 /* dst = src with NaN as -inf; returns the maximum. */
 static float copy_max(const float *src, float *dst, int64_t n) {
     const v4f ninf = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
@@ -347,14 +368,12 @@ int moe_sampler_sample(moe_sampler *sm, const moe_sampling *p, moe_rng *rng, con
     bool pen = rep || p->presence_penalty != 0 || p->frequency_penalty != 0;
     bool greedy = !(p->temperature > 0);
     if (greedy && !pen && p->n_logit_bias == 0) {
-        /* plain greedy reads the row in place; NaN never compares greater */
+        /* plain greedy reads the row in place: the maximum with vectors
+         * (NaN never compares greater), then its first index */
+        float bv = row_max(logits, n);
         int64_t best = 0;
-        float bv = -INFINITY;
-        for (int64_t i = 0; i < n; i++)
-            if (logits[i] > bv) {
-                bv = logits[i];
-                best = i;
-            }
+        if (bv > -INFINITY)
+            while (logits[best] != bv) best++;
         *out = (int32_t)best;
         return MOE_OK;
     }
