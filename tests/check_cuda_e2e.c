@@ -6,10 +6,13 @@
  *    backend; the logits must agree (max|gpu - cpu| / max|cpu| <= 1e-4 for
  *    the F32 files, and the GPU stays within check_forward's 1e-3 of
  *    transformers). The same models re-quantized to BF16 and Q8_0 are held
- *    to looser bounds: BF16 2e-2 (the cuBLAS path rounds the 10-token
- *    prompt's activations to bf16), Q8_0 1e-1 (the CPU rounds activations
- *    to int8 where the GPU multiplies exactly, ~0.5 % per product, amplified
- *    through the layers of a random model).
+ *    to looser bounds on the rows before the first expert-choice difference:
+ *    BF16 2e-2 (the cuBLAS path rounds the 10-token prompt's activations to
+ *    bf16; no choice may differ), Q8_0 5e-2 (the CPU rounds activations to
+ *    int8 where the GPU multiplies exactly; measured with
+ *    MOE_CUDA_TEST_EMULATE=2, which runs the dequantized weights in F32 on
+ *    the CPU: <= 2.03e-2 over all fixtures, first choice difference at row
+ *    8 of 15 at the earliest).
  *  - greedy generation: a DeepSeek-V2-Lite-shaped model (mkmodel's v2-lite
  *    preset cut to 2 layers, one dense and one MoE, F16 weights) generated
  *    on the spot; an 8-token prompt and 32 greedy steps give the same
@@ -107,7 +110,9 @@ static int argmax(const float *v, int64_t n) {
 }
 
 /* MOE_CUDA_TEST_EMULATE=1: the "GPU" side is a second CPU backend (checks
- * the harness without a GPU). */
+ * the harness without a GPU); =2: for the quantized variants it also runs
+ * the dequantized weights in F32, which is what the GPU's exact products
+ * compute, so the CPU-vs-GPU gap of the bounds below can be measured here. */
 static int emulate;
 
 static void make_backend(int use_gpu, moe_backend *be) {
@@ -115,8 +120,11 @@ static void make_backend(int use_gpu, moe_backend *be) {
     else ck_assert_int_eq(moe_cpu_backend_init(be, &(moe_cpu_backend_opts){.n_threads = 0}), MOE_OK);
 }
 
-/* Prompt as one batch, then teacher-forced decode. Returns (n_rows, n_vocab). */
-static float *run_fixture(const char *path, const ref *r, int use_gpu) {
+/* Prompt as one batch, then teacher-forced decode. Returns (n_rows,
+ * n_vocab); when routes is not NULL, *routes gets the experts chosen per
+ * (layer, row) as (n_layer, n_rows, *n_used) (-1 for dense layers). */
+static float *run_fixture_routes(const char *path, const ref *r, int use_gpu, int32_t **routes, int *n_used,
+                                 int *n_layer) {
     char err[256] = "";
     int st = 0;
     moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
@@ -132,14 +140,34 @@ static float *run_fixture(const char *path, const ref *r, int use_gpu) {
     moe_kv_seq seq = {0};
     ck_assert_int_eq(moe_kv_seq_reserve(kv, &seq, r->n_rows), MOE_OK);
     float *out = malloc((size_t)r->n_rows * r->n_vocab * sizeof(float));
+    int K = (int)moe_fwd_n_expert_used(fw), KK = K ? K : 1, L = (int)moe_fwd_n_layer(fw);
+    size_t n_rt = (size_t)L * r->n_rows * KK;
+    int32_t *all = malloc(n_rt * sizeof(int32_t)), *rt = malloc(n_rt * sizeof(int32_t));
+    for (size_t i = 0; i < n_rt; i++) all[i] = rt[i] = -1;
+    moe_fwd_set_route_out(fw, rt);
     int32_t pos[64], sq[64] = {0};
     for (int i = 0; i < r->n_prompt; i++) pos[i] = i;
     moe_batch b = {.n_tok = r->n_prompt, .ids = r->prompt, .pos = pos, .seq = sq, .n_seq = 1, .seqs = &seq};
     ck_assert_int_eq(moe_fwd_run(fw, kv, &b, out), MOE_OK);
+    /* a step of n tokens writes its routes as (n_layer, n, K) */
+    for (int il = 0; il < L; il++)
+        memcpy(all + (size_t)il * r->n_rows * KK, rt + (size_t)il * r->n_prompt * KK,
+               (size_t)r->n_prompt * KK * sizeof(int32_t));
     for (int i = 0; i < r->n_decode; i++) {
         int32_t p = r->n_prompt + i, s0 = 0;
         moe_batch d = {.n_tok = 1, .ids = &r->decode_input[i], .pos = &p, .seq = &s0, .n_seq = 1, .seqs = &seq};
         ck_assert_int_eq(moe_fwd_run(fw, kv, &d, out + (size_t)(r->n_prompt + i) * r->n_vocab), MOE_OK);
+        for (int il = 0; il < L; il++)
+            memcpy(all + ((size_t)il * r->n_rows + r->n_prompt + i) * KK, rt + (size_t)il * KK,
+                   (size_t)KK * sizeof(int32_t));
+    }
+    free(rt);
+    if (routes) {
+        *routes = all;
+        *n_used = KK;
+        *n_layer = L;
+    } else {
+        free(all);
     }
     moe_kv_seq_release(kv, &seq);
     moe_kv_destroy(kv);
@@ -149,9 +177,27 @@ static float *run_fixture(const char *path, const ref *r, int use_gpu) {
     return out;
 }
 
+static float *run_fixture(const char *path, const ref *r, int use_gpu) {
+    return run_fixture_routes(path, r, use_gpu, NULL, NULL, NULL);
+}
+
+/* First row where any layer's expert set differs between a and b; n_rows if none. */
+static int first_flip(const int32_t *a, const int32_t *b, int n_layer, int n_rows, int K) {
+    for (int row = 0; row < n_rows; row++)
+        for (int il = 0; il < n_layer; il++) {
+            const int32_t *x = a + ((size_t)il * n_rows + row) * K, *y = b + ((size_t)il * n_rows + row) * K;
+            for (int i = 0; i < K; i++) {
+                int found = 0;
+                for (int j = 0; j < K; j++) found |= x[i] == y[j];
+                if (!found) return row;
+            }
+        }
+    return n_rows;
+}
+
 /* A copy of the F32 GGUF src with every matrix whose rows fit the type's
  * blocks re-quantized (1-D tensors stay F32), as check_forward does. */
-static void requantize(const char *src, const char *dst, moe_type type) {
+static void requantize(const char *src, const char *dst, moe_type type, int roundtrip) {
     int st;
     char err[256];
     moe_gguf *g = moe_gguf_open(src, &st, err, sizeof err);
@@ -166,7 +212,8 @@ static void requantize(const char *src, const char *dst, moe_type type) {
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
         const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
         tt[i] = (t->n_dims >= 2 && t->ne[0] % blck == 0) ? type : MOE_TYPE_F32;
-        ck_assert_int_eq(moe_gguf_writer_add_tensor(w, t->name, tt[i], t->n_dims, t->ne), MOE_OK);
+        ck_assert_int_eq(
+            moe_gguf_writer_add_tensor(w, t->name, roundtrip ? MOE_TYPE_F32 : tt[i], t->n_dims, t->ne), MOE_OK);
     }
     ck_assert_int_eq(moe_gguf_writer_begin(w, dst), MOE_OK);
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
@@ -174,10 +221,17 @@ static void requantize(const char *src, const char *dst, moe_type type) {
         int64_t rows = t->ne[1] * t->ne[2] * t->ne[3];
         size_t rsz = moe_row_size(tt[i], t->ne[0]);
         void *buf = malloc(rsz);
+        float *back = malloc((size_t)t->ne[0] * sizeof(float));
         for (int64_t r = 0; r < rows; r++) {
             ck_assert_int_eq(moe_quantize_row(tt[i], (const float *)t->data + r * t->ne[0], buf, t->ne[0]), MOE_OK);
-            ck_assert_int_eq(moe_gguf_writer_write_tensor(w, buf, rsz), MOE_OK);
+            if (roundtrip) { /* F32 holding the quantized values: the GPU's exact arithmetic on the CPU */
+                ck_assert_int_eq(moe_dequantize_row(tt[i], buf, back, t->ne[0]), MOE_OK);
+                ck_assert_int_eq(moe_gguf_writer_write_tensor(w, back, (size_t)t->ne[0] * sizeof(float)), MOE_OK);
+            } else {
+                ck_assert_int_eq(moe_gguf_writer_write_tensor(w, buf, rsz), MOE_OK);
+            }
         }
+        free(back);
         free(buf);
     }
     ck_assert_int_eq(moe_gguf_writer_finish(w), MOE_OK);
@@ -210,20 +264,40 @@ START_TEST(fixtures_match_cpu) {
     static const struct {
         moe_type type;
         double tol;
-    } qt[] = {{MOE_TYPE_BF16, 2e-2}, {MOE_TYPE_Q8_0, 1e-1}};
+    } qt[] = {{MOE_TYPE_BF16, 2e-2}, {MOE_TYPE_Q8_0, 5e-2}};
     for (int q = 0; q < 2; q++) {
         char src[512], dst[128];
         snprintf(src, sizeof src, FIXDIR "%s", r.gguf[r.n_gguf - 1]);
         snprintf(dst, sizeof dst, "/tmp/check_cuda_e2e_%d_%s.gguf", (int)getpid(), moe_type_name(qt[q].type));
-        requantize(src, dst, qt[q].type);
-        float *c = run_fixture(dst, &r, 0), *g = run_fixture(dst, &r, 1);
+        requantize(src, dst, qt[q].type, 0);
+        int32_t *rc_ = NULL, *rg = NULL;
+        int K = 1, L = 1;
+        float *c = run_fixture_routes(dst, &r, 0, &rc_, &K, &L), *g;
+        if (emulate == 2) { /* the "GPU" runs the dequantized values in F32, as the GPU's exact products do */
+            char dst2[160];
+            snprintf(dst2, sizeof dst2, "%s.f32", dst);
+            requantize(src, dst2, qt[q].type, 1);
+            g = run_fixture_routes(dst2, &r, 1, &rg, &K, &L);
+            unlink(dst2);
+        } else {
+            g = run_fixture_routes(dst, &r, 1, &rg, &K, &L);
+        }
         unlink(dst);
-        double e = max_rel(g, c, n);
-        fprintf(stderr, "%-20s %-4s gpu vs cpu %.2e\n", r.gguf[r.n_gguf - 1], moe_type_name(qt[q].type), e);
+        /* the two sides round activations differently, so a near-tie in expert
+         * choice may go either way; from that row on they compute different
+         * functions, so the bound holds before it (as check_forward does) */
+        int ff = first_flip(rg, rc_, L, r.n_rows, K);
+        double e = ff ? max_rel(g, c, (size_t)ff * r.n_vocab) : 0;
+        fprintf(stderr, "%-20s %-4s gpu vs cpu %.2e on the %d/%d rows before any expert flip\n", r.gguf[r.n_gguf - 1],
+                moe_type_name(qt[q].type), e, ff, r.n_rows);
         ck_assert_msg(e <= qt[q].tol, "%s as %s: gpu vs cpu %.3e > %.0e", r.gguf[r.n_gguf - 1],
                       moe_type_name(qt[q].type), e, qt[q].tol);
+        ck_assert_msg(ff >= (qt[q].type == MOE_TYPE_BF16 ? r.n_rows : 1), "%s as %s: experts differ from row %d",
+                      r.gguf[r.n_gguf - 1], moe_type_name(qt[q].type), ff);
         free(c);
         free(g);
+        free(rc_);
+        free(rg);
     }
     free(r.logits);
 }
@@ -321,7 +395,7 @@ static int gpu_present(void) {
 }
 
 int main(void) {
-    emulate = getenv("MOE_CUDA_TEST_EMULATE") && atoi(getenv("MOE_CUDA_TEST_EMULATE"));
+    emulate = getenv("MOE_CUDA_TEST_EMULATE") ? atoi(getenv("MOE_CUDA_TEST_EMULATE")) : 0;
     if (!emulate && !gpu_present()) {
         printf("SKIP: no CUDA device\n");
         return 0;

@@ -844,7 +844,7 @@ static int gpu_present(void) {
 }
 
 int main(void) {
-    emulate = getenv("MOE_CUDA_TEST_EMULATE") && atoi(getenv("MOE_CUDA_TEST_EMULATE"));
+    emulate = getenv("MOE_CUDA_TEST_EMULATE") ? atoi(getenv("MOE_CUDA_TEST_EMULATE")) : 0;
     int have_gpu = emulate || gpu_present();
     if (!have_gpu) printf("SKIP: no CUDA device (only the host-side check of the kernels' dequantizer runs)\n");
     SRunner *sr = srunner_create(cuda_ops_suite(have_gpu));
