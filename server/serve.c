@@ -1166,6 +1166,14 @@ int srv_cmd_serve(int argc, char **argv) {
     pthread_mutex_init(&s->ev_mu, NULL);
     srv_notify_init(&s->watchdog_usec);
 
+    /* Signals first: a SIGTERM during the model load is a drain too. */
+    uv_signal_init(s->loop, &s->sigterm);
+    s->sigterm.data = s;
+    uv_signal_start(&s->sigterm, signal_cb, SIGTERM);
+    uv_signal_init(s->loop, &s->sigint);
+    s->sigint.data = s;
+    uv_signal_start(&s->sigint, signal_cb, SIGINT);
+
     moe_engine_opts eo = {0};
     eo.model_path = cfg.model;
     eo.device = cfg.device;
@@ -1185,6 +1193,8 @@ int srv_cmd_serve(int argc, char **argv) {
     if (!s->eng) {
         srv_log(SRV_LOG_ERROR, "cannot start the engine: %s", err);
         fprintf(stderr, "moed serve: %s\n", err);
+        uv_walk(s->loop, close_walk_cb, NULL);
+        uv_run(s->loop, UV_RUN_DEFAULT);
         goto fail;
     }
 
@@ -1201,7 +1211,7 @@ int srv_cmd_serve(int argc, char **argv) {
     if (!s->http) {
         srv_log(SRV_LOG_ERROR, "%s", err);
         fprintf(stderr, "moed serve: %s\n", err);
-        uv_close((uv_handle_t *)&s->async, NULL);
+        uv_walk(s->loop, close_walk_cb, NULL);
         uv_run(s->loop, UV_RUN_DEFAULT);
         moe_engine_destroy(s->eng, 0);
         goto fail;
@@ -1210,12 +1220,6 @@ int srv_cmd_serve(int argc, char **argv) {
     uv_timer_init(s->loop, &s->tick);
     s->tick.data = s;
     uv_timer_start(&s->tick, tick_cb, 50, 100);
-    uv_signal_init(s->loop, &s->sigterm);
-    s->sigterm.data = s;
-    uv_signal_start(&s->sigterm, signal_cb, SIGTERM);
-    uv_signal_init(s->loop, &s->sigint);
-    s->sigint.data = s;
-    uv_signal_start(&s->sigint, signal_cb, SIGINT);
     uv_timer_init(s->loop, &s->watchdog);
     s->watchdog.data = s;
     if (s->watchdog_usec) {
