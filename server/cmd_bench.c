@@ -126,6 +126,7 @@ typedef struct dec_res {
     double experts_per_layer; /* distinct experts per MoE layer per step */
     double gbs, ratio, speedup;
     double bound; /* batch * bytes of a batch-1 step / bytes of this step */
+    double best_gbs, best_ratio; /* the fastest step alone: best-of, like the bandwidth */
 } dec_res;
 
 typedef struct bench {
@@ -188,6 +189,8 @@ static int decode(bench *bn, long nb, int64_t steps, dec_res *r) {
         moe_fwd_traffic tr;
         moe_fwd_last_traffic(bn->fw, &tr);
         r->seconds += dt;
+        double g = (double)(tr.dense_bytes + tr.expert_bytes + tr.kv_bytes) / dt / 1e9;
+        r->best_gbs = g > r->best_gbs ? g : r->best_gbs;
         dense += (double)tr.dense_bytes;
         expert += (double)tr.expert_bytes;
         kvb += (double)tr.kv_bytes;
@@ -395,6 +398,7 @@ int srv_cmd_bench(int argc, char **argv) {
     for (int i = 0; i < n_batches; i++) {
         dec_res *r = &res[i];
         r->ratio = r->gbs * 1e9 / bw;
+        r->best_ratio = r->best_gbs * 1e9 / bw;
         r->speedup = r->tok_s / res[0].tok_s;
         /* the speed-up if both steps read their bytes at the same rate */
         r->bound = (double)r->batch * (res[0].dense + res[0].expert + res[0].kv) / (r->dense + r->expert + r->kv);
@@ -424,10 +428,11 @@ int srv_cmd_bench(int argc, char **argv) {
             printf("%s\n  {\"batch\": %ld, \"steps\": %lld, \"seconds\": %.9f, \"tok_s\": %.3f, \"ms_per_step\": %.3f, "
                    "\"bytes_per_step\": %.0f, \"dense_bytes_per_step\": %.0f, \"expert_bytes_per_step\": %.0f, "
                    "\"kv_bytes_per_step\": %.0f, \"experts_per_moe_layer\": %.3f, \"gbs\": %.3f, "
-                   "\"bandwidth_ratio\": %.4f, \"speedup\": %.3f, \"bytes_bound_speedup\": %.3f}",
+                   "\"bandwidth_ratio\": %.4f, \"best_step_gbs\": %.3f, \"best_step_bandwidth_ratio\": %.4f, "
+                   "\"speedup\": %.3f, \"bytes_bound_speedup\": %.3f}",
                    i ? "," : "", r->batch, (long long)r->steps, r->seconds, r->tok_s,
                    1e3 * r->seconds / (double)r->steps, r->dense + r->expert + r->kv, r->dense, r->expert, r->kv,
-                   r->experts_per_layer, r->gbs, r->ratio, r->speedup, r->bound);
+                   r->experts_per_layer, r->gbs, r->ratio, r->best_gbs, r->best_ratio, r->speedup, r->bound);
         }
         printf("\n ]}\n");
     } else {
@@ -450,6 +455,11 @@ int srv_cmd_bench(int argc, char **argv) {
                    r->speedup, r->bound);
         }
         printf("(bytes bound: the speed-up over batch 1 if both steps read their bytes at the same GB/s)\n");
+        printf("fastest step (best-of, like the bandwidth):");
+        for (int i = 0; i < n_batches; i++)
+            printf("%s batch %ld %.2f GB/s = %.1f%%", i ? "," : "", res[i].batch, res[i].best_gbs,
+                   100.0 * res[i].best_ratio);
+        printf("\n");
     }
     rc = 0;
 out:

@@ -35,12 +35,15 @@ def test_json_report(moed_bin, model):
     for d in r["decode"]:
         assert d["steps"] == 3
         for k in ("seconds", "tok_s", "ms_per_step", "bytes_per_step", "dense_bytes_per_step", "kv_bytes_per_step",
-                  "gbs", "bandwidth_ratio", "speedup"):
+                  "gbs", "bandwidth_ratio", "best_step_gbs", "best_step_bandwidth_ratio", "speedup"):
             assert d[k] > 0, (k, d)
         assert d["bytes_per_step"] == pytest.approx(
             d["dense_bytes_per_step"] + d["expert_bytes_per_step"] + d["kv_bytes_per_step"], rel=1e-6, abs=2)
         assert d["tok_s"] == pytest.approx(d["batch"] * d["steps"] / d["seconds"], rel=1e-2)
         assert d["bandwidth_ratio"] == pytest.approx(d["gbs"] / r["bandwidth"]["gbs"], rel=1e-2)
+        # the fastest step is at least the mean rate
+        assert d["best_step_gbs"] >= d["gbs"] * 0.999
+        assert d["best_step_bandwidth_ratio"] == pytest.approx(d["best_step_gbs"] / r["bandwidth"]["gbs"], rel=1e-2)
         # dense weights are read once per step whatever the batch; more tokens never select fewer experts
         assert d["dense_bytes_per_step"] <= r["weight_bytes"] + 1e6
         if moe:
@@ -72,6 +75,8 @@ def test_text_report(moed_bin):
     assert [int(r[0]) for r in rows] == [1, 3], out
     for r in rows:
         assert all(float(v) > 0 for v in r[1:]), r
+    best = re.search(r"fastest step .*: batch 1 ([0-9.]+) GB/s = ([0-9.]+)%, batch 3 ([0-9.]+) GB/s = ([0-9.]+)%$", out, re.M)
+    assert best and all(float(v) > 0 for v in best.groups()), out
 
 
 def test_cuda_not_available(moed_bin):
