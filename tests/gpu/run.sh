@@ -37,15 +37,17 @@ if ! ./deploy/install-deps.sh >"$OUT/deps.log" 2>&1; then
         for f in .debs/*.deb; do dpkg -x "$f" "$P"; done
         LIB=$P/usr/lib/x86_64-linux-gnu
         PC=$LIB/pkgconfig
-        [ -f "$PC/gnutls.pc" ] || [ -n "$(pkg-config --path gnutls 2>/dev/null)" ] ||
-            printf 'Name: gnutls\nDescription: stub (headers not needed)\nVersion: 3.7.0\nLibs:\nCflags:\n' >"$PC/gnutls.pc"
+        # libmicrohttpd.pc names gnutls privately; its headers are not needed
+        [ -f "$PC/gnutls.pc" ] ||
+            printf 'Name: gnutls\nDescription: stub\nVersion: 3.7.0\nLibs:\nCflags:\n' >"$PC/gnutls.pc"
         if ! command -v pkg-config >/dev/null 2>&1; then
             mkdir -p "$P/bin"
             printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$@"\n' "$LIB" "$P/usr/bin/pkgconf" >"$P/bin/pkg-config"
             chmod +x "$P/bin/pkg-config"
             export PATH=$P/bin:$PATH
         fi
-        export PKG_CONFIG_SYSROOT_DIR=$P PKG_CONFIG_PATH=$PC:$P/usr/share/pkgconfig
+        # only the unpacked .pc files, their paths moved under $P
+        export PKG_CONFIG_SYSROOT_DIR=$P PKG_CONFIG_LIBDIR=$PC:$P/usr/share/pkgconfig
         export CPATH=$P/usr/include${CPATH:+:$CPATH}
         export LIBRARY_PATH=$LIB${LIBRARY_PATH:+:$LIBRARY_PATH}
         export LD_LIBRARY_PATH=$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -87,21 +89,21 @@ suite() { # name binary timeout
         row "$name" "FAIL" 0 "not built"
         return
     fi
-    CK_DEFAULT_TIMEOUT=$lim timeout $((lim + 30)) "$bin" >"$OUT/$name.log" 2>&1
+    CK_DEFAULT_TIMEOUT=$lim timeout "$lim" "$bin" >"$OUT/$name.log" 2>&1
     rc=$?
     grep -E '^[0-9]+%|SKIP|F:|E:' "$OUT/$name.log" | grep -v '^seed' | head -20
     sum=$(grep -E '^[0-9]+%: Checks' "$OUT/$name.log" | tail -1)
     [ -z "$sum" ] && sum=$(grep -m1 SKIP "$OUT/$name.log")
     row "$name" "$([ $rc = 0 ] && echo ok || echo FAIL)" $((SECONDS - t)) "${sum:-rc $rc}"
 }
-suite check_cuda_ops "$B/tests/check_cuda_ops" 150
-suite check_cuda_e2e "$B/tests/check_cuda_e2e" 150
+suite check_cuda_ops "$B/tests/check_cuda_ops" 90
+suite check_cuda_e2e "$B/tests/check_cuda_e2e" 90
 
 # ---- kernel timings (tests/tool_cuda_bench.c) ----
 echo "== tool_cuda_bench"
 t=$SECONDS
 if make CUDA=1 BUILD="$B" -j"$J" "$B/tests/tool_cuda_bench" >>"$OUT/build.log" 2>&1; then
-    timeout 120 "$B/tests/tool_cuda_bench" 2>&1 | tee "$OUT/kernels.txt"
+    timeout 45 "$B/tests/tool_cuda_bench" 2>&1 | tee "$OUT/kernels.txt"
     row "tool_cuda_bench" "$([ "${PIPESTATUS[0]}" = 0 ] && echo ok || echo FAIL)" $((SECONDS - t)) "table: kernels.txt"
 else
     row "tool_cuda_bench" "FAIL" $((SECONDS - t)) "not built"
@@ -116,7 +118,7 @@ if [ -x "$B/moed" ] && "$B/moed" bench --help 2>&1 | grep -q 'cuda (not availabl
 elif [ -x "$B/moed" ]; then
     M=/tmp/moed-gpu-v2lite4-q8.gguf
     [ -f "$M" ] || "$B/moed" mkmodel --arch deepseek2 --preset v2-lite --layers 4 --type Q8_0 -o "$M" >"$OUT/bench.log" 2>&1
-    timeout 120 "$B/moed" bench -m "$M" --device cuda --prompt 128 --gen 16 --batch 1,8,32 >>"$OUT/bench.log" 2>&1
+    timeout 60 "$B/moed" bench -m "$M" --device cuda --prompt 128 --gen 16 --batch 1,8,32 >>"$OUT/bench.log" 2>&1
     rc=$?
     tail -15 "$OUT/bench.log"
     if grep -q "not available" "$OUT/bench.log"; then
