@@ -18,7 +18,7 @@ import time
 import pytest
 import yaml
 
-from moed_live import Server, http_get, make_tiny_model, serve_is_placeholder
+from moed_live import Server, free_port, http_get, make_tiny_model, serve_is_placeholder
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "moed.service"
@@ -351,3 +351,82 @@ def test_dockerfile_runtime_libraries_cover_the_binary(moed_bin):
         stem = re.sub(r"(t64)?$", "", pkg)
         stem = re.sub(r"\d+$", "", stem) if pkg.startswith("libicu") else stem
         assert stem in runtime, f"{lib} (package {pkg}) is not installed by the Dockerfile's runtime stage"
+
+
+# --- the unit's system-call filter against what moed really calls --------------
+
+def syscall_groups():
+    """{'@group': {syscalls}} with nested groups expanded, from systemd-analyze."""
+    out = analyze("syscall-filter", "--no-pager").stdout
+    groups, cur = {}, None
+    for line in out.splitlines():
+        if line.startswith("@"):
+            cur = line.strip()
+            groups[cur] = []
+        elif line.startswith("    ") and cur and not line.strip().startswith("#"):
+            groups[cur].append(line.strip())
+
+    def expand(name):
+        return set().union(*[expand(x) if x.startswith("@") else {x} for x in groups[name]])
+
+    return expand
+
+
+def unit_syscall_allow_set(expand):
+    allow, deny = set(), set()
+    for v in unit_settings(UNIT.read_text())[("[Service]", "SystemCallFilter")]:
+        target = deny if v.startswith("~") else allow
+        for item in v.lstrip("~").split():
+            target |= expand(item) if item.startswith("@") else {item}
+    return allow - deny
+
+
+@need_analyze
+def test_syscall_filter_covers_what_moed_serve_calls(tmp_path, moed_bin):
+    # strace a real serve: load, a streamed chat, /metrics, SIGTERM drain.
+    # Every system call it makes must pass the unit's SystemCallFilter, or
+    # under systemd it would fail with EPERM. (The CPU path only: the CUDA
+    # driver's calls can only be seen on a GPU host.)
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    if serve_is_placeholder(moed_bin):
+        pytest.xfail("moed serve is still a placeholder")
+    model = make_tiny_model(moed_bin, tmp_path / "tiny.gguf")
+    trace = tmp_path / "strace.out"
+    port = free_port()
+    proc = subprocess.Popen([strace, "-f", "-qq", "-o", str(trace), str(moed_bin), "serve", "-m", str(model),
+                             "--port", str(port), "--threads", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if http_get(url + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None:
+                if "ptrace" in proc.stderr.read():
+                    pytest.skip("ptrace is not permitted here")
+                raise AssertionError("moed serve under strace exited")
+            time.sleep(0.1)
+        import urllib.request
+        body = b'{"messages":[{"role":"user","content":"hi"}],"max_tokens":4,"stream":true}'
+        with urllib.request.urlopen(urllib.request.Request(url + "/v1/chat/completions", data=body), timeout=30) as r:
+            assert b"[DONE]" in r.read()
+        assert http_get(url + "/metrics")[0] == 200
+        # SIGTERM to moed itself (strace's child), then let strace finish
+        child = int(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()[0])
+        os.kill(child, signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    used = set(re.findall(r"^\d+\s+([a-z0-9_]+)\(", trace.read_text(), re.M))
+    assert {"epoll_wait", "accept4", "mmap", "futex"} <= used, sorted(used)
+    allowed = unit_syscall_allow_set(syscall_groups())
+    assert not used - allowed, f"blocked by the unit's SystemCallFilter: {sorted(used - allowed)}"
+
