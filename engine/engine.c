@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "backend.h"
 #include "forward.h"
@@ -31,8 +32,11 @@
 #include "model.h"
 #include "sampler.h"
 #include "scheduler.h"
+#include "threadpool.h"
 
 #define IDLE_WAIT_NS 100000000ull /* 100 ms: the heartbeat keeps ticking while idle */
+#define SAMPLE_THREADS_MAX 8      /* sampling threads (each has ~17 bytes x n_vocab of scratch) */
+#define SAMPLE_PAR_VOCAB 8192     /* smaller vocabularies sample inline: a row costs microseconds */
 
 uint64_t moe_now_ns(void) {
     struct timespec ts;
@@ -49,6 +53,14 @@ void moe_sampling_defaults(moe_sampling *s) {
 }
 
 typedef struct eng_req eng_req;
+
+/* One sampled logits row (filled in parallel, consumed in order). */
+typedef struct row_out {
+    int rc; /* MOE_OK, a sampler error, or 1: skipped */
+    int32_t id;
+    float logprob;
+    moe_logprob top[MOE_MAX_TOP_LOGPROBS];
+} row_out;
 
 typedef struct eng_choice {
     eng_req *r;
@@ -119,9 +131,11 @@ struct moe_engine {
     moe_fwd *fw;
     moe_kv_cache *kv;
     moe_sched *sched;
-    moe_sampler *sm;
-    float *logits; /* (max_seqs, n_vocab) */
-    moe_logprob top[MOE_MAX_TOP_LOGPROBS];
+    cpu_pool *spool;    /* rows of a step are sampled in parallel (NULL: inline) */
+    moe_sampler **sms;  /* (n_sms) one scratch per sampling thread */
+    int n_sms;
+    float *logits;      /* (max_seqs, n_vocab) */
+    struct row_out *ro; /* (max_seqs) this step's sampled rows */
     eng_req *act;
     moe_engine_info info;
     char model_id[256];
@@ -221,9 +235,21 @@ static int load(moe_engine *e) {
     int64_t step = e->o.step_tokens > 0 ? e->o.step_tokens : 512;
     if (step < max_seqs) step = max_seqs; /* every running decode fits one step */
     e->sched = moe_sched_new(e->kv, &(moe_sched_opts){.max_seqs = max_seqs, .step_tokens = step, .prefix_cache = true});
-    e->sm = moe_sampler_new(n_vocab);
+    /* sampling threads: the backend's count, capped (scratch per thread) */
+    int nt = e->o.n_threads > 0 ? e->o.n_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    nt = nt < 1 ? 1 : nt > SAMPLE_THREADS_MAX ? SAMPLE_THREADS_MAX : nt;
+    if (n_vocab < SAMPLE_PAR_VOCAB || max_seqs < 2) nt = 1;
+    if (nt > 1) e->spool = cpu_pool_create(nt, NULL); /* without it sampling runs inline */
+    e->n_sms = e->spool ? cpu_pool_size(e->spool) : 1;
+    e->sms = calloc((size_t)e->n_sms, sizeof(moe_sampler *));
+    for (int i = 0; e->sms && i < e->n_sms; i++)
+        if (!(e->sms[i] = moe_sampler_new(n_vocab))) {
+            fail_load(e, "sampler buffers: %s", moe_strerror(MOE_ENOMEM));
+            return MOE_ENOMEM;
+        }
     e->logits = malloc((size_t)max_seqs * (size_t)n_vocab * sizeof(float));
-    if (!e->sched || !e->sm || !e->logits) {
+    e->ro = malloc((size_t)max_seqs * sizeof(row_out));
+    if (!e->sched || !e->sms || !e->logits || !e->ro) {
         fail_load(e, "scheduler buffers: %s", moe_strerror(MOE_ENOMEM));
         return MOE_ENOMEM;
     }
@@ -397,7 +423,7 @@ static void req_cancel(moe_engine *e, eng_req *r) {
 }
 
 /* A sampled token: render it, match stop strings, emit, check the limits. */
-static void choice_token(moe_engine *e, eng_choice *c, moe_sched_seq *q, int32_t id, const float *row) {
+static void choice_token(moe_engine *e, eng_choice *c, moe_sched_seq *q, int32_t id, const row_out *ro) {
     eng_req *r = c->r;
     c->n_gen++;
     moe_sched_append(e->sched, q, id);
@@ -407,8 +433,8 @@ static void choice_token(moe_engine *e, eng_choice *c, moe_sched_seq *q, int32_t
     }
     moe_event ev = {.kind = MOE_EV_TOKEN, .index = c->index, .token = id};
     if (r->logprobs || r->top_logprobs > 0) {
-        moe_sampler_logprobs(e->sm, row, id, r->top_logprobs, &ev.logprob, e->top);
-        ev.top = e->top;
+        ev.logprob = ro->logprob;
+        ev.top = ro->top;
         ev.n_top = r->top_logprobs;
     }
     const char *d = NULL;
@@ -632,6 +658,30 @@ static void finalize(moe_engine *e) {
     }
 }
 
+typedef struct sample_job {
+    moe_engine *e;
+    const moe_sched_batch *sb;
+} sample_job;
+
+/* Samples logits row k (a pool task: it touches only row k's choice, its
+ * RNG and this thread's scratch). */
+static void sample_task(void *ctx, int64_t k, int thread) {
+    sample_job *j = ctx;
+    moe_engine *e = j->e;
+    moe_sched_seq *q = j->sb->rows[k];
+    eng_choice *c = q->user;
+    eng_req *r = c->r;
+    row_out *ro = &e->ro[k];
+    ro->rc = 1;
+    if (c->finished || r->fail[0]) return;
+    const float *row = e->logits + (size_t)k * (size_t)e->info.n_vocab;
+    moe_sampler *sm = e->sms[thread < e->n_sms ? thread : 0];
+    int64_t np = r->n_prompt;
+    ro->rc = moe_sampler_sample(sm, &r->samp, &c->rng, row, q->toks, np, q->toks + np, q->n_tok - np, &ro->id);
+    if (!ro->rc && (r->logprobs || r->top_logprobs > 0))
+        moe_sampler_logprobs(sm, row, ro->id, r->top_logprobs, &ro->logprob, ro->top);
+}
+
 /* One scheduler step: plan, forward, sample, publish. Returns true when
  * there was work. */
 static bool step(moe_engine *e) {
@@ -660,20 +710,20 @@ static bool step(moe_engine *e) {
     moe_sched_commit(e->sched);
     /* the step's counters first, so they are current when its events arrive */
     publish_stats(e, &sb, true);
-    int64_t n_vocab = e->info.n_vocab;
+    /* sample every row (in parallel), then render and emit in row order */
+    sample_job job = {.e = e, .sb = &sb};
+    cpu_pool_run(sb.n_rows > 1 ? e->spool : NULL, sample_task, &job, sb.n_rows);
     for (int64_t k = 0; k < sb.n_rows; k++) {
         moe_sched_seq *q = sb.rows[k];
         eng_choice *c = q->user;
         eng_req *r = c->r;
-        if (c->finished || r->fail[0]) continue;
-        const float *row = e->logits + (size_t)k * (size_t)n_vocab;
-        int32_t id = 0;
-        int64_t np = r->n_prompt;
-        if (moe_sampler_sample(e->sm, &r->samp, &c->rng, row, q->toks, np, q->toks + np, q->n_tok - np, &id)) {
-            snprintf(r->fail, sizeof r->fail, "sampling failed");
+        const row_out *ro = &e->ro[k];
+        if (ro->rc == 1 || c->finished || r->fail[0]) continue;
+        if (ro->rc) {
+            snprintf(r->fail, sizeof r->fail, "sampling failed: %s", moe_strerror(ro->rc));
             continue;
         }
-        choice_token(e, c, q, id, row);
+        choice_token(e, c, q, ro->id, ro);
     }
     finalize(e);
     return true;
@@ -852,7 +902,10 @@ void moe_engine_destroy(moe_engine *e, int64_t drain_ms) {
     pthread_mutex_unlock(&e->mu);
     if (e->th_started) pthread_join(e->th, NULL);
     moe_sched_free(e->sched);
-    moe_sampler_free(e->sm);
+    cpu_pool_destroy(e->spool);
+    for (int i = 0; e->sms && i < e->n_sms; i++) moe_sampler_free(e->sms[i]);
+    free(e->sms);
+    free(e->ro);
     free(e->logits);
     moe_kv_destroy(e->kv);
     moe_fwd_free(e->fw);

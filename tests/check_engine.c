@@ -16,6 +16,7 @@
 #include "forward.h"
 #include "gguf.h"
 #include "kvcache.h"
+#include "mkmodel.h"
 #include "tokenizer.h"
 
 #define FIXDIR MOE_SRC_DIR "/tests/fixtures/models/"
@@ -752,6 +753,65 @@ START_TEST(stress_submit_cancel) {
 }
 END_TEST
 
+/* A 16k vocabulary samples the rows of a step on a thread pool: the
+ * streams (tokens and logprobs) equal those of the inline path, and greedy
+ * still equals the reference. */
+START_TEST(parallel_sampling) {
+    char dir[] = "/tmp/check_engine_XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    char path[128];
+    snprintf(path, sizeof path, "%s/big.gguf", dir);
+    moe_mkmodel_cfg cfg;
+    char err[256];
+    ck_assert_int_eq(moe_mkmodel_preset("llama", "tiny", &cfg, err, sizeof err), MOE_OK);
+    cfg.hp.n_vocab = 16384;
+    cfg.type = MOE_TYPE_F32;
+    cfg.n_threads = 1;
+    ck_assert_msg(moe_mkmodel_write(&cfg, path, err, sizeof err) == MOE_OK, "%s", err);
+    enum { NR = 4, GEN = 10 };
+    int32_t prompts[NR][12], ref[GEN];
+    for (int i = 0; i < NR; i++) make_prompt(prompts[i], 12, 40u + (unsigned)i);
+    ref_greedy(path, prompts[0], 12, GEN, ref);
+    col *c[2];
+    for (int run = 0; run < 2; run++) {
+        moe_engine *e = start(path, (moe_engine_opts){.n_threads = run ? 2 : 1, .max_seqs = 8});
+        c[run] = calloc(NR, sizeof(col));
+        for (int i = 0; i < NR; i++) {
+            col_init(&c[run][i]);
+            moe_request r = greedy_req(prompts[i], 12, GEN, &c[run][i]);
+            if (i) {
+                r.sampling.temperature = 0.9f;
+                r.sampling.top_k = i == 2 ? 50 : 0;
+                r.sampling.top_p = i == 3 ? 0.9f : 1.0f;
+                r.sampling.has_seed = true;
+                r.sampling.seed = 1000 + (uint64_t)i;
+                r.n = 2;
+                r.logprobs = true;
+                r.top_logprobs = 3;
+            }
+            ck_assert_int_eq(moe_engine_submit(e, &r, NULL, NULL, 0), MOE_OK);
+        }
+        for (int i = 0; i < NR; i++) ck_assert(col_wait(&c[run][i], 60));
+        moe_engine_destroy(e, 1000);
+    }
+    for (int t = 0; t < GEN; t++) ck_assert_int_eq(c[1][0].toks[0][t], ref[t]);
+    for (int i = 0; i < NR; i++)
+        for (int k = 0; k < (i ? 2 : 1); k++) {
+            ck_assert_int_eq(c[0][i].ntok[k], GEN);
+            ck_assert_int_eq(c[1][i].ntok[k], GEN);
+            ck_assert(!memcmp(c[0][i].toks[k], c[1][i].toks[k], GEN * sizeof(int32_t)));
+            for (int t = 0; t < GEN && i; t++) {
+                ck_assert_float_eq(c[0][i].lp[k][t], c[1][i].lp[k][t]);
+                ck_assert_int_eq(c[0][i].top[k][t][0].id, c[1][i].top[k][t][0].id);
+            }
+        }
+    free(c[0]);
+    free(c[1]);
+    unlink(path);
+    rmdir(dir);
+}
+END_TEST
+
 static int n_status;
 static void on_status(void *u, const char *s) {
     (void)u;
@@ -809,6 +869,7 @@ int main(void) {
     TCase *ts = tcase_create("sampling");
     tcase_set_timeout(ts, 60);
     tcase_add_test(ts, seeded_choices);
+    tcase_add_test(ts, parallel_sampling);
     suite_add_tcase(s, ts);
     TCase *tr = tcase_create("requests");
     tcase_set_timeout(tr, 60);
