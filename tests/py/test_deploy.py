@@ -430,3 +430,64 @@ def test_syscall_filter_covers_what_moed_serve_calls(tmp_path, moed_bin):
     allowed = unit_syscall_allow_set(syscall_groups())
     assert not used - allowed, f"blocked by the unit's SystemCallFilter: {sorted(used - allowed)}"
 
+
+
+# --- MemoryDenyWriteExecute=yes: moed works under the kernel's W^X ---------------
+
+def _set_mdwe():
+    """preexec_fn: the kernel's W^X for this process and what it execs
+    (prctl PR_SET_MDWE, Linux >= 6.3), as systemd >= 254 applies it."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+        os._exit(97)
+
+
+def test_serves_under_memory_deny_write_execute(tmp_path, moed_bin):
+    # The unit sets MemoryDenyWriteExecute=yes. PCRE2's JIT wants RWX pages
+    # and is refused; the tokenizer must fall back to the interpreter and give
+    # the same tokens, and the whole serve path must work.
+    if serve_is_placeholder(moed_bin):
+        pytest.xfail("moed serve is still a placeholder")
+    probe = subprocess.run(["true"], preexec_fn=_set_mdwe)
+    if probe.returncode == 97:
+        pytest.skip("the kernel has no PR_SET_MDWE (Linux < 6.3)")
+    model = make_tiny_model(moed_bin, tmp_path / "tiny.gguf")
+    text = "Hello world, it's 2026: ünïcödé and 12345 digits!"
+    plain = subprocess.run([str(moed_bin), "tokenize", "--ids", "-m", str(model), text],
+                           capture_output=True, text=True, timeout=60)
+    wx = subprocess.run([str(moed_bin), "tokenize", "--ids", "-m", str(model), text],
+                        capture_output=True, text=True, timeout=60, preexec_fn=_set_mdwe)
+    assert plain.returncode == wx.returncode == 0, wx.stderr
+    assert wx.stdout == plain.stdout and wx.stdout.strip()
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([str(moed_bin), "serve", "-m", str(model), "--port", str(port), "--threads", "2"],
+                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_set_mdwe)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if http_get(url + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        import json
+        import urllib.request
+        body = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 4}).encode()
+        with urllib.request.urlopen(urllib.request.Request(url + "/v1/chat/completions", data=body), timeout=30) as r:
+            assert json.loads(r.read())["usage"]["completion_tokens"] == 4
+        req = urllib.request.Request(url + "/tokenize", data=json.dumps({"content": text}).encode())
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert " ".join(map(str, json.loads(r.read())["tokens"])) == plain.stdout.strip()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=45) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
