@@ -224,7 +224,8 @@ template <int T> static void dequant_row_host(const uint8_t *row, float *out, in
     }
 }
 
-// Calls F.template operator()<T>() for the runtime type (one instantiation per type).
+// Runs BODY with TT = the runtime type as a compile-time constant (one
+// instantiation per type); returns MOE_EUNSUPPORTED from the caller otherwise.
 #define TYPE_SWITCH(type, BODY)                                                                                       \
     switch (type) {                                                                                                   \
     case MOE_TYPE_F32: { constexpr int TT = MOE_TYPE_F32; BODY; } break;                                              \
