@@ -60,7 +60,7 @@ def test_sd_notify(moed_bin, model, tmp_path):
     assert "STATUS=serving" in texts[ready[0]]
     dogs = [ts for ts, m in msgs if m == "WATCHDOG=1"]
     assert len(dogs) >= 3, texts  # every 0.2 s for over a second
-    assert max(b - a for a, b in zip(dogs, dogs[1:])) < 0.4
+    assert max(b - a for a, b in zip(dogs, dogs[1:])) < 0.8  # 0.2 s apart, with slack for busy CI cores
     stopping = [i for i, m in enumerate(texts) if "STOPPING=1" in m]
     assert stopping and stopping[0] > ready[0]
 
