@@ -253,6 +253,21 @@ static int load(moe_engine *e) {
         fail_load(e, "scheduler buffers: %s", moe_strerror(MOE_ENOMEM));
         return MOE_ENOMEM;
     }
+    /* one token through the model: pages the mapped weights in and proves
+     * the backend works before the first request waits on either */
+    set_status(e, "warming up");
+    moe_kv_seq ws = {0};
+    int32_t wid = moe_tok_bos(e->tok) >= 0 && moe_tok_bos(e->tok) < n_vocab ? moe_tok_bos(e->tok) : 0, wpos = 0, wsq = 0;
+    st = moe_kv_seq_reserve(e->kv, &ws, 1);
+    if (!st) {
+        moe_batch wb = {.n_tok = 1, .ids = &wid, .pos = &wpos, .seq = &wsq, .n_seq = 1, .seqs = &ws};
+        st = moe_fwd_run(e->fw, e->kv, &wb, e->logits);
+    }
+    moe_kv_seq_release(e->kv, &ws);
+    if (st) {
+        fail_load(e, "warm-up forward pass: %s", moe_strerror(st));
+        return st;
+    }
     const char *base = strrchr(e->model_path, '/');
     base = base ? base + 1 : e->model_path;
     snprintf(e->model_id, sizeof e->model_id, "%s", base);
