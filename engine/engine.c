@@ -9,9 +9,24 @@
  * requests once taken) belongs to the engine thread, which never holds
  * e->mu while it runs a forward pass or calls on_event.
  *
+ * A step: take new requests and cancellations; moe_sched_step() plans the
+ * batch (decodes, prefill chunks, admissions, preemption, prefix-cache
+ * reuse); one moe_fwd_run(); moe_sched_commit(); every logits row is
+ * sampled (on a small thread pool for large vocabularies, each choice with
+ * its own RNG, so the result does not depend on the thread count); then,
+ * in row order, each token is detokenized, matched against stop strings
+ * and emitted, and finished requests get their DONE.
+ *
  * Token accounting: an EOS/EOT that ends a choice is counted in its
  * completion_tokens (it was generated, as vLLM counts it) but gets no
- * TOKEN event, because it is not rendered.
+ * TOKEN event, because it is not rendered. prompt_tokens_total counts
+ * positions actually computed: prefix-cache hits are not, recomputation
+ * after preemption is.
+ *
+ * Defaults: ctx_size is the model's context_length capped at 8192 and at
+ * what the KV cache holds (a sequence must always fit alone, or
+ * preemption could not guarantee progress); kv_blocks comes from kv_mem_mb
+ * at (k_width + v_width) * n_layer * 4 bytes per position.
  */
 #include "engine.h"
 
