@@ -216,10 +216,10 @@ def raw_request(server, data, timeout=10):
 
 def test_huge_and_many_headers(server):
     huge = raw_request(server, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200000 + b"\r\n\r\n")
-    assert huge.split(b" ", 2)[1] in (b"431", b"400", b"413"), huge[:200]
+    assert huge.split(b" ", 2)[1] == b"431", huge[:200]
     many = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(5000)) + b"\r\n"
     resp = raw_request(server, many)
-    assert resp.split(b" ", 2)[1] in (b"431", b"400", b"413"), resp[:200]
+    assert resp.split(b" ", 2)[1] == b"431", resp[:200]
     bad = raw_request(server, b"NOT HTTP AT ALL\r\n\r\n")
     assert bad == b"" or bad.split(b" ", 2)[1] in (b"400", b"505", b"501"), bad[:200]
     assert_serving(server)

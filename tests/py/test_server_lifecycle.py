@@ -147,3 +147,20 @@ def test_health_503_until_ready(moed_bin, model, tmp_path):
         print(f"503 answers before ready: {len(seen) - 1}")
     finally:
         assert s.stop() == 0
+
+
+@pytest.mark.parametrize("override,marker", [(None, "User: hi\\n\\nAssistant:"),
+                                             ("chatml", "<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n")])
+def test_chat_template_override(moed_bin, model, tmp_path, override, marker):
+    """The model's own template (DeepSeek-V2 for mkmodel's deepseek2) unless
+    --chat-template names another; --log-prompts shows the rendered prompt."""
+    args = ["--log-prompts"] + (["--chat-template", override] if override else [])
+    s = Server(moed_bin, model, *args, log_dir=tmp_path).wait_ready()
+    try:
+        r = requests.post(s.url("/v1/chat/completions"),
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        assert r.status_code == 200
+    finally:
+        assert s.stop() == 0
+    prompts = [ln for ln in s.read_log().splitlines() if " prompt id=" in ln]
+    assert len(prompts) == 1 and marker in prompts[0], prompts
