@@ -31,7 +31,11 @@ class Server:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = pathlib.Path(log_dir or "/tmp") / f"moed-serve-{self.port}.log"
-        self.cmd = [str(moed_bin), "serve", "-m", str(model), "--port", str(self.port), "-t", str(threads), *args]
+        # The server tests are about HTTP, not kernels: CPU unless MOED_TEST_DEVICE
+        # says otherwise, so their timings do not depend on the host's GPU.
+        device = os.environ.get("MOED_TEST_DEVICE", "cpu")
+        self.cmd = [str(moed_bin), "serve", "-m", str(model), "--port", str(self.port), "-t", str(threads),
+                    "--device", device, *args]
         e = {k: v for k, v in os.environ.items() if not k.startswith("MOED_")}
         e.update(env or {})
         self.log = open(self.log_path, "wb")

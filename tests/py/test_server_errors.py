@@ -256,10 +256,10 @@ def test_slow_client_times_out_and_is_cancelled(moed_bin, model, tmp_path):
 
 
 def test_queue_full_429(moed_bin, model, tmp_path):
-    s = Server(moed_bin, model, "--max-seqs", "1", "--queue-limit", "1", "--ctx-size", "8192",
+    s = Server(moed_bin, model, "--max-seqs", "1", "--queue-limit", "1", "--ctx-size", "65536",
                log_dir=tmp_path).wait_ready()
     try:
-        body = {"prompt": "x", "max_tokens": 8000, "ignore_eos": True, "stream": True}
+        body = {"prompt": "x", "max_tokens": 60000, "ignore_eos": True, "stream": True}
         streams = []
         done = threading.Event()
 

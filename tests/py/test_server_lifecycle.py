@@ -94,9 +94,9 @@ def test_config_file_env_and_flag_precedence(moed_bin, model, tmp_path):
 
 
 def test_request_timeout(moed_bin, model, tmp_path):
-    s = Server(moed_bin, model, "--ctx-size", "8192", "--request-timeout", "0.3", log_dir=tmp_path).wait_ready()
+    s = Server(moed_bin, model, "--ctx-size", "65536", "--request-timeout", "0.3", log_dir=tmp_path).wait_ready()
     try:
-        body = {"prompt": "x", "max_tokens": 8000, "ignore_eos": True}
+        body = {"prompt": "x", "max_tokens": 60000, "ignore_eos": True}
         t = time.perf_counter()
         r = requests.post(s.url("/v1/completions"), json=body, timeout=30)
         assert time.perf_counter() - t < 3
