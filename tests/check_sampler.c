@@ -277,6 +277,21 @@ START_TEST(large_vocab) {
     for (int i = 0; i < 40; i++) z += p[ord[i]];
     for (int i = 0; i < 40; i++) want[ord[i]] = p[ord[i]] / z;
     check_dist(NV, l, &s, want, 2000, 11);
+    /* top_k 1000 takes the histogram path (more than the heap's 256) */
+    memset(want, 0, NV * sizeof(double));
+    s.top_k = 1000;
+    z = 0;
+    for (int i = 0; i < 1000; i++) z += p[ord[i]];
+    for (int i = 0; i < 1000; i++) want[ord[i]] = p[ord[i]] / z;
+    check_dist(NV, l, &s, want, 2000, 13);
+    /* ... and then top_p over those 1000 (histogram again): 0.5 of their mass */
+    memset(want, 0, NV * sizeof(double));
+    s.top_p = 0.5f;
+    double acc2 = 0;
+    int k2 = 0;
+    while (acc2 < 0.5 * z) acc2 += p[ord[k2++]];
+    for (int i = 0; i < k2; i++) want[ord[i]] = p[ord[i]] / acc2;
+    check_dist(NV, l, &s, want, 2000, 14);
     /* top_p 0.9: the smallest best-first prefix reaching 0.9 */
     memset(want, 0, NV * sizeof(double));
     s.top_k = 0;
