@@ -472,6 +472,36 @@ START_TEST(seeded_choices) {
 }
 END_TEST
 
+/* Defaults: KV blocks from kv_mem_mb at (k + v widths) * layers * 4 bytes
+ * per position; ctx_size = context_length capped at 8192 and at what the
+ * cache holds. llama.gguf: 2 kv heads x 16 for K and V, 2 layers. */
+START_TEST(defaults_from_model) {
+    const char *model = FIXDIR "llama.gguf";
+    int st;
+    moe_gguf *g = moe_gguf_open(model, &st, NULL, 0);
+    uint64_t ctx_len = 0;
+    ck_assert_int_eq(moe_gguf_get_u64(g, "llama.context_length", &ctx_len), MOE_OK);
+    moe_gguf_close(g);
+    moe_engine_opts o = {.model_path = model, .n_threads = 1, .kv_mem_mb = 1, .chat_family = -1};
+    moe_engine *e = moe_engine_start(&o, &st, NULL, 0);
+    ck_assert_int_eq(moe_engine_wait_ready(e, 20000), MOE_ENGINE_READY);
+    moe_engine_info in;
+    ck_assert_int_eq(moe_engine_get_info(e, &in), MOE_OK);
+    int64_t slot = (2 * 16 + 2 * 16) * 2 * 4;
+    ck_assert_int_eq(in.block_size, 16);
+    ck_assert_int_eq(in.kv_blocks, 1048576 / (slot * 16));
+    int64_t want = (int64_t)ctx_len < 8192 ? (int64_t)ctx_len : 8192;
+    if (want > in.kv_blocks * 16) want = in.kv_blocks * 16;
+    ck_assert_int_eq(in.ctx_size, want);
+    ck_assert_int_eq(in.max_seqs, 32);
+    moe_engine_stats sts;
+    moe_engine_get_stats(e, &sts);
+    ck_assert_int_eq(sts.kv_blocks_total, in.kv_blocks);
+    ck_assert_int_eq(sts.state, MOE_ENGINE_READY);
+    moe_engine_destroy(e, 0);
+}
+END_TEST
+
 static void expect_bad(moe_engine *e, moe_request r, int code, const char *field) {
     char err[256] = "";
     uint64_t id = 7;
@@ -874,6 +904,7 @@ int main(void) {
     TCase *tr = tcase_create("requests");
     tcase_set_timeout(tr, 60);
     tcase_add_test(tr, validation);
+    tcase_add_test(tr, defaults_from_model);
     tcase_add_test(tr, queue_full_and_destroy_cancels);
     tcase_add_test(tr, cancel_running);
     tcase_add_test(tr, prefix_cache);
