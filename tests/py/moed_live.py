@@ -10,12 +10,6 @@ import urllib.error
 import urllib.request
 
 
-def serve_is_placeholder(moed_bin):
-    """True while `moed serve` is the stub that only says it is missing."""
-    p = subprocess.run([str(moed_bin), "serve", "--help"], capture_output=True, text=True, timeout=30)
-    return "not implemented" in (p.stdout + p.stderr)
-
-
 def make_tiny_model(moed_bin, path, arch="deepseek2"):
     """A few-hundred-kB random-weight model with a real vocabulary and chat template."""
     subprocess.run([str(moed_bin), "mkmodel", "--arch", arch, "--preset", "tiny", "--type", "F16",

@@ -4,7 +4,6 @@ them away again, `moed serve` speaks the sd_notify protocol systemd's
 Type=notify needs (STATUS while loading, READY=1, WATCHDOG=1, STOPPING=1
 on SIGTERM, exit 0), and the Kubernetes manifests probe /health on the
 port the server listens on."""
-import configparser
 import os
 import pathlib
 import re
@@ -18,7 +17,7 @@ import time
 import pytest
 import yaml
 
-from moed_live import Server, free_port, http_get, make_tiny_model, serve_is_placeholder
+from moed_live import Server, free_port, http_get, make_tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "moed.service"
@@ -120,8 +119,6 @@ def test_env_file_names_real_options(moed_bin):
     # Every MOED_* the example env file mentions is an option `moed serve` knows.
     names = re.findall(r"^#?(MOED_[A-Z_]+)=", (ROOT / "deploy" / "moed.env").read_text(), re.M)
     assert names
-    if serve_is_placeholder(moed_bin):
-        pytest.skip("moed serve is still a placeholder")
     usage = subprocess.run([str(moed_bin), "serve", "--help"], capture_output=True, text=True, timeout=30)
     for n in names:
         assert f"env {n}]" in usage.stdout + usage.stderr, n
@@ -236,8 +233,6 @@ class NotifyListener:
 
 
 def test_sd_notify_protocol(tmp_path, moed_bin):
-    if serve_is_placeholder(moed_bin):
-        pytest.xfail("moed serve is still a placeholder")
     model = make_tiny_model(moed_bin, tmp_path / "tiny.gguf")
     listener = NotifyListener(tmp_path / "notify.sock")
     # WATCHDOG_USEC as systemd sets it for WatchdogSec=1s: the server must
@@ -274,8 +269,6 @@ def test_sd_notify_protocol(tmp_path, moed_bin):
 
 def test_no_notify_socket_is_fine(tmp_path, moed_bin):
     # Outside systemd nothing is sent and nothing breaks: serve, SIGTERM, exit 0.
-    if serve_is_placeholder(moed_bin):
-        pytest.xfail("moed serve is still a placeholder")
     model = make_tiny_model(moed_bin, tmp_path / "tiny.gguf")
     srv = Server(moed_bin, model, tmp_path)
     try:
@@ -390,8 +383,6 @@ def test_syscall_filter_covers_what_moed_serve_calls(tmp_path, moed_bin):
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("strace is not installed")
-    if serve_is_placeholder(moed_bin):
-        pytest.xfail("moed serve is still a placeholder")
     model = make_tiny_model(moed_bin, tmp_path / "tiny.gguf")
     trace = tmp_path / "strace.out"
     port = free_port()
@@ -447,8 +438,6 @@ def test_serves_under_memory_deny_write_execute(tmp_path, moed_bin):
     # The unit sets MemoryDenyWriteExecute=yes. PCRE2's JIT wants RWX pages
     # and is refused; the tokenizer must fall back to the interpreter and give
     # the same tokens, and the whole serve path must work.
-    if serve_is_placeholder(moed_bin):
-        pytest.xfail("moed serve is still a placeholder")
     probe = subprocess.run(["true"], preexec_fn=_set_mdwe)
     if probe.returncode == 97:
         pytest.skip("the kernel has no PR_SET_MDWE (Linux < 6.3)")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from moed_live import Server, serve_is_placeholder
+from moed_live import Server
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", ROOT / "docs" / "api.md"]
@@ -62,8 +62,6 @@ def curl_commands(path):
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory, moed_bin):
-    if serve_is_placeholder(moed_bin):
-        pytest.xfail("moed serve is still a placeholder")
     d = tmp_path_factory.mktemp("docs")
     model = d / "demo-deepseek2-Q8_0.gguf"  # exactly what `make run` makes and serves
     subprocess.run([str(moed_bin), "mkmodel", "--arch", "deepseek2", "--preset", "demo", "--type", "Q8_0",
@@ -123,8 +121,6 @@ def test_python_sdk_examples(doc, demo_server, tmp_path):
 def test_every_serve_option_is_documented(moed_bin):
     # `moed serve --help` is generated from the parser's table; each option
     # must appear in docs/configuration.md (key, flag) and the man page (flag).
-    if serve_is_placeholder(moed_bin):
-        pytest.xfail("moed serve is still a placeholder")
     usage = subprocess.run([str(moed_bin), "serve", "--help"], capture_output=True, text=True, timeout=30).stdout
     keys = re.findall(r"\[key (\w+), env MOED_\w+\]", usage)
     assert len(keys) >= 20, usage

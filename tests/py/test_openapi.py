@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from moed_live import Server, make_tiny_model, serve_is_placeholder
+from moed_live import Server, make_tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SPEC = ROOT / "docs" / "openapi.yaml"
@@ -65,8 +65,6 @@ def template(path):
 
 def test_live_server_conforms(tmp_path, moed_bin):
     pytest.importorskip("schemathesis")
-    if serve_is_placeholder(moed_bin):
-        pytest.xfail("moed serve is still a placeholder")
     model = make_tiny_model(moed_bin, tmp_path / "tiny.gguf")
     # A small context keeps every generated max_tokens cheap on the tiny model.
     srv = Server(moed_bin, model, tmp_path, args=["--ctx-size", "128"])
@@ -105,8 +103,6 @@ def test_auth_answers_conform(tmp_path, moed_bin):
     # With api_key set: the document's security says /health and /metrics
     # are open and everything else needs the Bearer key (401 otherwise).
     st = pytest.importorskip("schemathesis")
-    if serve_is_placeholder(moed_bin):
-        pytest.xfail("moed serve is still a placeholder")
     model = make_tiny_model(moed_bin, tmp_path / "tiny.gguf")
     srv = Server(moed_bin, model, tmp_path, env={"MOED_API_KEY": "sk-a,sk-b"})
     try:
