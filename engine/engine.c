@@ -29,6 +29,9 @@
  * at (k_width + v_width) * n_layer * 4 bytes per position.
  */
 #include "engine.h"
+#ifdef MOE_HAVE_CUDA
+#include "cuda_backend.h"
+#endif
 
 #include <errno.h>
 #include <math.h>
@@ -177,10 +180,20 @@ static void fail_load(moe_engine *e, const char *fmt, ...) {
  * slots in here. */
 static int select_backend(moe_engine *e, moe_backend *be, char *err, size_t errsz) {
     const char *d = e->device_opt ? e->device_opt : "auto";
+#ifdef MOE_HAVE_CUDA
+    /* "auto" takes the GPU when one is usable; "cuda" insists on it. */
+    if (!strcmp(d, "cuda") || (!strcmp(d, "auto") && cuda_device_count() > 0)) {
+        int rc = moe_cuda_backend_init(be, NULL);
+        if (rc) snprintf(err, errsz, "CUDA backend: %s", moe_strerror(rc));
+        else e->device_name = "cuda";
+        return rc;
+    }
+#else
     if (!strcmp(d, "cuda")) {
-        snprintf(err, errsz, "CUDA backend not available in this build");
+        snprintf(err, errsz, "CUDA backend not available in this build (built without CUDA)");
         return MOE_EUNSUPPORTED;
     }
+#endif
     int rc = moe_cpu_backend_init(be, &(moe_cpu_backend_opts){.n_threads = e->o.n_threads});
     if (rc) snprintf(err, errsz, "CPU backend: %s", moe_strerror(rc));
     else e->device_name = "cpu";
