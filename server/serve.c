@@ -95,7 +95,9 @@ struct srv_gen {
     bool mhd_done;
     bool client_gone;
     bool drain_cancel, timed_out;
-    char err[512];           /* engine error (MOE_EV_ERROR) */
+    char err[512];           /* engine error (MOE_EV_ERROR) or a failed later submit */
+    int err_http;            /* its status: 500 for engine errors */
+    char err_code[48];
     int status;              /* HTTP status of the answer */
     char *body;              /* non-streamed body, ready when finished */
     uint64_t t_start_ns, t_first_ns;
@@ -352,7 +354,7 @@ static void gen_finish(srv_gen *g) {
     server *s = g->s;
     g->finished = true;
     srv_hist_observe(&s->metrics.e2e, ns_to_s(moe_now_ns() - g->t_start_ns));
-    if (g->err[0]) gen_error_body(g, 500, "engine_error", g->err);
+    if (g->err[0]) gen_error_body(g, g->err_http ? g->err_http : 500, g->err_code[0] ? g->err_code : "engine_error", g->err);
     else if (g->drain_cancel) gen_error_body(g, 503, "server_shutdown", "the server is shutting down; the request was cut short");
     else if (g->timed_out) gen_error_body(g, 504, "request_timeout", "the request ran past the server's request_timeout");
     else if (g->req.stream) {
@@ -597,6 +599,8 @@ static enum MHD_Result handle_generate(server *s, srv_conn *c, struct MHD_Connec
         /* Later prompts failed: the ones queued are cancelled, their DONE
          * ends the request with the error. */
         snprintf(g->err, sizeof g->err, "%s", e.message);
+        g->err_http = e.http;
+        snprintf(g->err_code, sizeof g->err_code, "%s", e.code[0] ? e.code : "invalid_request");
         for (size_t p = ok; p < g->n_subs; p++) g->subs[p].done = true;
         g->n_subs = ok;
         g->req.stream = false;
@@ -650,7 +654,7 @@ static enum MHD_Result answer_generation(server *s, srv_conn *c, struct MHD_Conn
         cJSON_Delete(o);
     }
     return respond(s, c, conn, g->status, "application/json", body, strlen(body),
-                   g->status == 503 ? "1" : NULL);
+                   g->status == 503 || g->status == 429 ? "1" : NULL);
 }
 
 /* ------------------------------------------------------------------ */

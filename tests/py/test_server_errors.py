@@ -259,6 +259,11 @@ def test_queue_full_429(moed_bin, model, tmp_path):
     s = Server(moed_bin, model, "--max-seqs", "1", "--queue-limit", "1", "--ctx-size", "65536",
                log_dir=tmp_path).wait_ready()
     try:
+        # three prompts, one slot and a queue of one: the third (or the second) does not fit,
+        # the ones already queued are cancelled and the answer is the 429
+        r = requests.post(s.url("/v1/completions"), json={"prompt": ["a", "b", "c"], "max_tokens": 50})
+        check_error(r, 429, None)
+        assert r.headers["Retry-After"]
         body = {"prompt": "x", "max_tokens": 60000, "ignore_eos": True, "stream": True}
         streams = []
         done = threading.Event()
