@@ -48,7 +48,7 @@ static const opt_desc opts[] = {
     {"request_timeout", 0, OPT_DBL, OFF(request_timeout), 0, 0, 1e7, "600", "seconds a request may run before it is cancelled (0 = none)"},
     {"idle_timeout", 0, OPT_DBL, OFF(idle_timeout), 0, 1, 1e6, "60", "seconds a connection may stay idle or stop reading"},
     {"drain_timeout", 0, OPT_DBL, OFF(drain_timeout), 0, 0, 1e6, "30", "seconds in-flight requests get to finish after SIGTERM"},
-    {"heartbeat_timeout", 0, OPT_DBL, OFF(heartbeat_timeout), 0, 0.1, 1e6, "30", "/health fails when the engine loop is older than this"},
+    {"heartbeat_timeout", 0, OPT_DBL, OFF(heartbeat_timeout), 0, 0.01, 1e6, "30", "/health fails when the engine loop is older than this"},
     {"cors_origins", 0, OPT_LIST, OFF(cors_origins), OFF(n_cors_origins), 0, 0, "none", "allowed CORS origins, comma-separated (* = any)"},
     {"log_format", 0, OPT_FMT, OFF(log_format), 0, 0, 0, "text", "log line format: text or json"},
     {"log_level", 0, OPT_LEVEL, OFF(log_level), 0, 0, 0, "info", "error, warn, info or debug"},

@@ -164,3 +164,20 @@ def test_chat_template_override(moed_bin, model, tmp_path, override, marker):
         assert s.stop() == 0
     prompts = [ln for ln in s.read_log().splitlines() if " prompt id=" in ln]
     assert len(prompts) == 1 and marker in prompts[0], prompts
+
+
+def test_health_stale_heartbeat(moed_bin, model, tmp_path):
+    """/health is 503 'unresponsive' when the engine loop's heartbeat is
+    older than heartbeat_timeout. The idle engine ticks every 100 ms, so a
+    10 ms threshold makes most probes see a stale heartbeat."""
+    s = Server(moed_bin, model, "--heartbeat-timeout", "0.01", log_dir=tmp_path).wait_ready()
+    try:
+        seen = set()
+        for _ in range(40):
+            r = requests.get(s.url("/health"))
+            seen.add((r.status_code, r.json()["status"]))
+            time.sleep(0.01)
+        assert (503, "unresponsive") in seen, seen
+        assert seen <= {(200, "ok"), (503, "unresponsive")}, seen
+    finally:
+        assert s.stop() == 0
