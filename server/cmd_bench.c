@@ -127,6 +127,7 @@ typedef struct dec_res {
     double gbs, ratio, speedup;
     double bound; /* batch * bytes of a batch-1 step / bytes of this step */
     double best_gbs, best_ratio; /* the fastest step alone: best-of, like the bandwidth */
+    double median_ratio;         /* gbs over the median bandwidth pass between rounds */
 } dec_res;
 
 typedef struct bench {
@@ -138,78 +139,102 @@ typedef struct bench {
     float *logits;
 } bench;
 
-/* Decodes `steps` timed steps (after one untimed) of `nb` sequences that
- * continue the prompt. */
-static int decode(bench *bn, long nb, int64_t steps, dec_res *r) {
+/* One decode batch size: nb sequences continuing the prompt. */
+typedef struct dec_set {
+    long nb;
+    moe_kv_seq *seqs;
+    int32_t *ids, *pos, *sq;
+    uint8_t *want;
+    double dense, expert, kv, reads; /* sums over the timed steps */
+    dec_res r;
+} dec_set;
+
+static void set_close(bench *bn, dec_set *d) {
+    for (long s = 0; d->seqs && s < d->nb; s++) moe_kv_seq_release(bn->kv, &d->seqs[s]);
+    free(d->seqs);
+    free(d->ids);
+    free(d->pos);
+    free(d->sq);
+    free(d->want);
+    d->seqs = NULL;
+    d->ids = d->pos = d->sq = NULL;
+    d->want = NULL;
+}
+
+/* Takes the KV blocks for `steps` + 1 steps and computes the prompt's last
+ * partial block for each sequence (untimed). */
+static int set_open(bench *bn, dec_set *d, long nb, int64_t steps) {
     int rc = MOE_OK;
     int64_t shared = bn->n_prompt / BLOCK, rest = bn->n_prompt % BLOCK, total = bn->n_prompt + steps + 1;
-    moe_kv_seq *seqs = calloc((size_t)nb, sizeof *seqs);
+    memset(d, 0, sizeof *d);
+    d->nb = nb;
+    d->r.batch = nb;
+    d->r.steps = steps;
+    d->seqs = calloc((size_t)nb, sizeof *d->seqs);
     int64_t cap = nb * (rest > 1 ? rest : 1);
-    int32_t *ids = malloc((size_t)cap * sizeof(int32_t)), *pos = malloc((size_t)cap * sizeof(int32_t));
-    int32_t *sq = malloc((size_t)cap * sizeof(int32_t));
-    uint8_t *want = calloc((size_t)cap, 1);
-    if (!seqs || !ids || !pos || !sq || !want) {
-        rc = MOE_ENOMEM;
-        goto out;
-    }
+    d->ids = malloc((size_t)cap * sizeof(int32_t));
+    d->pos = malloc((size_t)cap * sizeof(int32_t));
+    d->sq = malloc((size_t)cap * sizeof(int32_t));
+    d->want = calloc((size_t)cap, 1);
+    if (!d->seqs || !d->ids || !d->pos || !d->sq || !d->want) return MOE_ENOMEM;
     for (long s = 0; s < nb && !rc; s++) {
-        rc = moe_kv_seq_share(bn->kv, &seqs[s], &bn->prompt, shared);
-        if (!rc) rc = moe_kv_seq_reserve(bn->kv, &seqs[s], total);
+        rc = moe_kv_seq_share(bn->kv, &d->seqs[s], &bn->prompt, shared);
+        if (!rc) rc = moe_kv_seq_reserve(bn->kv, &d->seqs[s], total);
     }
-    if (rc) goto out;
-    /* the prompt's last partial block is each sequence's own: compute it
-     * (untimed) rather than share a block the decode would write into */
-    if (rest) {
-        for (long s = 0; s < nb; s++)
-            for (int64_t i = 0; i < rest; i++) {
-                int64_t k = s * rest + i;
-                ids[k] = (int32_t)(rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
-                pos[k] = (int32_t)(shared * BLOCK + i);
-                sq[k] = (int32_t)s;
-            }
-        moe_batch b = {.n_tok = nb * rest, .ids = ids, .pos = pos, .seq = sq, .n_seq = nb, .seqs = seqs,
-                       .want_logits = want};
-        if ((rc = moe_fwd_run(bn->fw, bn->kv, &b, bn->logits))) goto out;
-    }
-    memset(r, 0, sizeof *r);
-    r->batch = nb;
-    r->steps = steps;
-    double dense = 0, expert = 0, kvb = 0, reads = 0;
-    for (int64_t step = 0; step <= steps; step++) {
-        for (long s = 0; s < nb; s++) {
-            ids[s] = (int32_t)(rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
-            pos[s] = (int32_t)(bn->n_prompt + step);
-            sq[s] = (int32_t)s;
+    if (rc || !rest) return rc;
+    /* the prompt's last partial block is each sequence's own: decode
+     * would write into it, so it cannot be shared */
+    for (long s = 0; s < nb; s++)
+        for (int64_t i = 0; i < rest; i++) {
+            int64_t k = s * rest + i;
+            d->ids[k] = (int32_t)(rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
+            d->pos[k] = (int32_t)(shared * BLOCK + i);
+            d->sq[k] = (int32_t)s;
         }
-        moe_batch b = {.n_tok = nb, .ids = ids, .pos = pos, .seq = sq, .n_seq = nb, .seqs = seqs};
-        double t0 = now_s();
-        if ((rc = moe_fwd_run(bn->fw, bn->kv, &b, bn->logits))) goto out;
-        double dt = now_s() - t0;
-        if (step == 0) continue; /* scratch growth and cold caches */
-        moe_fwd_traffic tr;
-        moe_fwd_last_traffic(bn->fw, &tr);
-        r->seconds += dt;
-        double g = (double)(tr.dense_bytes + tr.expert_bytes + tr.kv_bytes) / dt / 1e9;
-        r->best_gbs = g > r->best_gbs ? g : r->best_gbs;
-        dense += (double)tr.dense_bytes;
-        expert += (double)tr.expert_bytes;
-        kvb += (double)tr.kv_bytes;
-        reads += (double)tr.expert_reads;
+    moe_batch b = {.n_tok = nb * rest, .ids = d->ids, .pos = d->pos, .seq = d->sq, .n_seq = nb, .seqs = d->seqs,
+                   .want_logits = d->want};
+    return moe_fwd_run(bn->fw, bn->kv, &b, bn->logits);
+}
+
+/* One decode step of every sequence; step 0 is not timed (scratch growth,
+ * cold caches). */
+static int set_step(bench *bn, dec_set *d, int64_t step) {
+    for (long s = 0; s < d->nb; s++) {
+        d->ids[s] = (int32_t)(rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
+        d->pos[s] = (int32_t)(bn->n_prompt + step);
+        d->sq[s] = (int32_t)s;
     }
-    r->tok_s = (double)(steps * nb) / r->seconds;
-    r->dense = dense / (double)steps;
-    r->expert = expert / (double)steps;
-    r->kv = kvb / (double)steps;
-    r->experts_per_layer = bn->n_moe_layers ? reads / (double)steps / (double)bn->n_moe_layers : 0;
-    r->gbs = (dense + expert + kvb) / r->seconds / 1e9;
-out:
-    for (long s = 0; seqs && s < nb; s++) moe_kv_seq_release(bn->kv, &seqs[s]);
-    free(seqs);
-    free(ids);
-    free(pos);
-    free(sq);
-    free(want);
-    return rc;
+    moe_batch b = {.n_tok = d->nb, .ids = d->ids, .pos = d->pos, .seq = d->sq, .n_seq = d->nb, .seqs = d->seqs};
+    double t0 = now_s();
+    int rc = moe_fwd_run(bn->fw, bn->kv, &b, bn->logits);
+    double dt = now_s() - t0;
+    if (rc || step == 0) return rc;
+    moe_fwd_traffic tr;
+    moe_fwd_last_traffic(bn->fw, &tr);
+    d->r.seconds += dt;
+    double g = (double)(tr.dense_bytes + tr.expert_bytes + tr.kv_bytes) / dt / 1e9;
+    d->r.best_gbs = g > d->r.best_gbs ? g : d->r.best_gbs;
+    d->dense += (double)tr.dense_bytes;
+    d->expert += (double)tr.expert_bytes;
+    d->kv += (double)tr.kv_bytes;
+    d->reads += (double)tr.expert_reads;
+    return MOE_OK;
+}
+
+static void set_finish(const bench *bn, dec_set *d) {
+    dec_res *r = &d->r;
+    double n = (double)r->steps;
+    r->tok_s = n * (double)d->nb / r->seconds;
+    r->dense = d->dense / n;
+    r->expert = d->expert / n;
+    r->kv = d->kv / n;
+    r->experts_per_layer = bn->n_moe_layers ? d->reads / n / (double)bn->n_moe_layers : 0;
+    r->gbs = (d->dense + d->expert + d->kv) / r->seconds / 1e9;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
 }
 
 static void json_str(const char *s) {
@@ -283,6 +308,10 @@ int srv_cmd_bench(int argc, char **argv) {
     moe_backend be = {0};
     bench bn = {0};
     dec_res res[MAX_BATCHES + 1];
+    dec_set sets[MAX_BATCHES + 1];
+    memset(sets, 0, sizeof sets);
+    double *round_bw = NULL;
+    int n_round_bw = 0;
     moe_gguf *g = NULL;
 
     /* Bandwidth first, with the model not yet mapped, and again after each
@@ -335,19 +364,24 @@ int srv_cmd_bench(int argc, char **argv) {
     bn.n_prompt = n_prompt;
     bn.n_vocab = moe_fwd_n_vocab(bn.fw);
     bn.rng = 0x5eed;
-    long max_b = 1;
-    for (int i = 0; i < n_batches; i++) max_b = batches[i] > max_b ? batches[i] : max_b;
-    /* the prompt's blocks once, plus each decode sequence's own blocks */
+    long max_b = 1, sum_b = 0;
+    for (int i = 0; i < n_batches; i++) {
+        max_b = batches[i] > max_b ? batches[i] : max_b;
+        sum_b += batches[i];
+    }
+    /* the prompt's blocks once, plus each decode sequence's own blocks (all
+     * batch sizes are alive at once) */
     int64_t own = (n_prompt % BLOCK + n_gen + 1 + BLOCK - 1) / BLOCK + 1;
     moe_kv_opts ko;
-    moe_fwd_kv_opts(bn.fw, BLOCK, (n_prompt + BLOCK - 1) / BLOCK + max_b * own, &ko);
+    moe_fwd_kv_opts(bn.fw, BLOCK, (n_prompt + BLOCK - 1) / BLOCK + sum_b * own + 1, &ko);
+    round_bw = malloc((size_t)n_gen * sizeof(double));
     bn.kv = moe_kv_create(&be, &ko, &st);
     int64_t max_rows = max_b * (n_prompt % BLOCK > 1 ? n_prompt % BLOCK : 1);
     bn.logits = malloc((size_t)max_rows * (size_t)bn.n_vocab * sizeof(float));
     int32_t *ids = malloc((size_t)n_prompt * sizeof(int32_t)), *pos = malloc((size_t)n_prompt * sizeof(int32_t));
     int32_t *sq = calloc((size_t)n_prompt, sizeof(int32_t));
     uint8_t *want = calloc((size_t)n_prompt, 1);
-    if (!bn.kv || !bn.logits || !ids || !pos || !sq || !want || moe_kv_seq_reserve(bn.kv, &bn.prompt, n_prompt)) {
+    if (!bn.kv || !bn.logits || !round_bw || !ids || !pos || !sq || !want || moe_kv_seq_reserve(bn.kv, &bn.prompt, n_prompt)) {
         fprintf(stderr, "moed bench: out of memory for the KV cache or the batch\n");
         free(ids);
         free(pos);
@@ -388,17 +422,44 @@ int srv_cmd_bench(int argc, char **argv) {
         goto out;
     }
     REMEASURE();
-    for (int i = 0; i < n_batches; i++) {
-        if ((st = decode(&bn, batches[i], n_gen, &res[i]))) {
+    /* The batch sizes take turns, one step each, with one bandwidth pass
+     * after every round: a busy spell on a shared machine then slows all of
+     * them alike instead of whichever phase it fell in. */
+    for (int i = 0; i < n_batches; i++)
+        if ((st = set_open(&bn, &sets[i], batches[i], n_gen))) {
             fprintf(stderr, "moed bench: decode at batch %ld: %s\n", batches[i], moe_strerror(st));
             goto out;
         }
-        REMEASURE();
+    for (int64_t step = 0; step <= n_gen; step++) {
+        /* rotating who goes first after the bandwidth pass, so no batch size
+         * always meets the workers just woken */
+        for (int k = 0, i = (int)(step % n_batches); k < n_batches; k++, i = (i + 1) % n_batches)
+            if ((st = set_step(&bn, &sets[i], step))) {
+                fprintf(stderr, "moed bench: decode at batch %ld: %s\n", batches[i], moe_strerror(st));
+                goto out;
+            }
+        if (step > 0) {
+            double b_ = cpu_mem_read_bw_buf(pool, bw_buf, bw_bytes, 1);
+            if (b_ > 0) round_bw[n_round_bw++] = b_;
+            bw_passes++;
+            bw = b_ > bw ? b_ : bw;
+        }
     }
+    for (int i = 0; i < n_batches; i++) {
+        set_finish(&bn, &sets[i]);
+        res[i] = sets[i].r;
+    }
+    double bw_median = 0;
+    if (n_round_bw) {
+        qsort(round_bw, (size_t)n_round_bw, sizeof(double), cmp_double);
+        bw_median = round_bw[n_round_bw / 2];
+    }
+    REMEASURE();
     for (int i = 0; i < n_batches; i++) {
         dec_res *r = &res[i];
         r->ratio = r->gbs * 1e9 / bw;
         r->best_ratio = r->best_gbs * 1e9 / bw;
+        r->median_ratio = bw_median > 0 ? r->gbs * 1e9 / bw_median : 0;
         r->speedup = r->tok_s / res[0].tok_s;
         /* the speed-up if both steps read their bytes at the same rate */
         r->bound = (double)r->batch * (res[0].dense + res[0].expert + res[0].kv) / (r->dense + r->expert + r->kv);
@@ -418,8 +479,9 @@ int srv_cmd_bench(int argc, char **argv) {
                "\"weight_bytes\": %lld,\n",
                cpu_isa_name(cpu_isa_get()), n_threads, (long long)moe_fwd_n_layer(bn.fw), (long long)bn.n_moe_layers,
                (long long)moe_fwd_weight_bytes(bn.fw));
-        printf(" \"bandwidth\": {\"gbs\": %.3f, \"first_gbs\": %.3f, \"mib\": %ld, \"passes\": %d},\n", bw / 1e9,
-               bw_first / 1e9, bw_mib, bw_passes);
+        printf(" \"bandwidth\": {\"gbs\": %.3f, \"first_gbs\": %.3f, \"between_steps_median_gbs\": %.3f, \"mib\": %ld, "
+               "\"passes\": %d},\n",
+               bw / 1e9, bw_first / 1e9, bw_median / 1e9, bw_mib, bw_passes);
         printf(" \"prefill\": {\"tokens\": %ld, \"seconds\": %.9f, \"tok_s\": %.3f},\n", n_prompt, t_prefill,
                (double)n_prompt / t_prefill);
         printf(" \"decode\": [");
@@ -428,22 +490,24 @@ int srv_cmd_bench(int argc, char **argv) {
             printf("%s\n  {\"batch\": %ld, \"steps\": %lld, \"seconds\": %.9f, \"tok_s\": %.3f, \"ms_per_step\": %.3f, "
                    "\"bytes_per_step\": %.0f, \"dense_bytes_per_step\": %.0f, \"expert_bytes_per_step\": %.0f, "
                    "\"kv_bytes_per_step\": %.0f, \"experts_per_moe_layer\": %.3f, \"gbs\": %.3f, "
-                   "\"bandwidth_ratio\": %.4f, \"best_step_gbs\": %.3f, \"best_step_bandwidth_ratio\": %.4f, "
+                   "\"bandwidth_ratio\": %.4f, \"between_steps_median_ratio\": %.4f, \"best_step_gbs\": %.3f, "
+                   "\"best_step_bandwidth_ratio\": %.4f, "
                    "\"speedup\": %.3f, \"bytes_bound_speedup\": %.3f}",
                    i ? "," : "", r->batch, (long long)r->steps, r->seconds, r->tok_s,
                    1e3 * r->seconds / (double)r->steps, r->dense + r->expert + r->kv, r->dense, r->expert, r->kv,
-                   r->experts_per_layer, r->gbs, r->ratio, r->best_gbs, r->best_ratio, r->speedup, r->bound);
+                   r->experts_per_layer, r->gbs, r->ratio, r->median_ratio, r->best_gbs, r->best_ratio, r->speedup, r->bound);
         }
         printf("\n ]}\n");
     } else {
         printf("model: %s (%s, %lld layers, %lld MoE, %.1f MB of weights)\n", model, archs,
                (long long)moe_fwd_n_layer(bn.fw), (long long)bn.n_moe_layers, wmb);
         printf("cpu: %d threads, %s kernels\n", n_threads, cpu_isa_name(cpu_isa_get()));
-        printf("memory read bandwidth: %.2f GB/s (%d threads, %ld MiB buffer, best of %d passes before and between "
-               "the phases; first %.2f GB/s)\n",
-               bw / 1e9, n_threads, bw_mib, bw_passes, bw_first / 1e9);
+        printf("memory read bandwidth: %.2f GB/s (%d threads, %ld MiB buffer, best of %d passes before, between and "
+               "after the phases; first %.2f GB/s, median of the passes between decode rounds %.2f GB/s)\n",
+               bw / 1e9, n_threads, bw_mib, bw_passes, bw_first / 1e9, bw_median / 1e9);
         printf("prefill: %ld tokens in %.3f s = %.1f tok/s\n", n_prompt, t_prefill, (double)n_prompt / t_prefill);
-        printf("decode (%ld steps after the prompt; bytes read per step = dense weights + distinct experts + KV):\n",
+        printf("decode (%ld steps after the prompt, the batch sizes taking turns; bytes read per step = dense weights + "
+               "distinct experts + KV):\n",
                n_gen);
         printf("  batch     tok/s   ms/step  MB/step (dense+experts+kv)    experts/layer     GB/s  of bw  speed-up"
                "  (bytes bound)\n");
@@ -460,9 +524,15 @@ int srv_cmd_bench(int argc, char **argv) {
             printf("%s batch %ld %.2f GB/s = %.1f%%", i ? "," : "", res[i].batch, res[i].best_gbs,
                    100.0 * res[i].best_ratio);
         printf("\n");
+        printf("against the median bandwidth pass between rounds (same busy spells):");
+        for (int i = 0; i < n_batches; i++)
+            printf("%s batch %ld %.1f%%", i ? "," : "", res[i].batch, 100.0 * res[i].median_ratio);
+        printf("\n");
     }
     rc = 0;
 out:
+    for (int i = 0; i < n_batches; i++) set_close(&bn, &sets[i]);
+    free(round_bw);
     moe_kv_seq_release(bn.kv, &bn.prompt);
     moe_kv_destroy(bn.kv);
     moe_fwd_free(bn.fw);

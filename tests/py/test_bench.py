@@ -27,6 +27,7 @@ def test_json_report(moed_bin, model):
     assert r["bandwidth"]["gbs"] > 0 and r["weight_bytes"] > 0
     # the best of all passes, the first measurement among them
     assert r["bandwidth"]["gbs"] >= r["bandwidth"]["first_gbs"] > 0 and r["bandwidth"]["passes"] > 5
+    assert r["bandwidth"]["gbs"] >= r["bandwidth"]["between_steps_median_gbs"] > 0
     assert r["prefill"]["tokens"] == 20 and r["prefill"]["tok_s"] > 0 and r["prefill"]["seconds"] > 0
     # batch 1 first (the reference of every speed-up), then the others in the given order
     assert [d["batch"] for d in r["decode"]] == [1, 4, 2]
@@ -35,7 +36,7 @@ def test_json_report(moed_bin, model):
     for d in r["decode"]:
         assert d["steps"] == 3
         for k in ("seconds", "tok_s", "ms_per_step", "bytes_per_step", "dense_bytes_per_step", "kv_bytes_per_step",
-                  "gbs", "bandwidth_ratio", "best_step_gbs", "best_step_bandwidth_ratio", "speedup"):
+                  "gbs", "bandwidth_ratio", "between_steps_median_ratio", "best_step_gbs", "best_step_bandwidth_ratio", "speedup"):
             assert d[k] > 0, (k, d)
         assert d["bytes_per_step"] == pytest.approx(
             d["dense_bytes_per_step"] + d["expert_bytes_per_step"] + d["kv_bytes_per_step"], rel=1e-6, abs=2)
