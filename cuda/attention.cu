@@ -72,7 +72,7 @@ extern "C" int cuda__kv_store(void *vctx, const moe_kv_view *kv, float *k_cache,
     for (int64_t t = 0; t < kv->n_tok; t++) slots[t] = kv_slot(kv, kv->seq[t], kv->pos[t]);
     CK_RC(cuda__stage_end(c, &st));
     dim3 grid(cuda__grid(k_width + v_width, 256), (unsigned)(kv->n_tok < 65535 ? kv->n_tok : 65535));
-    k_kv_store<<<grid, 256, 0, c->stream>>>(d_slot, kv->n_tok, k_cache, v_cache, k_width, v_width, k, v);
+    CUDA_LAUNCH(k_kv_store, grid, 256, 0, c->stream, d_slot, kv->n_tok, k_cache, v_cache, k_width, v_width, k, v);
     CUDA_LAUNCH_CHECK();
     return MOE_OK;
 }
@@ -120,7 +120,7 @@ __device__ __forceinline__ float block_reduce(float v, float *red, bool is_max) 
 }
 
 __global__ void __launch_bounds__(ATT_THREADS) k_attention(att_args a) {
-    extern __shared__ float qs[]; // (n1 + n2) query of this (t, h)
+    CUDA_DYN_SMEM(float, qs); // (n1 + n2) query of this (t, h)
     __shared__ float sc[ATT_TILE];
     __shared__ int64_t sl[ATT_TILE];
     __shared__ float red[ATT_WARPS];
@@ -213,7 +213,7 @@ static int launch_attention(cuda_ctx *c, const att_args *a) {
         return MOE_EUNSUPPORTED;
     }
     dim3 grid((unsigned)a->n_head, (unsigned)(a->n_tok < 65535 ? a->n_tok : 65535));
-    k_attention<<<grid, ATT_THREADS, smem, c->stream>>>(*a);
+    CUDA_LAUNCH(k_attention, grid, ATT_THREADS, smem, c->stream, *a);
     CUDA_LAUNCH_CHECK();
     return MOE_OK;
 }

@@ -223,7 +223,7 @@ extern "C" int cuda__add(void *vctx, float *y, const float *x, int64_t n) {
     cuda_ctx *c = (cuda_ctx *)vctx;
     if (n < 0 || (n && (!y || !x))) return MOE_EINVAL;
     if (!n) return MOE_OK;
-    k_add<<<cuda__grid(n, EW_THREADS), EW_THREADS, 0, c->stream>>>(y, x, n);
+    CUDA_LAUNCH(k_add, cuda__grid(n, EW_THREADS), EW_THREADS, 0, c->stream, y, x, n);
     CUDA_LAUNCH_CHECK();
     return MOE_OK;
 }
@@ -232,7 +232,7 @@ extern "C" int cuda__mul(void *vctx, float *y, const float *x, int64_t n) {
     cuda_ctx *c = (cuda_ctx *)vctx;
     if (n < 0 || (n && (!y || !x))) return MOE_EINVAL;
     if (!n) return MOE_OK;
-    k_mul<<<cuda__grid(n, EW_THREADS), EW_THREADS, 0, c->stream>>>(y, x, n);
+    CUDA_LAUNCH(k_mul, cuda__grid(n, EW_THREADS), EW_THREADS, 0, c->stream, y, x, n);
     CUDA_LAUNCH_CHECK();
     return MOE_OK;
 }
@@ -241,7 +241,7 @@ extern "C" int cuda__swiglu(void *vctx, const float *gate, const float *up, floa
     cuda_ctx *c = (cuda_ctx *)vctx;
     if (n < 0 || (n && (!gate || !up || !out))) return MOE_EINVAL;
     if (!n) return MOE_OK;
-    k_swiglu<<<cuda__grid(n, EW_THREADS), EW_THREADS, 0, c->stream>>>(gate, up, out, n);
+    CUDA_LAUNCH(k_swiglu, cuda__grid(n, EW_THREADS), EW_THREADS, 0, c->stream, gate, up, out, n);
     CUDA_LAUNCH_CHECK();
     return MOE_OK;
 }
@@ -250,7 +250,7 @@ extern "C" int cuda__sigmoid_scale(void *vctx, float *y, const float *g, int64_t
     cuda_ctx *c = (cuda_ctx *)vctx;
     if (n_rows < 0 || n < 0 || (n_rows && n && (!y || !g))) return MOE_EINVAL;
     if (!n_rows || !n) return MOE_OK;
-    k_sigmoid_scale<<<cuda__grid(n_rows * n, EW_THREADS), EW_THREADS, 0, c->stream>>>(y, g, n_rows, n);
+    CUDA_LAUNCH(k_sigmoid_scale, cuda__grid(n_rows * n, EW_THREADS), EW_THREADS, 0, c->stream, y, g, n_rows, n);
     CUDA_LAUNCH_CHECK();
     return MOE_OK;
 }
@@ -267,7 +267,7 @@ extern "C" int cuda__get_rows(void *vctx, const float *x, int64_t x_stride, int6
     const int32_t *d_rows = (const int32_t *)cuda__stage_put(&st, rows, (size_t)n * 4);
     CK_RC(cuda__stage_end(c, &st));
     dim3 grid(cuda__grid(n_col, EW_THREADS), (unsigned)(n < 65535 ? n : 65535));
-    k_get_rows<<<grid, EW_THREADS, 0, c->stream>>>(x, x_stride, n_col, d_rows, n, out);
+    CUDA_LAUNCH(k_get_rows, grid, EW_THREADS, 0, c->stream, x, x_stride, n_col, d_rows, n, out);
     CUDA_LAUNCH_CHECK();
     return MOE_OK;
 }

@@ -59,6 +59,16 @@ typedef struct cuda_ctx {
     int gemv_max_tok; // matmul: token counts up to this take the GEMV kernels
 } cuda_ctx;
 
+// ---- launches ----
+
+// Every kernel launch and dynamic shared-memory declaration goes through
+// these, so that tests/gpu/emu can run the same kernels on the CPU (a slow
+// emulation of blocks, warps and barriers with threads) where no GPU is.
+#ifndef CUDA_EMU
+#define CUDA_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define CUDA_DYN_SMEM(type, name) extern __shared__ type name[]
+#endif
+
 // ---- errors ----
 
 // Logs a failed CUDA call (statement, file, line, CUDA's message) to stderr.

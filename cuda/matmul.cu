@@ -276,7 +276,7 @@ int cuda__dequant_rows(cuda_ctx *c, const moe_weight *w, const int32_t *ids_dev,
     if ((uintptr_t)w->data % (uintptr_t)al || rb % (size_t)al) return MOE_EINVAL;
     dim3 grid(cuda__grid((w->n_in + 7) / 8, 128), (unsigned)(n < 65535 ? n : 65535));
     const uint8_t *wp = (const uint8_t *)w->data;
-    TYPE_SWITCH(w->type, (k_dequant_rows<TT><<<grid, 128, 0, c->stream>>>(wp, rb, w->n_in, ids_dev, n, out)));
+    TYPE_SWITCH(w->type, (CUDA_LAUNCH(k_dequant_rows<TT>, grid, 128, 0, c->stream, wp, rb, w->n_in, ids_dev, n, out)));
     CUDA_LAUNCH_CHECK();
     return MOE_OK;
 }
@@ -429,12 +429,12 @@ int cuda__gmm(cuda_ctx *c, const cuda_gmm *g) {
     if (g->max_rows <= c->gemv_max_tok) {
         dim3 grid(cuda__blocks(g->n_out, GEMV_WARPS), (unsigned)g->n_group);
         if (grid.x > 0x7fffffffu) return MOE_EINVAL;
-        TYPE_SWITCH(g->type, (k_gemv<TT><<<grid, GEMV_WARPS * 32, 0, c->stream>>>(*g, rb)));
+        TYPE_SWITCH(g->type, (CUDA_LAUNCH(k_gemv<TT>, grid, GEMV_WARPS * 32, 0, c->stream, *g, rb)));
     } else {
         int64_t ty = (g->max_rows + TN - 1) / TN;
         if (ty > 65535) return MOE_EINVAL;
         dim3 grid(cuda__blocks(g->n_out, TM), (unsigned)ty, (unsigned)g->n_group);
-        TYPE_SWITCH(g->type, (k_gemm<TT><<<grid, GEMM_THREADS, 0, c->stream>>>(*g, rb)));
+        TYPE_SWITCH(g->type, (CUDA_LAUNCH(k_gemm<TT>, grid, GEMM_THREADS, 0, c->stream, *g, rb)));
     }
     CUDA_LAUNCH_CHECK();
     return MOE_OK;
@@ -472,10 +472,10 @@ static int blas_matmul(cuda_ctx *c, const moe_weight *w, const float *x, int64_t
         if (!xc) return MOE_ENOMEM;
         if (w->type == MOE_TYPE_F16) {
             t = CUDA_R_16F;
-            k_to_f16<<<cuda__grid(nx, 256), 256, 0, c->stream>>>(x, (__half *)xc, nx);
+            CUDA_LAUNCH(k_to_f16, cuda__grid(nx, 256), 256, 0, c->stream, x, (__half *)xc, nx);
         } else {
             t = CUDA_R_16BF;
-            k_to_bf16<<<cuda__grid(nx, 256), 256, 0, c->stream>>>(x, (__nv_bfloat16 *)xc, nx);
+            CUDA_LAUNCH(k_to_bf16, cuda__grid(nx, 256), 256, 0, c->stream, x, (__nv_bfloat16 *)xc, nx);
         }
         CUDA_LAUNCH_CHECK();
         B = xc;
@@ -483,7 +483,7 @@ static int blas_matmul(cuda_ctx *c, const moe_weight *w, const float *x, int64_t
     CUBLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, w->data, t, k, B, t, k, &beta, y,
                               CUDA_R_32F, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     if (bias) {
-        k_add_bias<<<cuda__grid(n_tok * w->n_out, 256), 256, 0, c->stream>>>(y, bias, n_tok, w->n_out);
+        CUDA_LAUNCH(k_add_bias, cuda__grid(n_tok * w->n_out, 256), 256, 0, c->stream, y, bias, n_tok, w->n_out);
         CUDA_LAUNCH_CHECK();
     }
     return MOE_OK;

@@ -29,7 +29,7 @@ __device__ __forceinline__ bool better(double v, int e, double bv, int be) {
 // One warp per token. Shared: s (E), choice (E), group scores (G), kept flags (G).
 __global__ void __launch_bounds__(32) k_route(const float *__restrict__ logits, route_args r, int32_t *ids,
                                               float *wts) {
-    extern __shared__ double smd[];
+    CUDA_DYN_SMEM(double, smd);
     int64_t t = blockIdx.x, E = r.E;
     int lane = threadIdx.x;
     double *s = smd, *ch = smd + E, *gs = smd + 2 * E;
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(32) k_route(const float *__restrict__ logits, 
 // entry's products are computed alone).
 __global__ void __launch_bounds__(1024) k_permute(const int32_t *__restrict__ ids, int64_t n_ent, int64_t K, int64_t E,
                                                   int32_t *off, int32_t *rows, int32_t *ent_of) {
-    extern __shared__ int cnt[];
+    CUDA_DYN_SMEM(int, cnt);
     for (int64_t e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
     __syncthreads();
     for (int64_t i = threadIdx.x; i < n_ent; i += blockDim.x) atomicAdd(&cnt[ids[i]], 1);
@@ -186,9 +186,9 @@ extern "C" int cuda__moe(void *vctx, const float *h, int64_t n_tok, const float 
     int32_t *off = (int32_t *)(idx + 4 * a_ent);
 
     route_args r = {rp->gating, E, K, G, rp->n_group_used, rp->norm, rp->scale, rp->bias};
-    k_route<<<(unsigned)n_tok, 32, route_smem, c->stream>>>(router_logits, r, ids, wts);
+    CUDA_LAUNCH(k_route, (unsigned)n_tok, 32, route_smem, c->stream, router_logits, r, ids, wts);
     CUDA_LAUNCH_CHECK();
-    k_permute<<<1, 1024, (size_t)E * sizeof(int), c->stream>>>(ids, n_ent, K, E, off, rows, ent_of);
+    CUDA_LAUNCH(k_permute, 1, 1024, (size_t)E * sizeof(int), c->stream, ids, n_ent, K, E, off, rows, ent_of);
     CUDA_LAUNCH_CHECK();
 
     cuda_gmm g = {};
@@ -207,7 +207,7 @@ extern "C" int cuda__moe(void *vctx, const float *h, int64_t n_tok, const float 
     g.x = G_, g.x_stride = n_ff, g.x_rows = NULL;
     g.y = D_, g.y_stride = n_embd;
     CK_RC(cuda__gmm(c, &g));
-    k_combine<<<cuda__grid(n_tok * n_embd, 256), 256, 0, c->stream>>>(D_, wts, ent_of, n_tok, K, n_embd, out);
+    CUDA_LAUNCH(k_combine, cuda__grid(n_tok * n_embd, 256), 256, 0, c->stream, D_, wts, ent_of, n_tok, K, n_embd, out);
     CUDA_LAUNCH_CHECK();
     if (ids_out || w_out) {
         if (ids_out) CUDA_CHECK(cudaMemcpyAsync(ids_out, ids, (size_t)n_ent * 4, cudaMemcpyDeviceToHost, c->stream));

@@ -36,7 +36,7 @@ extern "C" int cuda__rms_norm(void *vctx, const float *x, int64_t x_stride, floa
     if (!x || !y || !w || n <= 0 || n_rows < 0) return MOE_EINVAL;
     if (!n_rows) return MOE_OK;
     unsigned grid = (unsigned)(n_rows < (int64_t)CUDA_MAX_BLOCKS ? n_rows : CUDA_MAX_BLOCKS);
-    k_rms_norm<<<grid, NORM_THREADS, 0, c->stream>>>(x, x_stride, y, y_stride, n_rows, n, w, eps);
+    CUDA_LAUNCH(k_rms_norm, grid, NORM_THREADS, 0, c->stream, x, x_stride, y, y_stride, n_rows, n, w, eps);
     CUDA_LAUNCH_CHECK();
     return MOE_OK;
 }
@@ -75,7 +75,7 @@ extern "C" int cuda__rope(void *vctx, float *x, int64_t n_tok, int64_t tok_strid
     const int32_t *d_pos = (const int32_t *)cuda__stage_put(&st, pos, (size_t)n_tok * 4);
     const float *d_freq = (const float *)cuda__stage_put(&st, p->inv_freq, (size_t)half * 4);
     CK_RC(cuda__stage_end(c, &st));
-    k_rope<<<cuda__grid(n_tok * half, 256), 256, 0, c->stream>>>(x, n_tok, tok_stride, n_head, head_stride, d_pos,
+    CUDA_LAUNCH(k_rope, cuda__grid(n_tok * half, 256), 256, 0, c->stream, x, n_tok, tok_stride, n_head, head_stride, d_pos,
                                                                 d_freq, half, p->style == MOE_ROPE_NEOX,
                                                                 p->attn_factor);
     CUDA_LAUNCH_CHECK();

@@ -175,7 +175,7 @@ extern "C" int moe_cuda_sample(const moe_backend *be, const float *logits, int64
     CK_RC(cuda__stage_end(c, &st));
     int32_t *d_out = (int32_t *)cuda__scratch(c, SCR_SAMPLE, (size_t)n_rows * sizeof(int32_t));
     if (!d_out) return MOE_ENOMEM;
-    k_sample<<<(unsigned)n_rows, SMP_THREADS, 0, c->stream>>>(logits, n_vocab, d_p, d_out);
+    CUDA_LAUNCH(k_sample, (unsigned)n_rows, SMP_THREADS, 0, c->stream, logits, n_vocab, d_p, d_out);
     CUDA_LAUNCH_CHECK();
     CUDA_CHECK(cudaMemcpyAsync(out_host, d_out, (size_t)n_rows * sizeof(int32_t), cudaMemcpyDeviceToHost, c->stream));
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
