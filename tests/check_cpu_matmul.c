@@ -399,7 +399,7 @@ typedef struct {
 static void count_cb(void *ctx, int64_t task, int thread) {
     pool_ctx *c = ctx;
     __atomic_fetch_add(&c->hits[task], 1, __ATOMIC_RELAXED);
-    if (thread > c->max_thread)
+    if (thread > __atomic_load_n(&c->max_thread, __ATOMIC_RELAXED))
         __atomic_store_n(&c->max_thread, thread, __ATOMIC_RELAXED);
 }
 
