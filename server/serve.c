@@ -117,6 +117,7 @@ typedef struct srv_conn {
     char path[128];
     char err[640];
     srv_gen *gen;
+    struct srv_work *work; /* parsing on the thread pool */
 } srv_conn;
 
 struct server {
@@ -136,6 +137,8 @@ struct server {
     ev_node *ev_head, *ev_tail;
     srv_gen *gens;
     size_t n_gens;
+    size_t n_work;          /* thread-pool jobs in flight */
+    bool shutdown_pending;  /* shutdown waits for them */
     bool draining, drain_cancelled, shutting_down;
     uint64_t drain_deadline_ns;
     uint64_t watchdog_usec;
@@ -519,16 +522,17 @@ static void submit_error(int st, const char *msg, srv_oai_err *e) {
     }
 }
 
-static enum MHD_Result handle_generate(server *s, srv_conn *c, struct MHD_Connection *conn, srv_oai_kind kind) {
-    srv_oai_limits lim;
-    fill_limits(s, &lim);
+/* Starts a parsed request (taken: *parsed is zeroed). */
+static enum MHD_Result handle_generate(server *s, srv_conn *c, struct MHD_Connection *conn, srv_oai_kind kind,
+                                       srv_oai_req *parsed) {
     srv_gen *g = calloc(1, sizeof *g);
-    if (!g) return respond_errf(s, c, conn, 503, NULL, "out_of_memory", "out of memory");
-    srv_oai_err e;
-    if (srv_oai_parse(kind, c->body ? c->body : "", c->len, &lim, &g->req, &e)) {
-        free(g);
-        return respond_err(s, c, conn, &e);
+    if (!g) {
+        srv_oai_req_free(parsed);
+        return respond_errf(s, c, conn, 503, NULL, "out_of_memory", "out of memory");
     }
+    g->req = *parsed;
+    memset(parsed, 0, sizeof *parsed);
+    srv_oai_err e;
     g->s = s;
     g->conn = conn;
     g->t_start_ns = c->t_start_ns;
@@ -728,9 +732,9 @@ static enum MHD_Result handle_metrics(server *s, srv_conn *c, struct MHD_Connect
     return respond(s, c, conn, 200, "text/plain; version=0.0.4; charset=utf-8", body, len, NULL);
 }
 
-static cJSON *parse_body_object(server *s, srv_conn *c, srv_oai_err *e) {
-    if (srv_oai_precheck(c->body ? c->body : "", c->len, (int)s->cfg->max_json_depth, e)) return NULL;
-    cJSON *o = c->len ? cJSON_ParseWithLength(c->body, c->len) : NULL;
+static cJSON *parse_body_object(server *s, const char *body, size_t len, srv_oai_err *e) {
+    if (srv_oai_precheck(body, len, (int)s->cfg->max_json_depth, e)) return NULL;
+    cJSON *o = len ? cJSON_ParseWithLength(body, len) : NULL;
     if (!cJSON_IsObject(o)) {
         cJSON_Delete(o);
         srv_oai_err_set(e, 400, NULL, "request body must be a JSON object");
@@ -739,70 +743,86 @@ static cJSON *parse_body_object(server *s, srv_conn *c, srv_oai_err *e) {
     return o;
 }
 
-static enum MHD_Result handle_tokenize(server *s, srv_conn *c, struct MHD_Connection *conn) {
-    srv_oai_err e;
-    cJSON *o = parse_body_object(s, c, &e);
-    if (!o) return respond_err(s, c, conn, &e);
+static char *print_json(cJSON *o) {
+    char *s = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return s;
+}
+
+/* {"content": str, "add_special"?, "parse_special"?} -> {"tokens": [...]}.
+ * Returns the body, or NULL with e filled. Any thread. */
+static char *tokenize_body(server *s, const char *body, size_t len, srv_oai_err *e) {
+    cJSON *o = parse_body_object(s, body, len, e);
+    if (!o) return NULL;
     const cJSON *content = cJSON_GetObjectItemCaseSensitive(o, "content");
     const cJSON *add = cJSON_GetObjectItemCaseSensitive(o, "add_special");
     const cJSON *parse = cJSON_GetObjectItemCaseSensitive(o, "parse_special");
+    char *out = NULL;
     if (!cJSON_IsString(content)) {
-        cJSON_Delete(o);
-        return respond_errf(s, c, conn, 400, "content", NULL, "'content' must be a string");
+        srv_oai_err_set(e, 400, "content", "'content' must be a string");
+    } else if ((add && !cJSON_IsBool(add)) || (parse && !cJSON_IsBool(parse))) {
+        const char *p = add && !cJSON_IsBool(add) ? "add_special" : "parse_special";
+        srv_oai_err_set(e, 400, p, "'%s' must be a boolean", p);
+    } else {
+        int32_t *ids = NULL;
+        size_t n = 0;
+        int st = moe_tok_encode(s->info.tok, content->valuestring, strlen(content->valuestring),
+                                parse ? cJSON_IsTrue(parse) : true, add ? cJSON_IsTrue(add) : false, &ids, &n);
+        if (st) {
+            srv_oai_err_set(e, 500, NULL, "%s", moe_strerror(st));
+        } else {
+            cJSON *r = cJSON_CreateObject(), *a = cJSON_AddArrayToObject(r, "tokens");
+            for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(ids[i]));
+            if (!(out = print_json(r))) srv_oai_err_set(e, 500, NULL, "out of memory");
+        }
+        free(ids);
     }
-    if ((add && !cJSON_IsBool(add)) || (parse && !cJSON_IsBool(parse))) {
-        cJSON_Delete(o);
-        return respond_errf(s, c, conn, 400, add && !cJSON_IsBool(add) ? "add_special" : "parse_special", NULL,
-                            "must be a boolean");
-    }
-    int32_t *ids = NULL;
-    size_t n = 0;
-    int st = moe_tok_encode(s->info.tok, content->valuestring, strlen(content->valuestring),
-                            parse ? cJSON_IsTrue(parse) : true, add ? cJSON_IsTrue(add) : false, &ids, &n);
     cJSON_Delete(o);
-    if (st) return respond_errf(s, c, conn, 500, NULL, NULL, moe_strerror(st));
-    cJSON *r = cJSON_CreateObject(), *a = cJSON_AddArrayToObject(r, "tokens");
-    for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(ids[i]));
-    free(ids);
-    return respond_json(s, c, conn, 200, r);
+    return out;
 }
 
-static enum MHD_Result handle_detokenize(server *s, srv_conn *c, struct MHD_Connection *conn) {
-    srv_oai_err e;
-    cJSON *o = parse_body_object(s, c, &e);
-    if (!o) return respond_err(s, c, conn, &e);
+/* {"tokens": [...]} -> {"content": str}. As tokenize_body. */
+static char *detokenize_body(server *s, const char *body, size_t len, srv_oai_err *e) {
+    cJSON *o = parse_body_object(s, body, len, e);
+    if (!o) return NULL;
     const cJSON *toks = cJSON_GetObjectItemCaseSensitive(o, "tokens");
+    char *out = NULL;
+    int32_t *ids = NULL;
     if (!cJSON_IsArray(toks)) {
-        cJSON_Delete(o);
-        return respond_errf(s, c, conn, 400, "tokens", NULL, "'tokens' must be an array of token ids");
+        srv_oai_err_set(e, 400, "tokens", "'tokens' must be an array of token ids");
+        goto done;
     }
-    int n = cJSON_GetArraySize(toks);
-    int32_t *ids = malloc(((size_t)n + 1) * sizeof *ids);
-    int k = 0;
-    for (const cJSON *x = toks->child; ids && x; x = x->next, k++) {
+    int n = cJSON_GetArraySize(toks), k = 0;
+    if (!(ids = malloc(((size_t)n + 1) * sizeof *ids))) {
+        srv_oai_err_set(e, 500, NULL, "out of memory");
+        goto done;
+    }
+    for (const cJSON *x = toks->child; x; x = x->next, k++) {
         if (!cJSON_IsNumber(x) || x->valuedouble != floor(x->valuedouble) || x->valuedouble < 0 ||
             x->valuedouble >= (double)s->info.n_vocab) {
-            free(ids);
-            cJSON_Delete(o);
-            char msg[128];
-            snprintf(msg, sizeof msg, "'tokens[%d]' is not a token id in [0, %lld)", k, (long long)s->info.n_vocab);
-            return respond_errf(s, c, conn, 400, "tokens", NULL, msg);
+            srv_oai_err_set(e, 400, "tokens", "'tokens[%d]' is not a token id in [0, %lld)", k,
+                            (long long)s->info.n_vocab);
+            goto done;
         }
         ids[k] = (int32_t)x->valuedouble;
     }
-    cJSON_Delete(o);
-    if (!ids) return MHD_NO;
     char *text = NULL;
     size_t tl = 0;
     int st = moe_tok_decode(s->info.tok, ids, (size_t)k, false, &text, &tl);
-    free(ids);
-    if (st) return respond_errf(s, c, conn, 500, NULL, NULL, moe_strerror(st));
+    if (st) {
+        srv_oai_err_set(e, 500, NULL, "%s", moe_strerror(st));
+        goto done;
+    }
     char *clean = srv_oai_utf8_clean(text, tl);
     free(text);
     cJSON *r = cJSON_CreateObject();
     cJSON_AddStringToObject(r, "content", clean ? clean : "");
     free(clean);
-    return respond_json(s, c, conn, 200, r);
+    if (!(out = print_json(r))) srv_oai_err_set(e, 500, NULL, "out of memory");
+done:
+    free(ids);
+    cJSON_Delete(o);
+    return out;
 }
 
 /* ------------------------------------------------------------------ */
@@ -843,6 +863,105 @@ static route find_route(const char *url, const char **arg) {
     if (!strcmp(url, "/tokenize")) return R_TOKENIZE;
     if (!strcmp(url, "/detokenize")) return R_DETOKENIZE;
     return R_NONE;
+}
+
+/* Parsing, chat rendering and tokenizing take about a second per MB of
+ * prompt on a busy core: they run on libuv's thread pool while the
+ * connection is suspended, so other streams keep flowing meanwhile. */
+typedef struct srv_work {
+    uv_work_t req;
+    server *s;
+    srv_conn *c; /* NULL once the connection is gone */
+    struct MHD_Connection *conn;
+    route r;
+    char *in;   /* the request body, taken from the connection */
+    size_t in_len;
+    srv_oai_req parsed;
+    srv_oai_err err;
+    int rc;
+    char *body; /* tokenize / detokenize answer */
+    bool done;
+} srv_work;
+
+static srv_oai_kind route_kind(route r) { return r == R_CHAT ? SRV_OAI_CHAT : SRV_OAI_COMPLETION; }
+
+/* Thread pool: reads only the request body and immutable engine info. */
+static void work_cb(uv_work_t *req) {
+    srv_work *w = req->data;
+    server *s = w->s;
+    const char *body = w->in ? w->in : "";
+    size_t len = w->in_len;
+    if (w->r == R_TOKENIZE) w->body = tokenize_body(s, body, len, &w->err);
+    else if (w->r == R_DETOKENIZE) w->body = detokenize_body(s, body, len, &w->err);
+    else {
+        srv_oai_limits lim;
+        fill_limits(s, &lim);
+        w->rc = srv_oai_parse(route_kind(w->r), body, len, &lim, &w->parsed, &w->err);
+    }
+}
+
+static void shutdown_server(server *s);
+
+static void after_work_cb(uv_work_t *req, int status) {
+    (void)status;
+    srv_work *w = req->data;
+    server *s = w->s;
+    s->n_work--;
+    w->done = true;
+    free(w->in);
+    w->in = NULL;
+    if (!w->c) {
+        srv_oai_req_free(&w->parsed);
+        free(w->body);
+        free(w);
+    } else {
+        MHD_resume_connection(w->conn);
+        if (s->http) srv_http_kick(s->http);
+    }
+    if (!s->n_work && s->shutdown_pending) shutdown_server(s);
+}
+
+static enum MHD_Result start_work(server *s, srv_conn *c, struct MHD_Connection *conn, route r) {
+    srv_work *w = calloc(1, sizeof *w);
+    if (!w) return respond_errf(s, c, conn, 503, NULL, "out_of_memory", "out of memory");
+    w->s = s;
+    w->c = c;
+    w->conn = conn;
+    w->r = r;
+    w->req.data = w;
+    w->in = c->body;
+    w->in_len = c->len;
+    if (uv_queue_work(s->loop, &w->req, work_cb, after_work_cb)) {
+        free(w);
+        return respond_errf(s, c, conn, 503, NULL, "server_busy", "cannot queue the request");
+    }
+    c->body = NULL;
+    c->len = c->cap = 0;
+    c->work = w;
+    s->n_work++;
+    MHD_suspend_connection(conn);
+    return MHD_YES;
+}
+
+/* The handler is called again once the job resumed the connection. */
+static enum MHD_Result finish_work(server *s, srv_conn *c, struct MHD_Connection *conn) {
+    srv_work *w = c->work;
+    if (!w->done) { /* spurious: wait on */
+        MHD_suspend_connection(conn);
+        return MHD_YES;
+    }
+    c->work = NULL;
+    enum MHD_Result ret;
+    if (w->r == R_TOKENIZE || w->r == R_DETOKENIZE) {
+        if (w->body) ret = respond(s, c, conn, 200, "application/json", w->body, strlen(w->body), NULL);
+        else ret = respond_err(s, c, conn, &w->err);
+    } else if (w->rc) {
+        ret = respond_err(s, c, conn, &w->err);
+    } else {
+        ret = handle_generate(s, c, conn, route_kind(w->r), &w->parsed);
+    }
+    free(w);
+    return ret;
 }
 
 static enum MHD_Result dispatch(server *s, srv_conn *c, struct MHD_Connection *conn, const char *url,
@@ -900,9 +1019,7 @@ static enum MHD_Result dispatch(server *s, srv_conn *c, struct MHD_Connection *c
         snprintf(msg, sizeof msg, "the model is not ready (%s)", st);
         return respond_errf(s, c, conn, 503, NULL, "model_not_ready", msg);
     }
-    if (r == R_TOKENIZE) return handle_tokenize(s, c, conn);
-    if (r == R_DETOKENIZE) return handle_detokenize(s, c, conn);
-    return handle_generate(s, c, conn, r == R_CHAT ? SRV_OAI_CHAT : SRV_OAI_COMPLETION);
+    return start_work(s, c, conn, r);
 }
 
 static enum MHD_Result handler_cb(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
@@ -928,6 +1045,7 @@ static enum MHD_Result handler_cb(void *cls, struct MHD_Connection *conn, const 
         }
         return MHD_YES;
     }
+    if (c->work) return finish_work(s, c, conn);
     if (c->gen) return answer_generation(s, c, conn);
     if (*upload_size) {
         if (!c->too_large) {
@@ -964,6 +1082,7 @@ static void completed_cb(void *cls, struct MHD_Connection *conn, void **con_cls,
     srv_conn *c = *con_cls;
     if (!c) return;
     *con_cls = NULL;
+    if (c->work) c->work->c = NULL; /* the job frees itself */
     srv_gen *g = c->gen;
     int status = c->status ? c->status : 499; /* nginx's "client closed request" */
     srv_metrics_count_status(&s->metrics, status);
@@ -1010,6 +1129,12 @@ static void close_walk_cb(uv_handle_t *h, void *arg) {
 
 static void shutdown_server(server *s) {
     if (s->shutting_down) return;
+    /* MHD must not stop while a job holds a suspended connection; the
+     * last job to finish calls us again. */
+    if (s->n_work) {
+        s->shutdown_pending = true;
+        return;
+    }
     s->shutting_down = true;
     /* Every outstanding request gets its DONE here (cancelled at once), so
      * every generation finishes; MHD must not be stopped with suspended
@@ -1087,7 +1212,7 @@ static void tick_cb(uv_timer_t *t) {
                 gen_cancel(g);
             }
     if (s->draining) {
-        if (!s->n_gens) {
+        if (!s->n_gens && !s->n_work) {
             srv_log(SRV_LOG_INFO, "drained; stopping");
             shutdown_server(s);
             return;

@@ -197,3 +197,38 @@ def test_sigterm_drains_under_load(moed_bin, model, tmp_path):
     log = s.read_log()
     assert "received SIGTERM" in log and "drain timeout" in log
     s.stop()
+
+
+def test_big_prompt_does_not_stall_streams(moed_bin, model, tmp_path):
+    """Tokenizing a 1 MB body takes about a second; it runs off the event
+    loop, so a running stream keeps receiving tokens meanwhile."""
+    s = Server(moed_bin, model, "--ctx-size", "65536", log_dir=tmp_path).wait_ready()
+    try:
+        arrivals, stop = [], threading.Event()
+
+        def stream():
+            body = {"prompt": "go", "max_tokens": 60000, "ignore_eos": True, "stream": True}
+            with requests.post(s.url("/v1/completions"), json=body, stream=True, timeout=60) as r:
+                for ev in sse_events(r):
+                    arrivals.append(time.perf_counter())
+                    if stop.is_set():
+                        break
+
+        t = threading.Thread(target=stream)
+        t.start()
+        while len(arrivals) < 20:
+            time.sleep(0.01)
+        text = "The quick brown fox jumps over the lazy dog. " * 22000
+        t0 = time.perf_counter()
+        r = requests.post(s.url("/tokenize"), json={"content": text}, timeout=60)
+        t1 = time.perf_counter()
+        stop.set()
+        t.join()
+        assert r.status_code == 200 and len(r.json()["tokens"]) > 100000
+        during = [a for a in arrivals if t0 <= a <= t1]
+        gaps = [b - a for a, b in zip(during, during[1:])]
+        print(f"tokenize took {t1 - t0:.2f} s; {len(during)} chunks meanwhile, max gap {max(gaps or [0]):.3f} s")
+        assert len(during) > 10
+        assert max(gaps) < max(0.25, (t1 - t0) / 3)
+    finally:
+        assert s.stop() == 0
