@@ -1,8 +1,10 @@
 /* serve.c - `moed serve`: the OpenAI-compatible HTTP server.
  *
  * One thread runs a libuv loop that drives libmicrohttpd (server/http.c).
- * Generation requests are parsed and validated (server/openai.c) and
- * submitted to the engine; the engine delivers token events on its own
+ * Generation requests are parsed, validated, rendered and tokenized
+ * (server/openai.c) on libuv's thread pool while their connection is
+ * suspended, then submitted to the engine from the loop; the engine
+ * delivers token events on its own
  * thread into one mutex-protected event list plus a uv_async_t wake-up.
  * The loop drains the list, renders SSE chunks (or accumulates the
  * non-streamed body) and resumes the suspended connection.
