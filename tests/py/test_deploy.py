@@ -480,3 +480,17 @@ def test_serves_under_memory_deny_write_execute(tmp_path, moed_bin):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.mark.parametrize("k8s_version", ["1.28.0", "1.33.0"])
+def test_k8s_manifests_validate_against_the_api_schemas(k8s_version):
+    # Every field of every resource against Kubernetes' own OpenAPI schemas
+    # (offline, strict: a misspelt field is an error, not silently dropped).
+    kv = pytest.importorskip("kubernetes_validate")
+    docs = k8s_docs()
+    assert {d["kind"] for _, d in docs} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    for name, d in docs:
+        try:
+            kv.validate(d, k8s_version, strict=True)
+        except kv.ValidationError as e:
+            raise AssertionError(f"{name} {d['kind']}: {e}") from None
