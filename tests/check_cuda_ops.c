@@ -554,9 +554,18 @@ static batch make_batch(int cls) {
     return b;
 }
 
+/* tests/gpu/emu runs every CUDA thread as a thread: smaller shapes there,
+ * still covering several tiles of positions and dv > 128 (two output
+ * dims per thread) */
+#ifdef MOE_CUDA_EMU
+#define EMU_OR(emu, gpu) emu
+#else
+#define EMU_OR(emu, gpu) gpu
+#endif
+
 START_TEST(attention_gqa) {
-    static const int64_t heads[][3] = {{4, 2, 16}, {8, 8, 64}, {32, 8, 128}};
-    for (int hi = 0; hi < 3; hi++)
+    static const int64_t heads[][3] = {{4, 2, 16}, {EMU_OR(4, 8), EMU_OR(1, 8), EMU_OR(160, 64)}, {32, 8, 128}};
+    for (int hi = 0; hi < EMU_OR(2, 3); hi++)
         for (int cls = 0; cls < 3; cls++) {
             int64_t H = heads[hi][0], Hkv = heads[hi][1], hd = heads[hi][2], kw = Hkv * hd;
             batch b = make_batch(cls);
@@ -614,8 +623,10 @@ START_TEST(attention_mla) {
     /* (H, kv_lora, n_rot, nope, dv, k_b type, v_b type) */
     static const int64_t cfg[][7] = {
         {4, 32, 8, 16, 16, MOE_TYPE_F32, MOE_TYPE_F32},
-        {16, 512, 64, 128, 128, MOE_TYPE_F16, MOE_TYPE_BF16},
-        {16, 512, 64, 128, 128, MOE_TYPE_Q8_0, MOE_TYPE_Q8_0},
+        {EMU_OR(2, 16), EMU_OR(256, 512), EMU_OR(16, 64), EMU_OR(32, 128), EMU_OR(32, 128), MOE_TYPE_F16,
+         MOE_TYPE_BF16},
+        {EMU_OR(2, 16), EMU_OR(256, 512), EMU_OR(16, 64), EMU_OR(32, 128), EMU_OR(32, 128), MOE_TYPE_Q8_0,
+         MOE_TYPE_Q8_0},
     };
     for (int ci = 0; ci < 3; ci++)
         for (int cls = 0; cls < 3; cls++) {
@@ -669,7 +680,7 @@ START_TEST(moe_routing_and_ffn) {
     };
     static const int types[] = {MOE_TYPE_F32, MOE_TYPE_BF16, MOE_TYPE_Q8_0, MOE_TYPE_Q4_K};
     static const int64_t toks[] = {1, 5, 8, 9, 70};
-    for (int ci = 0; ci < 4; ci++)
+    for (int ci = 0; ci < EMU_OR(3, 4); ci++)
         for (int ty = 0; ty < 4; ty++) {
             int type = types[ty];
             int64_t E = cfg[ci][0], K = cfg[ci][1], n_embd = cfg[ci][7], n_ff = cfg[ci][8];
@@ -755,7 +766,7 @@ START_TEST(sample_distribution) {
     /* 8 tokens; draws over many rows (one seed each) follow softmax(l / T), and
      * top-p keeps exactly the nucleus */
 #ifdef MOE_CUDA_EMU
-    enum { V = 8, R = 300 }; /* tests/gpu/emu runs each of a block's 1024 threads as a thread */
+    enum { V = 8, R = 48 }; /* tests/gpu/emu runs each of a block's 1024 threads as a thread */
 #else
     enum { V = 8, R = 20000 };
 #endif

@@ -30,6 +30,7 @@ for t in check_cuda_ops check_cuda_e2e; do
 done
 what=${1:-all}
 rc=0
+export CK_TIMEOUT_MULTIPLIER=${CK_TIMEOUT_MULTIPLIER:-10}
 if [ "$what" = ops ] || [ "$what" = all ]; then "$B/emu/check_cuda_ops" || rc=1; fi
 if [ "$what" = e2e ] || [ "$what" = all ]; then "$B/emu/check_cuda_e2e" || rc=1; fi
 exit $rc
