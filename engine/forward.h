@@ -36,6 +36,10 @@ typedef struct moe_fwd moe_fwd;
  * and a reason in err (errsz bytes, may be NULL). Free with moe_fwd_free(). */
 moe_fwd *moe_fwd_create(const moe_gguf *g, const moe_backend *be, int *status, char *err, size_t errsz);
 void moe_fwd_free(moe_fwd *fw); /* NULL is a no-op */
+/* Profiling: with MOE_FWD_PROFILE=1 in the environment when the pass is
+ * created, each op's wall time is summed (by op, and by step size: one
+ * token, up to 64, more) and printed to stderr by moe_fwd_free(). Off
+ * otherwise (one branch per op). */
 
 int64_t moe_fwd_n_vocab(const moe_fwd *fw);
 int64_t moe_fwd_n_layer(const moe_fwd *fw);

@@ -8,12 +8,16 @@
  * good a decode step is, is the bytes it had to read per second compared
  * with what the memory delivers. The bench therefore:
  *  1. measures the read bandwidth with the same thread count (a streaming
- *     sum over a buffer far larger than the last-level cache, best of 5);
+ *     sum over a buffer far larger than the last-level cache, best of 5,
+ *     measured again between the phases; the best of all is reported);
  *  2. faults every weight page in, so no step pays for page-cache misses;
  *  3. prefills one sequence of --prompt random token ids in one step;
  *  4. decodes --gen steps at batch 1 and at each --batch size B: B
  *     sequences that share the prompt's cached blocks (prefix sharing, as
  *     the scheduler does for n > 1) each feed one random token per step.
+ *     The batch sizes take turns, one step each (rotating who goes first),
+ *     with one bandwidth pass after each round, so on a shared machine a
+ *     busy spell slows all of them alike and their ratios stay comparable.
  *     The forward pass counts what each step read (moe_fwd_last_traffic):
  *     dense weights once, the distinct experts the step selected, and the
  *     KV slots attention read; their sum over the step time is the
@@ -49,10 +53,13 @@ static void usage(FILE *f) {
             "usage: moed bench -m MODEL [--threads N] [--prompt N] [--gen N] [--batch LIST] [--device cpu|cuda]\n"
             "                  [--bw-mib N] [--json]\n"
             "Measures, in one run: the memory read bandwidth (all threads summing a buffer far larger than the\n"
-            "cache, best of 5 passes), prefill tok/s of one prompt, and decode tok/s at batch 1 and at each batch\n"
-            "size B (B sequences decoding together, aggregate tok/s). For decode it prints the bytes a step had\n"
-            "to read (dense weights, the distinct experts selected, KV cache) per second and their ratio to the\n"
-            "measured bandwidth, and each batch's speed-up over batch 1. Prompt and decode tokens are random ids.\n"
+            "cache; best of 5 passes first, then one pass after every decode round, the best of all kept),\n"
+            "prefill tok/s of one prompt, and decode tok/s at batch 1 and at each batch size B (B sequences\n"
+            "decoding together, aggregate tok/s; the batch sizes take turns step by step, so a busy machine slows\n"
+            "them alike). For decode it prints the bytes a step had to read (dense weights, the distinct experts\n"
+            "selected, KV cache) per second and their ratio to the measured bandwidth, each batch's speed-up over\n"
+            "batch 1 and the speed-up those bytes allow. Prompt and decode tokens are random ids.\n"
+            "MOE_FWD_PROFILE=1 in the environment prints time per forward-pass op at exit (stderr).\n"
             "  -m, --model PATH    GGUF model file\n"
             "  -t, --threads N     CPU threads, for the bandwidth and the model (default: all online CPUs)\n"
             "      --prompt N      prompt tokens prefilled in one step (default 128)\n"
