@@ -337,9 +337,70 @@ static int n_specials(fam f) {
     return n;
 }
 
+static uint64_t str_hash(const char *s) {
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (; *s; s++) h = (h ^ (uint8_t)*s) * 1099511628211ull;
+    return h;
+}
+
+/* Inserts s into an open-addressed set of (cap, a power of two) slots;
+ * false when it was there already. */
+static bool set_add(const char **set, size_t cap, const char *s) {
+    size_t h = (size_t)str_hash(s) & (cap - 1);
+    for (; set[h]; h = (h + 1) & (cap - 1))
+        if (!strcmp(set[h], s)) return false;
+    set[h] = s;
+    return true;
+}
+
+/* Ids from `from` to n_vocab - 1. A corpus this small learns a few
+ * hundred merges, so most of a 4k..100k vocabulary is left over. Those
+ * ids become NORMAL tokens whose text is two learned tokens joined, a
+ * space-led one first ("Ġthe" + "ory"): no merge produces them, so
+ * encoding is unchanged, but a random model that samples one prints a
+ * visible word instead of nothing - the demo reads like text and the
+ * streaming benchmarks see a delta per token, as with a real model.
+ * When the pairs run out the rest are "[PADn]" UNUSED tokens. */
+static int fill_words(vocab *v, int64_t from, int64_t n_vocab) {
+    int64_t first = 256, last = 256 + v->n_merges;
+    size_t cap = 1;
+    while (cap < 2 * (size_t)n_vocab) cap <<= 1;
+    const char **set = calloc(cap, sizeof *set);
+    if (!set) return MOE_ENOMEM;
+    for (int64_t i = 0; i < from; i++) set_add(set, cap, v->tok[i]);
+    int64_t id = from;
+    static const char lead[] = "\xc4\xa0"; /* "Ġ", the byte-level space */
+    for (int64_t b = first; b < last && id < n_vocab; b++) {
+        if (!strncmp(v->tok[b], lead, 2)) continue;
+        for (int64_t a = first; a < last && id < n_vocab; a++) {
+            if (strncmp(v->tok[a], lead, 2) || strlen(v->tok[a]) < 4) continue;
+            char *t = cat2(v->tok[a], "", v->tok[b]);
+            if (!t) {
+                free(set);
+                return MOE_ENOMEM;
+            }
+            if (!set_add(set, cap, t)) {
+                free(t);
+                continue;
+            }
+            v->tok[id] = t;
+            v->type[id++] = 1; /* NORMAL */
+        }
+    }
+    free(set);
+    for (; id < n_vocab; id++) {
+        char buf[32];
+        snprintf(buf, sizeof buf, "[PAD%lld]", (long long)id);
+        if (!(v->tok[id] = strdup(buf))) return MOE_ENOMEM;
+        v->type[id] = 5; /* UNUSED */
+    }
+    return MOE_OK;
+}
+
 /* Layout: 256 byte tokens, the learned merges, the family's specials
- * (CONTROL), then "[PADn]" UNUSED tokens up to n_vocab - the same order
- * as the real vocabularies, whose specials follow the BPE tokens. */
+ * (CONTROL), then the filler words of fill_words() up to n_vocab - the
+ * same order as the real vocabularies, whose specials follow the BPE
+ * tokens. */
 static int build_vocab(vocab *v, fam f, int64_t n_vocab) {
     memset(v, 0, sizeof *v);
     int ns = n_specials(f);
@@ -358,12 +419,7 @@ static int build_vocab(vocab *v, fam f, int64_t n_vocab) {
         if (!(v->tok[id] = strdup(*s))) return MOE_ENOMEM;
         v->type[id] = 3; /* CONTROL */
     }
-    for (; id < n_vocab; id++) {
-        char buf[32];
-        snprintf(buf, sizeof buf, "[PAD%lld]", (long long)id);
-        if (!(v->tok[id] = strdup(buf))) return MOE_ENOMEM;
-        v->type[id] = 5; /* UNUSED */
-    }
+    if ((rc = fill_words(v, id, n_vocab))) return rc;
     int32_t s0 = (int32_t)first_special;
     v->eot = -1;
     switch (f) {
