@@ -20,6 +20,65 @@ extern "C" int cuda_device_count(void) {
     return n;
 }
 
+#ifndef CUDA_EMU
+// Times `reps` device-to-device copies of nbytes with events (after one
+// untimed copy); each copy reads and writes nbytes.
+static int time_copies(void *dst, const void *src, size_t nbytes, int reps, float *ms) {
+    cudaEvent_t a = NULL, b = NULL;
+    int rc = MOE_EBACKEND;
+    cudaError_t e = cudaEventCreate(&a);
+    if (e == cudaSuccess) e = cudaEventCreate(&b);
+    if (e == cudaSuccess) e = cudaMemcpy(dst, src, nbytes, cudaMemcpyDeviceToDevice);
+    if (e == cudaSuccess) e = cudaEventRecord(a, 0);
+    for (int i = 0; e == cudaSuccess && i < reps; i++) e = cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyDeviceToDevice, 0);
+    if (e == cudaSuccess) e = cudaEventRecord(b, 0);
+    if (e == cudaSuccess) e = cudaEventSynchronize(b);
+    if (e == cudaSuccess) e = cudaEventElapsedTime(ms, a, b);
+    if (e == cudaSuccess) rc = MOE_OK;
+    else cuda__log("device copy timing", cudaGetErrorString(e), __FILE__, __LINE__);
+    if (a) cudaEventDestroy(a);
+    if (b) cudaEventDestroy(b);
+    return rc;
+}
+#endif
+
+extern "C" int cuda_copy_bandwidth(int device, size_t nbytes, double *gbs) {
+    if (!gbs || nbytes < 4096) return MOE_EINVAL;
+    *gbs = 0;
+#ifdef CUDA_EMU
+    (void)device;
+    return MOE_EUNSUPPORTED;
+#else
+    int n = cuda_device_count();
+    if (n <= 0) return MOE_EUNSUPPORTED;
+    if (device < 0 || device >= n) return MOE_EINVAL;
+    CUDA_CHECK(cudaSetDevice(device));
+    void *src = NULL, *dst = NULL;
+    cudaError_t e = cudaMalloc(&src, nbytes);
+    if (e == cudaSuccess) e = cudaMalloc(&dst, nbytes);
+    if (e == cudaSuccess) e = cudaMemset(src, 1, nbytes);
+    int rc = MOE_EBACKEND;
+    if (e != cudaSuccess) {
+        cuda__log("device copy buffers", cudaGetErrorString(e), __FILE__, __LINE__);
+    } else {
+        float best = 0;
+        rc = MOE_OK;
+        for (int pass = 0; pass < 3 && !rc; pass++) {
+            float ms = 0;
+            rc = time_copies(dst, src, nbytes, 10, &ms);
+            if (!rc && ms > 0) {
+                float g = (float)(2.0 * 10.0 * (double)nbytes / (ms * 1e-3) / 1e9);
+                best = g > best ? g : best;
+            }
+        }
+        *gbs = best;
+    }
+    if (src) cudaFree(src);
+    if (dst) cudaFree(dst);
+    return rc;
+#endif
+}
+
 void cuda__log(const char *what, const char *msg, const char *file, int line) {
     fprintf(stderr, "moed cuda: %s failed: %s (%s:%d)\n", what, msg, file, line);
 }

@@ -20,6 +20,7 @@
 #ifndef CUDA_BACKEND_H
 #define CUDA_BACKEND_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "backend.h"
@@ -31,6 +32,13 @@ extern "C" {
 /* Number of CUDA devices usable by this process; 0 when there is no
  * driver or no GPU. Any thread. */
 int cuda_device_count(void);
+
+/* The device's memory bandwidth in GB/s: the best of three timings (CUDA
+ * events) of ten device-to-device copies of nbytes, counting each copy as
+ * nbytes read plus nbytes written - the rate decode's weight reads can
+ * approach. Returns MOE_OK, MOE_EINVAL, MOE_EUNSUPPORTED (no device) or
+ * MOE_EBACKEND. Any thread (it selects `device`). */
+int cuda_copy_bandwidth(int device, size_t nbytes, double *gbs);
 
 typedef struct moe_cuda_backend_opts {
     int device;       /* CUDA device ordinal */

@@ -82,8 +82,10 @@ def test_text_report(moed_bin):
 
 def test_cuda_not_available(moed_bin):
     p = bench(moed_bin, "-m", str(FIXDIR / "llama.gguf"), "--device", "cuda")
+    # CI and this machine have no GPU: a CUDA build finds no device, a CPU
+    # build says it has no CUDA; either way a clear one-line refusal
     assert p.returncode == 1
-    assert "CUDA backend not available" in p.stderr
+    assert ("no CUDA device found" in p.stderr or "built without CUDA" in p.stderr), p.stderr
 
 
 @pytest.mark.parametrize("args", [
