@@ -200,6 +200,17 @@ static int select_backend(moe_engine *e, moe_backend *be, char *err, size_t errs
     return rc;
 }
 
+/* After each layer of a forward pass: a step of many seconds (a long
+ * prefill on a CPU) still ticks the heartbeat that /health and the
+ * systemd watchdog read, which then only go stale when a layer hangs. */
+static void layer_tick(void *arg) {
+    moe_engine *e = arg;
+    uint64_t now = moe_now_ns();
+    pthread_mutex_lock(&e->mu);
+    e->st.heartbeat_ns = now;
+    pthread_mutex_unlock(&e->mu);
+}
+
 static int load(moe_engine *e) {
     int st = 0;
     char err[MOE_ERR_MAX] = "";
@@ -232,6 +243,7 @@ static int load(moe_engine *e) {
         fail_load(e, "%s: %s (%s)", e->model_path, err, moe_strerror(st));
         return st;
     }
+    moe_fwd_set_layer_cb(e->fw, layer_tick, e);
     int64_t n_vocab = moe_fwd_n_vocab(e->fw);
     int64_t bs = e->o.block_size > 0 ? e->o.block_size : 16;
     int64_t ctx = e->o.ctx_size;

@@ -80,6 +80,8 @@ struct moe_fwd {
     int64_t lg_cap;
     /* traffic counting (moe_fwd_set_count_traffic) */
     bool count_traffic;
+    void (*layer_cb)(void *arg); /* moe_fwd_set_layer_cb */
+    void *layer_arg;
     moe_fwd_traffic last;
     int32_t *ids;    /* host (ids_cap) routing of one layer when route_out is not set */
     int64_t ids_cap;
@@ -630,6 +632,12 @@ void moe_fwd_set_route_out(moe_fwd *fw, int32_t *ids) {
 
 int64_t moe_fwd_n_expert_used(const moe_fwd *fw) { return fw ? fw->n_used : 0; }
 
+void moe_fwd_set_layer_cb(moe_fwd *fw, void (*cb)(void *arg), void *arg) {
+    if (!fw) return;
+    fw->layer_cb = cb;
+    fw->layer_arg = arg;
+}
+
 void moe_fwd_set_count_traffic(moe_fwd *fw, bool on) {
     if (fw) fw->count_traffic = on;
 }
@@ -846,6 +854,7 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
         }
         CKP("add", op->add(c, B.x, B.o, n * E));
         if (fw->hidden_out) CKP("download", op->download(c, fw->hidden_out + il * n * E, B.x, (size_t)n * E * fs));
+        if (fw->layer_cb) fw->layer_cb(fw->layer_arg);
     }
     /* logits only for the rows that want them */
     int64_t n_out = 0;

@@ -88,6 +88,13 @@ typedef struct moe_fwd_traffic {
  * Cheap on the CPU backend. */
 void moe_fwd_set_count_traffic(moe_fwd *fw, bool on);
 
+/* Calls cb(arg) on the calling thread after each layer of every
+ * moe_fwd_run, so a long step can show it is moving: the engine ticks its
+ * heartbeat there, and a many-second prefill on a CPU is not taken for a
+ * stuck engine (/health, the systemd watchdog). On a device backend the
+ * layer has been queued, not necessarily run. cb NULL: none. */
+void moe_fwd_set_layer_cb(moe_fwd *fw, void (*cb)(void *arg), void *arg);
+
 /* The counts of the last moe_fwd_run that ran with counting on (zeros
  * before). Returns MOE_OK or MOE_EINVAL (NULL argument). */
 int moe_fwd_last_traffic(const moe_fwd *fw, moe_fwd_traffic *out);

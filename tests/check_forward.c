@@ -546,6 +546,8 @@ END_TEST
  * it); expert bytes are the distinct experts route_out reports, each
  * 1/E of its layer's three expert tensors; KV bytes are each token's
  * context times the cache slot width. */
+static void count_tick(void *arg) { ++*(int64_t *)arg; }
+
 START_TEST(traffic_counts) {
     static const char *files[] = {"qwen2moe.gguf", "deepseek3-mla.gguf", "llama.gguf"};
     char path[512], err[256], name[96];
@@ -585,8 +587,12 @@ START_TEST(traffic_counts) {
     float *logits = malloc((size_t)(5 * V) * sizeof(float));
     moe_fwd_traffic tr;
     moe_batch b = {.n_tok = 3, .ids = ids, .pos = pos, .seq = sq, .n_seq = 1, .seqs = &s};
-    /* off by default: nothing counted */
+    /* off by default: nothing counted; the layer callback runs once per layer */
+    int64_t ticks = 0;
+    moe_fwd_set_layer_cb(fw, count_tick, &ticks);
     ck_assert_int_eq(moe_fwd_run(fw, kv, &b, logits), MOE_OK);
+    ck_assert_int_eq(ticks, L);
+    moe_fwd_set_layer_cb(fw, NULL, NULL);
     ck_assert_int_eq(moe_fwd_last_traffic(fw, &tr), MOE_OK);
     ck_assert(tr.dense_bytes == 0 && tr.expert_bytes == 0 && tr.expert_reads == 0 && tr.kv_bytes == 0);
     moe_fwd_set_count_traffic(fw, true);
