@@ -16,6 +16,7 @@
  */
 #include <inttypes.h>
 #include <math.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -1098,7 +1099,7 @@ static void completed_cb(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (g) {
         g->conn = NULL;
         g->mhd_done = true;
-        if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && !g->finished) {
+        if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && !g->finished && !g->client_gone) {
             g->client_gone = true;
             s->metrics.requests_cancelled++;
             gen_cancel(g);
@@ -1191,6 +1192,18 @@ static void on_ready(server *s) {
     srv_log(SRV_LOG_INFO, "%s", status);
 }
 
+/* True when the client of a suspended connection has hung up (FIN or
+ * reset). MHD notices that only when it next writes, which for a
+ * non-streamed answer is after the whole generation; this lets the tick
+ * cancel it instead. Like vLLM and llama.cpp's server, a client that
+ * half-closes its side counts as gone. */
+static bool peer_closed(struct MHD_Connection *conn) {
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (!ci || ci->connect_fd < 0) return false;
+    struct pollfd p = {.fd = ci->connect_fd, .events = POLLRDHUP};
+    return poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR));
+}
+
 static void tick_cb(uv_timer_t *t) {
     server *s = t->data;
     uint64_t now = moe_now_ns();
@@ -1205,6 +1218,13 @@ static void tick_cb(uv_timer_t *t) {
             return;
         }
     }
+    /* clients gone while their request waits (suspended) */
+    for (srv_gen *g = s->gens; g; g = g->next)
+        if (!g->finished && !g->client_gone && g->suspended && g->conn && peer_closed(g->conn)) {
+            g->client_gone = true;
+            s->metrics.requests_cancelled++;
+            gen_cancel(g);
+        }
     /* request timeouts */
     if (s->cfg->request_timeout > 0)
         for (srv_gen *g = s->gens; g; g = g->next)

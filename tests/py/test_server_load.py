@@ -2,6 +2,7 @@
 clients that go away mid-stream cancel only their own request and free
 their KV blocks, and SIGTERM drains (streams finish or end with an error
 event, exit 0 within the drain timeout)."""
+import json
 import signal
 import socket
 import subprocess
@@ -150,6 +151,35 @@ def test_cancellation_50_streams(server, model):
     assert metric(m, "moed_sequences_running") == 0
     r = requests.post(server.url("/v1/completions"), json={"prompt": "x", "max_tokens": 2})
     assert r.status_code == 200
+
+
+def test_client_gone_cancels_non_streamed(moed_bin, tmp_path):
+    """A client that hangs up while its non-streamed request generates is
+    noticed while it waits (not when the finished answer is written): the
+    request is cancelled, its sequence and KV blocks freed, long before the
+    4000 tokens it asked for. Then a normal request still succeeds."""
+    path = make_model(moed_bin, tmp_path, preset="demo")
+    s = Server(moed_bin, path, log_dir=tmp_path).wait_ready()
+    try:
+        before = s.metrics()
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True,
+                           "temperature": 0}).encode()
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.time() + 30
+        while metric(s.metrics(), "moed_generation_tokens_total") == metric(before, "moed_generation_tokens_total"):
+            assert time.time() < deadline, s.read_log()
+            time.sleep(0.02)
+        sock.close()
+        m = wait_idle(s)
+        assert metric(m, "moed_requests_cancelled_total") - metric(before, "moed_requests_cancelled_total") == 1
+        generated = metric(m, "moed_generation_tokens_total") - metric(before, "moed_generation_tokens_total")
+        assert 0 < generated < 2000, generated
+        r = requests.post(s.url("/v1/completions"), json={"prompt": "x", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        assert s.stop() == 0, s.read_log()
 
 
 def test_sigterm_drains_under_load(moed_bin, model, tmp_path):
