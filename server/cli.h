@@ -7,6 +7,8 @@
 #ifndef SRV_CLI_H
 #define SRV_CLI_H
 
+#include <stdint.h>
+
 int srv_cmd_serve(int argc, char **argv);      /* server/serve.c */
 int srv_cmd_generate(int argc, char **argv);   /* server/cmd_generate.c */
 int srv_cmd_bench(int argc, char **argv);      /* server/cmd_bench.c */
@@ -14,5 +16,9 @@ int srv_cmd_info(int argc, char **argv);       /* server/cmd_info.c */
 int srv_cmd_mkmodel(int argc, char **argv);    /* server/cmd_mkmodel.c */
 int srv_cmd_tokenize(int argc, char **argv);   /* server/cmd_tokenize.c */
 int srv_cmd_detokenize(int argc, char **argv); /* server/cmd_tokenize.c */
+
+/* Helpers for the subcommands (server/cli.c). Any thread. */
+double srv_cli_now_s(void);             /* CLOCK_MONOTONIC, in seconds */
+uint64_t srv_cli_rng_next(uint64_t *s); /* splitmix64 step of state *s */
 
 #endif

@@ -92,20 +92,6 @@ static double remeasure(int use_cuda, cpu_pool *pool, const uint64_t *buf, size_
     return cpu_mem_read_bw_buf(pool, buf, bytes, 3);
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* splitmix64 */
-static uint64_t rng_next(uint64_t *s) {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 static int parse_long(const char *s, long lo, long hi, long *out) {
     char *end;
     errno = 0;
@@ -216,7 +202,7 @@ static int set_open(bench *bn, dec_set *d, long nb, int64_t steps) {
     for (long s = 0; s < nb; s++)
         for (int64_t i = 0; i < rest; i++) {
             int64_t k = s * rest + i;
-            d->ids[k] = (int32_t)(rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
+            d->ids[k] = (int32_t)(srv_cli_rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
             d->pos[k] = (int32_t)(shared * BLOCK + i);
             d->sq[k] = (int32_t)s;
         }
@@ -229,14 +215,14 @@ static int set_open(bench *bn, dec_set *d, long nb, int64_t steps) {
  * cold caches). */
 static int set_step(bench *bn, dec_set *d, int64_t step) {
     for (long s = 0; s < d->nb; s++) {
-        d->ids[s] = (int32_t)(rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
+        d->ids[s] = (int32_t)(srv_cli_rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
         d->pos[s] = (int32_t)(bn->n_prompt + step);
         d->sq[s] = (int32_t)s;
     }
     moe_batch b = {.n_tok = d->nb, .ids = d->ids, .pos = d->pos, .seq = d->sq, .n_seq = d->nb, .seqs = d->seqs};
-    double t0 = now_s();
+    double t0 = srv_cli_now_s();
     int rc = moe_fwd_run(bn->fw, bn->kv, &b, bn->logits);
-    double dt = now_s() - t0;
+    double dt = srv_cli_now_s() - t0;
     if (rc || step == 0) return rc;
     moe_fwd_traffic tr;
     moe_fwd_last_traffic(bn->fw, &tr);
@@ -463,15 +449,15 @@ int srv_cmd_bench(int argc, char **argv) {
         }
     }
     for (int64_t i = 0; i < n_prompt; i++) {
-        ids[i] = (int32_t)(rng_next(&bn.rng) % (uint64_t)bn.n_vocab);
+        ids[i] = (int32_t)(srv_cli_rng_next(&bn.rng) % (uint64_t)bn.n_vocab);
         pos[i] = (int32_t)i;
     }
     want[n_prompt - 1] = 1;
     moe_batch pb = {.n_tok = n_prompt, .ids = ids, .pos = pos, .seq = sq, .n_seq = 1, .seqs = &bn.prompt,
                     .want_logits = want};
-    double t0 = now_s();
+    double t0 = srv_cli_now_s();
     st = moe_fwd_run(bn.fw, bn.kv, &pb, bn.logits);
-    double t_prefill = now_s() - t0;
+    double t_prefill = srv_cli_now_s() - t0;
     free(ids);
     free(pos);
     free(sq);

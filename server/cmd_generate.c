@@ -38,20 +38,6 @@ static void usage(FILE *f) {
                "  -t, --threads N     CPU threads (default: all)\n");
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* splitmix64: tiny, seedable, good enough to draw one token per step */
-static uint64_t rng_next(uint64_t *s) {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 static int32_t sample(const float *logits, int64_t n, float temp, uint64_t *rng) {
     int64_t best = 0;
     for (int64_t i = 1; i < n; i++)
@@ -59,7 +45,7 @@ static int32_t sample(const float *logits, int64_t n, float temp, uint64_t *rng)
     if (temp <= 0) return (int32_t)best;
     double sum = 0;
     for (int64_t i = 0; i < n; i++) sum += exp(((double)logits[i] - logits[best]) / temp);
-    double u = (double)(rng_next(rng) >> 11) * 0x1.0p-53 * sum, acc = 0;
+    double u = (double)(srv_cli_rng_next(rng) >> 11) * 0x1.0p-53 * sum, acc = 0;
     for (int64_t i = 0; i < n; i++) {
         acc += exp(((double)logits[i] - logits[best]) / temp);
         if (u < acc) return (int32_t)i;
@@ -211,7 +197,7 @@ int srv_cmd_generate(int argc, char **argv) {
     }
     for (int64_t i = 0; i < n_prompt; i++) pos[i] = (int32_t)i;
     want[n_prompt - 1] = 1;
-    double t0 = now_s();
+    double t0 = srv_cli_now_s();
     moe_batch b = {.n_tok = n_prompt, .ids = prompt_ids, .pos = pos, .seq = sq, .n_seq = 1, .seqs = &seq,
                    .want_logits = want};
     st = moe_fwd_run(fw, kv, &b, logits);
@@ -222,7 +208,7 @@ int srv_cmd_generate(int argc, char **argv) {
         fprintf(stderr, "moed generate: prompt: %s\n", moe_strerror(st));
         goto out;
     }
-    double t1 = now_s();
+    double t1 = srv_cli_now_s();
     uint64_t rng = seed;
     long n_gen = 0;
     for (int64_t i = 0; i < n_predict; i++) {
@@ -245,7 +231,7 @@ int srv_cmd_generate(int argc, char **argv) {
             goto out;
         }
     }
-    double t2 = now_s();
+    double t2 = srv_cli_now_s();
     if (ts) {
         const char *delta;
         size_t dlen;

@@ -18,13 +18,10 @@
 #include <time.h>
 
 #include "cpu_matmul.h"
+#include "cpu_membw.h"
 #include "quant.h"
 #include "status.h"
 #include "threadpool.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 static double now(void) {
     struct timespec ts;
@@ -32,79 +29,11 @@ static double now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-typedef struct {
-    const uint64_t *buf;
-    int64_t words, chunk;
-    uint64_t sums[64 * 8]; /* one cache line per task slot */
-} bw_job;
-
-#if defined(__x86_64__)
-__attribute__((target("avx2"))) static uint64_t sum_avx2(const uint64_t *p, int64_t n) {
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        a0 = _mm256_add_epi64(a0, _mm256_loadu_si256((const __m256i *)(p + i)));
-        a1 = _mm256_add_epi64(a1, _mm256_loadu_si256((const __m256i *)(p + i + 4)));
-        a2 = _mm256_add_epi64(a2, _mm256_loadu_si256((const __m256i *)(p + i + 8)));
-        a3 = _mm256_add_epi64(a3, _mm256_loadu_si256((const __m256i *)(p + i + 12)));
-    }
-    a0 = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
-    uint64_t t[4];
-    _mm256_storeu_si256((__m256i *)t, a0);
-    uint64_t s = t[0] + t[1] + t[2] + t[3];
-    for (; i < n; i++)
-        s += p[i];
-    return s;
-}
-#endif
-
-static uint64_t sum_words(const uint64_t *p, int64_t n) {
-#if defined(__x86_64__)
-    if (__builtin_cpu_supports("avx2"))
-        return sum_avx2(p, n);
-#endif
-    uint64_t s0 = 0, s1 = 0;
-    int64_t i = 0;
-    for (; i + 2 <= n; i += 2) {
-        s0 += p[i];
-        s1 += p[i + 1];
-    }
-    return s0 + s1 + (i < n ? p[i] : 0);
-}
-
-static void bw_task(void *ctx, int64_t t, int thread) {
-    bw_job *j = ctx;
-    int64_t a = t * j->chunk, b = a + j->chunk < j->words ? a + j->chunk : j->words;
-    j->sums[8 * (t % 64)] += sum_words(j->buf + a, b - a);
-    (void)thread;
-}
-
+/* The same measurement moed bench makes (engine/cpu/cpu_membw.c), in GB/s;
+ * 0 when it cannot measure. */
 static double measure_bandwidth(cpu_pool *pool, size_t bytes, int iters) {
-    uint64_t *buf = malloc(bytes);
-    if (!buf)
-        return 0;
-    for (size_t i = 0; i < bytes / 8; i++)
-        buf[i] = i * 2654435761u;
-    bw_job j;
-    memset(&j, 0, sizeof j);
-    j.buf = buf;
-    j.words = (int64_t)(bytes / 8);
-    int n_tasks = cpu_pool_size(pool) * 4; /* 4 large static-ish chunks per thread */
-    j.chunk = (j.words + n_tasks - 1) / n_tasks;
-    double best = 1e30;
-    for (int it = 0; it < iters; it++) {
-        double t0 = now();
-        cpu_pool_run(pool, bw_task, &j, n_tasks);
-        double dt = now() - t0;
-        best = dt < best ? dt : best;
-    }
-    uint64_t s = 0;
-    for (int i = 0; i < 64; i++)
-        s += j.sums[8 * i];
-    free(buf);
-    if (s == 42)
-        printf("(checksum %llu)\n", (unsigned long long)s); /* keeps the sums live */
-    return (double)bytes / best / 1e9;
+    double bw = cpu_mem_read_bw(pool, bytes, iters);
+    return bw > 0 ? bw / 1e9 : 0;
 }
 
 static void fill_weights(int type, uint8_t *w, int64_t n_in, int64_t n_out) {
