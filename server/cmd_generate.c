@@ -237,6 +237,7 @@ int srv_cmd_generate(int argc, char **argv) {
         size_t dlen;
         if (!moe_tok_stream_flush(ts, &delta, &dlen)) fwrite(delta, 1, dlen, stdout);
         putchar('\n');
+        fflush(stdout); /* before the stats on stderr */
     }
     fprintf(stderr, "moed generate: prompt %lld tokens in %.3f s (%.1f tok/s), %ld generated in %.3f s (%.1f tok/s)\n",
             (long long)n_prompt, t1 - t0, (double)n_prompt / (t1 - t0), n_gen, t2 - t1,
