@@ -142,7 +142,8 @@ fuzz: | $(DEPS_STAMP)
 
 # --- running ---
 
-$(DEMO_MODEL): | $(BIN)
+# made again when the generator changes (a new vocabulary, new shapes)
+$(DEMO_MODEL): engine/mkmodel.c | $(BIN)
 	@mkdir -p $(@D)
 	$(BIN) mkmodel --arch deepseek2 --preset demo --type Q8_0 -o $@.tmp && mv $@.tmp $@
 
