@@ -23,6 +23,16 @@ typedef struct {
  * sums of 16 consecutive qs). */
 typedef moe_block_q8_K cpu__q8k;
 
+/* Weights stream from DRAM; one load per block in flight per thread is
+ * not enough to cover its latency, and the hardware prefetcher alone
+ * leaves a quarter of the bandwidth unused. A prefetch spread through the
+ * loop, CPU_PF_DIST bytes ahead of the block in hand (into the next rows
+ * of the same task), keeps enough lines in flight: measured on a 2-vCPU
+ * EPYC, a streamed Q8_0 matvec went from ~15 to ~19 GB/s. Past the end of
+ * the matrix it is a harmless hint. */
+#define CPU_PF_DIST 4096
+#define CPU_PF_AHEAD(p) __builtin_prefetch((const char *)(p) + CPU_PF_DIST, 0, 3)
+
 /* *out = dot(weight row w, activation row x) over n elements; x is f32 for
  * F32/F16/BF16 weights, cpu__q8blk[] for Q*_0/Q*_1, cpu__q8k[] for K-quants. */
 typedef void (*cpu__dot_fn)(int64_t n, const void *w, const void *x, float *out);

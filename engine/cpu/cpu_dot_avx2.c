@@ -84,7 +84,7 @@ TGT static inline float s_bf16(const void *p, int64_t i) {
  * fit 16 registers at NT = 4). Per row, the float operations are the same
  * for every NT and for all three weight types, which makes dot4 == dot
  * and dot[F16](w) == dot[F32](widened w) bit for bit (cpu_dot.h). */
-#define AVX2_F_NT(NAME, LD, SLD)                                                                   \
+#define AVX2_F_NT(NAME, LD, SLD, ESZ)                                                              \
     TGT static inline __attribute__((always_inline)) void NAME(const int NT, int64_t n, const void *w, \
                                                                const void *const *xv, float *const *out) { \
         const float *const *x = (const float *const *)xv;                                          \
@@ -92,6 +92,7 @@ TGT static inline float s_bf16(const void *p, int64_t i) {
         _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) a0[t] = a1[t] = _mm256_setzero_ps();  \
         int64_t i = 0;                                                                             \
         for (; i + 16 <= n; i += 16) {                                                             \
+            CPU_PF_AHEAD((const char *)w + i * ESZ);                                               \
             __m256 w0 = LD(w, i), w1 = LD(w, i + 8);                                               \
             _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {                                 \
                 a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + i), a0[t]);                     \
@@ -112,9 +113,9 @@ TGT static inline float s_bf16(const void *p, int64_t i) {
         }                                                                                          \
     }
 
-AVX2_F_NT(f32_nt, ld_f32, s_f32)
-AVX2_F_NT(f16_nt, ld_f16, s_f16)
-AVX2_F_NT(bf16_nt, ld_bf16, s_bf16)
+AVX2_F_NT(f32_nt, ld_f32, s_f32, 4)
+AVX2_F_NT(f16_nt, ld_f16, s_f16, 2)
+AVX2_F_NT(bf16_nt, ld_bf16, s_bf16, 2)
 
 #define DEFINE_DOT1(NAME, IMPL)                                                                    \
     TGT static void NAME(int64_t n, const void *w, const void *x, float *out) {                    \
@@ -153,6 +154,7 @@ TGT static void cvt_bf16(int64_t n, const void *w, float *out) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                 \
     int64_t nb = n / 32, b = 0;                                                                    \
     for (; b + 2 <= nb; b += 2) {                                                                  \
+        CPU_PF_AHEAD(w + b);                                                                       \
         { BODY(b, acc0) }                                                                          \
         { BODY(b + 1, acc1) }                                                                      \
     }                                                                                              \
@@ -192,6 +194,7 @@ TGT static ALWAYS_INLINE void q8_0_nt(const int NT, int64_t n, const void *wv, c
     FOR_T acc0[t] = acc1[t] = _mm256_setzero_ps();
     int64_t nb = n / 32, b = 0;
     for (; b + 2 <= nb; b += 2) { /* two FMA chains per row */
+        CPU_PF_AHEAD(w + b);
         q8_0_step(NT, w, x, b, acc0);
         q8_0_step(NT, w, x, b + 1, acc1);
     }
@@ -227,6 +230,7 @@ TGT static ALWAYS_INLINE void q4_0_nt(const int NT, int64_t n, const void *wv, c
     }
     int64_t nb = n / 32, b = 0;
     for (; b + 2 <= nb; b += 2) {
+        CPU_PF_AHEAD(w + b);
         q4_0_step(NT, w, x, b, acc0, moff);
         q4_0_step(NT, w, x, b + 1, acc1, moff);
     }
@@ -348,6 +352,9 @@ TGT static ALWAYS_INLINE void q45_K_nt(const int NT, const int HAS_QH, int64_t n
     for (int64_t b = 0; b < n / 256; b++) {
         /* Q4_K and Q5_K share d, dmin and scales at the same offsets */
         const moe_block_q4_K *w4 = (const moe_block_q4_K *)((const uint8_t *)wv + bsz * b);
+        CPU_PF_AHEAD(w4);
+        CPU_PF_AHEAD((const char *)w4 + 64);
+        CPU_PF_AHEAD((const char *)w4 + 128);
         const moe_block_q5_K *w5 = (const moe_block_q5_K *)w4;
         const uint8_t *qs = HAS_QH ? w5->qs : w4->qs;
         __m256i sm = k4_scales_mins(w4->scales);
@@ -415,6 +422,7 @@ TGT static ALWAYS_INLINE void q6_K_nt(const int NT, int64_t n, const void *wv, c
     const __m256i pm2 = _mm256_load_si256((const __m256i *)q6_pair_mask[2]);
     const __m256i pm3 = _mm256_load_si256((const __m256i *)q6_pair_mask[3]);
     for (int64_t b = 0; b < n / 256; b++) {
+        for (int o = 0; o < (int)sizeof(moe_block_q6_K); o += 64) CPU_PF_AHEAD((const char *)(w + b) + o);
         __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales)); /* s[0..15] */
         __m256i sum[NT_MAX];
         FOR_T sum[t] = _mm256_setzero_si256();

@@ -63,6 +63,7 @@ TGTVNNI static void dot_q8_0_vnni(int64_t n, const void *wv, const void *xv, flo
     int64_t nb = n / 32, b = 0;
     __m512 acc = _mm512_setzero_ps();
     for (; b + 2 <= nb; b += 2) {
+        CPU_PF_AHEAD(w + b);
         __m512i qw = join256(_mm256_loadu_si256((const __m256i *)w[b].qs), _mm256_loadu_si256((const __m256i *)w[b + 1].qs));
         __m512i qx = join256(_mm256_loadu_si256((const __m256i *)x[b].qs), _mm256_loadu_si256((const __m256i *)x[b + 1].qs));
         __m512i xs = _mm512_mask_sub_epi8(qx, _mm512_movepi8_mask(qw), _mm512_setzero_si512(), qx);
@@ -87,6 +88,7 @@ TGTVNNI static void dot_q4_0_vnni(int64_t n, const void *wv, const void *xv, flo
     __m512 acc = _mm512_setzero_ps();
     float moff = 0;
     for (; b + 2 <= nb; b += 2) {
+        CPU_PF_AHEAD(w + b);
         __m512i q = join256(nibbles256(w[b].qs), nibbles256(w[b + 1].qs));
         __m512i qx = join256(_mm256_loadu_si256((const __m256i *)x[b].qs), _mm256_loadu_si256((const __m256i *)x[b + 1].qs));
         __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, qx);
@@ -110,6 +112,7 @@ TGT512 static void dot_q8_0_512(int64_t n, const void *wv, const void *xv, float
     int64_t nb = n / 32, b = 0;
     __m512 acc = _mm512_setzero_ps();
     for (; b + 2 <= nb; b += 2) {
+        CPU_PF_AHEAD(w + b);
         __m512i qw = join256(_mm256_loadu_si256((const __m256i *)w[b].qs), _mm256_loadu_si256((const __m256i *)w[b + 1].qs));
         __m512i qx = join256(_mm256_loadu_si256((const __m256i *)x[b].qs), _mm256_loadu_si256((const __m256i *)x[b + 1].qs));
         __m512 s = _mm512_cvtepi32_ps(mul_sum_i8_512(qw, qx));
@@ -133,6 +136,7 @@ TGT512 static void dot_q4_0_512(int64_t n, const void *wv, const void *xv, float
     __m512 acc = _mm512_setzero_ps();
     float moff = 0;
     for (; b + 2 <= nb; b += 2) {
+        CPU_PF_AHEAD(w + b);
         __m512i q = join256(nibbles256(w[b].qs), nibbles256(w[b + 1].qs));
         __m512i qx = join256(_mm256_loadu_si256((const __m256i *)x[b].qs), _mm256_loadu_si256((const __m256i *)x[b + 1].qs));
         __m512i s = _mm512_madd_epi16(_mm512_maddubs_epi16(q, qx), _mm512_set1_epi16(1));

@@ -8,6 +8,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -378,6 +379,7 @@ static act_kind act_kind_of(int type) {
 
 typedef struct {
     const cpu__kernels *k;
+    bool pf_rows; /* prefetch the next row here (the scalar kernels do not) */
     int type;
     cpu__dot_fn dot;
     cpu__cvt_fn cvt; /* widen a row once when an expert has > 1 token */
@@ -431,10 +433,10 @@ static void mm_task(void *ctx, int64_t task, int thread) {
             int64_t kt1 = kt + TOK_TILE < k1 ? kt + TOK_TILE : k1;
             for (int64_t r = rt; r < rt1; r++) {
                 const void *wr = wexp + (size_t)r * j->row_bytes;
-                if (kt == k0 && r + 1 < r1) {
-                    /* One row ahead (~0.2-1 us of work): enough to hide DRAM
-                     * latency, which the hardware prefetcher alone does not
-                     * fully do at this compute rate. */
+                if (j->pf_rows && kt == k0 && r + 1 < r1) {
+                    /* The scalar kernels: one row ahead (~0.2-1 us of work),
+                     * enough to hide DRAM latency at their rate. The SIMD
+                     * kernels prefetch as they go (CPU_PF_AHEAD). */
                     const char *nx = (const char *)wr + j->row_bytes;
                     for (size_t o = 0; o < j->row_bytes; o += 64)
                         __builtin_prefetch(nx + o, 0, 3);
@@ -497,7 +499,9 @@ static int matmul_experts(cpu_pool *pool, int type, const void *w, const void *w
     pthread_once(&kernels_once, kernels_init);
     mm_job j;
     memset(&j, 0, sizeof j);
-    j.k = &kernel_tables[atomic_load(&isa_active)];
+    int isa = atomic_load(&isa_active);
+    j.k = &kernel_tables[isa];
+    j.pf_rows = isa == CPU_ISA_SCALAR;
     j.type = type;
     j.dot = j.k->dot[type];
     j.cvt = j.k->cvt[type];
