@@ -63,7 +63,7 @@ endif
 
 DEPS_STAMP := $(BUILD)/.deps-ok
 
-.PHONY: all deps test check pytest run bench asan fuzz install uninstall clean help venv
+.PHONY: all deps test check pytest run bench bench-model asan fuzz install uninstall clean help venv
 
 all: $(BIN)
 
@@ -72,6 +72,7 @@ help:
 	@echo "make test       install what is missing, build, run the Check suites and pytest"
 	@echo "make run        serve MODEL=path.gguf (default: a cached random-weight demo model)"
 	@echo "make bench      benchmarks (ratios measured in one run)"
+	@echo "make bench-model  moed bench + serving benchmark on an 8-layer V2-Lite Q8_0 (4.9 GB, minutes)"
 	@echo "make asan       Check suites under AddressSanitizer + UBSan"
 	@echo "make fuzz       libFuzzer on the GGUF reader for FUZZ_TIME seconds"
 	@echo "make install    PREFIX=$(PREFIX) DESTDIR=; make uninstall"
@@ -154,6 +155,20 @@ run: deps $(BIN) $(if $(MODEL),,$(DEMO_MODEL))
 bench: $(BIN) $(TOOL_BIN)
 	$(BUILD)/tests/tool_matbench --threads $(if $(THREADS),$(THREADS),$$(nproc))
 	@if [ -x $(BUILD)/tests/tool_tokbench ]; then $(BUILD)/tests/tool_tokbench; fi
+
+# The issue benchmarks: DeepSeek-V2-Lite's shape cut to 8 layers (4.9 GB in
+# Q8_0, made once in the model cache), `moed bench` on it, then the serving
+# benchmark at 1/4/8 streams. Minutes on a small machine; not part of `make bench`.
+BENCH_MODEL := $(MODEL_CACHE)/v2lite-8layers-Q8_0.gguf
+
+$(BENCH_MODEL): engine/mkmodel.c | $(BIN)
+	@mkdir -p $(@D)
+	$(BIN) mkmodel --arch deepseek2 --preset v2-lite --layers 8 --type Q8_0 -o $@.tmp && mv $@.tmp $@
+
+bench-model: $(BIN) $(BENCH_MODEL) venv
+	$(BIN) bench -m $(BENCH_MODEL) $(if $(THREADS),--threads $(THREADS))
+	.venv/bin/python tests/bench_serve.py --moed $(BIN) --model $(BENCH_MODEL) --concurrency 1,4,8 \
+		--max-tokens 64 --prompt-words 8 $(if $(THREADS),--threads $(THREADS))
 
 # --- install ---
 
