@@ -29,8 +29,11 @@ typedef moe_block_q8_K cpu__q8k;
  * loop, CPU_PF_DIST bytes ahead of the block in hand (into the next rows
  * of the same task), keeps enough lines in flight: measured on a 2-vCPU
  * EPYC, a streamed Q8_0 matvec went from ~15 to ~19 GB/s. Past the end of
- * the matrix it is a harmless hint. */
+ * the matrix it is a harmless hint. 2-16 KiB measured alike there;
+ * OPT="-O2 -DCPU_PF_DIST=N" tries another distance. */
+#ifndef CPU_PF_DIST
 #define CPU_PF_DIST 4096
+#endif
 #define CPU_PF_AHEAD(p) __builtin_prefetch((const char *)(p) + CPU_PF_DIST, 0, 3)
 
 /* *out = dot(weight row w, activation row x) over n elements; x is f32 for
