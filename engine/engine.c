@@ -697,6 +697,7 @@ static void publish_stats(moe_engine *e, const moe_sched_batch *sb, bool stepped
         int k = 0;
         while (k < 8 && sb->b.n_seq > (1 << k)) k++;
         st->batch_hist[k]++;
+        st->batch_seqs_total += (uint64_t)sb->b.n_seq;
     }
     st->heartbeat_ns = moe_now_ns();
     pthread_mutex_unlock(&e->mu);

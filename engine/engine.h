@@ -222,6 +222,7 @@ typedef struct moe_engine_stats {
     /* Histogram of sequences per step: counts of steps with batch size
      * <= 1, 2, 4, 8, 16, 32, 64, 128, +Inf (cumulative is the caller's job). */
     uint64_t batch_hist[9];
+    uint64_t batch_seqs_total; /* sum of the sequences of every step (the histogram's _sum) */
     uint64_t heartbeat_ns; /* CLOCK_MONOTONIC of the engine loop's latest iteration (idle loops tick too) */
 } moe_engine_stats;
 void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *out);

@@ -119,16 +119,12 @@ char *srv_metrics_render(const srv_metrics *m, const moe_engine_stats *st, const
     static const char *le[9] = {"1", "2", "4", "8", "16", "32", "64", "128", "+Inf"};
     put(&s, "# HELP moed_batch_size sequences per engine step\n# TYPE moed_batch_size histogram\n");
     uint64_t cum = 0;
-    double sum = 0;
-    static const double mid[9] = {1, 2, 3.5, 6.5, 12.5, 24.5, 48.5, 96.5, 160};
     for (int i = 0; i < 9; i++) {
         cum += st->batch_hist[i];
-        sum += mid[i] * (double)st->batch_hist[i];
         put(&s, "moed_batch_size_bucket{model=\"%s\",le=\"%s\"} %llu\n", lbl, le[i], (unsigned long long)cum);
     }
-    /* The engine keeps bucket counts only; the sum is estimated from bucket midpoints. */
-    put(&s, "moed_batch_size_sum{model=\"%s\"} %.17g\nmoed_batch_size_count{model=\"%s\"} %llu\n", lbl, sum, lbl,
-        (unsigned long long)cum);
+    put(&s, "moed_batch_size_sum{model=\"%s\"} %llu\nmoed_batch_size_count{model=\"%s\"} %llu\n", lbl,
+        (unsigned long long)st->batch_seqs_total, lbl, (unsigned long long)cum);
     put_hist(&s, "moed_time_to_first_token_seconds", "time from request arrival to its first token", &m->ttft, lbl);
     put_hist(&s, "moed_inter_token_latency_seconds", "time between consecutive tokens of a choice", &m->itl, lbl);
     put_hist(&s, "moed_request_duration_seconds", "time from request arrival to the end of its response", &m->e2e,

@@ -224,6 +224,17 @@ def test_metrics(server, client):
     assert [v for _, v in b] == sorted(v for _, v in b)
     assert b[-1][1] == metric(m, "moed_batch_size_count")
     assert metric(m, "moed_http_requests_total", code=200) >= 1
+    # _sum is the exact number of sequences stepped: alone, an n=3 request steps
+    # 1, 2 or 3 sequences at a time, so each bucket's steps have a known size
+    before = server.metrics()
+    client.completions.create(model=MODEL, prompt="count", max_tokens=4, n=3, extra_body={"ignore_eos": True})
+    after = server.metrics()
+
+    def d(name, **lb):
+        return metric(after, name, **lb) - metric(before, name, **lb)
+    c1, c2, c4 = (d("moed_batch_size_bucket", le=x) for x in ("1", "2", "4"))
+    assert c4 == d("moed_batch_size_count") and c4 > c2  # some steps had all three
+    assert d("moed_batch_size_sum") == 1 * c1 + 2 * (c2 - c1) + 3 * (c4 - c2)
 
 
 def test_cors(server):
