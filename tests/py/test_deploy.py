@@ -467,7 +467,8 @@ def test_serves_under_memory_deny_write_execute(tmp_path, moed_bin):
         assert proc.poll() is None, (tmp_path / "serve.log").read_text()
         import json
         import urllib.request
-        body = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 4}).encode()
+        body = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 4,
+                           "ignore_eos": True}).encode()
         with urllib.request.urlopen(urllib.request.Request(url + "/v1/chat/completions", data=body), timeout=30) as r:
             assert json.loads(r.read())["usage"]["completion_tokens"] == 4
         req = urllib.request.Request(url + "/tokenize", data=json.dumps({"content": text}).encode())

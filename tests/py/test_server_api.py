@@ -252,7 +252,7 @@ def test_cors(server):
 
 
 def test_request_log_lines(server, client):
-    client.completions.create(model=MODEL, prompt="SECRET PROMPT TEXT", max_tokens=3)
+    client.completions.create(model=MODEL, prompt="SECRET PROMPT TEXT", max_tokens=3, extra_body={"ignore_eos": True})
     time.sleep(0.2)
     log = server.read_log()
     line = [ln for ln in log.splitlines() if "POST /v1/completions" in ln][-1]
@@ -266,7 +266,8 @@ def test_api_key_and_json_logs(moed_bin, model, tmp_path):
     s = Server(moed_bin, model, "--log-format", "json", "--log-prompts",
                env={"MOED_API_KEY": "k1,k2"}, log_dir=tmp_path).wait_ready()
     try:
-        body = {"model": model.stem, "prompt": "SECRET", "max_tokens": 2}
+        # ignore_eos: the sampled (unseeded) output must not end early
+        body = {"model": model.stem, "prompt": "SECRET", "max_tokens": 2, "ignore_eos": True}
         r = requests.post(s.url("/v1/completions"), json=body)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         r = requests.post(s.url("/v1/completions"), json=body, headers={"Authorization": "Bearer wrong"})
@@ -275,7 +276,8 @@ def test_api_key_and_json_logs(moed_bin, model, tmp_path):
             r = requests.post(s.url("/v1/completions"), json=body, headers={"Authorization": f"Bearer {k}"})
             assert r.status_code == 200, r.text
         c = openai.OpenAI(base_url=s.url("/v1"), api_key="k2", max_retries=0)
-        assert c.completions.create(model=model.stem, prompt="x", max_tokens=1).usage.completion_tokens == 1
+        assert c.completions.create(model=model.stem, prompt="x", max_tokens=1,
+                                    extra_body={"ignore_eos": True}).usage.completion_tokens == 1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=s.url("/v1"), api_key="nope", max_retries=0).models.list()
         # /health and /metrics stay open

@@ -39,7 +39,7 @@ def n_vocab(server):
 
 
 def assert_serving(server):
-    r = requests.post(server.url("/v1/completions"), json={"prompt": "ok", "max_tokens": 1}, timeout=30)
+    r = requests.post(server.url("/v1/completions"), json={"prompt": "ok", "max_tokens": 1, "ignore_eos": True}, timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 1
 
