@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "gguf.h"
+#include "hash.h"
 #include "qblocks.h"
 #include "quant.h"
 
@@ -337,16 +338,10 @@ static int n_specials(fam f) {
     return n;
 }
 
-static uint64_t str_hash(const char *s) {
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-    for (; *s; s++) h = (h ^ (uint8_t)*s) * 1099511628211ull;
-    return h;
-}
-
 /* Inserts s into an open-addressed set of (cap, a power of two) slots;
  * false when it was there already. */
 static bool set_add(const char **set, size_t cap, const char *s) {
-    size_t h = (size_t)str_hash(s) & (cap - 1);
+    size_t h = (size_t)moe_hash_bytes(s, strlen(s)) & (cap - 1);
     for (; set[h]; h = (h + 1) & (cap - 1))
         if (!strcmp(set[h], s)) return false;
     set[h] = s;

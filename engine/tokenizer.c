@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash.h"
+
 #define MAX_SPLITS 8
 
 typedef struct pre_def {
@@ -102,15 +104,6 @@ struct moe_tok {
     int n_re;
 };
 
-static uint64_t hash_bytes(const char *s, size_t n) {
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < n; i++) {
-        h ^= (unsigned char)s[i];
-        h *= 1099511628211ull;
-    }
-    return h ^ (h >> 29);
-}
-
 static uint64_t hash_u64(uint64_t x) {
     x ^= x >> 33;
     x *= 0xff51afd7ed558ccdull;
@@ -136,7 +129,7 @@ const char *moe_tok_piece(const moe_tok *t, int32_t id, size_t *len) {
 }
 
 int32_t moe_tok_find(const moe_tok *t, const char *s, size_t len) {
-    uint64_t h = hash_bytes(s, len) & t->hash_mask;
+    uint64_t h = moe_hash_bytes(s, len) & t->hash_mask;
     for (;;) {
         int32_t id = t->hash[h];
         if (id < 0) return -1;
@@ -418,7 +411,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     for (int32_t i = 0; i < n; i++) {
         size_t len;
         const char *x = moe_tok_text(t, i, &len);
-        uint64_t h = hash_bytes(x, len) & t->hash_mask;
+        uint64_t h = moe_hash_bytes(x, len) & t->hash_mask;
         bool dup = false;
         while (t->hash[h] >= 0) {
             size_t l2;
