@@ -79,17 +79,20 @@ static void usage(FILE *f) {
             "      --json          one JSON object on stdout instead of text\n");
 }
 
-/* One more bandwidth measurement: 3 host passes, or the device copies. */
-static double remeasure(int use_cuda, cpu_pool *pool, const uint64_t *buf, size_t bytes) {
+/* Bytes per second: the best of `passes` host passes over buf, or of the
+ * device's copy timings (three, whatever `passes` says); a negative
+ * moe_status when it cannot measure. */
+static double measure_bw(int use_cuda, cpu_pool *pool, const uint64_t *buf, size_t bytes, int passes) {
 #ifdef MOE_HAVE_CUDA
     if (use_cuda) {
         double g = 0;
-        return cuda_copy_bandwidth(0, bytes, &g) ? 0 : g * 1e9;
+        int st = cuda_copy_bandwidth(0, bytes, &g);
+        return st ? st : g * 1e9;
     }
 #else
     (void)use_cuda;
 #endif
-    return cpu_mem_read_bw_buf(pool, buf, bytes, 3);
+    return cpu_mem_read_bw_buf(pool, buf, bytes, passes);
 }
 
 static int parse_long(const char *s, long lo, long hi, long *out) {
@@ -347,19 +350,8 @@ int srv_cmd_bench(int argc, char **argv) {
     }
     int n_threads = cpu_pool_size(pool);
     size_t bw_bytes = (size_t)bw_mib << 20;
-    uint64_t *bw_buf = NULL;
-    double bw, bw_first;
-    int bw_passes = 5;
-#ifdef MOE_HAVE_CUDA
-    if (use_cuda) {
-        bw = -1;
-        int cst = cuda_copy_bandwidth(0, bw_bytes, &bw);
-        bw = cst ? cst : bw * 1e9;
-        bw_first = bw;
-        bw_passes = 3;
-    } else
-#endif
-    {
+    uint64_t *bw_buf = NULL; /* host passes only */
+    if (!use_cuda) {
         bw_buf = malloc(bw_bytes);
         if (!bw_buf) {
             fprintf(stderr, "moed bench: no memory for the %ld MiB bandwidth buffer\n", bw_mib);
@@ -367,9 +359,9 @@ int srv_cmd_bench(int argc, char **argv) {
             return 1;
         }
         for (size_t i = 0; i < bw_bytes / 8; i++) bw_buf[i] = i * 2654435761u + 1;
-        bw = cpu_mem_read_bw_buf(pool, bw_buf, bw_bytes, 5);
-        bw_first = bw;
     }
+    int bw_passes = use_cuda ? 3 : 5;
+    double bw = measure_bw(use_cuda, pool, bw_buf, bw_bytes, bw_passes), bw_first = bw;
     if (bw <= 0) {
         fprintf(stderr, "moed bench: measuring the bandwidth: %s\n", moe_strerror((int)bw));
         free(bw_buf);
@@ -378,7 +370,7 @@ int srv_cmd_bench(int argc, char **argv) {
     }
 #define REMEASURE()                                                                                                  \
     do {                                                                                                             \
-        double b_ = remeasure(use_cuda, pool, bw_buf, bw_bytes);                                                     \
+        double b_ = measure_bw(use_cuda, pool, bw_buf, bw_bytes, 3);                                                 \
         bw_passes += 3;                                                                                              \
         bw = b_ > bw ? b_ : bw;                                                                                      \
     } while (0)
