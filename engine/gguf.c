@@ -14,7 +14,9 @@
 #include <fcntl.h>
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -211,6 +213,7 @@ struct moe_gguf {
     moe_gguf_tensor *tensors;
     name_index kv_ix, tensor_ix;
     arena arena;
+    int map_slot; /* 1 + its g_maps slot; 0 = not registered */
 };
 
 static const char *kv_name_of(const void *ctx, uint64_t i) { return ((const moe_gguf *)ctx)->kvs[i].key; }
@@ -687,6 +690,55 @@ moe_gguf *moe_gguf_open_memory(const void *buf, size_t size, int *status, char *
     return open_buf(buf, size, false, status, err, errsz);
 }
 
+/* Live file mappings, for moe_gguf_mapping_lookup (a SIGBUS handler).
+ * Readers take no lock: a slot is published by storing its base last and
+ * retired by clearing the base first. */
+#define MAP_SLOTS 16
+static struct {
+    _Atomic(uintptr_t) base;
+    _Atomic(size_t) size;
+    char path[512];
+} g_maps[MAP_SLOTS];
+static pthread_mutex_t g_maps_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* Returns 1 + the slot, or 0 when all are taken (the mapping then works
+ * as before, only a fault in it is not recognised). */
+static int map_register(const void *base, size_t size, const char *path) {
+    int slot = 0;
+    pthread_mutex_lock(&g_maps_mu);
+    for (int i = 0; i < MAP_SLOTS && !slot; i++)
+        if (!atomic_load(&g_maps[i].base)) {
+            snprintf(g_maps[i].path, sizeof g_maps[i].path, "%s", path);
+            atomic_store(&g_maps[i].size, size);
+            atomic_store(&g_maps[i].base, (uintptr_t)base);
+            slot = i + 1;
+        }
+    pthread_mutex_unlock(&g_maps_mu);
+    return slot;
+}
+
+static void map_unregister(int slot) {
+    if (slot <= 0) return;
+    pthread_mutex_lock(&g_maps_mu);
+    atomic_store(&g_maps[slot - 1].base, 0);
+    pthread_mutex_unlock(&g_maps_mu);
+}
+
+bool moe_gguf_mapping_lookup(const void *addr, char *path, size_t pathsz) {
+    uintptr_t a = (uintptr_t)addr;
+    for (int i = 0; i < MAP_SLOTS; i++) {
+        uintptr_t b = atomic_load(&g_maps[i].base);
+        if (!b || a < b || a - b >= atomic_load(&g_maps[i].size)) continue;
+        if (path && pathsz) {
+            size_t k = 0;
+            for (; k + 1 < pathsz && g_maps[i].path[k]; k++) path[k] = g_maps[i].path[k];
+            path[k] = 0;
+        }
+        return true;
+    }
+    return false;
+}
+
 moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz) {
     int st_dummy;
     if (!status)
@@ -697,7 +749,10 @@ moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz) 
             snprintf(err, errsz, "NULL path");
         return NULL;
     }
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+     * writer forever (and a serving process could not even be stopped);
+     * it changes nothing for the regular file we accept. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
         *status = MOE_EIO;
         if (err && errsz)
@@ -709,7 +764,12 @@ moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz) 
     if (fstat(fd, &st) != 0)
         why = strerror(errno);
     else if (!S_ISREG(st.st_mode))
-        why = "not a regular file";
+        why = S_ISFIFO(st.st_mode)  ? "not a regular file (FIFO)"
+              : S_ISDIR(st.st_mode) ? "not a regular file (directory)"
+              : S_ISCHR(st.st_mode) ? "not a regular file (character device)"
+              : S_ISBLK(st.st_mode) ? "not a regular file (block device)"
+              : S_ISSOCK(st.st_mode) ? "not a regular file (socket)"
+                                     : "not a regular file";
     if (why) {
         close(fd);
         *status = MOE_EIO;
@@ -731,12 +791,18 @@ moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz) 
         }
     }
     close(fd); /* the mapping keeps the file alive */
-    return open_buf(buf, size, size != 0, status, err, errsz);
+    /* registered before parsing: the header is read through the mapping too */
+    int slot = size ? map_register(buf, size, path) : 0;
+    moe_gguf *g = open_buf(buf, size, size != 0, status, err, errsz);
+    if (g) g->map_slot = slot;
+    else map_unregister(slot);
+    return g;
 }
 
 void moe_gguf_close(moe_gguf *g) {
     if (!g)
         return;
+    map_unregister(g->map_slot);
     if (g->mapped && g->size)
         munmap((void *)g->base, g->size);
     free(g->kvs);

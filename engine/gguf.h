@@ -103,8 +103,18 @@ typedef struct moe_gguf moe_gguf;
 /* Opens and validates `path`. Returns the reader, or NULL with *status set
  * (MOE_EIO, MOE_EFORMAT, MOE_ENOMEM, MOE_EUNSUPPORTED) and a message in
  * `err` (may be NULL; errsz bytes, always NUL-terminated) that names what
- * is wrong and its byte offset. Caller frees with moe_gguf_close(). */
+ * is wrong and its byte offset. A path that is not a regular file is
+ * refused at once with MOE_EIO ("not a regular file (FIFO)"), never
+ * waited on. Caller frees with moe_gguf_close(). */
 moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz);
+
+/* Whether addr lies inside the mapping of a file opened by moe_gguf_open()
+ * and not yet closed; if so, copies that file's path (as given to open)
+ * into path (pathsz bytes, NUL-terminated; may be NULL). A file that
+ * shrinks while mapped turns reads past its new end into SIGBUS: this
+ * lets a SIGBUS handler tell that case from any other. Async-signal-safe,
+ * lock-free; any thread. */
+bool moe_gguf_mapping_lookup(const void *addr, char *path, size_t pathsz);
 
 /* Same as moe_gguf_open() over a caller-owned buffer, which must outlive
  * the reader (used by tests and the fuzzer; nothing is copied). */

@@ -450,6 +450,88 @@ int srv_config_from_args(srv_config *c, int argc, char **argv, char *const *envp
     return 0;
 }
 
+static const char *const live_keys[] = {"api_key", "cors_origins", "log_format", "log_level", "log_prompts"};
+
+bool srv_config_is_live(const char *key) {
+    for (size_t i = 0; i < sizeof live_keys / sizeof live_keys[0]; i++)
+        if (!strcmp(key, live_keys[i])) return true;
+    return false;
+}
+
+static bool same_str(const char *a, const char *b) { return a == b || (a && b && !strcmp(a, b)); }
+
+static bool opt_equal(const srv_config *a, const srv_config *b, const opt_desc *o) {
+    const char *pa = (const char *)a + o->off, *pb = (const char *)b + o->off;
+    switch (o->type) {
+    case OPT_STR: return same_str(*(char *const *)pa, *(char *const *)pb);
+    case OPT_INT: return *(const int64_t *)pa == *(const int64_t *)pb;
+    case OPT_DBL: return *(const double *)pa == *(const double *)pb;
+    case OPT_BOOL: return *(const bool *)pa == *(const bool *)pb;
+    case OPT_FMT: return a->log_format == b->log_format;
+    case OPT_LEVEL: return a->log_level == b->log_level;
+    case OPT_LIST: {
+        size_t na = *(const size_t *)((const char *)a + o->count_off), nb = *(const size_t *)((const char *)b + o->count_off);
+        if (na != nb) return false;
+        for (size_t i = 0; i < na; i++)
+            if (!same_str((*(char **const *)pa)[i], (*(char **const *)pb)[i])) return false;
+        return true;
+    }
+    }
+    return false;
+}
+
+/* Exchanges one option's value between a and b (so freeing b frees the old one). */
+static void opt_swap(srv_config *a, srv_config *b, const opt_desc *o) {
+    char *pa = (char *)a + o->off, *pb = (char *)b + o->off;
+    size_t n = o->type == OPT_STR || o->type == OPT_LIST ? sizeof(char *)
+               : o->type == OPT_INT                       ? sizeof(int64_t)
+               : o->type == OPT_DBL                       ? sizeof(double)
+               : o->type == OPT_BOOL                      ? sizeof(bool)
+               : o->type == OPT_FMT                       ? sizeof(srv_log_format)
+                                                          : sizeof(srv_log_level);
+    char tmp[sizeof(double) > sizeof(char *) ? sizeof(double) : sizeof(char *)];
+    memcpy(tmp, pa, n);
+    memcpy(pa, pb, n);
+    memcpy(pb, tmp, n);
+    if (o->type == OPT_LIST) {
+        size_t *ca = (size_t *)((char *)a + o->count_off), *cb = (size_t *)((char *)b + o->count_off), t = *ca;
+        *ca = *cb;
+        *cb = t;
+    }
+}
+
+/* Appends ", key" (or "key") to a list buffer, if there is room. */
+static void list_add(char *buf, size_t sz, const char *key) {
+    if (!buf || !sz) return;
+    size_t n = strlen(buf);
+    snprintf(buf + n, sz - n, "%s%s", n ? ", " : "", key);
+}
+
+int srv_config_reload(srv_config *c, int argc, char **argv, char *const *envp, char *changed, size_t changedsz,
+                      char *ignored, size_t ignoredsz, char *err, size_t errsz) {
+    if (changed && changedsz) changed[0] = 0;
+    if (ignored && ignoredsz) ignored[0] = 0;
+    srv_config fresh;
+    srv_config_init(&fresh);
+    int st = srv_config_from_args(&fresh, argc, argv, envp, err, errsz);
+    if (st) {
+        srv_config_free(&fresh);
+        return st < 0 ? st : MOE_EINVAL; /* 1 (--help) cannot come from a running server's argv */
+    }
+    for (size_t i = 0; i < N_OPTS; i++) {
+        const opt_desc *o = &opts[i];
+        if (opt_equal(c, &fresh, o)) continue;
+        if (srv_config_is_live(o->key)) {
+            opt_swap(c, &fresh, o);
+            list_add(changed, changedsz, o->key);
+        } else {
+            list_add(ignored, ignoredsz, o->key);
+        }
+    }
+    srv_config_free(&fresh);
+    return 0;
+}
+
 void srv_config_usage(FILE *f) {
     fprintf(f, "usage: moed serve [-m] MODEL.gguf [OPTIONS]\n\n"
                "Serves the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models,\n"

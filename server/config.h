@@ -82,6 +82,22 @@ int srv_config_load_env(srv_config *c, char *const *envp, char *err, size_t errs
  * errors are MOE_EINVAL). c must have been initialised. */
 int srv_config_from_args(srv_config *c, int argc, char **argv, char *const *envp, char *err, size_t errsz);
 
+/* The options a running server takes over on SIGHUP (srv_config_reload):
+ * api_key, cors_origins, log_format, log_level, log_prompts. */
+bool srv_config_is_live(const char *key);
+
+/* SIGHUP: builds a fresh configuration exactly as at startup (defaults,
+ * the file named by --config or MOED_CONFIG, MOED_* variables of envp,
+ * flags; see srv_config_from_args) and moves the live options (above)
+ * from it into c. On success returns 0 and lists, comma-separated, the
+ * live options whose value changed in `changed` and the other options
+ * whose value changed (kept as they are until a restart) in `ignored`
+ * ("" for none; both may be NULL). A file or value that does not parse
+ * returns its negative status with the message in err and leaves c as
+ * it was. Only the thread that reads c's live options may call it. */
+int srv_config_reload(srv_config *c, int argc, char **argv, char *const *envp, char *changed, size_t changedsz,
+                      char *ignored, size_t ignoredsz, char *err, size_t errsz);
+
 /* Prints the flag list (key, flag, variable, default, meaning). */
 void srv_config_usage(FILE *f);
 

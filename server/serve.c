@@ -30,6 +30,7 @@
 
 #include "cli.h"
 #include "config.h"
+#include "fault.h"
 #include "engine.h"
 #include "http.h"
 #include "log.h"
@@ -135,7 +136,7 @@ struct server {
     srv_metrics metrics;
     uv_async_t async;
     uv_timer_t tick, watchdog;
-    uv_signal_t sigterm, sigint;
+    uv_signal_t sigterm, sigint, sighup;
     pthread_mutex_t ev_mu;
     ev_node *ev_head, *ev_tail;
     srv_gen *gens;
@@ -148,6 +149,8 @@ struct server {
     uint64_t id_base, id_next;
     int64_t started_unix;
     int exit_code;
+    int argc;    /* the command line, re-read on SIGHUP */
+    char **argv;
 };
 
 /* ------------------------------------------------------------------ */
@@ -1177,6 +1180,24 @@ static void signal_cb(uv_signal_t *h, int signum) {
     start_drain(s);
 }
 
+/* SIGHUP: the live options again from the file, environment and flags;
+ * a bad file keeps the current ones. There is no log file to reopen:
+ * the log is stderr, which the service manager holds. */
+static void hup_cb(uv_signal_t *h, int signum) {
+    (void)signum;
+    server *s = h->data;
+    char changed[512], ignored[512], err[MOE_ERR_MAX];
+    int st = srv_config_reload(s->cfg, s->argc, s->argv, NULL, changed, sizeof changed, ignored, sizeof ignored, err,
+                               sizeof err);
+    if (st) {
+        srv_log(SRV_LOG_ERROR, "SIGHUP: reload failed, keeping the current settings: %s", err);
+        return;
+    }
+    srv_log_setup(s->cfg->log_format, s->cfg->log_level, s->cfg->log_prompts);
+    srv_log(SRV_LOG_INFO, "reloaded settings: %s", changed[0] ? changed : "none changed");
+    if (ignored[0]) srv_log(SRV_LOG_WARN, "SIGHUP: changed settings that need a restart were not applied: %s", ignored);
+}
+
 static void on_ready(server *s) {
     if (moe_engine_get_info(s->eng, &s->info)) return;
     s->ready = true;
@@ -1304,10 +1325,13 @@ int srv_cmd_serve(int argc, char **argv) {
     }
     srv_log_setup(cfg.log_format, cfg.log_level, cfg.log_prompts);
     signal(SIGPIPE, SIG_IGN);
+    if (srv_fault_install()) srv_log(SRV_LOG_WARN, "cannot install the SIGBUS handler");
 
     server *s = calloc(1, sizeof *s);
     if (!s) return 1;
     s->cfg = &cfg;
+    s->argc = argc;
+    s->argv = argv;
     s->loop = uv_default_loop();
     s->model_file_id = model_id_from_path(cfg.model);
     s->model_name = strdup(cfg.served_model_name ? cfg.served_model_name : s->model_file_id);
@@ -1324,6 +1348,9 @@ int srv_cmd_serve(int argc, char **argv) {
     uv_signal_init(s->loop, &s->sigint);
     s->sigint.data = s;
     uv_signal_start(&s->sigint, signal_cb, SIGINT);
+    uv_signal_init(s->loop, &s->sighup);
+    s->sighup.data = s;
+    uv_signal_start(&s->sighup, hup_cb, SIGHUP);
 
     moe_engine_opts eo = {0};
     eo.model_path = cfg.model;

@@ -233,6 +233,62 @@ START_TEST(test_usage_lists_every_key) {
 }
 END_TEST
 
+/* SIGHUP: the live options come from the file again, flags still win,
+ * other changes are only reported, and a bad file changes nothing. */
+START_TEST(test_reload) {
+    const char *p = write_conf("api_key = old\nport = 9000\nlog_level = warn\n");
+    char path[64];
+    strcpy(path, p);
+    char *argv[] = {"serve", "--config", path, "--log-format", "json", "-m", "m.gguf", NULL};
+    char *envp[] = {"MOED_CORS_ORIGINS=https://a.example", NULL};
+    char err[256], changed[256], ignored[256];
+    srv_config c;
+    srv_config_init(&c);
+    ck_assert_int_eq(srv_config_from_args(&c, 7, argv, envp, err, sizeof err), 0);
+    ck_assert_str_eq(c.api_keys[0], "old");
+
+    /* unchanged: nothing to report */
+    ck_assert_int_eq(srv_config_reload(&c, 7, argv, envp, changed, sizeof changed, ignored, sizeof ignored, err,
+                                       sizeof err), 0);
+    ck_assert_str_eq(changed, "");
+    ck_assert_str_eq(ignored, "");
+
+    FILE *f = fopen(path, "w");
+    fputs("api_key = new1, new2\nport = 9001\nlog_level = debug\nlog_format = text\n"
+          "cors_origins = https://file.example\nlog_prompts = on\n", f);
+    fclose(f);
+    ck_assert_int_eq(srv_config_reload(&c, 7, argv, envp, changed, sizeof changed, ignored, sizeof ignored, err,
+                                       sizeof err), 0);
+    /* table order; log_format stays json (the flag), cors stays the env's */
+    ck_assert_str_eq(changed, "api_key, log_level, log_prompts");
+    ck_assert_str_eq(ignored, "port");
+    ck_assert_int_eq(c.n_api_keys, 2);
+    ck_assert_str_eq(c.api_keys[0], "new1");
+    ck_assert_str_eq(c.api_keys[1], "new2");
+    ck_assert_int_eq(c.log_level, SRV_LOG_DEBUG);
+    ck_assert_int_eq(c.log_format, SRV_LOG_JSON);
+    ck_assert(c.log_prompts);
+    ck_assert_int_eq(c.n_cors_origins, 1);
+    ck_assert_str_eq(c.cors_origins[0], "https://a.example");
+    ck_assert_int_eq(c.port, 9000); /* needs a restart */
+
+    f = fopen(path, "w");
+    fputs("api_key = newer\nlog_level = loud\n", f);
+    fclose(f);
+    ck_assert_int_eq(srv_config_reload(&c, 7, argv, envp, changed, sizeof changed, ignored, sizeof ignored, err,
+                                       sizeof err), MOE_EINVAL);
+    ck_assert_msg(strstr(err, ":2:") && strstr(err, "log_level"), "%s", err);
+    ck_assert_str_eq(c.api_keys[0], "new1");
+    ck_assert_int_eq(c.log_level, SRV_LOG_DEBUG);
+
+    unlink(path);
+    ck_assert_int_eq(srv_config_reload(&c, 7, argv, envp, changed, sizeof changed, ignored, sizeof ignored, err,
+                                       sizeof err), MOE_EIO);
+    ck_assert_str_eq(c.api_keys[0], "new1");
+    srv_config_free(&c);
+}
+END_TEST
+
 static Suite *config_suite(void) {
     Suite *s = suite_create("config");
     TCase *tc = tcase_create("defaults");
@@ -248,6 +304,9 @@ static Suite *config_suite(void) {
     tc = tcase_create("precedence");
     tcase_add_test(tc, test_precedence);
     tcase_add_test(tc, test_args_errors);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("reload");
+    tcase_add_test(tc, test_reload);
     suite_add_tcase(s, tc);
     tc = tcase_create("usage");
     tcase_add_test(tc, test_usage_lists_every_key);

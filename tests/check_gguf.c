@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -591,7 +592,9 @@ START_TEST(test_open_errors) {
     ck_assert_ptr_nonnull(strstr(err, "/nonexistent/dir/x.gguf"));
     ck_assert_ptr_null(moe_gguf_open("/tmp", &st, err, sizeof(err)));
     ck_assert_int_eq(st, MOE_EIO);
-    ck_assert_ptr_nonnull(strstr(err, "not a regular file"));
+    ck_assert_ptr_nonnull(strstr(err, "not a regular file (directory)"));
+    ck_assert_ptr_null(moe_gguf_open("/dev/null", &st, err, sizeof(err)));
+    ck_assert_ptr_nonnull(strstr(err, "'/dev/null': not a regular file (character device)"));
     FILE *f = fopen(tmp_path, "wb");
     fclose(f);
     ck_assert_ptr_null(moe_gguf_open(tmp_path, &st, err, sizeof(err)));
@@ -601,6 +604,52 @@ START_TEST(test_open_errors) {
     char one[1] = {'x'};
     ck_assert_ptr_null(moe_gguf_open(tmp_path, &st, one, 1));
     ck_assert_int_eq(one[0], 0);
+}
+END_TEST
+
+/* Opening a FIFO must neither wait for a writer nor accept it. */
+START_TEST(test_open_fifo) {
+    char path[] = "/tmp/check_gguf_fifo_XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(path));
+    char fifo[64];
+    snprintf(fifo, sizeof fifo, "%s/m.gguf", path);
+    ck_assert_int_eq(mkfifo(fifo, 0600), 0);
+    alarm(10); /* a blocking open fails the test instead of hanging it */
+    int st = 0;
+    ck_assert_ptr_null(moe_gguf_open(fifo, &st, err, sizeof(err)));
+    alarm(0);
+    ck_assert_int_eq(st, MOE_EIO);
+    ck_assert_ptr_nonnull(strstr(err, "not a regular file (FIFO)"));
+    unlink(fifo);
+    rmdir(path);
+}
+END_TEST
+
+/* The mapping table a SIGBUS handler reads: an open file's bytes are in
+ * it under its path, other addresses are not, a closed file is gone. */
+START_TEST(test_mapping_lookup) {
+    int st;
+    const char *path = MOE_SRC_DIR "/tests/fixtures/models/llama.gguf";
+    moe_gguf *g = moe_gguf_open(path, &st, err, sizeof(err));
+    ck_assert_msg(g != NULL, "%s", err);
+    const moe_gguf_tensor *t = moe_gguf_find_tensor(g, "token_embd.weight");
+    ck_assert_ptr_nonnull(t);
+    const uint8_t *first = (const uint8_t *)t->data - moe_gguf_data_offset(g) - t->offset;
+    char got[600] = "unset";
+    ck_assert(moe_gguf_mapping_lookup(t->data, got, sizeof got));
+    ck_assert_str_eq(got, path);
+    ck_assert(moe_gguf_mapping_lookup(first, NULL, 0));
+    ck_assert(moe_gguf_mapping_lookup(first + moe_gguf_file_size(g) - 1, NULL, 0));
+    ck_assert(!moe_gguf_mapping_lookup(first + moe_gguf_file_size(g), NULL, 0));
+    ck_assert(!moe_gguf_mapping_lookup(first - 1, NULL, 0));
+    ck_assert(!moe_gguf_mapping_lookup(&st, NULL, 0));
+    char small[8];
+    ck_assert(moe_gguf_mapping_lookup(t->data, small, sizeof small));
+    ck_assert_uint_eq(strlen(small), 7); /* cut, NUL-terminated */
+    ck_assert_int_eq(strncmp(small, path, 7), 0);
+    const void *data = t->data;
+    moe_gguf_close(g);
+    ck_assert(!moe_gguf_mapping_lookup(data, NULL, 0));
 }
 END_TEST
 
@@ -1259,6 +1308,8 @@ static Suite *gguf_suite(void) {
     tcase_add_checked_fixture(tc, setup_tmp, teardown_tmp);
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_open_errors);
+    tcase_add_test(tc, test_open_fifo);
+    tcase_add_test(tc, test_mapping_lookup);
     tcase_add_test(tc, test_truncation_every_offset);
     tcase_add_test(tc, test_bad_header);
     tcase_add_test(tc, test_huge_counts);

@@ -93,6 +93,7 @@ def test_unit_lifecycle_settings():
     assert get("KillSignal") == "SIGTERM"
     assert get("ExecStart").startswith("/usr/local/bin/moed serve --config /etc/moed/moed.conf")
     assert get("EnvironmentFile") == "-/etc/moed/moed.env"
+    assert get("ExecReload") == "kill -HUP $MAINPID"  # moed reloads its live settings on SIGHUP
     # systemd must outwait the server's drain (drain_timeout, 30 s by default)
     # with room to free the model, and allow minutes for a big load.
     conf_default = 30
