@@ -1014,29 +1014,21 @@ static int clean_spans(const moe_tok *t, const char *text, span_mode *sp, size_t
         size_t cl = sp[k].len;
         if (clean_text(t, text + off, sp[k].len, &c, &cl) != MOE_OK) goto oom;
         const char *src = c ? c : text + off;
+        bool ok = true;
         if (c && !buf) { /* first change: copy what came before */
             bcap = off + cl + 64;
-            if (!(buf = malloc(bcap))) goto oom_c;
-            memcpy(buf, text, off);
-            blen = off;
+            if ((ok = (buf = malloc(bcap)) != NULL)) memcpy(buf, text, off), blen = off;
         }
-        if (buf) {
-            if (blen + cl > bcap) {
-                size_t nc = (blen + cl) * 2;
-                char *q = realloc(buf, nc);
-                if (!q) goto oom_c;
-                buf = q, bcap = nc;
-            }
-            memcpy(buf + blen, src, cl);
-            blen += cl;
+        if (ok && buf && blen + cl > bcap) {
+            size_t nc = (blen + cl) * 2;
+            char *q = realloc(buf, nc);
+            if ((ok = q != NULL)) buf = q, bcap = nc;
         }
+        if (ok && buf) memcpy(buf + blen, src, cl), blen += cl;
         free(c);
+        if (!ok) goto oom;
         off += sp[k].len;
         sp[k].len = cl;
-        continue;
-    oom_c:
-        free(c);
-        goto oom;
     }
     *text_out = buf ? buf : text;
     *len_out = buf ? blen : off;
