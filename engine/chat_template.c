@@ -7,13 +7,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The prompt being built, and which of its bytes are template text
+ * (segs: consecutive, adjacent ones of a kind merged) and which are
+ * message content. */
 typedef struct sbuf {
     char *p;
     size_t n, cap;
     bool oom;
+    moe_tok_seg *segs;
+    size_t n_segs, cap_segs;
 } sbuf;
 
-static void put(sbuf *b, const char *s, size_t n) {
+static void put_raw(sbuf *b, const char *s, size_t n) {
     if (b->oom || n == 0) return;
     if (b->n + n + 1 > b->cap) {
         size_t nc = b->cap ? b->cap : 256;
@@ -30,7 +35,38 @@ static void put(sbuf *b, const char *s, size_t n) {
     b->p[b->n] = 0;
 }
 
+static void mark(sbuf *b, size_t n, bool special) {
+    if (b->oom || n == 0) return;
+    if (b->n_segs && b->segs[b->n_segs - 1].special == special) {
+        b->segs[b->n_segs - 1].len += n;
+        return;
+    }
+    if (b->n_segs == b->cap_segs) {
+        size_t nc = b->cap_segs ? b->cap_segs * 2 : 16;
+        moe_tok_seg *q = realloc(b->segs, nc * sizeof *q);
+        if (!q) {
+            b->oom = true;
+            return;
+        }
+        b->segs = q, b->cap_segs = nc;
+    }
+    b->segs[b->n_segs++] = (moe_tok_seg){n, special};
+}
+
+/* Template text: its control-token text is meant. */
+static void put(sbuf *b, const char *s, size_t n) {
+    put_raw(b, s, n);
+    mark(b, n, true);
+}
+
+/* Text from the request (content, role names): always plain text. */
+static void put_text(sbuf *b, const char *s, size_t n) {
+    put_raw(b, s, n);
+    mark(b, n, false);
+}
+
 static void puts_(sbuf *b, const char *s) { put(b, s, strlen(s)); }
+static void puts_text(sbuf *b, const char *s) { put_text(b, s, strlen(s)); }
 
 static const char *memfind(const char *h, size_t hl, const char *needle) {
     size_t nl = strlen(needle);
@@ -162,12 +198,12 @@ void moe_chat_template_free(moe_chat_template *ct) {
 
 static void put_content(sbuf *b, const moe_chat_msg *m) {
     if (!m->parts) {
-        put(b, m->content, m->content_len);
+        put_text(b, m->content, m->content_len);
         return;
     }
     for (size_t i = 0; i < m->n_parts; i++) {
-        if (i) puts_(b, "\n");
-        put(b, m->parts[i].text, m->parts[i].len);
+        if (i) puts_text(b, "\n");
+        put_text(b, m->parts[i].text, m->parts[i].len);
     }
 }
 
@@ -175,7 +211,7 @@ static void put_content(sbuf *b, const moe_chat_msg *m) {
 static char *content_dup(const moe_chat_msg *m, size_t *len) {
     sbuf b = {0};
     put_content(&b, m);
-    put(&b, "", 0);
+    free(b.segs);
     if (b.oom) {
         free(b.p);
         return NULL;
@@ -213,7 +249,7 @@ static void put_trimmed(sbuf *b, const char *s, size_t n) {
             }
         if (!cut) break;
     }
-    put(b, s + a, e - a);
+    put_text(b, s + a, e - a);
 }
 
 static void render_chatml(const moe_chat_template *ct, sbuf *b, const moe_chat_msg *m, size_t n) {
@@ -226,7 +262,7 @@ static void render_chatml(const moe_chat_template *ct, sbuf *b, const moe_chat_m
     /* '<|im_start|>' + role + '\n' + content + '<|im_end|>' + '\n' */
     for (size_t i = 0; i < n; i++) {
         puts_(b, "<|im_start|>");
-        puts_(b, m[i].role);
+        puts_text(b, m[i].role);
         puts_(b, "\n");
         put_content(b, &m[i]);
         puts_(b, "<|im_end|>\n");
@@ -285,7 +321,7 @@ static void render_deepseek3(const moe_chat_template *ct, sbuf *b, const moe_cha
                 const char *s = c, *hit;
                 while ((hit = memfind(s, cl - (size_t)(s - c), "</think>"))) s = hit + strlen("</think>");
                 puts_(b, "<｜Assistant｜>");
-                put(b, s, cl - (size_t)(s - c));
+                put_text(b, s, cl - (size_t)(s - c));
                 puts_(b, "<｜end▁of▁sentence｜>");
                 free(c);
             }
@@ -367,7 +403,7 @@ static void render_llama3(const moe_chat_template *ct, sbuf *b, const moe_chat_m
         /* (bos_token if first) + '<|start_header_id|>' + role + '<|end_header_id|>\n\n' + content|trim + '<|eot_id|>' */
         if (i == 0) puts_(b, ct->bos);
         puts_(b, "<|start_header_id|>");
-        puts_(b, m[i].role);
+        puts_text(b, m[i].role);
         puts_(b, "<|end_header_id|>\n\n");
         size_t cl;
         char *c = content_dup(&m[i], &cl);
@@ -382,10 +418,12 @@ static void render_llama3(const moe_chat_template *ct, sbuf *b, const moe_chat_m
     if (gen) puts_(b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
 }
 
-int moe_chat_render(const moe_chat_template *ct, const moe_chat_msg *msgs, size_t n, bool gen, char **out,
-                    size_t *out_len) {
+int moe_chat_render_segs(const moe_chat_template *ct, const moe_chat_msg *msgs, size_t n, bool gen, char **out,
+                         size_t *out_len, moe_tok_seg **segs, size_t *n_segs) {
     if (!ct || !out || (!msgs && n)) return MOE_EINVAL;
     *out = NULL;
+    if (segs) *segs = NULL;
+    if (n_segs) *n_segs = 0;
     for (size_t i = 0; i < n; i++) {
         if (!msgs[i].role) return MOE_EINVAL;
         if (!msgs[i].parts && !msgs[i].content && msgs[i].content_len) return MOE_EINVAL;
@@ -405,11 +443,21 @@ int moe_chat_render(const moe_chat_template *ct, const moe_chat_msg *msgs, size_
         break;
     }
     if (!b.oom && !b.p) b.p = calloc(1, 1);
-    if (b.oom || !b.p) {
+    if (!b.oom && !b.segs && segs) b.segs = malloc(sizeof *b.segs); /* never NULL on success */
+    if (b.oom || !b.p || (segs && !b.segs)) {
         free(b.p);
+        free(b.segs);
         return MOE_ENOMEM;
     }
     *out = b.p;
     if (out_len) *out_len = b.n;
+    if (segs) *segs = b.segs;
+    else free(b.segs);
+    if (n_segs) *n_segs = b.n_segs;
     return MOE_OK;
+}
+
+int moe_chat_render(const moe_chat_template *ct, const moe_chat_msg *msgs, size_t n, bool gen, char **out,
+                    size_t *out_len) {
+    return moe_chat_render_segs(ct, msgs, n, gen, out, out_len, NULL, NULL);
 }

@@ -14,7 +14,15 @@
  *              control token; ids as Mistral's mistral-common encodes them)
  *   LLAMA3     "<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>"
  * An unrecognised or missing template falls back to CHATML with a warning
- * on stderr. The output is meant to be tokenized with parse_special set.
+ * on stderr. The output is meant to be tokenized with moe_tok_encode_segs
+ * and the segments moe_chat_render_segs reports: control-token text the
+ * template writes (<|im_start|>, BOS/EOS, <｜User｜>, [INST] where it is a
+ * control token) becomes control tokens, the same text inside a message's
+ * content or role stays plain text, so a user cannot forge turns (what
+ * OpenAI does; transformers, vLLM and llama.cpp tokenize the whole string
+ * with special parsing). Tokenizing the whole output with parse_special
+ * restores that. Plain-text formats stay forgeable by design: "User: "
+ * (DEEPSEEK2) and "[INST]" (MISTRAL v1, where it is no token) are text.
  *
  * Deviations where the real template would raise or drop things:
  * MISTRAL folds system messages into the first user turn ("sys\n\nuser"),
@@ -87,7 +95,7 @@ void moe_chat_template_free(moe_chat_template *ct);
  * tokenizer.chat_template (absent -> ChatML with a warning, unless forced),
  * BOS/EOS texts are t's; MISTRAL (recognised or forced) becomes MISTRAL_V3
  * when t has [INST] as a control token. The rendered prompt already holds BOS where the
- * template writes it: tokenize it with parse_special=true, add_bos=false. */
+ * template writes it: tokenize it with add_bos=false. */
 int moe_chat_template_from_model(moe_chat_template *ct, const moe_gguf *g, const moe_tok *t,
                                  moe_chat_family force);
 
@@ -106,6 +114,13 @@ int moe_chat_family_parse(const char *name);
  * transformers does. MOE_EINVAL for a NULL role or content, MOE_ENOMEM. */
 int moe_chat_render(const moe_chat_template *ct, const moe_chat_msg *msgs, size_t n, bool add_generation_prompt,
                     char **out, size_t *out_len);
+
+/* moe_chat_render, plus the output's segments for moe_tok_encode_segs
+ * (*segs malloc'd, never NULL on success, caller frees; they cover *out in
+ * order): special = written by the template, plain = message content and
+ * role names. segs and n_segs may be NULL. Same errors. */
+int moe_chat_render_segs(const moe_chat_template *ct, const moe_chat_msg *msgs, size_t n, bool add_generation_prompt,
+                         char **out, size_t *out_len, moe_tok_seg **segs, size_t *n_segs);
 
 #ifdef __cplusplus
 }

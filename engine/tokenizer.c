@@ -871,15 +871,34 @@ static int encode_fragment(enc *e, const char *s, size_t len) {
     return e->t->kind == MOE_TOK_BPE ? bpe_fragment(e, s, len) : spm_fragment(e, s, len);
 }
 
+/* Which added tokens a stretch of text may contain. */
+typedef enum added_mode {
+    ADDED_ALL,  /* CONTROL and USER_DEFINED: text the server built (parse_special) */
+    ADDED_USER, /* USER_DEFINED only: Hugging Face's encode_special_tokens */
+    ADDED_TEXT, /* USER_DEFINED that do not look like turn markers: message content */
+} added_mode;
+
+/* What llama.cpp's converter (does_token_look_special) promotes to CONTROL:
+ * older GGUFs, and Hugging Face itself, leave DeepSeek-V3's <｜User｜>,
+ * <｜Assistant｜> and tool markers non-special, yet they delimit turns. */
+static bool looks_marker(const char *s, size_t n) {
+    static const char fw_open[] = "<\xEF\xBD\x9C", fw_close[] = "\xEF\xBD\x9C>"; /* <｜ ｜> */
+    if (n >= 4 && memcmp(s, "<|", 2) == 0 && memcmp(s + n - 2, "|>", 2) == 0) return true;
+    return n >= 8 && memcmp(s, fw_open, 4) == 0 && memcmp(s + n - 4, fw_close, 4) == 0;
+}
+
 /* Longest added token starting at s[0..len) that may be matched. */
-static int32_t match_added(const moe_tok *t, const char *s, size_t len, bool parse_special, size_t *mlen) {
+static int32_t match_added(const moe_tok *t, const char *s, size_t len, added_mode mode, size_t *mlen) {
     for (size_t k = 0; k < t->n_added_lens; k++) {
         size_t l = t->added_lens[k];
         if (l > len) continue;
         int32_t id = moe_tok_find(t, s, l);
         if (id < 0) continue;
         int ty = t->types[id];
-        if (ty == MOE_TOKTYPE_USER_DEFINED || (ty == MOE_TOKTYPE_CONTROL && parse_special)) {
+        bool ok = ty == MOE_TOKTYPE_CONTROL ? mode == ADDED_ALL
+                  : ty == MOE_TOKTYPE_USER_DEFINED ? mode != ADDED_TEXT || !looks_marker(s, l)
+                                                   : false;
+        if (ok) {
             *mlen = l;
             return id;
         }
@@ -936,46 +955,115 @@ done:
     return st;
 }
 
-int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_special, bool add_bos,
-                   int32_t **ids, size_t *n) {
-    if (!t || !ids || !n || (!text && len)) return MOE_EINVAL;
-    *ids = NULL;
-    *n = 0;
-    enc e = {.t = t};
-    int st = MOE_ENOMEM;
+/* Replaces ill-formed UTF-8 by U+FFFD and applies the vocabulary's
+ * normaliser. *out = NULL when s[0..len) is already clean (the usual case,
+ * used in place), else a malloc'd copy. MOE_OK or MOE_ENOMEM. */
+static int clean_text(const moe_tok *t, const char *s, size_t len, char **out, size_t *out_len) {
+    *out = NULL;
     char *clean = NULL;
-    const char *s = text;
-    /* fast check: valid input is used in place */
     size_t i = 0;
     while (i < len) {
-        int k = moe_utf8_next((const unsigned char *)text + i, len - i);
+        int k = moe_utf8_next((const unsigned char *)s + i, len - i);
         if (k <= 0) break;
         i += (size_t)k;
     }
     if (i < len) {
-        clean = malloc(len * 3 + 1);
-        if (!clean) goto out;
+        if (!(clean = malloc(len * 3 + 1))) return MOE_ENOMEM;
         size_t cl = 0;
-        utf8_sanitize((const unsigned char *)text, len, true, false, clean, &cl);
+        utf8_sanitize((const unsigned char *)s, len, true, false, clean, &cl);
         s = clean, len = cl;
     }
     if (t->nfc) {
         char *norm;
         size_t nl;
-        if (nfc_normalize(s, len, &norm, &nl) != MOE_OK) goto out;
+        if (nfc_normalize(s, len, &norm, &nl) != MOE_OK) {
+            free(clean);
+            return MOE_ENOMEM;
+        }
         if (norm) {
             free(clean);
             clean = norm;
-            s = clean, len = nl;
+            len = nl;
         }
     }
+    *out = clean;
+    *out_len = len;
+    return MOE_OK;
+}
+
+/* One stretch of the text after cleaning, and the added tokens it may hold. */
+typedef struct span_mode {
+    size_t len;
+    added_mode mode;
+} span_mode;
+
+/* Cleans every stretch apart so that their ends stay known. That equals
+ * cleaning the whole string: template text is valid UTF-8, so no
+ * ill-formed subpart crosses a seam, and NFC could only compose across
+ * one if a stretch began with a combining mark - then the control token
+ * before the seam stays whole here, where whole-string NFC would have
+ * broken it. *text_out is text itself when nothing changed, else a
+ * malloc'd copy left in *owned. */
+static int clean_spans(const moe_tok *t, const char *text, span_mode *sp, size_t n_sp, const char **text_out,
+                       size_t *len_out, char **owned) {
+    char *buf = NULL;
+    size_t off = 0, blen = 0, bcap = 0;
+    *owned = NULL;
+    for (size_t k = 0; k < n_sp; k++) {
+        char *c;
+        size_t cl = sp[k].len;
+        if (clean_text(t, text + off, sp[k].len, &c, &cl) != MOE_OK) goto oom;
+        const char *src = c ? c : text + off;
+        bool ok = true;
+        if (c && !buf) { /* first change: copy what came before */
+            bcap = off + cl + 64;
+            if ((ok = (buf = malloc(bcap)) != NULL)) memcpy(buf, text, off), blen = off;
+        }
+        if (ok && buf && blen + cl > bcap) {
+            size_t nc = (blen + cl) * 2;
+            char *q = realloc(buf, nc);
+            if ((ok = q != NULL)) buf = q, bcap = nc;
+        }
+        if (ok && buf) memcpy(buf + blen, src, cl), blen += cl;
+        free(c);
+        if (!ok) goto oom;
+        off += sp[k].len;
+        sp[k].len = cl;
+    }
+    *text_out = buf ? buf : text;
+    *len_out = buf ? blen : off;
+    *owned = buf;
+    return MOE_OK;
+oom:
+    free(buf);
+    return MOE_ENOMEM;
+}
+
+/* The tokenizer proper over consecutive stretches. Added tokens are split
+ * out where a stretch's mode allows and only when they lie wholly inside
+ * it; the text between two matched added tokens is encoded as one run
+ * even across stretch ends, so merges and pre-tokenizer splits there are
+ * those of the whole string. */
+static int encode_spans(const moe_tok *t, const char *text, span_mode *sp, size_t n_sp, bool add_bos,
+                        int32_t **ids, size_t *n) {
+    *ids = NULL;
+    *n = 0;
+    enc e = {.t = t};
+    int st = MOE_ENOMEM;
+    char *owned = NULL;
+    const char *s;
+    size_t len;
+    if ((st = clean_spans(t, text, sp, n_sp, &s, &len, &owned)) != MOE_OK) return st;
+    st = MOE_ENOMEM;
     if (t->kind == MOE_TOK_BPE && !(e.md = pcre2_match_data_create(1, NULL))) goto out;
     if (add_bos && t->bos >= 0 && push_id(&e, t->bos) != MOE_OK) goto out;
-    size_t start = 0;
-    for (i = 0; i < len;) {
+    size_t start = 0, k = 0, seg_end = n_sp ? sp[0].len : 0;
+    for (size_t i = 0; i < len;) {
+        while (i >= seg_end && k + 1 < n_sp) seg_end += sp[++k].len;
         size_t ml;
         int32_t id;
-        if (t->added_first[(unsigned char)s[i]] && (id = match_added(t, s + i, len - i, parse_special, &ml)) >= 0) {
+        if (t->added_first[(unsigned char)s[i]] &&
+            (id = match_added(t, s + i, seg_end - i, sp[k].mode, &ml)) >= 0) {
             if ((st = encode_fragment(&e, s + start, i - start)) != MOE_OK) goto out;
             if (push_id(&e, id) != MOE_OK) {
                 st = MOE_ENOMEM;
@@ -1000,7 +1088,7 @@ int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_sp
     *n = e.n;
     e.ids = NULL;
 out:
-    free(clean);
+    free(owned);
     free(e.ids);
     free(e.sym_id);
     free(e.sym_prev);
@@ -1010,6 +1098,32 @@ out:
     free(e.spans2);
     free(e.buf);
     if (e.md) pcre2_match_data_free(e.md);
+    return st;
+}
+
+int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_special, bool add_bos,
+                   int32_t **ids, size_t *n) {
+    if (!t || !ids || !n || (!text && len)) return MOE_EINVAL;
+    span_mode one = {len, parse_special ? ADDED_ALL : ADDED_USER};
+    return encode_spans(t, text ? text : "", &one, 1, add_bos, ids, n);
+}
+
+int moe_tok_encode_segs(const moe_tok *t, const char *text, size_t len, const moe_tok_seg *segs, size_t n_segs,
+                        bool add_bos, int32_t **ids, size_t *n) {
+    if (!t || !ids || !n || (!text && len) || (!segs && n_segs)) return MOE_EINVAL;
+    *ids = NULL;
+    *n = 0;
+    size_t sum = 0;
+    for (size_t k = 0; k < n_segs; k++) {
+        if (segs[k].len > len - sum) return MOE_EINVAL;
+        sum += segs[k].len;
+    }
+    if (sum != len) return MOE_EINVAL;
+    span_mode stack[16], *sp = n_segs <= 16 ? stack : malloc(n_segs * sizeof *sp);
+    if (!sp) return MOE_ENOMEM;
+    for (size_t k = 0; k < n_segs; k++) sp[k] = (span_mode){segs[k].len, segs[k].special ? ADDED_ALL : ADDED_TEXT};
+    int st = encode_spans(t, text ? text : "", sp, n_segs, add_bos, ids, n);
+    if (sp != stack) free(sp);
     return st;
 }
 

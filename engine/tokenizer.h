@@ -16,9 +16,10 @@
  * subpart were U+FFFD (what Python's bytes.decode('utf-8','replace') does),
  * so encode never fails on bad bytes. Added tokens: CONTROL tokens (type 3:
  * BOS/EOS, <|im_start|>, <｜User｜>...) are matched in the text only when
- * parse_special is set - the chat-template path - never in user text;
- * USER_DEFINED tokens (type 4, e.g. DeepSeek-V3's <think>) are always
- * matched, as Hugging Face does for non-special added tokens.
+ * parse_special is set or inside template text (moe_tok_encode_segs),
+ * never in message content; USER_DEFINED tokens (type 4, e.g.
+ * DeepSeek-V3's <think>) are matched as Hugging Face does for non-special
+ * added tokens, except turn-marker-looking ones in message content.
  * Unicode normalization (Qwen2's NFC) is not applied, as in llama.cpp.
  *
  * Ownership and threads: moe_tok_load() copies everything it needs, so the
@@ -98,12 +99,34 @@ const char *moe_tok_piece(const moe_tok *t, int32_t id, size_t *len);
 int32_t moe_tok_find(const moe_tok *t, const char *s, size_t len);
 
 /* Tokenizes text[0..len). parse_special: match CONTROL tokens written in
- * the text (only for text the server built, e.g. a rendered chat template).
+ * the text (only for text the server built, e.g. a rendered chat template);
+ * without it USER_DEFINED tokens are still matched, as Hugging Face's
+ * encode_special_tokens does (moe_tok_encode_segs's plain text is stricter).
  * add_bos: prepend BOS when the model has one. On success *ids (malloc'd,
  * never NULL, caller frees with free()) holds *n ids and 0 is returned; else MOE_ENOMEM
  * or MOE_EINVAL (NULL arguments), with *ids = NULL. Any thread. */
 int moe_tok_encode(const moe_tok *t, const char *text, size_t len, bool parse_special, bool add_bos,
                    int32_t **ids, size_t *n);
+
+/* One stretch of the text given to moe_tok_encode_segs. */
+typedef struct moe_tok_seg {
+    size_t len;   /* bytes; the segments cover the text in order */
+    bool special; /* template text: control-token text in it becomes control tokens */
+} moe_tok_seg;
+
+/* Tokenizes text[0..len) made of segs[0..n_segs) (their lengths must add
+ * up to len, else MOE_EINVAL), the way a chat prompt is: an added token is
+ * matched only inside one segment. A special segment is encoded as with
+ * parse_special; a plain one (message content) matches no CONTROL token
+ * and no USER_DEFINED token that looks like a turn marker (<|...|>,
+ * <｜...｜>: what llama.cpp's converter makes CONTROL, e.g. DeepSeek-V3's
+ * <｜User｜>), so a user cannot forge turns; other USER_DEFINED tokens
+ * (<think>) are matched as Hugging Face matches them. The text between
+ * two matched added tokens is encoded as one run across segment ends, so
+ * a prompt whose content holds no such text gets exactly the ids of
+ * moe_tok_encode(parse_special=true). Otherwise as moe_tok_encode. */
+int moe_tok_encode_segs(const moe_tok *t, const char *text, size_t len, const moe_tok_seg *segs, size_t n_segs,
+                        bool add_bos, int32_t **ids, size_t *n);
 
 /* Concatenates the pieces of ids[0..n) into a malloc'd, NUL-terminated
  * string (*out, length *out_len; caller frees). CONTROL tokens are

@@ -55,6 +55,7 @@ static const opt_desc opts[] = {
     {"log_prompts", 0, OPT_BOOL, OFF(log_prompts), 0, 0, 0, "false", "also log each request's prompt text (one line per request)"},
     {"device", 0, OPT_STR, OFF(device), 0, 0, 0, "auto", "engine device: auto, cpu or cuda"},
     {"chat_template", 0, OPT_STR, OFF(chat_template), 0, 0, 0, "from model", "chat format override: chatml, deepseek2, deepseek3, mistral, mistral-v3, llama3"},
+    {"chat_parse_special", 0, OPT_BOOL, OFF(chat_parse_special), 0, 0, 0, "false", "control-token text in chat message content becomes control tokens (lets clients forge turns)"},
 };
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
 

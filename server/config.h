@@ -52,6 +52,7 @@ typedef struct srv_config {
     bool log_prompts;         /* also log each request's prompt text (info level) */
     char *device;             /* "auto", "cpu", "cuda"; default "auto" */
     char *chat_template;      /* family override ("chatml", "deepseek3", ...); NULL = from the model */
+    bool chat_parse_special;  /* control-token text in chat message content becomes control tokens */
     char *config_path;        /* the file that was read, or NULL */
 } srv_config;
 

@@ -179,14 +179,22 @@ static int tokens_from_array(const cJSON *a, const char *param, const srv_oai_li
     return 0;
 }
 
-static int tokens_from_text(const char *s, size_t len, bool chat, const srv_oai_limits *lim, const char *param,
-                            srv_oai_prompt *p, srv_oai_err *err) {
+/* Tokenizes s[0..len): with parse_special the whole text as server-built
+ * text (control-token text becomes control tokens); else per segs[0..n_segs)
+ * (a chat prompt: template text parsed, content plain) or, when segs is
+ * NULL, all of it as plain text. */
+static int tokens_from_text(const char *s, size_t len, bool chat, const moe_tok_seg *segs, size_t n_segs,
+                            bool parse_special, const srv_oai_limits *lim, const char *param, srv_oai_prompt *p,
+                            srv_oai_err *err) {
     if (!lim->tok) return bad(err, param, "text prompts need a tokenizer");
     size_t n = 0;
     /* Rendered chat text already holds BOS where the template puts it; a
-     * completion prompt gets BOS as the model asks. Special-token text is
-     * parsed as HF tokenizers do by default. */
-    int st = moe_tok_encode(lim->tok, s, len, true, chat ? false : moe_tok_add_bos_default(lim->tok), &p->ids, &n);
+     * completion prompt gets BOS as the model asks. */
+    bool bos = chat ? false : moe_tok_add_bos_default(lim->tok);
+    moe_tok_seg all = {len, false};
+    int st = parse_special ? moe_tok_encode(lim->tok, s, len, true, bos, &p->ids, &n)
+                           : moe_tok_encode_segs(lim->tok, s, len, segs ? segs : &all, segs ? n_segs : 1, bos,
+                                                 &p->ids, &n);
     if (st) return st;
     p->n = (int64_t)n;
     if (!chat && n == 0) return bad(err, param, "'%s' is empty", param);
@@ -212,7 +220,8 @@ static int parse_prompts(const cJSON *pr, const srv_oai_limits *lim, srv_oai_req
     r->n_prompts = count;
     if (count == 1 && !cJSON_IsArray(pr)) {
         size_t l = strlen(pr->valuestring);
-        return tokens_from_text(pr->valuestring, l, false, lim, "prompt", &r->prompts[0], err);
+        return tokens_from_text(pr->valuestring, l, false, NULL, 0, r->parse_special, lim, "prompt", &r->prompts[0],
+                                err);
     }
     if (is_token_array(pr)) return tokens_from_array(pr, "prompt", lim, &r->prompts[0], err);
     size_t i = 0;
@@ -220,8 +229,8 @@ static int parse_prompts(const cJSON *pr, const srv_oai_limits *lim, srv_oai_req
         char param[32];
         snprintf(param, sizeof param, "prompt[%zu]", i);
         int st;
-        if (cJSON_IsString(x)) st = tokens_from_text(x->valuestring, strlen(x->valuestring), false, lim, param,
-                                                     &r->prompts[i], err);
+        if (cJSON_IsString(x)) st = tokens_from_text(x->valuestring, strlen(x->valuestring), false, NULL, 0,
+                                                     r->parse_special, lim, param, &r->prompts[i], err);
         else if (cJSON_IsArray(x)) st = tokens_from_array(x, param, lim, &r->prompts[i], err);
         else st = bad(err, param, "'%s' must be a string or an array of token ids", param);
         if (st) return st;
@@ -307,17 +316,20 @@ static int parse_messages(const cJSON *ms, const srv_oai_limits *lim, srv_oai_re
         }
     }
     char *text = NULL;
-    size_t text_len = 0;
-    if ((st = moe_chat_render(lim->chat, msgs, n, true, &text, &text_len))) goto out;
+    size_t text_len = 0, n_segs = 0;
+    moe_tok_seg *segs = NULL;
+    if ((st = moe_chat_render_segs(lim->chat, msgs, n, true, &text, &text_len, &segs, &n_segs))) goto out;
     r->prompts = calloc(1, sizeof *r->prompts);
     if (!r->prompts) {
         free(text);
+        free(segs);
         st = MOE_ENOMEM;
         goto out;
     }
     r->n_prompts = 1;
-    st = tokens_from_text(text, text_len, true, lim, "messages", &r->prompts[0], err);
+    st = tokens_from_text(text, text_len, true, segs, n_segs, r->parse_special, lim, "messages", &r->prompts[0], err);
     free(text);
+    free(segs);
 out:
     free(msgs);
     free(parts);
@@ -468,6 +480,11 @@ static int parse_fields(srv_oai_kind kind, const cJSON *root, const srv_oai_limi
         if (FIELD("suffix")) return bad(err, "suffix", "'suffix' is not supported");
     }
     if (FIELD("ignore_eos") && (st = get_bool(v, "ignore_eos", &r->ignore_eos, err))) return st;
+    /* Chat content is plain text unless the server or the request opts in
+     * (turn forging); a raw completion prompt is the caller's own template,
+     * parsed as llama.cpp and Hugging Face do, unless the request says not. */
+    r->parse_special = kind == SRV_OAI_CHAT ? lim->chat_parse_special : true;
+    if (FIELD("parse_special") && (st = get_bool(v, "parse_special", &r->parse_special, err))) return st;
     if (FIELD("user")) {
         if (!cJSON_IsString(v)) return bad(err, "user", "'user' must be a string");
         if (!(r->user = strdup(v->valuestring))) return MOE_ENOMEM;

@@ -31,6 +31,7 @@ typedef struct srv_oai_limits {
     int max_depth;           /* JSON nesting limit (<= 0: 64) */
     const moe_tok *tok;      /* text prompts; may be NULL when only token prompts are parsed */
     const moe_chat_template *chat; /* chat requests; may be NULL for completions */
+    bool chat_parse_special; /* default of a chat request's parse_special (config chat_parse_special) */
 } srv_oai_limits;
 
 typedef struct srv_oai_err {
@@ -70,6 +71,7 @@ typedef struct srv_oai_req {
     int32_t top_logprobs;
     bool echo;               /* completions */
     bool ignore_eos;
+    bool parse_special;      /* resolved: control-token text in content / prompt becomes control tokens */
     char **stop;             /* (n_stop) */
     int32_t n_stop;
     char *user;

@@ -499,6 +499,7 @@ static void fill_limits(server *s, srv_oai_limits *lim) {
     lim->max_depth = (int)s->cfg->max_json_depth;
     lim->tok = s->info.tok;
     lim->chat = s->info.chat;
+    lim->chat_parse_special = s->cfg->chat_parse_special;
 }
 
 /* Maps a failed submit to an HTTP error. */
@@ -772,8 +773,11 @@ static char *tokenize_body(server *s, const char *body, size_t len, srv_oai_err 
     } else {
         int32_t *ids = NULL;
         size_t n = 0;
-        int st = moe_tok_encode(s->info.tok, content->valuestring, strlen(content->valuestring),
-                                parse ? cJSON_IsTrue(parse) : true, add ? cJSON_IsTrue(add) : false, &ids, &n);
+        /* as a completion prompt is tokenized: parse_special false is the
+         * plain text of chat content */
+        moe_tok_seg all = {strlen(content->valuestring), parse ? cJSON_IsTrue(parse) : true};
+        int st = moe_tok_encode_segs(s->info.tok, content->valuestring, all.len, &all, 1,
+                                     add ? cJSON_IsTrue(add) : false, &ids, &n);
         if (st) {
             srv_oai_err_set(e, 500, NULL, "%s", moe_strerror(st));
         } else {

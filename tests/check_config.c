@@ -30,6 +30,7 @@ START_TEST(test_defaults) {
     ck_assert_int_eq(c.log_format, SRV_LOG_TEXT);
     ck_assert_int_eq(c.log_level, SRV_LOG_INFO);
     ck_assert(!c.log_prompts);
+    ck_assert(!c.chat_parse_special); /* chat content is plain text unless asked */
     ck_assert_double_eq(c.drain_timeout, 30);
     ck_assert_int_eq(c.max_body, 4 << 20);
     ck_assert_str_eq(c.device, "auto");
@@ -46,6 +47,7 @@ START_TEST(test_file) {
                                "served_model_name = \"my # model\"\n"
                                "log_format = json\n"
                                "log_prompts = yes\n"
+                               "chat_parse_special = on\n"
                                "drain_timeout = 2.5\n"
                                "cors_origins = *\n");
     srv_config c;
@@ -61,6 +63,7 @@ START_TEST(test_file) {
     ck_assert_str_eq(c.served_model_name, "my # model");
     ck_assert_int_eq(c.log_format, SRV_LOG_JSON);
     ck_assert(c.log_prompts);
+    ck_assert(c.chat_parse_special);
     ck_assert_double_eq(c.drain_timeout, 2.5);
     ck_assert_int_eq(c.n_cors_origins, 1);
     ck_assert_str_eq(c.cors_origins[0], "*");
@@ -104,15 +107,20 @@ END_TEST
 
 START_TEST(test_env) {
     char *env[] = {"MOED_PORT=7000", "MOED_LOG_LEVEL=debug", "MOED_UNKNOWN_THING=1", "PATH=/bin",
-                   "MOED_API_KEY=secret", NULL};
+                   "MOED_API_KEY=secret", "MOED_CHAT_PARSE_SPECIAL=true", NULL};
     srv_config c;
     srv_config_init(&c);
     char err[256];
     ck_assert_int_eq(srv_config_load_env(&c, env, err, sizeof err), 0);
     ck_assert_int_eq(c.port, 7000);
+    ck_assert(c.chat_parse_special);
     ck_assert_int_eq(c.log_level, SRV_LOG_DEBUG);
     ck_assert_int_eq(c.n_api_keys, 1);
     ck_assert_str_eq(c.api_keys[0], "secret");
+    char *bad_bool[] = {"MOED_CHAT_PARSE_SPECIAL=maybe", NULL};
+    ck_assert_int_eq(srv_config_load_env(&c, bad_bool, err, sizeof err), MOE_EINVAL);
+    ck_assert_msg(strstr(err, "MOED_CHAT_PARSE_SPECIAL"), "%s", err);
+    ck_assert(c.chat_parse_special); /* unchanged */
     char *bad[] = {"MOED_THREADS=many", NULL};
     ck_assert_int_eq(srv_config_load_env(&c, bad, err, sizeof err), MOE_EINVAL);
     ck_assert_msg(strstr(err, "MOED_THREADS"), "%s", err);
@@ -149,8 +157,10 @@ START_TEST(test_precedence) {
     char path2[64];
     strcpy(path2, p2);
     srv_config_init(&c);
-    char *argv2[] = {"serve", "--config", path2, "pos.gguf", "-t", "7", "--log-format=json", "--log-prompts", NULL};
-    ck_assert_int_eq(srv_config_from_args(&c, 8, argv2, env, err, sizeof err), 0);
+    char *argv2[] = {"serve", "--config", path2, "pos.gguf", "-t", "7", "--log-format=json", "--log-prompts",
+                     "--chat-parse-special", NULL};
+    ck_assert_int_eq(srv_config_from_args(&c, 9, argv2, env, err, sizeof err), 0);
+    ck_assert(c.chat_parse_special);
     ck_assert_int_eq(c.port, 2222); /* env over the file */
     ck_assert_int_eq(c.ctx_size, 512);
     ck_assert_int_eq(c.threads, 7);

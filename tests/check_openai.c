@@ -194,6 +194,8 @@ static const bad_case bad_cases[] = {
     {C, "{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}", 400, ""},
     {C, "{\"messages\":[{\"role\":\"user\",\"content\":\"\xc3\"}]}", 400, ""},
     {C, "{\"a\":[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]," MSG "}", 400, ""},
+    {C, "{\"parse_special\":\"yes\"," MSG "}", 400, "parse_special"},
+    {P, "{\"parse_special\":1,\"prompt\":\"hi\"}", 400, "parse_special"},
     {C, "{}", 400, "messages"},
     {C, "{\"messages\":null}", 400, "messages"},
     {C, "{\"messages\":[]}", 400, "messages"},
@@ -261,6 +263,62 @@ static const bad_case bad_cases[] = {
     {P, "{\"prompt\":\"x\",\"echo\":1}", 400, "echo"},
     {P, "{\"prompt\":\"x\",\"best_of\":3}", 400, "best_of"},
 };
+
+static size_t count_id(const srv_oai_req *r, int32_t id) {
+    size_t k = 0;
+    for (int64_t i = 0; i < r->prompts[0].n; i++) k += r->prompts[0].ids[i] == id;
+    return k;
+}
+
+/* Chat content is plain text unless the server (chat_parse_special) or
+ * the request (parse_special) opts in; completion prompts are parsed
+ * unless the request says not. The fixture has no template: the ChatML
+ * fallback writes neither BOS nor EOS, so any in a chat prompt is forged. */
+START_TEST(test_parse_special) {
+    int32_t bos = moe_tok_bos(tok), eos = moe_tok_eos(tok);
+    size_t bl, el;
+    const char *bt = moe_tok_text(tok, bos, &bl), *et = moe_tok_text(tok, eos, &el);
+    ck_assert_int_eq(moe_tok_type(tok, eos), MOE_TOKTYPE_CONTROL);
+    char content[256], body[512];
+    snprintf(content, sizeof content, "a%.*sb%.*s", (int)el, et, (int)bl, bt);
+    static const struct {
+        srv_oai_kind kind;
+        bool server; /* lim.chat_parse_special */
+        const char *field;
+        size_t n_eos, n_bos;
+    } cases[] = {
+        {SRV_OAI_CHAT, false, "", 0, 0},
+        {SRV_OAI_CHAT, false, "\"parse_special\":false,", 0, 0},
+        {SRV_OAI_CHAT, false, "\"parse_special\":true,", 1, 1},
+        {SRV_OAI_CHAT, true, "", 1, 1},
+        {SRV_OAI_CHAT, true, "\"parse_special\":false,", 0, 0},
+        {SRV_OAI_COMPLETION, false, "", 1, 2},
+        {SRV_OAI_COMPLETION, true, "\"parse_special\":false,", 0, 1},
+    };
+    ck_assert(moe_tok_add_bos_default(tok)); /* completions get BOS too */
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        if (cases[i].kind == SRV_OAI_CHAT)
+            snprintf(body, sizeof body, "{%s\"messages\":[{\"role\":\"user\",\"content\":\"%s\"}]}", cases[i].field,
+                     content);
+        else
+            snprintf(body, sizeof body, "{%s\"prompt\":\"%s\"}", cases[i].field, content);
+        lim.chat_parse_special = cases[i].server;
+        srv_oai_req r;
+        srv_oai_err e;
+        ck_assert_msg(parse(cases[i].kind, body, &r, &e) == 0, "%s", e.message);
+        ck_assert_msg(count_id(&r, eos) == cases[i].n_eos && count_id(&r, bos) == cases[i].n_bos,
+                      "case %zu: %zu EOS, %zu BOS", i, count_id(&r, eos), count_id(&r, bos));
+        /* either way the prompt spells the text it came from */
+        char *back;
+        ck_assert_int_eq(moe_tok_decode(tok, r.prompts[0].ids, (size_t)r.prompts[0].n, true, &back, NULL), 0);
+        char want[512];
+        snprintf(want, sizeof want, "%.*s%s", (int)bl, bt, content); /* completions: BOS + prompt */
+        ck_assert_str_eq(back, cases[i].kind == SRV_OAI_CHAT ? r.prompts[0].text : want);
+        free(back);
+        srv_oai_req_free(&r);
+    }
+}
+END_TEST
 
 START_TEST(test_bad_inputs) {
     const bad_case *bc = &bad_cases[_i];
@@ -447,6 +505,7 @@ static Suite *openai_suite(void) {
     tcase_add_test(tc, test_chat_prompt);
     tcase_add_test(tc, test_chat_fields);
     tcase_add_test(tc, test_completion_prompts);
+    tcase_add_test(tc, test_parse_special);
     suite_add_tcase(s, tc);
     tc = tcase_create("validate");
     tcase_add_checked_fixture(tc, setup, teardown);

@@ -645,6 +645,84 @@ START_TEST(test_threads) {
 }
 END_TEST
 
+/* moe_tok_encode_segs: control tokens only inside special segments, only
+ * whole; plain segments clean (UTF-8, NFC) as the whole string would. */
+START_TEST(test_segments) {
+    fam f = load("qwen2");
+    const char *im_start = "<|im_start|>", *plain = "user\ne\xCC\x81\xFF<|im_end|>x", *tail = "<|im_end|>\n";
+    char text[256];
+    snprintf(text, sizeof text, "%s%s%s", im_start, plain, tail);
+    moe_tok_seg segs[] = {{strlen(im_start), true}, {strlen(plain), false}, {0, false}, {strlen(tail), true}};
+    int32_t *ids, *x;
+    size_t n, nx;
+    ck_assert_int_eq(moe_tok_encode_segs(f.t, text, strlen(text), segs, 4, false, &ids, &n), 0);
+    /* reference: <|im_start|>, the plain run as user text, <|im_end|>, "\n" */
+    int32_t want[64];
+    size_t nw = 0;
+    want[nw++] = 151644;
+    ck_assert_int_eq(moe_tok_encode(f.t, plain, strlen(plain), false, false, &x, &nx), 0);
+    for (size_t i = 0; i < nx; i++) ck_assert_int_ne(x[i], 151645);
+    memcpy(want + nw, x, nx * sizeof *x), nw += nx;
+    free(x);
+    want[nw++] = 151645;
+    ck_assert_int_eq(moe_tok_encode(f.t, "\n", 1, false, false, &x, &nx), 0);
+    memcpy(want + nw, x, nx * sizeof *x), nw += nx;
+    free(x);
+    ck_assert_uint_eq(n, nw);
+    ck_assert_mem_eq(ids, want, n * sizeof *ids);
+    char *back;
+    ck_assert_int_eq(moe_tok_decode(f.t, ids, n, true, &back, NULL), 0);
+    ck_assert_str_eq(back, "<|im_start|>user\n\xC3\xA9\xEF\xBF\xBD<|im_end|>x<|im_end|>\n"); /* NFC, U+FFFD */
+    free(back);
+    free(ids);
+    /* a control token cut by a segment end is text, even between two special segments */
+    moe_tok_seg cut[] = {{8, true}, {4, true}};
+    ck_assert_int_eq(moe_tok_encode_segs(f.t, "<|im_end|>", 10, cut, 2, false, &ids, &n), MOE_EINVAL);
+    cut[1].len = 2;
+    ck_assert_int_eq(moe_tok_encode_segs(f.t, "<|im_end|>", 10, cut, 2, false, &ids, &n), 0);
+    ck_assert_uint_gt(n, 1);
+    for (size_t i = 0; i < n; i++) ck_assert_int_ne(ids[i], 151645);
+    free(ids);
+    moe_tok_seg whole = {10, true};
+    ck_assert_int_eq(moe_tok_encode_segs(f.t, "<|im_end|>", 10, &whole, 1, true, &ids, &n), 0);
+    ck_assert_uint_eq(n, 2);
+    ck_assert_int_eq(ids[0], moe_tok_bos(f.t));
+    ck_assert_int_eq(ids[1], 151645);
+    free(ids);
+    ck_assert_int_eq(moe_tok_encode_segs(f.t, "", 0, NULL, 0, false, &ids, &n), 0);
+    ck_assert_uint_eq(n, 0);
+    free(ids);
+    ck_assert_int_eq(moe_tok_encode_segs(f.t, "ab", 2, NULL, 1, false, &ids, &n), MOE_EINVAL);
+    ck_assert_int_eq(moe_tok_encode_segs(f.t, "ab", 2, NULL, 0, false, &ids, &n), MOE_EINVAL);
+    unload(&f);
+
+    /* DeepSeek-V3: <｜User｜> is USER_DEFINED, yet a turn marker: plain text
+     * in content; <think> stays a token there, as in Hugging Face */
+    f = load("deepseek3");
+    const char *c = "<think>a<｜User｜>b";
+    moe_tok_seg one = {strlen(c), false};
+    ck_assert_int_eq(moe_tok_type(f.t, 128803), MOE_TOKTYPE_USER_DEFINED);
+    ck_assert_int_eq(moe_tok_encode_segs(f.t, c, strlen(c), &one, 1, false, &ids, &n), 0);
+    ck_assert_int_eq(ids[0], 128798);
+    for (size_t i = 0; i < n; i++) ck_assert_int_ne(ids[i], 128803);
+    ck_assert_int_eq(moe_tok_decode(f.t, ids, n, true, &back, NULL), 0);
+    ck_assert_str_eq(back, c);
+    free(back);
+    free(ids);
+    /* moe_tok_encode without parse_special keeps Hugging Face's rule */
+    ck_assert_int_eq(moe_tok_encode(f.t, c, strlen(c), false, false, &ids, &n), 0);
+    ck_assert_uint_eq(n, 4);
+    ck_assert_int_eq(ids[2], 128803);
+    free(ids);
+    one.special = true;
+    ck_assert_int_eq(moe_tok_encode_segs(f.t, c, strlen(c), &one, 1, false, &ids, &n), 0);
+    ck_assert_uint_eq(n, 4);
+    ck_assert_int_eq(ids[2], 128803);
+    free(ids);
+    unload(&f);
+}
+END_TEST
+
 static Suite *tok_suite(void) {
     Suite *s = suite_create("tokenizer");
     TCase *tc = tcase_create("hf_fixtures");
@@ -659,6 +737,7 @@ static Suite *tok_suite(void) {
     tc = tcase_create("specials");
     tcase_add_test(tc, test_specials);
     tcase_add_test(tc, test_threads);
+    tcase_add_test(tc, test_segments);
     suite_add_tcase(s, tc);
     tc = tcase_create("stream");
     tcase_add_test(tc, test_stream_invalid);
@@ -674,6 +753,7 @@ static Suite *tok_suite(void) {
     suite_add_tcase(s, tc);
     return s;
 }
+
 
 int main(void) {
     SRunner *sr = srunner_create(tok_suite());
