@@ -3,6 +3,7 @@
  * llama-arch.cpp / llama-model.cpp so downloaded files load as they are. */
 #include "model.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -152,7 +153,8 @@ static int get_bool(loader *L, const char *suffix, bool def, bool *out) {
  * every logit into NaN. MOE_EFORMAT naming the key otherwise. */
 static int get_finite(loader *L, const char *suffix, double def, bool positive, double *out) {
     TRY(get_f64(L, suffix, false, def, out));
-    if (!isfinite(*out) || (positive && !(*out > 0))) {
+    /* finite as a float too: the forward pass keeps some of them in floats */
+    if (!isfinite(*out) || fabs(*out) > FLT_MAX || (positive && !(*out > 0))) {
         char key[160];
         key_of(L, suffix, key, sizeof key);
         seterr(L->err, L->errsz, "key '%s' = %g must be %s", key, *out, positive ? "finite and > 0" : "finite");

@@ -273,6 +273,8 @@ typedef struct edit {
     uint32_t set2_u32;
     const char *setf_key; /* an f32 key */
     float setf;
+    const char *setd_key; /* an f64 key */
+    double setd;
     const char *drop_tensor;  /* exact name; with every_layer, the suffix after "blk.N." */
     bool every_layer;
     const char *reshape;      /* tensor to give shape new_ne (zero data) */
@@ -303,6 +305,7 @@ static void copy_edit(const char *src, const char *dst, const edit *e) {
     else if (e->set_key) ck_assert_int_eq(moe_gguf_writer_set_u32(w, e->set_key, e->set_u32), MOE_OK);
     if (e->set2_key) ck_assert_int_eq(moe_gguf_writer_set_u32(w, e->set2_key, e->set2_u32), MOE_OK);
     if (e->setf_key) ck_assert_int_eq(moe_gguf_writer_set_f32(w, e->setf_key, e->setf), MOE_OK);
+    if (e->setd_key) ck_assert_int_eq(moe_gguf_writer_set_f64(w, e->setd_key, e->setd), MOE_OK);
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
         const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
         if (drop_it(e, t->name)) continue;
@@ -481,6 +484,11 @@ START_TEST(bad_hparams_refused) {
         {"deepseek2", {.set_key = DS("expert_group_count"), .set_u32 = 4, .set2_key = DS("expert_group_used_count"),
                        .set2_u32 = 1}, NULL}, /* 1 group of 2 holds top-2: fine */
         {"deepseek2", {.set_key = DS("expert_gating_func"), .set_u32 = 0}, DS("expert_gating_func")},
+        /* finite doubles that are Inf as floats */
+        {"deepseek2", {.setd_key = DS("rope.scaling.yarn_log_multiplier"), .setd = 1e300},
+         DS("rope.scaling.yarn_log_multiplier")},
+        {"deepseek2", {.setd_key = DS("expert_weights_scale"), .setd = -1e40}, DS("expert_weights_scale")},
+        {"deepseek2", {.setd_key = DS("expert_weights_scale"), .setd = 2.5}, NULL}, /* V3's value, as f64 */
     };
 #undef DS
 #undef LL
