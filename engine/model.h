@@ -45,9 +45,9 @@
  *   attention.q_lora_rank         = 0 (no q LoRA: blk.N.attn_q, as V2-Lite)
  * Values that would divide by zero or make NaN are refused (MOE_EFORMAT
  * naming the key): every float key above must be finite (as a float
- * too); freq_base,
- * yarn_beta_fast/slow > 0; freq_base != 1 with YaRN; a scaling factor in
- * [1, 1e6) (0 with a scaling type named is an error); rms epsilon in
+ * too); freq_base, yarn_beta_fast/slow > 0; freq_base != 1 with YaRN; a
+ * scaling factor in [1, 1e6) (0 with a scaling type named is an error);
+ * rms epsilon in
  * (0, 1) and nonzero as a float; integer dimensions >= 1 (rope dims even,
  * <= key_length); expert_used_count <= expert_count and within the kept
  * groups (expert_group_used_count * expert_count / expert_group_count).
