@@ -8,7 +8,10 @@
 //
 // Routing runs in double, with the CPU reference's exact order of
 // operations and tie rules (lowest expert id wins a tie, everywhere), so
-// both backends choose the same experts on the same logits.
+// both backends choose the same experts on the same logits. Non-finite
+// logits follow the CPU's rule too (a NaN choice or group score ranks as
+// -inf; dropped groups and taken experts are NaN, never candidates), so an
+// expert id is always in [0, E).
 #include <math.h>
 
 #include "cuda_internal.cuh"
@@ -47,7 +50,10 @@ __global__ void __launch_bounds__(32) k_route(const float *__restrict__ logits, 
         for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
         for (int64_t e = lane; e < E; e += 32) s[e] /= sum;
     }
-    for (int64_t e = lane; e < E; e += 32) ch[e] = s[e] + (r.bias ? (double)r.bias[e] : 0.0);
+    for (int64_t e = lane; e < E; e += 32) {
+        double v = s[e] + (r.bias ? (double)r.bias[e] : 0.0);
+        ch[e] = isnan(v) ? -INFINITY : v;
+    }
     __syncwarp();
     if (r.G > 1 && r.Gu < r.G) {
         int64_t per = E / r.G;
@@ -66,7 +72,8 @@ __global__ void __launch_bounds__(32) k_route(const float *__restrict__ logits, 
                     a = cg[i] > a ? cg[i] : a;
                 }
             }
-            gs[g] = r.gating == MOE_GATING_SIGMOID && per > 1 ? a + b : a;
+            double v = r.gating == MOE_GATING_SIGMOID && per > 1 ? a + b : a;
+            gs[g] = isnan(v) ? -INFINITY : v; // +inf + -inf
             keep[g] = 0;
         }
         __syncwarp();
@@ -75,11 +82,11 @@ __global__ void __launch_bounds__(32) k_route(const float *__restrict__ logits, 
                 int64_t best = -1;
                 for (int64_t g = 0; g < r.G; g++)
                     if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
-                keep[best] = 1;
+                if (best >= 0) keep[best] = 1;
             }
         __syncwarp();
         for (int64_t e = lane; e < E; e += 32)
-            if (!keep[e / per]) ch[e] = -INFINITY;
+            if (!keep[e / per]) ch[e] = NAN; // excluded
         __syncwarp();
     }
     double wsum = 0;
@@ -94,7 +101,10 @@ __global__ void __launch_bounds__(32) k_route(const float *__restrict__ logits, 
             int oe = __shfl_xor_sync(0xffffffffu, be, o);
             if (better(ov, oe, bv, be)) bv = ov, be = oe;
         }
-        // every lane holds the same winner now
+        // every lane holds the same winner now; n_group_used * per >= K
+        // (checked by the launcher) leaves a candidate, so be >= 0 -- the
+        // guard only keeps a broken invariant from indexing s[-1]
+        if (be < 0) be = 0;
         wsum += s[be];
         if (lane == 0) {
             ids[t * r.K + k] = be;
@@ -120,7 +130,9 @@ __global__ void __launch_bounds__(1024) k_permute(const int32_t *__restrict__ id
     CUDA_DYN_SMEM(int, cnt);
     for (int64_t e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < n_ent; i += blockDim.x) atomicAdd(&cnt[ids[i]], 1);
+    // k_route writes ids in [0, E); the clamp makes that true by construction
+    // here as well, so no id can ever index outside cnt
+    for (int64_t i = threadIdx.x; i < n_ent; i += blockDim.x) atomicAdd(&cnt[(uint32_t)ids[i] < (uint32_t)E ? ids[i] : 0], 1);
     __syncthreads();
     if (threadIdx.x == 0) {
         int acc = 0;
@@ -134,7 +146,7 @@ __global__ void __launch_bounds__(1024) k_permute(const int32_t *__restrict__ id
     }
     __syncthreads();
     for (int64_t i = threadIdx.x; i < n_ent; i += blockDim.x) {
-        int p = atomicAdd(&cnt[ids[i]], 1);
+        int p = atomicAdd(&cnt[(uint32_t)ids[i] < (uint32_t)E ? ids[i] : 0], 1);
         rows[p] = (int32_t)(i / K);
         ent_of[i] = p;
     }

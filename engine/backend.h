@@ -93,7 +93,11 @@ typedef enum moe_gating { MOE_GATING_SOFTMAX = 1, MOE_GATING_SIGMOID = 2 } moe_g
  * into n_group consecutive groups scored by their best choice (softmax)
  * or the sum of their two best (sigmoid), and only the n_group_used best
  * groups compete; top n_used experts by choice; weights = their s,
- * divided by their sum when `norm`, times `scale`. */
+ * divided by their sum when `norm`, times `scale`.
+ * Ties go to the lowest expert id. Non-finite logits still route inside
+ * [0, n_expert): a NaN choice or group score ranks as -inf (so an all-NaN
+ * row takes experts 0 .. n_used-1); NaN weights are passed on, so the
+ * step's logits turn NaN and the engine fails that sequence. */
 typedef struct moe_route_params {
     int gating; /* moe_gating */
     int64_t n_expert;

@@ -45,6 +45,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "finite.h"
 #include "forward.h"
 #include "kvcache.h"
 #include "model.h"
@@ -74,7 +75,7 @@ typedef struct eng_req eng_req;
 
 /* One sampled logits row (filled in parallel, consumed in order). */
 typedef struct row_out {
-    int rc; /* MOE_OK, a sampler error, or 1: skipped */
+    int rc; /* MOE_OK, a sampler error, MOE_ENONFINITE (id: the first bad logit), or 1: skipped */
     int32_t id;
     float logprob;
     moe_logprob top[MOE_MAX_TOP_LOGPROBS];
@@ -307,6 +308,15 @@ static int load(moe_engine *e) {
     if (st) {
         fail_load(e, "warm-up forward pass: %s", moe_strerror(st));
         return st;
+    }
+    /* a model whose first token already gives NaN/Inf would fail every
+     * request: refuse it now, naming the cause */
+    int64_t bad = moe_nonfinite_find(e->logits, n_vocab);
+    if (bad >= 0) {
+        fail_load(e, "warm-up forward pass: non-finite logits (%s at token id %lld) for token %d at position 0; "
+                     "the weights hold NaN/Inf or overflow (moed info --check finds NaN/Inf tensors)",
+                  moe_nonfinite_kind(e->logits[bad]), (long long)bad, wid);
+        return MOE_ENONFINITE;
     }
     const char *base = strrchr(e->model_path, '/');
     base = base ? base + 1 : e->model_path;
@@ -732,6 +742,16 @@ static void sample_task(void *ctx, int64_t k, int thread) {
     if (c->finished || r->fail[0]) return;
     const float *row = e->logits + (size_t)k * (size_t)e->info.n_vocab;
     moe_sampler *sm = e->sms[thread < e->n_sms ? thread : 0];
+    /* a NaN/Inf logit means the model's numbers broke down for this
+     * sequence (a NaN weight row, an overflow): fail it rather than sample
+     * from what the sampler would read as -inf */
+    int64_t bad = moe_nonfinite_find(row, e->info.n_vocab);
+    if (bad >= 0) {
+        ro->rc = MOE_ENONFINITE;
+        ro->id = (int32_t)bad;
+        ro->logprob = row[bad];
+        return;
+    }
     int64_t np = r->n_prompt;
     ro->rc = moe_sampler_sample(sm, &r->samp, &c->rng, row, q->toks, np, q->toks + np, q->n_tok - np, &ro->id);
     if (!ro->rc && (r->logprobs || r->top_logprobs > 0))
@@ -775,6 +795,12 @@ static bool step(moe_engine *e) {
         eng_req *r = c->r;
         const row_out *ro = &e->ro[k];
         if (ro->rc == 1 || c->finished || r->fail[0]) continue;
+        if (ro->rc == MOE_ENONFINITE) {
+            /* the row is the output at the sequence's last position */
+            snprintf(r->fail, sizeof r->fail, "non-finite logits (%s at token id %d) at position %lld",
+                     moe_nonfinite_kind(ro->logprob), ro->id, (long long)(q->n_tok - 1));
+            continue;
+        }
         if (ro->rc) {
             snprintf(r->fail, sizeof r->fail, "sampling failed: %s", moe_strerror(ro->rc));
             continue;

@@ -3,6 +3,8 @@
  * llama-arch.cpp / llama-model.cpp so downloaded files load as they are. */
 #include "model.h"
 
+#include <float.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -146,6 +148,21 @@ static int get_bool(loader *L, const char *suffix, bool def, bool *out) {
         if (rc_) return rc_;                                                                                         \
     } while (0)
 
+/* A float key that must be finite and, when `positive`, > 0: the forward
+ * pass divides by or takes the log of these, so 0, NaN and Inf would turn
+ * every logit into NaN. MOE_EFORMAT naming the key otherwise. */
+static int get_finite(loader *L, const char *suffix, double def, bool positive, double *out) {
+    TRY(get_f64(L, suffix, false, def, out));
+    /* finite as a float too: the forward pass keeps some of them in floats */
+    if (!isfinite(*out) || fabs(*out) > FLT_MAX || (positive && !(*out > 0))) {
+        char key[160];
+        key_of(L, suffix, key, sizeof key);
+        seterr(L->err, L->errsz, "key '%s' = %g must be %s", key, *out, positive ? "finite and > 0" : "finite");
+        return MOE_EFORMAT;
+    }
+    return MOE_OK;
+}
+
 static int read_hparams(loader *L) {
     moe_hparams *hp = &L->m->hp;
     moe_arch a = hp->arch;
@@ -163,8 +180,10 @@ static int read_hparams(loader *L) {
     TRY(get_int(L, "feed_forward_length", false, 0, 0, D, &hp->n_ff));
     double eps;
     TRY(get_f64(L, "attention.layer_norm_rms_epsilon", true, 0, &eps));
-    if (!(eps > 0 && eps < 1)) {
-        seterr(L->err, L->errsz, "%s.attention.layer_norm_rms_epsilon %g is out of range", L->m->arch, eps);
+    /* as a float (what the norms add): a tiny eps would round to 0 */
+    if (!(eps > 0 && eps < 1) || !((float)eps > 0)) {
+        seterr(L->err, L->errsz, "key '%s.attention.layer_norm_rms_epsilon' = %g is out of range (0, 1)", L->m->arch,
+               eps);
         return MOE_EFORMAT;
     }
     hp->rms_eps = (float)eps;
@@ -189,22 +208,29 @@ static int read_hparams(loader *L) {
         seterr(L->err, L->errsz, "%s.rope.dimension_count %lld is odd", L->m->arch, (long long)hp->n_rot);
         return MOE_EFORMAT;
     }
-    TRY(get_f64(L, "rope.freq_base", false, 10000.0, &hp->rope_freq_base));
-    if (!(hp->rope_freq_base > 0)) {
-        seterr(L->err, L->errsz, "%s.rope.freq_base must be positive", L->m->arch);
-        return MOE_EFORMAT;
-    }
-    TRY(get_f64(L, "rope.scaling.factor", false, 1.0, &hp->rope_scaling_factor));
-    if (hp->rope_scaling_factor == 0) hp->rope_scaling_factor = 1.0; /* llama.cpp: 0 means none */
-    if (!(hp->rope_scaling_factor >= 1.0 && hp->rope_scaling_factor < 1e6)) {
-        seterr(L->err, L->errsz, "%s.rope.scaling.factor %g is out of range", L->m->arch, hp->rope_scaling_factor);
-        return MOE_EFORMAT;
-    }
+    TRY(get_finite(L, "rope.freq_base", 10000.0, true, &hp->rope_freq_base));
+    double factor;
+    TRY(get_f64(L, "rope.scaling.factor", false, 1.0, &factor));
     char key[160];
     key_of(L, "rope.scaling.type", key, sizeof key);
     moe_gguf_str st;
+    bool typed = moe_gguf_get_str(L->m->g, key, &st) == MOE_OK;
+    bool scaled = typed && !(st.len == 4 && !memcmp(st.ptr, "none", 4));
+    /* llama.cpp reads a factor of 0 as none; with a scaling type named the
+     * forward pass would divide by it, so there it is an error */
+    if (factor == 0 && scaled) {
+        seterr(L->err, L->errsz, "key '%s.rope.scaling.factor' = 0 with rope scaling '%.*s': the factor must be >= 1",
+               L->m->arch, (int)(st.len > 32 ? 32 : st.len), st.ptr);
+        return MOE_EFORMAT;
+    }
+    hp->rope_scaling_factor = factor == 0 ? 1.0 : factor;
+    if (!(hp->rope_scaling_factor >= 1.0 && hp->rope_scaling_factor < 1e6)) {
+        seterr(L->err, L->errsz, "key '%s.rope.scaling.factor' = %g is out of range [1, 1e6)", L->m->arch,
+               hp->rope_scaling_factor);
+        return MOE_EFORMAT;
+    }
     hp->rope_scaling = hp->rope_scaling_factor > 1.0 ? MOE_ROPE_SCALING_LINEAR : MOE_ROPE_SCALING_NONE;
-    if (moe_gguf_get_str(L->m->g, key, &st) == MOE_OK) {
+    if (typed) {
         if (st.len == 4 && !memcmp(st.ptr, "none", 4)) hp->rope_scaling = MOE_ROPE_SCALING_NONE;
         else if (st.len == 6 && !memcmp(st.ptr, "linear", 6)) hp->rope_scaling = MOE_ROPE_SCALING_LINEAR;
         else if (st.len == 4 && !memcmp(st.ptr, "yarn", 4)) hp->rope_scaling = MOE_ROPE_SCALING_YARN;
@@ -217,7 +243,19 @@ static int read_hparams(loader *L) {
     if (hp->rope_scaling == MOE_ROPE_SCALING_NONE) hp->rope_scaling_factor = 1.0;
     TRY(get_int(L, "rope.scaling.original_context_length", false, hp->n_ctx_train, 1, (int64_t)1 << 40,
                 &hp->rope_orig_ctx));
-    TRY(get_f64(L, "rope.scaling.yarn_log_multiplier", false, 0.0, &hp->rope_yarn_log_mul));
+    TRY(get_finite(L, "rope.scaling.yarn_log_multiplier", 0.0, false, &hp->rope_yarn_log_mul));
+    hp->rope_yarn_beta_fast = 32.0;
+    hp->rope_yarn_beta_slow = 1.0;
+    if (hp->rope_scaling == MOE_ROPE_SCALING_YARN) {
+        /* the YaRN ramp takes log(orig_ctx / (beta * 2 pi)) / log(freq_base) */
+        TRY(get_finite(L, "rope.scaling.yarn_beta_fast", 32.0, true, &hp->rope_yarn_beta_fast));
+        TRY(get_finite(L, "rope.scaling.yarn_beta_slow", 1.0, true, &hp->rope_yarn_beta_slow));
+        if (hp->rope_freq_base == 1.0) {
+            seterr(L->err, L->errsz, "key '%s.rope.freq_base' = 1 with YaRN scaling (its ramp divides by log(base))",
+                   L->m->arch);
+            return MOE_EFORMAT;
+        }
+    }
 
     /* MoE */
     TRY(get_int(L, "expert_count", false, 0, 0, 65536, &hp->n_expert));
@@ -240,7 +278,7 @@ static int read_hparams(loader *L) {
             seterr(L->err, L->errsz, "%s: expert FFN width is 0 (no feed_forward_length)", L->m->arch);
             return MOE_EFORMAT;
         }
-        TRY(get_f64(L, "expert_weights_scale", false, 1.0, &hp->expert_weights_scale));
+        TRY(get_finite(L, "expert_weights_scale", 1.0, false, &hp->expert_weights_scale));
         int64_t gf;
         TRY(get_int(L, "expert_gating_func", false, MOE_HP_GATING_SOFTMAX, 1, 2, &gf));
         hp->expert_gating_func = (int)gf;
@@ -251,6 +289,20 @@ static int read_hparams(loader *L) {
             seterr(L->err, L->errsz, "%s.expert_count %lld is not a multiple of expert_group_count %lld", L->m->arch,
                    (long long)hp->n_expert, (long long)hp->n_expert_group);
             return MOE_EFORMAT;
+        }
+        /* the kept groups must hold the top-k, or routing has nothing to pick */
+        if (hp->n_group_used * (hp->n_expert / hp->n_expert_group) < hp->n_expert_used) {
+            seterr(L->err, L->errsz,
+                   "key '%s.expert_group_used_count' = %lld: %lld group(s) of %lld experts cannot hold "
+                   "expert_used_count %lld",
+                   L->m->arch, (long long)hp->n_group_used, (long long)hp->n_group_used,
+                   (long long)(hp->n_expert / hp->n_expert_group), (long long)hp->n_expert_used);
+            return MOE_EFORMAT;
+        }
+        if (hp->n_group_used < hp->n_expert_group && hp->n_expert_group > 256) {
+            seterr(L->err, L->errsz, "key '%s.expert_group_count' = %lld: a group limit over more than 256 groups "
+                   "is not supported", L->m->arch, (long long)hp->n_expert_group);
+            return MOE_EUNSUPPORTED;
         }
         switch (a) {
         case MOE_ARCH_LLAMA:
@@ -272,8 +324,9 @@ static int read_hparams(loader *L) {
         TRY(get_int(L, "attention.kv_lora_rank", true, 0, 1, D, &hp->kv_lora_rank));
         hp->n_embd_head_qk_nope = hp->n_embd_head_k - hp->n_rot;
         if (hp->n_embd_head_qk_nope < 1) {
-            seterr(L->err, L->errsz, "deepseek2: key_length %lld leaves no non-rope part after rope.dimension_count %lld",
-                   (long long)hp->n_embd_head_k, (long long)hp->n_rot);
+            seterr(L->err, L->errsz,
+                   "key 'deepseek2.rope.dimension_count' = %lld leaves no non-rope part of key_length %lld",
+                   (long long)hp->n_rot, (long long)hp->n_embd_head_k);
             return MOE_EFORMAT;
         }
     }

@@ -23,9 +23,11 @@
  *   rope.dimension_count          = key_length (deepseek2: required in practice, see n_rot)
  *   rope.freq_base                = 10000
  *   rope.scaling.type             = none (linear when only a factor is given, as llama.cpp)
- *   rope.scaling.factor           = 1 (0 in the file also means 1)
+ *   rope.scaling.factor           = 1 (0 in the file also means 1 when no
+ *                                   scaling type, or "none", is named)
  *   rope.scaling.original_context_length = context_length
  *   rope.scaling.yarn_log_multiplier     = 0
+ *   rope.scaling.yarn_beta_fast / yarn_beta_slow = 32 / 1
  *   vocab_size                    = rows of token_embd (the key is only checked when present)
  *   feed_forward_length           = 0 (then dense layers are refused)
  *   expert_count / expert_used_count     = 0 (dense model)
@@ -41,6 +43,14 @@
  *   expert_gating_func            = 1 (softmax); 2 is sigmoid (DeepSeek-V3)
  *   expert_group_count / expert_group_used_count = 1 / 1 (no group limit)
  *   attention.q_lora_rank         = 0 (no q LoRA: blk.N.attn_q, as V2-Lite)
+ * Values that would divide by zero or make NaN are refused (MOE_EFORMAT
+ * naming the key): every float key above must be finite (as a float
+ * too); freq_base, yarn_beta_fast/slow > 0; freq_base != 1 with YaRN; a
+ * scaling factor in [1, 1e6) (0 with a scaling type named is an error);
+ * rms epsilon in
+ * (0, 1) and nonzero as a float; integer dimensions >= 1 (rope dims even,
+ * <= key_length); expert_used_count <= expert_count and within the kept
+ * groups (expert_group_used_count * expert_count / expert_group_count).
  * Required keys (as in llama.cpp): block_count, embedding_length,
  * attention.head_count, attention.layer_norm_rms_epsilon, context_length;
  * for deepseek2 also attention.kv_lora_rank; expert_used_count when
@@ -107,6 +117,8 @@ typedef struct moe_hparams {
     double rope_scaling_factor;   /* 1 = none */
     int64_t rope_orig_ctx;        /* rope.scaling.original_context_length */
     double rope_yarn_log_mul;     /* rope.scaling.yarn_log_multiplier (DeepSeek: 0.1 * mscale_all_dim) */
+    double rope_yarn_beta_fast;   /* rope.scaling.yarn_beta_fast (YaRN only) */
+    double rope_yarn_beta_slow;   /* rope.scaling.yarn_beta_slow (YaRN only) */
 
     /* MoE (all 0 / false for dense models) */
     bool is_moe;                  /* expert_count > 0 */

@@ -24,7 +24,8 @@ extern "C" {
     X(EFULL, -9, "capacity exhausted")                                 \
     X(ECANCELLED, -10, "cancelled")                                    \
     X(EBACKEND, -11, "backend failure")                                \
-    X(ESTATE, -12, "invalid state")
+    X(ESTATE, -12, "invalid state")                                    \
+    X(ENONFINITE, -13, "non-finite number (NaN or Inf)")
 
 typedef enum moe_status {
 #define MOE__STATUS_ENUM(name, code, msg) MOE_##name = (code),

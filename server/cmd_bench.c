@@ -49,6 +49,7 @@
 #include "forward.h"
 #include "gguf.h"
 #include "kvcache.h"
+#include "model.h"
 #include "threadpool.h"
 #ifdef MOE_HAVE_CUDA
 #include "cuda_backend.h"
@@ -338,7 +339,8 @@ int srv_cmd_bench(int argc, char **argv) {
     memset(sets, 0, sizeof sets);
     double *round_bw = NULL;
     int n_round_bw = 0;
-    moe_gguf *g = NULL;
+    moe_model *m = NULL; /* the loader validates the hyper-parameters the forward pass reads */
+    const moe_gguf *g = NULL;
 
     /* Bandwidth first, with the model not yet mapped, and again after each
      * phase: on a shared machine one measurement can land in a busy moment,
@@ -375,8 +377,9 @@ int srv_cmd_bench(int argc, char **argv) {
         bw = b_ > bw ? b_ : bw;                                                                                      \
     } while (0)
 
-    g = moe_gguf_open(model, &st, err, sizeof err);
-    if (!g) {
+    m = moe_model_load(model, &st, err, sizeof err);
+    g = moe_model_gguf(m);
+    if (!m) {
         fprintf(stderr, "moed bench: %s: %s (%s)\n", model, err, moe_strerror(st));
         goto out;
     }
@@ -583,7 +586,7 @@ out:
     moe_kv_destroy(bn.kv);
     moe_fwd_free(bn.fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(m);
     free(bn.logits);
     free(bw_buf);
     cpu_pool_destroy(pool);

@@ -9,7 +9,10 @@
  * is tokenized with the model's own tokenizer (BOS as the model asks) and
  * the continuation is printed as text, streamed, stopping early at an
  * end-of-generation token; a prompt of token ids (--ids) prints the
- * generated ids one per line. Timing goes to stderr.
+ * generated ids one per line. Timing goes to stderr. The file is checked
+ * by the model loader first (hyper-parameters that would divide by zero
+ * are refused), and a step whose logits hold NaN/Inf stops the run with
+ * exit status 1, naming the position.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -22,9 +25,11 @@
 
 #include "backend.h"
 #include "cli.h"
+#include "finite.h"
 #include "forward.h"
 #include "gguf.h"
 #include "kvcache.h"
+#include "model.h"
 #include "tokenizer.h"
 
 static void usage(FILE *f) {
@@ -51,6 +56,17 @@ static int32_t sample(const float *logits, int64_t n, float temp, uint64_t *rng)
         if (u < acc) return (int32_t)i;
     }
     return (int32_t)best;
+}
+
+/* False (with a message) when the logits of position pos hold NaN/Inf:
+ * sampling would read them as -inf and print a plausible-looking token. */
+static bool logits_finite(const float *logits, int64_t n_vocab, int64_t pos) {
+    int64_t bad = moe_nonfinite_find(logits, n_vocab);
+    if (bad < 0) return true;
+    fprintf(stderr, "moed generate: non-finite logits (%s at token id %lld) at position %lld; the weights hold "
+                    "NaN/Inf or overflow (moed info --check finds NaN/Inf tensors)\n",
+            moe_nonfinite_kind(logits[bad]), (long long)bad, (long long)pos);
+    return false;
 }
 
 static int parse_ids(const char *s, int32_t **out, int64_t *n) {
@@ -143,11 +159,12 @@ int srv_cmd_generate(int argc, char **argv) {
     float *logits = NULL;
     moe_tok *tok = NULL;
     moe_tok_stream *ts = NULL;
-    moe_gguf *g = moe_gguf_open(model, &st, err, sizeof err);
-    if (!g) {
+    moe_model *m = moe_model_load(model, &st, err, sizeof err);
+    if (!m) {
         fprintf(stderr, "moed generate: %s: %s (%s)\n", model, err, moe_strerror(st));
         goto out;
     }
+    const moe_gguf *g = moe_model_gguf(m);
     if (prompt) {
         tok = moe_tok_load(g, &st, err, sizeof err);
         if (!tok) {
@@ -208,6 +225,7 @@ int srv_cmd_generate(int argc, char **argv) {
         fprintf(stderr, "moed generate: prompt: %s\n", moe_strerror(st));
         goto out;
     }
+    if (!logits_finite(logits, n_vocab, n_prompt - 1)) goto out;
     double t1 = srv_cli_now_s();
     uint64_t rng = seed;
     long n_gen = 0;
@@ -230,6 +248,7 @@ int srv_cmd_generate(int argc, char **argv) {
             fprintf(stderr, "moed generate: decode: %s\n", moe_strerror(st));
             goto out;
         }
+        if (!logits_finite(logits, n_vocab, p)) goto out;
     }
     double t2 = srv_cli_now_s();
     if (ts) {
@@ -250,7 +269,7 @@ out:
     moe_backend_destroy(&be);
     moe_tok_stream_free(ts);
     moe_tok_free(tok);
-    moe_gguf_close(g);
+    moe_model_free(m);
     free(logits);
     free(prompt_ids);
     return rc;

@@ -1,10 +1,12 @@
 /* cmd_info.c - `moed info MODEL.gguf`: what a model file holds, as the
- * loader sees it (engine/model.h). */
+ * loader sees it (engine/model.h); `moed info --check MODEL.gguf`: every
+ * tensor decoded and searched for NaN/Inf. */
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "cli.h"
+#include "finite.h"
 #include "gguf.h"
 #include "model.h"
 #include "qblocks.h"
@@ -92,26 +94,82 @@ static bool shown_elsewhere(const char *key, const char *arch) {
     return false;
 }
 
+/* --check: decodes every tensor of the file (not only those the loader
+ * binds, and without the loader's checks, so a file it refuses can still
+ * be examined) and names each one holding NaN/Inf with its first such
+ * element. Returns the exit status: 0 all finite, 1 NaN/Inf found or the
+ * file cannot be read. */
+static int check_tensors(const char *path) {
+    char err[MOE_ERR_MAX] = "";
+    int st = MOE_OK;
+    moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
+    if (!g) {
+        fprintf(stderr, "moed info: %s: %s\n", path, err[0] ? err : moe_strerror(st));
+        return 1;
+    }
+    double t0 = srv_cli_now_s();
+    uint64_t n_t = moe_gguf_n_tensors(g), n_bad = 0, n_skip = 0;
+    int64_t n_el = 0;
+    const char *first_skip = NULL;
+    for (uint64_t i = 0; i < n_t; i++) {
+        const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
+        int64_t n = t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3], bad = -1;
+        float v = 0;
+        st = moe_nonfinite_scan_tensor(t->type, t->data, n, &bad, &v);
+        if (st == MOE_EUNSUPPORTED) {
+            if (!n_skip++) first_skip = t->name;
+            continue;
+        }
+        if (st) {
+            fprintf(stderr, "moed info: %s: tensor '%s': %s\n", path, t->name, moe_strerror(st));
+            moe_gguf_close(g);
+            return 1;
+        }
+        n_el += n;
+        if (bad < 0) continue;
+        if (!n_bad++) printf("check: %s: NaN/Inf found\n", path);
+        /* row and column too: for token_embd the row is the token id */
+        printf("  tensor '%s' (%s): element %" PRId64 " (row %" PRId64 ", column %" PRId64 ") is %s\n", t->name,
+               moe_type_name(t->type), bad, bad / t->ne[0], bad % t->ne[0], moe_nonfinite_kind(v));
+    }
+    double dt = srv_cli_now_s() - t0;
+    if (n_skip)
+        printf("  %" PRIu64 " tensor(s) of types moed cannot decode were not checked, first '%s'\n", n_skip,
+               first_skip);
+    if (n_bad)
+        printf("check: %" PRIu64 " of %" PRIu64 " tensors hold NaN/Inf\n", n_bad, n_t);
+    else
+        printf("check: %s: %" PRIu64 " tensors, %" PRId64 " elements decoded, all finite (%.2f s)\n", path,
+               n_t - n_skip, n_el, dt);
+    moe_gguf_close(g);
+    return n_bad ? 1 : 0;
+}
+
 int srv_cmd_info(int argc, char **argv) {
     const char *path = NULL;
-    bool tensors = true;
+    bool tensors = true, check = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
             printf("usage: moed info [--no-tensors] MODEL.gguf\n"
+                   "       moed info --check MODEL.gguf\n"
                    "  Prints the file header, architecture, hyper-parameters, parameter counts,\n"
-                   "  tensors, bytes by type, tokenizer summary and the other metadata keys.\n");
+                   "  tensors, bytes by type, tokenizer summary and the other metadata keys.\n"
+                   "  --check decodes every tensor instead and names each one holding NaN or Inf\n"
+                   "  (its first such element); exit status 1 when any does, 0 when all are finite.\n");
             return 0;
         }
         if (!strcmp(argv[i], "--no-tensors")) tensors = false;
+        else if (!strcmp(argv[i], "--check")) check = true;
         else if (argv[i][0] == '-') {
             fprintf(stderr, "moed info: unknown option '%s'\n", argv[i]);
             return 2;
         } else path = argv[i];
     }
     if (!path) {
-        fprintf(stderr, "usage: moed info [--no-tensors] MODEL.gguf\n");
+        fprintf(stderr, "usage: moed info [--no-tensors] MODEL.gguf | moed info --check MODEL.gguf\n");
         return 2;
     }
+    if (check) return check_tensors(path);
     char err[MOE_ERR_MAX] = "";
     int st = MOE_OK;
     moe_model *m = moe_model_load(path, &st, err, sizeof err);

@@ -2,7 +2,8 @@
  * and hand-worked cases: rms_norm (strided), rope NORM/NEOX (partial, with
  * attn_factor), YaRN frequencies, paged GQA attention over scattered
  * blocks with mixed prefill/decode, MLA attention on the latent cache
- * against the expanded formulation, MoE routing rules, and the MoE op. */
+ * against the expanded formulation, MoE routing rules (non-finite router
+ * logits included), and the MoE op. */
 #include <check.h>
 #include <math.h>
 #include <stdlib.h>
@@ -346,6 +347,71 @@ START_TEST(routing_sigmoid_bias_groups) {
 }
 END_TEST
 
+/* Non-finite router input (a NaN weight row, +-Inf from an overflowing
+ * norm) must still route inside [0, E) by the documented rule: a NaN
+ * choice or group score ranks as -inf, ties go to the lowest id. Before
+ * the rule an all-NaN row chose expert -1 and wrote before its buffers. */
+START_TEST(routing_nonfinite) {
+    const float N = NAN, I = INFINITY;
+    int32_t ids[4];
+    float w[4];
+    /* softmax, every logit NaN: every choice ties at -inf -> 0, 1, 2 */
+    const float all_nan[8] = {N, N, N, N, N, N, N, N};
+    moe_route_params rp = {.gating = MOE_GATING_SOFTMAX, .n_expert = 8, .n_used = 3, .n_group = 1,
+                           .n_group_used = 1, .norm = true, .scale = 1.0f};
+    route1(all_nan, &rp, ids, w);
+    for (int k = 0; k < 3; k++) {
+        ck_assert_int_eq(ids[k], k);
+        ck_assert(isnan(w[k])); /* passed on: the step's logits fail the sequence */
+    }
+    /* softmax with one NaN: the normaliser is NaN, so every s is: same rule */
+    const float one_nan[8] = {1, N, 3, 0, 2, 0, -1, -2};
+    route1(one_nan, &rp, ids, w);
+    for (int k = 0; k < 3; k++) ck_assert_int_eq(ids[k], k);
+    /* softmax with +Inf: inf - inf is NaN for that expert, 0 for the rest,
+     * the sum NaN: the same rule again (never the -1 of an empty choice) */
+    const float pinf[8] = {0, 0, 0, 0, 0, I, 0, 0};
+    route1(pinf, &rp, ids, w);
+    for (int k = 0; k < 3; k++) ck_assert_int_eq(ids[k], k);
+    /* sigmoid, some NaN: finite choices rank as usual, the NaN ones after
+     * them by id (4 used, 3 finite: the 4th is NaN expert 1) */
+    const float some_nan[8] = {0.5f, N, 2, N, 1, N, N, N};
+    rp.gating = MOE_GATING_SIGMOID;
+    rp.n_used = 4;
+    route1(some_nan, &rp, ids, w);
+    const int32_t want_some[4] = {2, 4, 0, 1};
+    for (int k = 0; k < 4; k++) ck_assert_int_eq(ids[k], want_some[k]);
+    /* sigmoid, +-Inf: s = 1 for +Inf (a tie, lowest id first), 0 for -Inf */
+    const float infs[8] = {-I, I, 0, I, -I, -I, -I, -I};
+    rp.n_used = 3;
+    rp.norm = false;
+    route1(infs, &rp, ids, w);
+    const int32_t want_inf[3] = {1, 3, 2};
+    for (int k = 0; k < 3; k++) ck_assert_int_eq(ids[k], want_inf[k]);
+    ck_assert_float_eq(w[0], 1.0f);
+    ck_assert_float_eq(w[2], 0.5f);
+    /* groups (V3 rules, sum of the two best): g0 {NaN, NaN} and g2 {NaN, 2}
+     * score -inf, g1 {0, 1} and g3 {-1, -2} survive -> e3, e2, e6 */
+    const float grp[8] = {N, N, 0, 1, N, 2, -1, -2};
+    rp.n_group = 4;
+    rp.n_group_used = 2;
+    route1(grp, &rp, ids, w);
+    const int32_t want_grp[3] = {3, 2, 6};
+    for (int k = 0; k < 3; k++) ck_assert_int_eq(ids[k], want_grp[k]);
+    /* all NaN with groups: every group ties at -inf, groups 0 and 1 are kept */
+    route1(all_nan, &rp, ids, w);
+    for (int k = 0; k < 3; k++) ck_assert_int_eq(ids[k], k);
+    /* a +Inf bias next to a NaN choice: the group sum +inf + -inf is NaN,
+     * ranked -inf; g1 and g2 win, and the +Inf expert is out with its group */
+    const float lb[8] = {0, N, 0, 1, 2, 0, -1, -2};
+    const float bias[8] = {I, 0, 0, 0, 0, 0, 0, 0};
+    rp.bias = bias;
+    route1(lb, &rp, ids, w);
+    const int32_t want_b[3] = {4, 3, 2};
+    for (int k = 0; k < 3; k++) ck_assert_int_eq(ids[k], want_b[k]);
+}
+END_TEST
+
 START_TEST(moe_op_vs_naive) {
     enum { E = 4, N = 5, EMB = 32, FF = 32, K = 2 };
     static float gate[E][FF][EMB], up[E][FF][EMB], down[E][EMB][FF], h[N][EMB], lg[N][E], out[N][EMB];
@@ -434,6 +500,7 @@ int main(void) {
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, routing_softmax_group_limited);
     tcase_add_test(tc, routing_sigmoid_bias_groups);
+    tcase_add_test(tc, routing_nonfinite);
     tcase_add_test(tc, moe_op_vs_naive);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);

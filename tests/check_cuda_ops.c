@@ -732,6 +732,67 @@ START_TEST(moe_routing_and_ffn) {
 }
 END_TEST
 
+/* Non-finite router logits: the device picks exactly the CPU's experts
+ * (NaN ranks as -inf, lowest id on ties), every id in [0, E); before, an
+ * all-NaN row gave id -1 and k_permute's atomicAdd hit cnt[-1]. */
+START_TEST(moe_nonfinite_routing) {
+    /* (E, K, G, Gu, gating) */
+    static const int64_t cfg[][5] = {
+        {8, 2, 1, 1, MOE_GATING_SOFTMAX},
+        {16, 4, 4, 2, MOE_GATING_SIGMOID},
+        {8, 3, 4, 2, MOE_GATING_SOFTMAX},
+    };
+    enum { T = 6, EMB = 32, FF = 32 };
+    for (int ci = 0; ci < 3; ci++) {
+        int64_t E = cfg[ci][0], K = cfg[ci][1];
+        wpair gate = make_weight(MOE_TYPE_F32, EMB, FF, E, 0.2f), up = make_weight(MOE_TYPE_F32, EMB, FF, E, 0.2f),
+              dn = make_weight(MOE_TYPE_F32, FF, EMB, E, 0.2f);
+        float *h = rand_vec((size_t)T * EMB, -1, 1), *lg = rand_vec((size_t)T * E, -3, 3);
+        for (int64_t e = 0; e < E; e++) {
+            lg[0 * E + e] = NAN;                           /* all NaN */
+            if (e % 3 == 1) lg[1 * E + e] = NAN;           /* some NaN */
+            lg[2 * E + e] = e % 2 ? INFINITY : -INFINITY;  /* +-Inf */
+            if (e == E - 1) lg[3 * E + e] = INFINITY;      /* one +Inf */
+            if (e < E / 2) lg[4 * E + e] = NAN;            /* the first groups NaN */
+        }                                                  /* row 5: finite */
+        float *bias = cfg[ci][4] == MOE_GATING_SIGMOID ? rand_vec((size_t)E, -0.15f, 0.15f) : NULL;
+        if (bias) bias[1] = INFINITY; /* +inf + -inf group sums */
+        float *dbias = bias ? dev(bias, (size_t)E * 4) : NULL;
+        moe_route_params rp = {.gating = (int)cfg[ci][4], .n_expert = E, .n_used = K, .n_group = cfg[ci][2],
+                               .n_group_used = cfg[ci][3], .norm = true, .scale = 1.0f, .bias = bias};
+        size_t no = (size_t)T * EMB, ne = (size_t)T * K;
+        float *cout = malloc(no * 4), *cw = malloc(ne * 4), *gw = malloc(ne * 4);
+        int32_t *cid = malloc(ne * 4), *gid = malloc(ne * 4);
+        ck_assert_int_eq(cpu.ops->moe(cpu.ctx, h, T, lg, &rp, &gate.c, &up.c, &dn.c, cout, cid, cw), MOE_OK);
+        float *dh = dev(h, no * 4), *dlg = dev(lg, (size_t)T * E * 4), *dout = dev(NULL, no * 4);
+        rp.bias = dbias;
+        ck_assert_int_eq(gpu.ops->moe(gpu.ctx, dh, T, dlg, &rp, &gate.g, &up.g, &dn.g, dout, gid, gw), MOE_OK);
+        for (size_t i = 0; i < ne; i++) {
+            ck_assert_msg(cid[i] >= 0 && cid[i] < E && gid[i] >= 0 && gid[i] < E, "cfg %d entry %zu: ids %d %d", ci,
+                          i, cid[i], gid[i]);
+            ck_assert_msg(gid[i] == cid[i], "cfg %d entry %zu: gpu %d, cpu %d", ci, i, gid[i], cid[i]);
+            ck_assert(isnan(gw[i]) == isnan(cw[i]));
+        }
+        for (int k = 0; k < K; k++) ck_assert_int_eq(cid[k], k); /* all NaN: experts 0 .. K-1 */
+        free(cout);
+        free(cw);
+        free(gw);
+        free(cid);
+        free(gid);
+        free(h);
+        free(lg);
+        free(bias);
+        if (dbias) gfree(dbias);
+        gfree(dh);
+        gfree(dlg);
+        gfree(dout);
+        free_weight(&gate);
+        free_weight(&up);
+        free_weight(&dn);
+    }
+}
+END_TEST
+
 /* ---- sampling ---- */
 
 START_TEST(sample_greedy) {
@@ -835,6 +896,7 @@ static Suite *cuda_ops_suite(int have_gpu) {
         {"rope", rope_styles, 0},                {"matmul", matmul_types_shapes, N_TYPES},
         {"matmul_unsupported", matmul_unsupported, 0}, {"attention", attention_gqa, 0},
         {"mla", attention_mla, 0},               {"moe", moe_routing_and_ffn, 0},
+        {"moe_nonfinite", moe_nonfinite_routing, 0},
         {"sample_greedy", sample_greedy, 0},     {"sample_distribution", sample_distribution, 0},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {

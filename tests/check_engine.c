@@ -845,6 +845,98 @@ START_TEST(parallel_sampling) {
 }
 END_TEST
 
+/* Overwrites rows [row0, row0 + n_rows) of F32 tensor `name` of the file
+ * at path with value (all rows when n_rows < 0), in place. */
+static void poison(const char *path, const char *name, int64_t row0, int64_t n_rows, float value) {
+    int st = 0;
+    moe_gguf *g = moe_gguf_open(path, &st, NULL, 0);
+    ck_assert_ptr_nonnull(g);
+    const moe_gguf_tensor *t = moe_gguf_find_tensor(g, name);
+    ck_assert_ptr_nonnull(t);
+    ck_assert_int_eq(t->type, MOE_TYPE_F32);
+    int64_t rows = t->ne[1] * t->ne[2], n = n_rows < 0 ? rows : n_rows;
+    uint64_t off = moe_gguf_data_offset(g) + t->offset + (uint64_t)row0 * (uint64_t)t->ne[0] * 4;
+    size_t count = (size_t)(n * t->ne[0]);
+    moe_gguf_close(g);
+    float *v = malloc(count * sizeof(float));
+    for (size_t i = 0; i < count; i++) v[i] = value;
+    FILE *f = fopen(path, "r+b");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(fseek(f, (long)off, SEEK_SET), 0);
+    ck_assert_uint_eq(fwrite(v, sizeof(float), count, f), count);
+    ck_assert_int_eq(fclose(f), 0);
+    free(v);
+}
+
+/* A NaN token_embd row X: a request whose prompt holds X gets NaN logits
+ * and fails with the cause and position; one submitted with it that never
+ * meets X produces exactly the reference tokens; the engine goes on. A
+ * model whose first step is NaN (the router of a MoE layer) never gets
+ * READY: the warm-up names the cause. Before, route_token indexed expert
+ * -1 on the NaN router row (ASan: heap-buffer-overflow). */
+START_TEST(nonfinite_logits) {
+    char dir[] = "/tmp/check_engine_XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    char path[128], err[256];
+    snprintf(path, sizeof path, "%s/nan.gguf", dir);
+    moe_mkmodel_cfg cfg;
+    ck_assert_int_eq(moe_mkmodel_preset("deepseek2", "tiny", &cfg, err, sizeof err), MOE_OK);
+    cfg.type = MOE_TYPE_F32;
+    cfg.n_threads = 1;
+    ck_assert_msg(moe_mkmodel_write(&cfg, path, err, sizeof err) == MOE_OK, "%s", err);
+    enum { GEN = 10, NP = 6 };
+    int32_t good[NP] = {3, 14, 15, 92, 65, 35}, ref[GEN];
+    ref_greedy(path, good, NP, GEN, ref);
+    /* X: a token neither in the good prompt nor in its continuation */
+    int32_t x = 1;
+    for (bool used = true; used; x++) {
+        used = false;
+        for (int i = 0; i < NP; i++) used |= good[i] == x;
+        for (int i = 0; i < GEN; i++) used |= ref[i] == x;
+        if (!used) break;
+    }
+    poison(path, "token_embd.weight", x, 1, NAN);
+    int32_t bad[NP] = {3, 14, x, 92, 65, 35};
+    moe_engine *e = start(path, (moe_engine_opts){.max_seqs = 4});
+    col c[3];
+    for (int i = 0; i < 3; i++) col_init(&c[i]);
+    moe_request rg = greedy_req(good, NP, GEN, &c[0]), rb = greedy_req(bad, NP, GEN, &c[1]);
+    ck_assert_int_eq(moe_engine_submit(e, &rb, NULL, NULL, 0), MOE_OK);
+    ck_assert_int_eq(moe_engine_submit(e, &rg, NULL, NULL, 0), MOE_OK);
+    ck_assert(col_wait(&c[1], 60) && col_wait(&c[0], 60));
+    ck_assert_int_eq(c[1].n_error, 1);
+    ck_assert_int_eq(c[1].ntok[0], 0); /* nothing sampled from NaN */
+    ck_assert_msg(strstr(c[1].err, "non-finite logits (NaN at token id ") && strstr(c[1].err, "at position 5"), "%s",
+                  c[1].err);
+    ck_assert_int_eq(c[0].n_error, 0);
+    ck_assert_int_eq(c[0].ntok[0], GEN);
+    for (int t = 0; t < GEN; t++) ck_assert_int_eq(c[0].toks[0][t], ref[t]);
+    /* still serving */
+    moe_request r2 = greedy_req(good, NP, GEN, &c[2]);
+    ck_assert_int_eq(moe_engine_submit(e, &r2, NULL, NULL, 0), MOE_OK);
+    ck_assert(col_wait(&c[2], 60));
+    ck_assert_int_eq(c[2].n_error, 0);
+    ck_assert(!memcmp(c[2].toks[0], ref, sizeof ref));
+    moe_engine_stats st;
+    moe_engine_get_stats(e, &st);
+    ck_assert_int_eq(st.kv_blocks_used, 0); /* the failed sequence's blocks came back */
+    moe_engine_destroy(e, 1000);
+
+    /* every router logit of layer 1 NaN: the warm-up refuses the model */
+    poison(path, "blk.1.ffn_gate_inp.weight", 0, -1, NAN);
+    int sst = 0;
+    e = moe_engine_start(&(moe_engine_opts){.model_path = path, .n_threads = 1, .kv_blocks = 64, .chat_family = -1},
+                         &sst, err, sizeof err);
+    ck_assert_ptr_nonnull(e);
+    ck_assert_int_eq(moe_engine_wait_ready(e, 20000), MOE_ENGINE_FAILED);
+    ck_assert_msg(strstr(moe_engine_error(e), "warm-up forward pass: non-finite logits (NaN"), "%s",
+                  moe_engine_error(e));
+    moe_engine_destroy(e, 0);
+    unlink(path);
+    rmdir(dir);
+}
+END_TEST
+
 static int n_status;
 static void on_status(void *u, const char *s) {
     (void)u;
@@ -927,6 +1019,7 @@ int main(void) {
     tcase_add_test(tr, prefix_cache);
     tcase_add_test(tr, stress_submit_cancel);
     tcase_add_test(tr, start_failures);
+    tcase_add_test(tr, nonfinite_logits);
     suite_add_tcase(s, tr);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

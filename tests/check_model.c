@@ -1,7 +1,8 @@
 /* check_model.c - Check suite "model": mkmodel writes every architecture
  * at every type, model.c loads it back with the hyper-parameters asked
  * for and parameter counts computed here independently from the shapes;
- * damaged files (one change each) are refused naming the tensor or key;
+ * damaged files (one change each) are refused naming the tensor or key,
+ * hyper-parameters that would divide by zero or make NaN among them;
  * the vocabulary round-trips text; `moed info` prints the model. */
 #include <check.h>
 #include <cjson/cJSON.h>
@@ -268,6 +269,12 @@ typedef struct edit {
     const char *set_key; /* with set_str or set_u32 */
     const char *set_str;
     uint32_t set_u32;
+    const char *set2_key; /* a second u32 key */
+    uint32_t set2_u32;
+    const char *setf_key; /* an f32 key */
+    float setf;
+    const char *setd_key; /* an f64 key */
+    double setd;
     const char *drop_tensor;  /* exact name; with every_layer, the suffix after "blk.N." */
     bool every_layer;
     const char *reshape;      /* tensor to give shape new_ne (zero data) */
@@ -296,6 +303,9 @@ static void copy_edit(const char *src, const char *dst, const edit *e) {
     }
     if (e->set_key && e->set_str) ck_assert_int_eq(moe_gguf_writer_set_str(w, e->set_key, e->set_str), MOE_OK);
     else if (e->set_key) ck_assert_int_eq(moe_gguf_writer_set_u32(w, e->set_key, e->set_u32), MOE_OK);
+    if (e->set2_key) ck_assert_int_eq(moe_gguf_writer_set_u32(w, e->set2_key, e->set2_u32), MOE_OK);
+    if (e->setf_key) ck_assert_int_eq(moe_gguf_writer_set_f32(w, e->setf_key, e->setf), MOE_OK);
+    if (e->setd_key) ck_assert_int_eq(moe_gguf_writer_set_f64(w, e->setd_key, e->setd), MOE_OK);
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
         const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
         if (drop_it(e, t->name)) continue;
@@ -408,6 +418,122 @@ START_TEST(damaged_files_refused) {
         ck_assert_msg(st == cases[i].status, "case %zu: status %s, want %s (%s)", i, moe_status_name(st),
                       moe_status_name(cases[i].status), err);
         ck_assert_msg(strstr(err, cases[i].msg) != NULL, "case %zu: message '%s' lacks '%s'", i, err, cases[i].msg);
+    }
+}
+END_TEST
+
+/* Hyper-parameters the forward pass divides by, takes logs of or sizes
+ * buffers with: each bad value alone is refused at load with MOE_EFORMAT
+ * and a message naming the GGUF key. Before, a linear rope with factor 0
+ * loaded and every logit came out NaN (inv_freq / 0). */
+START_TEST(bad_hparams_refused) {
+    const float NaN = NAN, Inf = INFINITY;
+#define DS(k) "deepseek2." k
+#define LL(k) "llama." k
+    static struct {
+        const char *arch;
+        edit e;
+        const char *key; /* the message names it */
+    } cases[] = {
+        /* rope scaling factor: 0 with a type named, < 1, non-finite */
+        {"llama", {.set_key = LL("rope.scaling.type"), .set_str = "linear", .setf_key = LL("rope.scaling.factor")},
+         LL("rope.scaling.factor")},
+        {"deepseek2", {.setf_key = DS("rope.scaling.factor"), .setf = 0}, DS("rope.scaling.factor")},
+        {"deepseek2", {.setf_key = DS("rope.scaling.factor"), .setf = -4}, DS("rope.scaling.factor")},
+        {"deepseek2", {.setf_key = DS("rope.scaling.factor"), .setf = 0.5f}, DS("rope.scaling.factor")},
+        {"llama", {.set_key = LL("rope.scaling.type"), .set_str = "linear", .setf_key = LL("rope.scaling.factor"),
+                   .setf = 1}, NULL}, /* 1 is fine */
+        /* rope base */
+        {"llama", {.setf_key = LL("rope.freq_base"), .setf = 0}, LL("rope.freq_base")},
+        {"llama", {.setf_key = LL("rope.freq_base"), .setf = -10000}, LL("rope.freq_base")},
+        {"deepseek2", {.setf_key = DS("rope.freq_base"), .setf = 1}, DS("rope.freq_base")}, /* YaRN: log(1) = 0 */
+        /* YaRN parameters as the forward pass reads them */
+        {"deepseek2", {.setf_key = DS("rope.scaling.yarn_beta_fast"), .setf = 0}, DS("rope.scaling.yarn_beta_fast")},
+        {"deepseek2", {.setf_key = DS("rope.scaling.yarn_beta_slow"), .setf = -1}, DS("rope.scaling.yarn_beta_slow")},
+        {"deepseek2", {.set_key = DS("rope.scaling.original_context_length"), .set_u32 = 0},
+         DS("rope.scaling.original_context_length")},
+        /* rms epsilon: <= 0, >= 1, and so small that it is 0 as a float */
+        {"llama", {.setf_key = LL("attention.layer_norm_rms_epsilon"), .setf = 0}, LL("attention.layer_norm_rms_epsilon")},
+        {"llama", {.setf_key = LL("attention.layer_norm_rms_epsilon"), .setf = -1e-5f},
+         LL("attention.layer_norm_rms_epsilon")},
+        {"deepseek2", {.setf_key = DS("attention.layer_norm_rms_epsilon"), .setf = 1},
+         DS("attention.layer_norm_rms_epsilon")},
+        /* zero dimensions */
+        {"llama", {.set_key = LL("attention.key_length"), .set_u32 = 0}, LL("attention.key_length")},
+        {"llama", {.set_key = LL("attention.value_length"), .set_u32 = 0}, LL("attention.value_length")},
+        {"llama", {.set_key = LL("rope.dimension_count"), .set_u32 = 0}, LL("rope.dimension_count")},
+        {"llama", {.set_key = LL("rope.dimension_count"), .set_u32 = 15}, LL("rope.dimension_count")},
+        {"llama", {.set_key = LL("attention.head_count"), .set_u32 = 0}, LL("attention.head_count")},
+        {"llama", {.set_key = LL("attention.head_count_kv"), .set_u32 = 0}, LL("attention.head_count_kv")},
+        {"llama", {.set_key = LL("embedding_length"), .set_u32 = 0}, LL("embedding_length")},
+        {"llama", {.set_key = LL("block_count"), .set_u32 = 0}, LL("block_count")},
+        {"llama", {.set_key = LL("context_length"), .set_u32 = 0}, LL("context_length")},
+        {"llama", {.set_key = LL("feed_forward_length"), .set_u32 = 0}, LL("feed_forward_length")},
+        {"deepseek2", {.set_key = DS("attention.kv_lora_rank"), .set_u32 = 0}, DS("attention.kv_lora_rank")},
+        {"deepseek2", {.set_key = DS("rope.dimension_count"), .set_u32 = 32}, DS("rope.dimension_count")}, /* no nope */
+        {"deepseek2", {.set_key = DS("expert_feed_forward_length"), .set_u32 = 0}, DS("expert_feed_forward_length")},
+        /* expert counts */
+        {"qwen2moe", {.set_key = "qwen2moe.expert_count", .set_u32 = 0}, "qwen2moe.expert_count"},
+        {"deepseek2", {.set_key = DS("expert_used_count"), .set_u32 = 0}, DS("expert_used_count")},
+        {"deepseek2", {.set_key = DS("expert_used_count"), .set_u32 = 9}, DS("expert_used_count")},
+        {"deepseek2", {.set_key = DS("expert_group_count"), .set_u32 = 0}, DS("expert_group_count")},
+        {"deepseek2", {.set_key = DS("expert_group_count"), .set_u32 = 8, .set2_key = DS("expert_group_used_count"),
+                       .set2_u32 = 1}, DS("expert_group_used_count")}, /* 1 group of 1 cannot hold top-2 */
+        {"deepseek2", {.set_key = DS("expert_group_count"), .set_u32 = 4, .set2_key = DS("expert_group_used_count"),
+                       .set2_u32 = 0}, DS("expert_group_used_count")},
+        {"deepseek2", {.set_key = DS("expert_group_count"), .set_u32 = 4, .set2_key = DS("expert_group_used_count"),
+                       .set2_u32 = 1}, NULL}, /* 1 group of 2 holds top-2: fine */
+        {"deepseek2", {.set_key = DS("expert_gating_func"), .set_u32 = 0}, DS("expert_gating_func")},
+        /* finite doubles that are Inf as floats */
+        {"deepseek2", {.setd_key = DS("rope.scaling.yarn_log_multiplier"), .setd = 1e300},
+         DS("rope.scaling.yarn_log_multiplier")},
+        {"deepseek2", {.setd_key = DS("expert_weights_scale"), .setd = -1e40}, DS("expert_weights_scale")},
+        {"deepseek2", {.setd_key = DS("expert_weights_scale"), .setd = 2.5}, NULL}, /* V3's value, as f64 */
+    };
+#undef DS
+#undef LL
+    /* the non-finite values every float key must refuse */
+    static const char *const fkeys[][2] = {
+        {"llama", "llama.rope.freq_base"},
+        {"llama", "llama.attention.layer_norm_rms_epsilon"},
+        {"deepseek2", "deepseek2.rope.scaling.factor"},
+        {"deepseek2", "deepseek2.rope.scaling.yarn_log_multiplier"},
+        {"deepseek2", "deepseek2.rope.scaling.yarn_beta_fast"},
+        {"deepseek2", "deepseek2.rope.scaling.yarn_beta_slow"},
+        {"deepseek2", "deepseek2.expert_weights_scale"},
+    };
+    char src[128], dst[128], err[MOE_ERR_MAX];
+    size_t n_cases = sizeof cases / sizeof *cases, n_f = sizeof fkeys / sizeof *fkeys;
+    for (size_t i = 0; i < n_cases + 3 * n_f; i++) {
+        const char *arch, *key;
+        edit e;
+        if (i < n_cases) {
+            arch = cases[i].arch, e = cases[i].e, key = cases[i].key;
+        } else {
+            size_t j = (i - n_cases) / 3;
+            const float vals[3] = {NaN, Inf, -Inf};
+            arch = fkeys[j][0], key = fkeys[j][1];
+            e = (edit){.setf_key = key, .setf = vals[(i - n_cases) % 3]};
+        }
+        moe_mkmodel_cfg cfg;
+        ck_assert_int_eq(moe_mkmodel_preset(arch, "tiny", &cfg, err, sizeof err), MOE_OK);
+        cfg.type = MOE_TYPE_F32;
+        snprintf(src, sizeof src, "%s/src-%s.gguf", tmpdir, arch);
+        snprintf(dst, sizeof dst, "%s/bad.gguf", tmpdir);
+        struct stat sb;
+        if (stat(src, &sb) != 0) ck_assert_int_eq(moe_mkmodel_write(&cfg, src, err, sizeof err), MOE_OK);
+        copy_edit(src, dst, &e);
+        int st = 12345;
+        err[0] = 0;
+        moe_model *m = moe_model_load(dst, &st, err, sizeof err);
+        if (!key) {
+            ck_assert_msg(m != NULL, "case %zu: %s", i, err);
+            moe_model_free(m);
+            continue;
+        }
+        ck_assert_msg(m == NULL, "case %zu (%s) loaded", i, key);
+        ck_assert_msg(st == MOE_EFORMAT, "case %zu (%s): status %s (%s)", i, key, moe_status_name(st), err);
+        ck_assert_msg(strstr(err, key) != NULL, "case %zu: message '%s' lacks '%s'", i, err, key);
     }
 }
 END_TEST
@@ -704,6 +830,7 @@ int main(void) {
     TCase *tr = tcase_create("refusals");
     tcase_add_checked_fixture(tr, setup, teardown);
     tcase_add_test(tr, damaged_files_refused);
+    tcase_add_test(tr, bad_hparams_refused);
     tcase_add_test(tr, deepseek_split_kv_b);
     suite_add_tcase(s, tr);
     TCase *tf = tcase_create("fixtures");

@@ -512,7 +512,13 @@ static int cpu_mla_attention(void *vctx, const moe_kv_view *kv, const float *q, 
 }
 
 /* Routing for one token: ids/w (n_used), ordered by decreasing choice score.
- * Exposed to tests through the moe op's ids_out/w_out. */
+ * Exposed to tests through the moe op's ids_out/w_out. Non-finite input
+ * never leaves the expert range: a NaN choice (or group score) ranks as
+ * -inf, ties go to the lowest id, and the experts of dropped groups and
+ * those already taken are excluded by marking them NaN (never a candidate),
+ * so there are always n_used candidates (n_group_used * E / n_group >=
+ * n_used is checked by the caller). A NaN weight is passed on: the step's
+ * logits then turn non-finite and the engine fails that sequence. */
 static int route_token(const float *logits, const moe_route_params *rp, double *s, double *choice, int32_t *ids,
                        float *w) {
     int64_t E = rp->n_expert;
@@ -524,7 +530,10 @@ static int route_token(const float *logits, const moe_route_params *rp, double *
         for (int64_t e = 0; e < E; e++) sum += (s[e] = exp((double)logits[e] - mx));
         for (int64_t e = 0; e < E; e++) s[e] /= sum;
     }
-    for (int64_t e = 0; e < E; e++) choice[e] = s[e] + (rp->bias ? rp->bias[e] : 0.0);
+    for (int64_t e = 0; e < E; e++) {
+        choice[e] = s[e] + (rp->bias ? rp->bias[e] : 0.0);
+        if (isnan(choice[e])) choice[e] = -INFINITY;
+    }
     if (rp->n_group > 1 && rp->n_group_used < rp->n_group) {
         int64_t G = rp->n_group, per = E / G;
         double gs[256];
@@ -543,23 +552,25 @@ static int route_token(const float *logits, const moe_route_params *rp, double *
                 for (int64_t i = 0; i < per; i++) a = cg[i] > a ? cg[i] : a;
                 gs[g] = a;
             }
+            if (isnan(gs[g])) gs[g] = -INFINITY; /* +inf + -inf */
             keep[g] = 0;
         }
         for (int64_t k = 0; k < rp->n_group_used; k++) {
             int64_t best = -1;
             for (int64_t g = 0; g < G; g++)
                 if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
-            keep[best] = 1;
+            keep[best] = 1; /* n_group_used <= G: some group is always left */
         }
         for (int64_t g = 0; g < G; g++)
             if (!keep[g])
-                for (int64_t i = 0; i < per; i++) choice[g * per + i] = -INFINITY;
+                for (int64_t i = 0; i < per; i++) choice[g * per + i] = NAN; /* excluded */
     }
     double wsum = 0;
     for (int64_t k = 0; k < rp->n_used; k++) {
         int64_t best = -1;
         for (int64_t e = 0; e < E; e++)
             if (!isnan(choice[e]) && (best < 0 || choice[e] > choice[best])) best = e;
+        if (best < 0) return MOE_EINVAL; /* fewer candidates than n_used: refused by the caller's checks */
         ids[k] = (int32_t)best;
         w[k] = (float)s[best];
         wsum += s[best];
