@@ -121,12 +121,12 @@ venv: $(VENV)/.ok
 skip_total = echo "skipped: $$(wc -l < $(1))"; sort $(1) | uniq -c | sed 's/^ */  /'
 
 check: $(TEST_BIN) $(BIN)
-	@log=$(CURDIR)/$(BUILD)/skipped-check.txt; : > $$log; fail=0; for t in $(TEST_BIN); do \
+	@log=$(abspath $(BUILD))/skipped-check.txt; : > $$log; fail=0; for t in $(TEST_BIN); do \
 		echo "== $$t"; MOE_SKIP_LOG=$$log CK_DEFAULT_TIMEOUT=$${CK_DEFAULT_TIMEOUT:-120} $$t || fail=1; \
 	done; $(call skip_total,$$log); exit $$fail
 
 pytest: $(BIN) $(TOOL_BIN) $(VENV)/.ok
-	@log=$(CURDIR)/$(BUILD)/skipped-pytest.txt; : > $$log; rc=0; \
+	@log=$(abspath $(BUILD))/skipped-pytest.txt; : > $$log; rc=0; \
 	MOE_SKIP_LOG=$$log MOED_BIN=$(CURDIR)/$(BIN) MOED_BUILD=$(CURDIR)/$(BUILD) \
 		$(VENV)/bin/python -m pytest -q tests/py || rc=$$?; \
 	$(call skip_total,$$log); exit $$rc
