@@ -115,13 +115,21 @@ $(VENV)/.ok: tests/requirements.txt
 
 venv: $(VENV)/.ok
 
+# What was not tested: each Check suite (tests/skip.h) and pytest
+# (tests/py/conftest.py) append one "<suite>: <reason>" line per skip to
+# MOE_SKIP_LOG; check and pytest each end with the count and the reasons.
+skip_total = echo "skipped: $$(wc -l < $(1))"; sort $(1) | uniq -c | sed 's/^ */  /'
+
 check: $(TEST_BIN) $(BIN)
-	@fail=0; for t in $(TEST_BIN); do \
-		echo "== $$t"; CK_DEFAULT_TIMEOUT=$${CK_DEFAULT_TIMEOUT:-120} $$t || fail=1; \
-	done; exit $$fail
+	@log=$(abspath $(BUILD))/skipped-check.txt; : > $$log; fail=0; for t in $(TEST_BIN); do \
+		echo "== $$t"; MOE_SKIP_LOG=$$log CK_DEFAULT_TIMEOUT=$${CK_DEFAULT_TIMEOUT:-120} $$t || fail=1; \
+	done; $(call skip_total,$$log); exit $$fail
 
 pytest: $(BIN) $(TOOL_BIN) $(VENV)/.ok
-	MOED_BIN=$(CURDIR)/$(BIN) MOED_BUILD=$(CURDIR)/$(BUILD) $(VENV)/bin/python -m pytest -q tests/py
+	@log=$(abspath $(BUILD))/skipped-pytest.txt; : > $$log; rc=0; \
+	MOE_SKIP_LOG=$$log MOED_BIN=$(CURDIR)/$(BIN) MOED_BUILD=$(CURDIR)/$(BUILD) \
+		$(VENV)/bin/python -m pytest -q tests/py || rc=$$?; \
+	$(call skip_total,$$log); exit $$rc
 
 test: deps
 	@$(MAKE) --no-print-directory check

@@ -20,6 +20,19 @@ extern "C" int cuda_device_count(void) {
     return n;
 }
 
+extern "C" int cuda_device_probe(int *n, int *no_device, const char **msg) {
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        count = 0;
+    }
+    *n = count;
+    *no_device = e == cudaErrorNoDevice || (e == cudaSuccess && count == 0);
+    *msg = cudaGetErrorString(e);
+    return (int)e;
+}
+
 #ifndef CUDA_EMU
 // Times `reps` device-to-device copies of nbytes with events (after one
 // untimed copy); each copy reads and writes nbytes.

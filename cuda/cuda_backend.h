@@ -33,6 +33,15 @@ extern "C" {
  * driver or no GPU. Any thread. */
 int cuda_device_count(void);
 
+/* cudaGetDeviceCount's whole answer, for callers that must tell "no GPU"
+ * from "a GPU CUDA cannot use" (cuda_device_count() says 0 to both): sets
+ * *n (0 on error), *no_device (1 when CUDA reports no device:
+ * cudaErrorNoDevice, or success with none) and *msg (cudaGetErrorString's
+ * static text). Returns the CUDA error code, 0 on success (e.g. 35,
+ * cudaErrorInsufficientDriver: the driver is older than the runtime).
+ * Any thread. */
+int cuda_device_probe(int *n, int *no_device, const char **msg);
+
 /* The device's memory bandwidth in GB/s: the best of three timings (CUDA
  * events) of ten device-to-device copies of nbytes, counting each copy as
  * nbytes read plus nbytes written - the rate decode's weight reads can

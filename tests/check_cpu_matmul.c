@@ -23,6 +23,7 @@
 #include "cpu_dot.h" /* internal: activation quantizers per ISA */
 #include "cpu_matmul.h"
 #include "quant.h"
+#include "skip.h"
 #include "status.h"
 #include "threadpool.h"
 
@@ -170,8 +171,10 @@ END_TEST
  * only the order of the f32 accumulation differs. */
 START_TEST(test_scalar_vs_simd) {
     int type = all_types[_i];
-    if (cpu_isa_best() == CPU_ISA_SCALAR)
+    if (cpu_isa_best() == CPU_ISA_SCALAR) {
+        test_skip("check_cpu_matmul", "scalar_vs_simd %s: this CPU has no SIMD ISA", moe_type_name(type));
         return;
+    }
     problem p;
     int64_t n_in = moe_type_get(type)->blck == 256 ? 2048 : 1024 + 96;
     problem_make(&p, type, n_in, 41, 5);
@@ -313,8 +316,10 @@ END_TEST
  * included (a block with amax 127 has scale 1, so x.5 values are exact
  * ties that must round to even). */
 START_TEST(test_act_quant_identical) {
-    if (cpu_isa_best() < CPU_ISA_AVX2)
+    if (cpu_isa_best() < CPU_ISA_AVX2) {
+        test_skip("check_cpu_matmul", "act_quant_identical: this CPU has no AVX2");
         return;
+    }
     cpu__kernels ks, kv;
     cpu__kernels_scalar(&ks);
     kv = ks;
@@ -495,6 +500,10 @@ static Suite *cpu_matmul_suite(void) {
 }
 
 int main(void) {
+    /* every test loops over the ISAs up to the best this CPU has */
+    for (int isa = (int)cpu_isa_best() + 1; isa <= CPU_ISA_AVX512; isa++)
+        test_skip("check_cpu_matmul", "%s kernels untested: this CPU lacks %s", cpu_isa_name((cpu_isa)isa),
+                  cpu_isa_name((cpu_isa)isa));
     SRunner *sr = srunner_create(cpu_matmul_suite());
     srunner_set_fork_status(sr, CK_FORK);
     srunner_run_all(sr, CK_NORMAL);

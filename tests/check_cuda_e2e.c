@@ -20,23 +20,25 @@
  *    on exact products summed in f32 (the GEMV path), so only the
  *    summation order differs (~1e-6).
  *
- * Built with CUDA=0 or run where no GPU is visible: prints
- * "SKIP: no CUDA device" and passes.
+ * Built with CUDA=0, or where CUDA reports no device: skipped, and the
+ * skip counted (skip.h). Where a GPU is visible but CUDA cannot use it:
+ * fails with the CUDA error (cuda_gate.h).
  */
 #include <check.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "backend.h"
+#include "cuda_gate.h"
 #include "forward.h"
 #include "gguf.h"
 #include "kvcache.h"
 #include "mkmodel.h"
 #include "quant.h"
+#include "skip.h"
 
 #ifdef MOE_HAVE_CUDA
 #include "cuda_backend.h"
@@ -388,19 +390,18 @@ static Suite *cuda_e2e_suite(void) {
     return s;
 }
 
-/* Asks in a child: the parent must not initialise CUDA before Check forks. */
-static int gpu_present(void) {
-    pid_t pid = fork();
-    if (pid == 0) _exit(cuda_device_count() > 0 ? 0 : 1);
-    int st = 0;
-    return pid > 0 && waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0;
-}
-
 int main(void) {
     emulate = getenv("MOE_CUDA_TEST_EMULATE") ? atoi(getenv("MOE_CUDA_TEST_EMULATE")) : 0;
-    if (!emulate && !gpu_present()) {
-        printf("SKIP: no CUDA device\n");
-        return 0;
+    if (!emulate) {
+        cuda_gate g = cuda_gate_probe();
+        if (g.verdict == CUDA_GATE_FAIL) {
+            printf("FAIL: check_cuda_e2e: a GPU is visible but CUDA cannot use it: %s\n", g.why);
+            return 1;
+        }
+        if (g.verdict == CUDA_GATE_SKIP) {
+            test_skip("check_cuda_e2e", "no GPU here: GPU forward passes untested (%s)", g.why);
+            return 0;
+        }
     }
     SRunner *sr = srunner_create(cuda_e2e_suite());
     srunner_run_all(sr, CK_NORMAL);
@@ -412,7 +413,7 @@ int main(void) {
 #else
 
 int main(void) {
-    printf("SKIP: no CUDA device (built with CUDA=0)\n");
+    test_skip("check_cuda_e2e", "built with CUDA=0: GPU forward passes untested");
     return 0;
 }
 

@@ -27,8 +27,10 @@
  *    ~6x the CPU's 5e-3 per product above (two or three chained products);
  *    the expert choice itself must be identical.
  *
- * Built with CUDA=0 or run where no GPU is visible, it prints
- * "SKIP: no CUDA device" and passes.
+ * Built with CUDA=0, or where CUDA reports no device, the GPU tests are
+ * skipped and the skip counted (skip.h); where a GPU is visible but CUDA
+ * cannot use it, the suite fails with the CUDA error (cuda_gate.h, whose
+ * decision is tested here on every machine).
  */
 #include <check.h>
 #include <math.h>
@@ -36,12 +38,34 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "backend.h"
+#include "cuda_gate.h"
 #include "qblocks.h"
 #include "quant.h"
+#include "skip.h"
+
+/* The run/skip/fail decision over the cases that matter: a too-old driver
+ * (35) or any other error with a GPU visible fails; "no device" skips
+ * even with one visible (deliberately hidden); nothing visible skips. */
+START_TEST(gate_decides) {
+    ck_assert_int_eq(cuda_gate_decide(0, 1, 0, 1), CUDA_GATE_RUN);
+    ck_assert_int_eq(cuda_gate_decide(0, 2, 0, 0), CUDA_GATE_RUN); /* CUDA sees one: run, whatever else says */
+    ck_assert_int_eq(cuda_gate_decide(35, 0, 0, 1), CUDA_GATE_FAIL); /* cudaErrorInsufficientDriver */
+    ck_assert_int_eq(cuda_gate_decide(35, 0, 0, 0), CUDA_GATE_SKIP); /* no driver, no GPU: the toolkit alone */
+    ck_assert_int_eq(cuda_gate_decide(999, 0, 0, 1), CUDA_GATE_FAIL); /* cudaErrorUnknown */
+    ck_assert_int_eq(cuda_gate_decide(-1, 0, 0, 1), CUDA_GATE_FAIL); /* the probe gave no answer */
+    ck_assert_int_eq(cuda_gate_decide(100, 0, 1, 1), CUDA_GATE_SKIP); /* cudaErrorNoDevice */
+    ck_assert_int_eq(cuda_gate_decide(100, 0, 1, 0), CUDA_GATE_SKIP);
+    ck_assert_int_eq(cuda_gate_decide(0, 0, 1, 0), CUDA_GATE_SKIP);
+    ck_assert(cuda_gate_visible("0", 0, 0));
+    ck_assert(cuda_gate_visible(NULL, 1, 0));
+    ck_assert(cuda_gate_visible(NULL, 0, 1));
+    ck_assert(!cuda_gate_visible(NULL, 0, 0));
+    ck_assert(!cuda_gate_visible("", 0, 0)); /* set empty: no device is meant to be seen */
+}
+END_TEST
 
 #ifdef MOE_HAVE_CUDA
 #include "cuda_backend.h"
@@ -467,7 +491,10 @@ START_TEST(matmul_types_shapes) {
 END_TEST
 
 START_TEST(matmul_unsupported) {
-    if (emulate) return;
+    if (emulate) {
+        test_skip("check_cuda_ops", "matmul_unsupported needs the device (MOE_CUDA_TEST_EMULATE)");
+        return;
+    }
     /* Q2_K is readable but the CPU multiplies it neither */
     int64_t n_in = 256;
     size_t rs = moe_row_size(MOE_TYPE_Q2_K, n_in);
@@ -796,7 +823,10 @@ END_TEST
 /* ---- sampling ---- */
 
 START_TEST(sample_greedy) {
-    if (emulate) return;
+    if (emulate) {
+        test_skip("check_cuda_ops", "sample_greedy needs the device (MOE_CUDA_TEST_EMULATE)");
+        return;
+    }
     static const int64_t vocab[] = {320, 102400};
     for (int vi = 0; vi < 2; vi++) {
         int64_t V = vocab[vi], R = 5;
@@ -823,7 +853,10 @@ START_TEST(sample_greedy) {
 END_TEST
 
 START_TEST(sample_distribution) {
-    if (emulate) return;
+    if (emulate) {
+        test_skip("check_cuda_ops", "sample_distribution needs the device (MOE_CUDA_TEST_EMULATE)");
+        return;
+    }
     /* 8 tokens; draws over many rows (one seed each) follow softmax(l / T), and
      * top-p keeps exactly the nucleus */
 #ifdef MOE_CUDA_EMU
@@ -882,6 +915,9 @@ END_TEST
 
 static Suite *cuda_ops_suite(int have_gpu) {
     Suite *s = suite_create("cuda_ops");
+    TCase *tg = tcase_create("gate");
+    tcase_add_test(tg, gate_decides);
+    suite_add_tcase(s, tg);
     TCase *th = tcase_create("dequant_host");
     tcase_add_test(th, dequant_host_matches_quant_c);
     suite_add_tcase(s, th);
@@ -910,20 +946,20 @@ static Suite *cuda_ops_suite(int have_gpu) {
     return s;
 }
 
-/* Asks in a child process: CUDA must not be initialised in the parent,
- * whose forked test processes (Check's fork mode) would inherit a
- * context they cannot use. */
-static int gpu_present(void) {
-    pid_t pid = fork();
-    if (pid == 0) _exit(cuda_device_count() > 0 ? 0 : 1);
-    int st = 0;
-    return pid > 0 && waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0;
-}
-
 int main(void) {
     emulate = getenv("MOE_CUDA_TEST_EMULATE") ? atoi(getenv("MOE_CUDA_TEST_EMULATE")) : 0;
-    int have_gpu = emulate || gpu_present();
-    if (!have_gpu) printf("SKIP: no CUDA device (only the host-side check of the kernels' dequantizer runs)\n");
+    int have_gpu = emulate;
+    if (!emulate) {
+        cuda_gate g = cuda_gate_probe();
+        if (g.verdict == CUDA_GATE_FAIL) {
+            printf("FAIL: check_cuda_ops: a GPU is visible but CUDA cannot use it: %s\n", g.why);
+            return 1;
+        }
+        have_gpu = g.verdict == CUDA_GATE_RUN;
+        if (!have_gpu)
+            test_skip("check_cuda_ops", "no GPU here: GPU ops untested, only the gate and the kernels' host-side dequantizer run (%s)",
+                      g.why);
+    }
     SRunner *sr = srunner_create(cuda_ops_suite(have_gpu));
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
@@ -934,8 +970,16 @@ int main(void) {
 #else /* built without CUDA */
 
 int main(void) {
-    printf("SKIP: no CUDA device (built with CUDA=0)\n");
-    return 0;
+    test_skip("check_cuda_ops", "built with CUDA=0: GPU ops untested");
+    Suite *s = suite_create("cuda_ops");
+    TCase *tg = tcase_create("gate");
+    tcase_add_test(tg, gate_decides);
+    suite_add_tcase(s, tg);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
 }
 
 #endif

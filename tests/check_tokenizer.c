@@ -123,7 +123,7 @@ static void run_family(const char *name) {
     static char line[1 << 20];
     static char in[1 << 18], dec_want[1 << 18];
     static int32_t want_sp[1 << 16], want_nosp[1 << 16];
-    int n_cases = 0, n_skipped = 0, n_nfc = 0;
+    int n_cases = 0, n_nfc = 0;
     while (fgets(line, sizeof line, fp)) {
         char *col[5] = {line, 0, 0, 0, 0};
         int nc = 1;
@@ -176,8 +176,10 @@ static void run_family(const char *name) {
         n_cases++;
     }
     fclose(fp);
+    /* every line is a case and every case is checked (none is skipped:
+     * the NFC ones once were, see n_nfc) */
+    fprintf(stderr, "%s: %d cases checked (%d NFC)\n", name, n_cases, n_nfc);
     ck_assert_int_ge(n_cases, 250);
-    ck_assert_int_le(n_skipped, 10);
     if (strcmp(name, "qwen2") == 0) ck_assert_int_ge(n_nfc, 4); /* the NFC cases are there and were checked */
     unload(&f);
 }

@@ -91,9 +91,9 @@ suite() { # name binary timeout
     fi
     CK_DEFAULT_TIMEOUT=$lim timeout "$lim" "$bin" >"$OUT/$name.log" 2>&1
     rc=$?
-    grep -E '^[0-9]+%|SKIP|F:|E:' "$OUT/$name.log" | grep -v '^seed' | head -20
+    grep -E '^[0-9]+%|SKIP|FAIL|F:|E:' "$OUT/$name.log" | grep -v '^seed' | head -20
     sum=$(grep -E '^[0-9]+%: Checks' "$OUT/$name.log" | tail -1)
-    [ -z "$sum" ] && sum=$(grep -m1 SKIP "$OUT/$name.log")
+    [ -z "$sum" ] && sum=$(grep -m1 -E '^(SKIP|FAIL)' "$OUT/$name.log")
     row "$name" "$([ $rc = 0 ] && echo ok || echo FAIL)" $((SECONDS - t)) "${sum:-rc $rc}"
 }
 suite check_cuda_ops "$B/tests/check_cuda_ops" 90

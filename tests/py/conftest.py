@@ -18,3 +18,30 @@ def moed_bin():
 @pytest.fixture(scope="session")
 def build_dir():
     return pathlib.Path(os.environ.get("MOED_BUILD", ROOT / "build"))
+
+
+def _log_skip(nodeid, report):
+    """Appends "pytest: <test>: <reason>" to MOE_SKIP_LOG (see tests/skip.h):
+    `make pytest` ends with the count of these lines."""
+    path = os.environ.get("MOE_SKIP_LOG")
+    if not path:
+        return
+    lr = report.longrepr
+    reason = lr[2] if isinstance(lr, tuple) and len(lr) == 3 else str(lr)
+    reason = reason.removeprefix("Skipped: ")
+    if hasattr(report, "wasxfail"):
+        reason = f"xfail: {report.wasxfail or reason}"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"pytest: {nodeid}: {' '.join(reason.split())}\n")
+
+
+def pytest_runtest_logreport(report):
+    # skipif marks skip in setup, pytest.skip() in the call
+    if report.skipped:
+        _log_skip(report.nodeid, report)
+
+
+def pytest_collectreport(report):
+    # a whole module skipped at import (pytest.skip(allow_module_level=True))
+    if report.skipped:
+        _log_skip(report.nodeid, report)

@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 
+import kubernetes_validate as kv
 import pytest
 import yaml
 
@@ -488,7 +489,6 @@ def test_serves_under_memory_deny_write_execute(tmp_path, moed_bin):
 def test_k8s_manifests_validate_against_the_api_schemas(k8s_version):
     # Every field of every resource against Kubernetes' own OpenAPI schemas
     # (offline, strict: a misspelt field is an error, not silently dropped).
-    kv = pytest.importorskip("kubernetes_validate")
     docs = k8s_docs()
     assert {d["kind"] for _, d in docs} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
     for name, d in docs:

@@ -15,10 +15,10 @@ import json
 import math
 import pathlib
 
+import gguf
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
 
 FIXDIR = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models"
 REFS = sorted(p.name[: -len(".ref.txt")] for p in FIXDIR.glob("*.ref.txt"))

@@ -14,12 +14,12 @@ import json
 import pathlib
 import subprocess
 
+import gguf
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType as QT  # noqa: E402
-from gguf import GGUFValueType as VT  # noqa: E402
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFValueType as VT
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -34,8 +34,7 @@ def fnv1a(data: bytes) -> str:
 
 def tool(build_dir, name):
     path = pathlib.Path(build_dir) / "tests" / name
-    if not path.exists():
-        pytest.skip(f"{path} not built (make CUDA=0 {path})")
+    assert path.exists(), f"{path} is not built; run `make {path}` (`make pytest` builds it)"
     return path
 
 

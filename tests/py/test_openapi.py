@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import schemathesis as st
 import yaml
 
 from moed_live import Server, make_tiny_model
@@ -19,7 +20,6 @@ SPEC = ROOT / "docs" / "openapi.yaml"
 
 
 def test_openapi_document_is_valid():
-    st = pytest.importorskip("schemathesis")
     schema = st.openapi.from_path(str(SPEC))
     ops = sorted(r.ok().label for r in schema.get_all_operations())
     doc = yaml.safe_load(SPEC.read_text())
@@ -64,13 +64,11 @@ def template(path):
 
 
 def test_live_server_conforms(tmp_path, moed_bin):
-    pytest.importorskip("schemathesis")
     model = make_tiny_model(moed_bin, tmp_path / "tiny.gguf")
     # A small context keeps every generated max_tokens cheap on the tiny model.
     srv = Server(moed_bin, model, tmp_path, args=["--ctx-size", "128"])
     try:
         srv.wait_healthy()
-        st = pytest.importorskip("schemathesis")
         schema = st.openapi.from_path(str(SPEC))
         schema.config.update(base_url=srv.url)
         for path, method, body, status in CASES:
@@ -102,7 +100,6 @@ def test_live_server_conforms(tmp_path, moed_bin):
 def test_auth_answers_conform(tmp_path, moed_bin):
     # With api_key set: the document's security says /health and /metrics
     # are open and everything else needs the Bearer key (401 otherwise).
-    st = pytest.importorskip("schemathesis")
     model = make_tiny_model(moed_bin, tmp_path / "tiny.gguf")
     srv = Server(moed_bin, model, tmp_path, env={"MOED_API_KEY": "sk-a,sk-b"})
     try:

@@ -10,12 +10,12 @@ own quantizer is bounded here (and more tightly in tests/check_quant.c).
 """
 import subprocess
 
+import gguf
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType as T  # noqa: E402
-from gguf import quants  # noqa: E402
+from gguf import GGMLQuantizationType as T
+from gguf import quants
 
 QUANTIZABLE = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 GGUF_CAN_QUANTIZE = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
