@@ -91,12 +91,15 @@ class Tally:
         self.usage_completion = 0
         self.usage_prompt = 0
         self.no_text = 0         # generations whose every choice ended at once with no text
+        self.drop_ids = []       # ids of the dropped streams, in order
         self.failures = []       # client-side check failures (first few kept)
         self.n_failures = 0
         self.done = 0
 
-    def add(self, kind, code, gen=False, dropped=False, usage=None, no_text=False):
+    def add(self, kind, code, gen=False, dropped=False, usage=None, no_text=False, drop_id=None):
         with self.mu:
+            if drop_id:
+                self.drop_ids.append(drop_id)
             self.no_text += no_text
             self.codes[code] = self.codes.get(code, 0) + 1
             self.kinds[kind] = self.kinds.get(kind, 0) + 1
@@ -116,6 +119,7 @@ class Tally:
     def snapshot(self):
         with self.mu:
             return {"codes": dict(self.codes), "gen": self.gen, "dropped": self.dropped, "no_text": self.no_text,
+                    "drop_ids": list(self.drop_ids),
                     "usage_completion": self.usage_completion, "usage_prompt": self.usage_prompt}
 
 
@@ -315,14 +319,15 @@ class Worker:
                 line = r.readline()
                 expect(line, "stream ended before two chunks")
                 if line.startswith(b"data: "):
-                    expect(b'"error"' not in line, f"error event {line[:200]!r}")
+                    ev = json.loads(line[6:])
+                    expect("error" not in ev, f"error event {line[:200]!r}")
                     seen += 1
         finally:
             if rst and c.sock:
                 # SO_LINGER 0: close() sends a RST instead of a FIN
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             c.close()
-        self.tally.add("drop", 200, gen=True, dropped=True)
+        self.tally.add("drop", 200, gen=True, dropped=True, drop_id=ev["id"])
 
     BAD = (  # (method, path, body bytes, expected status)
         ("POST", "/v1/completions", b"{not json", 400),
@@ -372,7 +377,7 @@ class Soak:
         self.workdir = pathlib.Path(workdir)
         model = pathlib.Path(o.model) if o.model else make_model(moed_bin, self.workdir)
         self.server = Server(moed_bin, model, "--kv-blocks", str(o.kv_blocks), "--max-body", str(o.max_body),
-                             threads=o.threads, log_dir=self.workdir)
+                             "--log-format", "json", threads=o.threads, log_dir=self.workdir)
         self.server.wait_ready()
         self.pid = self.server.proc.pid
         self.tally = Tally()
@@ -529,8 +534,37 @@ class Result:
         silent = g2["no_text"] - g1["no_text"]
         row("soak: time-to-first-token observations", f"{ttft:g}", f"in [{gen - silent}, {gen}]",
             gen - silent <= ttft <= gen)
+        # A dropped stream is cancelled if it is still running when the
+        # server sees the hang-up. On a busy machine a client thread can
+        # stall long enough for all drop_tokens to be generated first, and
+        # the server may count a cancellation whose DONE was already on its
+        # way. So: every drop that ended short of drop_tokens (per the
+        # server's request log) must be counted and logged as cancelled,
+        # and the counter cannot exceed the drops.
+        logged = {}
+        for ln in log.splitlines():
+            try:
+                j = json.loads(ln)
+            except ValueError:
+                continue
+            if j.get("msg") == "request" and "id" in j:
+                logged[j["id"]] = j
+        short = full = 0
+        for rid in g2["drop_ids"][len(g1["drop_ids"]):]:
+            j = logged.get(rid)
+            if not j or j.get("status") != 200:
+                self.failures.append(f"dropped stream {rid}: no status-200 line in the server log: {j}")
+            elif j["completion_tokens"] >= o.drop_tokens:
+                full += 1
+            elif j.get("finish") != "cancelled":
+                self.failures.append(f"dropped stream {rid} ended early but is logged as finish={j.get('finish')}")
+            else:
+                short += 1
         canc = mdelta(m1, m2, "moed_requests_cancelled_total")
-        row("soak: moed_requests_cancelled_total", f"{canc:g}", f"= {dropped} dropped streams", canc == dropped)
+        row("soak: streams dropped by the client", dropped, "", True)
+        row("soak: ... all tokens generated first (log)", full, "", True)
+        row("soak: moed_requests_cancelled_total", f"{canc:g}", f"in [{short} cut short (log), {dropped}]",
+            short <= canc <= dropped and short + full == dropped)
         gtok = mdelta(m1, m2, "moed_generation_tokens_total")
         lo = g2["usage_completion"] - g1["usage_completion"]
         hi = lo + dropped * o.drop_tokens
@@ -540,7 +574,7 @@ class Result:
             "(prefix cache hits are not computed)", True)
         row("soak: preemptions", f"{mdelta(m1, m2, 'moed_preemptions_total'):g}", "", True)
         row("server exit status", rc, "0", rc == 0)
-        errors = [ln for ln in log.splitlines() if " error " in ln]
+        errors = [ln for ln in log.splitlines() if '"level":"error"' in ln.replace(" ", "")]
         row("server log lines at level error", len(errors), "0", not errors)
         self.failures += errors[:5]
 
