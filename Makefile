@@ -172,7 +172,7 @@ bench-model: $(BIN) $(BENCH_MODEL) venv
 		--max-tokens 64 --prompt-words 8 $(if $(THREADS),--threads $(THREADS))
 
 # Soak: SOAK_REQUESTS (default 20000) mixed requests against a live server on
-# a tiny model, then RSS, fd and /metrics checks (tests/soak.py; a 2,000-request
+# a tiny model, then RSS, fd and /metrics checks (tests/soak.py; a 3,000-request
 # cut of it runs in `make test`).
 SOAK_REQUESTS ?= 20000
 soak: $(BIN) $(VENV)/.ok
