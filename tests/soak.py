@@ -28,7 +28,8 @@ connection is closed and the server is idle, it reads /proc/<pid>/status
   RSS growth from the warm-up to the end    <= --rss-growth (5 %) and
                                             <= --rss-growth-kib (2 MiB)
   open fds and threads at the end           <= their post-warm-up values
-  running/waiting requests, running sequences, used KV blocks  == 0
+  running/waiting requests, running sequences, used KV blocks  == 0,
+    moed_engine_ready == 1
   moed_http_requests_total by code == the statuses the client saw
   moed_requests_finished_total, the request-duration and TTFT histogram
     counts == the generation requests sent (dropped ones included)
@@ -62,6 +63,8 @@ import tempfile
 import threading
 import time
 
+import requests
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "py"))
 from server_util import Server, make_model, metric, parse_prometheus  # noqa: E402
 
@@ -71,7 +74,8 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven tired robots cou
 # kind -> weight (per cent of requests)
 MIX = {"cmpl": 16, "chat": 14, "cmpl_stream": 14, "chat_stream": 14, "drop": 10, "bad": 12, "probe": 20}
 
-GAUGES = ("moed_requests_running", "moed_requests_waiting", "moed_sequences_running", "moed_kv_blocks_used")
+GAUGES = ("moed_requests_running", "moed_requests_waiting", "moed_sequences_running", "moed_kv_blocks_used",
+          "moed_kv_cache_usage_ratio")
 
 
 def proc_sample(pid):
@@ -395,7 +399,6 @@ class Soak:
         """/metrics, counted in the tally like every other request; the
         server counts a request when it completes, so a scrape does not
         include itself."""
-        import requests
         r = requests.get(self.server.url("/metrics"), timeout=30)
         m = parse_prometheus(r.text)
         self.tally.add("harness", r.status_code)
@@ -528,6 +531,8 @@ class Result:
         for g in GAUGES:
             v = metric(m2, g)
             row(f"{g} (idle)", f"{v:g}", "0", v == 0)
+        v = metric(m2, "moed_engine_ready")
+        row("moed_engine_ready (idle)", f"{v:g}", "1", v == 1)
         got, want = http_codes(m2, m0), want2
         for code in sorted(set(got) | set(want)):
             row(f"moed_http_requests_total{{code={code}}}", got.get(code, 0), f"= {want.get(code, 0)} sent",
@@ -555,12 +560,15 @@ class Result:
                 continue
             if j.get("msg") == "request" and "id" in j:
                 logged[j["id"]] = j
-        short = full = 0
+        short = full = drop_tokens = 0
         for rid in g2["drop_ids"][len(g1["drop_ids"]):]:
             j = logged.get(rid)
             if not j or j.get("status") != 200:
                 self.failures.append(f"dropped stream {rid}: no status-200 line in the server log: {j}")
-            elif j["completion_tokens"] >= o.drop_tokens:
+                continue
+            # tokens the server had seen when it logged the request (<= generated)
+            drop_tokens += j["completion_tokens"]
+            if j["completion_tokens"] >= o.drop_tokens:
                 full += 1
             elif j.get("finish") != "cancelled":
                 self.failures.append(f"dropped stream {rid} ended early but is logged as finish={j.get('finish')}")
@@ -572,8 +580,10 @@ class Result:
         row("soak: moed_requests_cancelled_total", f"{canc:g}", f"in [{short} cut short (log), {dropped}]",
             short <= canc <= dropped and short + full == dropped)
         gtok = mdelta(m1, m2, "moed_generation_tokens_total")
-        lo = g2["usage_completion"] - g1["usage_completion"]
-        hi = lo + dropped * o.drop_tokens
+        # usage of the answered requests plus, for the dropped streams, at
+        # least the tokens logged and at most drop_tokens each
+        answered = g2["usage_completion"] - g1["usage_completion"]
+        lo, hi = answered + drop_tokens, answered + dropped * o.drop_tokens
         row("soak: moed_generation_tokens_total", f"{gtok:g}", f"in [{lo}, {hi}]", lo <= gtok <= hi)
         ptok = mdelta(m1, m2, "moed_prompt_tokens_total")
         row("soak: prompt tokens computed / in usage", f"{ptok:g} / {g2['usage_prompt'] - g1['usage_prompt']}",
