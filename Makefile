@@ -63,7 +63,7 @@ endif
 
 DEPS_STAMP := $(BUILD)/.deps-ok
 
-.PHONY: all deps test check pytest run bench bench-model asan fuzz install uninstall clean help venv
+.PHONY: all deps test check pytest run bench bench-model soak asan fuzz install uninstall clean help venv
 
 all: $(BIN)
 
@@ -73,6 +73,7 @@ help:
 	@echo "make run        serve MODEL=path.gguf (default: a cached random-weight demo model)"
 	@echo "make bench      benchmarks (ratios measured in one run)"
 	@echo "make bench-model  moed bench + serving benchmark on an 8-layer V2-Lite Q8_0 (4.9 GB, minutes)"
+	@echo "make soak       SOAK_REQUESTS=20000 mixed requests on a live server; RSS, fd and /metrics checks"
 	@echo "make asan       Check suites under AddressSanitizer + UBSan"
 	@echo "make fuzz       libFuzzer on the GGUF reader for FUZZ_TIME seconds"
 	@echo "make install    PREFIX=$(PREFIX) DESTDIR=; make uninstall"
@@ -177,6 +178,13 @@ bench-model: $(BIN) $(BENCH_MODEL) venv
 	$(BIN) bench -m $(BENCH_MODEL) $(if $(THREADS),--threads $(THREADS))
 	.venv/bin/python tests/bench_serve.py --moed $(BIN) --model $(BENCH_MODEL) --concurrency 1,4,8 \
 		--max-tokens 64 --prompt-words 8 $(if $(THREADS),--threads $(THREADS))
+
+# Soak: SOAK_REQUESTS (default 20000) mixed requests against a live server on
+# a tiny model, then RSS, fd and /metrics checks (tests/soak.py; a 3,000-request
+# cut of it runs in `make test`).
+SOAK_REQUESTS ?= 20000
+soak: $(BIN) $(VENV)/.ok
+	$(VENV)/bin/python tests/soak.py --moed $(BIN) --requests $(SOAK_REQUESTS) $(SOAK_ARGS)
 
 # --- install ---
 

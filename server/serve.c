@@ -1119,7 +1119,11 @@ static void completed_cb(void *cls, struct MHD_Connection *conn, void **con_cls,
         lr.completion_tokens = g->finished ? g->completion_tokens : g->tokens_seen;
         if (g->t_first_ns) lr.ttft_ms = (double)(g->t_first_ns - g->t_start_ns) * 1e-6;
         lr.finish = g->finished ? finish_log_name(g) : "cancelled";
-        if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && toe != MHD_REQUEST_TERMINATED_CLIENT_ABORT && g->finished)
+        /* A stream whose hang-up the tick saw first is finished (cancelled)
+         * by now and its last write fails: that is the client leaving, not
+         * a write error. */
+        if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && toe != MHD_REQUEST_TERMINATED_CLIENT_ABORT && g->finished &&
+            !g->client_gone)
             lr.finish = "write_error";
     }
     bool quiet = !strcmp(c->path, "/health") || !strcmp(c->path, "/metrics");

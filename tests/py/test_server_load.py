@@ -183,6 +183,48 @@ def test_client_gone_cancels_non_streamed(moed_bin, tmp_path):
         assert s.stop() == 0, s.read_log()
 
 
+def test_queued_stream_hang_up_is_logged_cancelled(moed_bin, tmp_path):
+    """A stream queued behind the only sequence slot has its headers sent
+    and waits; its client hangs up. The tick sees that, cancels it, and the
+    [DONE] written afterwards fails. The request log must say it was
+    cancelled (the soak test found it logged as finish=write_error), and the
+    cancellation is counted once."""
+    path = make_model(moed_bin, tmp_path, preset="demo")
+    s = Server(moed_bin, path, "--max-seqs", "1", log_dir=tmp_path).wait_ready()
+
+    def send(body):
+        data = json.dumps(body).encode()
+        k = socket.create_connection(("127.0.0.1", s.port))
+        k.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(data) + data)
+        return k
+
+    try:
+        before = s.metrics()
+        busy = send({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "stream": True})
+        deadline = time.time() + 30
+        while metric(s.metrics(), "moed_requests_running") < 1:
+            assert time.time() < deadline, s.read_log()
+            time.sleep(0.02)
+        queued = send({"prompt": "hello", "max_tokens": 5, "stream": True})
+        queued.settimeout(30)
+        assert queued.recv(4096).startswith(b"HTTP/1.1 200"), s.read_log()
+        queued.close()
+        deadline = time.time() + 30
+        while metric(s.metrics(), "moed_requests_waiting") > 0:
+            assert time.time() < deadline, s.read_log()
+            time.sleep(0.02)
+        m = s.metrics()
+        assert metric(m, "moed_requests_cancelled_total") - metric(before, "moed_requests_cancelled_total") == 1
+        assert metric(m, "moed_requests_running") == 1  # the busy stream runs on
+        busy.close()
+        wait_idle(s)
+    finally:
+        assert s.stop() == 0, s.read_log()
+    lines = [ln for ln in s.read_log().splitlines() if "POST /v1/completions" in ln]
+    assert len(lines) == 2 and all(ln.endswith(" finish=cancelled") for ln in lines), lines
+
+
 def test_sigterm_drains_under_load(moed_bin, model, tmp_path):
     drain = 2.0
     s = Server(moed_bin, model, "--ctx-size", "65536", "--drain-timeout", str(drain), log_dir=tmp_path).wait_ready()
