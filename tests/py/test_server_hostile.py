@@ -236,6 +236,48 @@ def test_one_address_is_capped(server):
             s.close()
 
 
+def test_kept_alive_connection_gets_a_head_deadline_too(server):
+    """The second request on a connection: its head deadline starts at its
+    request line, and trickled header bytes do not extend it."""
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = b""
+        while b"\r\n\r\n" not in resp:
+            resp += s.recv(4096)
+        head, _, body = resp.partition(b"\r\n\r\n")
+        length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")][0].split(b":")[1])
+        while len(body) < length:
+            body += s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head.lower()
+        time.sleep(1.0)  # idle between requests: not counted against the head
+        s.sendall(b"GET /health HTTP/1.1\r\n")
+        t0 = time.monotonic()
+        s.setblocking(False)
+        sel = selectors.DefaultSelector()
+        sel.register(s, selectors.EVENT_READ)
+        pad, k, closed_after = b"X-Pad: 1\r\n", 0, None
+        while time.monotonic() - t0 < HEAD_S + 5:
+            if sel.select(timeout=0.2):
+                try:
+                    data = s.recv(4096)
+                except ConnectionResetError:
+                    data = b""
+                assert not data, data  # no answer: the head never completes
+                closed_after = time.monotonic() - t0
+                break
+            try:
+                s.send(pad[k % len(pad):k % len(pad) + 1])
+            except OSError:
+                pass
+            k += 1
+        sel.close()
+        assert closed_after is not None, "the trickled head was never cut off"
+        assert HEAD_S - 0.3 < closed_after < HEAD_S + 1.5, closed_after
+    finally:
+        s.close()
+
+
 class Trickler:
     """n sockets from many loopback addresses (PER_IP each), sending their
     request heads (or, for the last n_body, their bodies) one byte per
