@@ -201,6 +201,26 @@ def test_api_key_without_a_key_is_a_startup_error(moed_bin, model, tmp_path, val
 
 # --- slow clients ---------------------------------------------------------------
 
+def test_open_files_soft_limit_is_raised(moed_bin, model, tmp_path):
+    """Every connection is a descriptor: a soft limit of 256 inherited from
+    the shell must not cap the server; it is raised to the hard limit and logged."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard == resource.RLIM_INFINITY or hard > 1024, hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        s = Server(moed_bin, model, log_dir=tmp_path)  # inherits the 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        s.wait_ready()
+        limits = open(f"/proc/{s.proc.pid}/limits").read()
+        row = [line for line in limits.splitlines() if line.startswith("Max open files")][0].split()
+        assert row[3] == row[4] and row[3] != "256", row
+        assert f"open files limit raised from 256 to {row[3]}" in s.read_log()
+    finally:
+        assert s.stop() == 0, s.read_log()
+
+
 def raise_nofile(need):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need:
