@@ -1062,8 +1062,8 @@ static enum MHD_Result handler_cb(void *cls, struct MHD_Connection *conn, const 
         snprintf(c->path, sizeof c->path, "%s", url);
         *con_cls = c;
         /* Everything decided by the head alone is answered before a body
-         * byte is read: MHD then sends no 100 Continue, discards the body
-         * and closes the connection. */
+         * byte is read: MHD then sends no 100 Continue and, when a body was
+         * announced, discards it and closes the connection. */
         const char *framing = srv_http_head_error(conn, version);
         if (framing) {
             c->seen = true;
