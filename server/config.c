@@ -47,6 +47,10 @@ static const opt_desc opts[] = {
     {"max_json_depth", 0, OPT_INT, OFF(max_json_depth), 0, 4, 1000, "64", "deepest JSON nesting accepted (400 above)"},
     {"request_timeout", 0, OPT_DBL, OFF(request_timeout), 0, 0, 1e7, "600", "seconds a request may run before it is cancelled (0 = none)"},
     {"idle_timeout", 0, OPT_DBL, OFF(idle_timeout), 0, 1, 1e6, "60", "seconds a connection may stay idle or stop reading"},
+    {"header_timeout", 0, OPT_DBL, OFF(header_timeout), 0, 0, 1e6, "10", "seconds a client has to send a whole request head (0 = none)"},
+    {"body_timeout", 0, OPT_DBL, OFF(body_timeout), 0, 0, 1e6, "60", "seconds a client has to send a whole request body (0 = none)"},
+    {"max_connections", 0, OPT_INT, OFF(max_connections), 0, 16, 1 << 20, "1024", "open connections; beyond, the longest-waiting one is closed"},
+    {"max_connections_per_ip", 0, OPT_INT, OFF(max_connections_per_ip), 0, 0, 1 << 20, "256", "connections one client address may hold (0 = no cap)"},
     {"drain_timeout", 0, OPT_DBL, OFF(drain_timeout), 0, 0, 1e6, "30", "seconds in-flight requests get to finish after SIGTERM"},
     {"heartbeat_timeout", 0, OPT_DBL, OFF(heartbeat_timeout), 0, 0.01, 1e6, "30", "/health fails when the engine loop is older than this"},
     {"cors_origins", 0, OPT_LIST, OFF(cors_origins), OFF(n_cors_origins), 0, 0, "none", "allowed CORS origins, comma-separated (* = any)"},
@@ -83,6 +87,10 @@ void srv_config_init(srv_config *c) {
     c->max_json_depth = 64;
     c->request_timeout = 600;
     c->idle_timeout = 60;
+    c->header_timeout = 10;
+    c->body_timeout = 60;
+    c->max_connections = 1024;
+    c->max_connections_per_ip = 256;
     c->drain_timeout = 30;
     c->heartbeat_timeout = 30;
     c->log_format = SRV_LOG_TEXT;
@@ -194,7 +202,6 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
     case OPT_LIST: {
         char ***list = (char ***)(base + o->off);
         size_t *n = (size_t *)(base + o->count_off);
-        free_list(list, n);
         char *copy = strdup(value);
         if (!copy) return MOE_ENOMEM;
         size_t cap = 1;
@@ -220,7 +227,15 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
         if (!k) {
             free(v);
             v = NULL;
+            /* A key list that was meant to be set but holds no key (an
+             * empty secret, a stray comma) must not start an open server. */
+            if (o->off == OFF(api_keys)) {
+                errf(err, errsz, "%s: '%.40s' holds no key; leave %s unset to run without authentication", o->key,
+                     value, o->key);
+                return MOE_EINVAL;
+            }
         }
+        free_list(list, n);
         *list = v;
         *n = k;
         return 0;

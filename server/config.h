@@ -8,7 +8,8 @@
  * lines; '#' starts a comment; blank lines are ignored; values may be
  * quoted with "..." (to keep a '#' or spaces at the ends).
  *
- * Lists (api_key, cors_origins) are comma-separated. Durations are in
+ * Lists (api_key, cors_origins) are comma-separated; an api_key value
+ * that holds no key ("", ",", spaces) is an error, not an open server. Durations are in
  * seconds (fractions allowed). Sizes are plain integers.
  *
  * Threads: not thread-safe; build the config on the main thread, then
@@ -43,6 +44,10 @@ typedef struct srv_config {
     int64_t max_json_depth;   /* deepest JSON nesting accepted; default 64 */
     double request_timeout;   /* seconds a request may run before it is cancelled; 0 = none; default 600 */
     double idle_timeout;      /* seconds a connection may stay idle / not read; default 60 */
+    double header_timeout;    /* seconds to send a whole request head; 0 = none; default 10 */
+    double body_timeout;      /* seconds to send a whole request body after its head; 0 = none; default 60 */
+    int64_t max_connections;  /* open connections before a new one displaces a waiting one; default 1024 */
+    int64_t max_connections_per_ip; /* connections one client address may hold; 0 = no cap; default 256 */
     double drain_timeout;     /* seconds in-flight requests get after SIGTERM; default 30 */
     double heartbeat_timeout; /* /health is 503 when the engine loop is older than this; default 30 */
     char **cors_origins;      /* (n_cors_origins) allowed Origins; "*" = any; none = no CORS headers */

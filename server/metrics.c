@@ -133,6 +133,17 @@ char *srv_metrics_render(const srv_metrics *m, const moe_engine_stats *st, const
             "# TYPE moed_http_requests_total counter\n");
     for (int c = 100; c < 600; c++)
         if (m->http_requests[c]) put(&s, "moed_http_requests_total{code=\"%d\"} %llu\n", c, (unsigned long long)m->http_requests[c]);
+    put(&s, "# HELP moed_http_connections HTTP connections open\n# TYPE moed_http_connections gauge\n"
+            "moed_http_connections %llu\n", (unsigned long long)m->http_connections);
+    put(&s, "# HELP moed_http_closed_total connections the server closed: request head or body not complete in time, "
+            "a kept-alive connection idle too long, or displaced at max_connections\n"
+            "# TYPE moed_http_closed_total counter\n"
+            "moed_http_closed_total{reason=\"header_timeout\"} %llu\n"
+            "moed_http_closed_total{reason=\"body_timeout\"} %llu\n"
+            "moed_http_closed_total{reason=\"idle_timeout\"} %llu\n"
+            "moed_http_closed_total{reason=\"evicted\"} %llu\n",
+        (unsigned long long)m->http_closed_header_timeout, (unsigned long long)m->http_closed_body_timeout,
+        (unsigned long long)m->http_closed_idle_timeout, (unsigned long long)m->http_closed_evicted);
     if (s.oom) {
         free(s.buf);
         return NULL;

@@ -31,6 +31,9 @@ typedef struct srv_metrics {
     srv_hist e2e;      /* seconds from arrival to the end of the response */
     uint64_t http_requests[600]; /* by status code */
     uint64_t requests_cancelled; /* client went away / timeout / drain */
+    /* connections, copied from the HTTP layer before each render */
+    uint64_t http_connections;   /* open now */
+    uint64_t http_closed_header_timeout, http_closed_body_timeout, http_closed_idle_timeout, http_closed_evicted;
 } srv_metrics;
 
 void srv_metrics_init(srv_metrics *m);

@@ -67,6 +67,76 @@ done:
     return out;
 }
 
+typedef struct json_frame {
+    bool obj, want_key;
+    size_t key_off, key_len; /* obj: the key whose value is being read (raw JSON text) */
+    int64_t index;           /* array: the element being read */
+} json_frame;
+
+/* Offset just past the string that opens at b[start] ('"'), or len. */
+static size_t string_end(const char *b, size_t len, size_t start) {
+    for (size_t i = start + 1; i < len; i++) {
+        if (b[i] == '\\') i++;
+        else if (b[i] == '"') return i + 1;
+    }
+    return len;
+}
+
+static void path_add(char *out, size_t outsz, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void path_add(char *out, size_t outsz, const char *fmt, ...) {
+    size_t n = strlen(out);
+    if (n + 1 >= outsz) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(out + n, outsz - n, fmt, ap);
+    va_end(ap);
+}
+
+/* The path as OpenAI writes it ("messages[0].role") of the JSON string
+ * holding byte `at`, written to out; false when `at` is in no string.
+ * Only run on bodies whose nesting precheck has bounded by max_depth. */
+static bool json_path_at(const char *b, size_t len, size_t at, int max_depth, char *out, size_t outsz) {
+    out[0] = 0;
+    json_frame *st = calloc((size_t)max_depth + 1, sizeof *st);
+    if (!st) return false;
+    int depth = 0;
+    bool found = false;
+    for (size_t i = 0; i < len && i <= at;) {
+        char ch = b[i];
+        json_frame *top = depth ? &st[depth - 1] : NULL;
+        if (ch == '"') {
+            size_t end = string_end(b, len, i);
+            bool is_key = top && top->obj && top->want_key;
+            if (at < end) {
+                for (int d = 0; d < depth; d++) {
+                    if (!st[d].obj) path_add(out, outsz, "[%lld]", (long long)st[d].index);
+                    else if (d < depth - 1 || !is_key)
+                        path_add(out, outsz, "%s%.*s", out[0] ? "." : "", (int)st[d].key_len, b + st[d].key_off);
+                }
+                if (is_key) path_add(out, outsz, "%s%.*s", out[0] ? "." : "", (int)(end - i - 2), b + i + 1);
+                found = true;
+                break;
+            }
+            if (is_key) {
+                top->key_off = i + 1;
+                top->key_len = end - i - 2;
+            }
+            i = end;
+            continue;
+        }
+        if ((ch == '{' || ch == '[') && depth <= max_depth)
+            st[depth++] = (json_frame){.obj = ch == '{', .want_key = ch == '{'};
+        else if ((ch == '}' || ch == ']') && depth) depth--;
+        else if (ch == ',' && top) {
+            if (top->obj) top->want_key = true;
+            else top->index++;
+        } else if (ch == ':' && top) top->want_key = false;
+        i++;
+    }
+    free(st);
+    return found;
+}
+
 int srv_oai_precheck(const char *body, size_t len, int max_depth, srv_oai_err *err) {
     if (max_depth <= 0) max_depth = 64;
     const unsigned char *p = (const unsigned char *)body;
@@ -83,6 +153,16 @@ int srv_oai_precheck(const char *body, size_t len, int max_depth, srv_oai_err *e
             }
             i += (size_t)l;
             continue;
+        }
+        /* cJSON keeps strings NUL-terminated, so a NUL (\u0000 or a raw
+         * byte) would silently cut a model name, a role or a prompt short. */
+        bool nul = ch == 0 || (in_str && ch == '\\' && i + 5 < len && p[i + 1] == 'u' && !memcmp(p + i + 2, "0000", 4));
+        if (nul) {
+            char path[sizeof err->param];
+            if (json_path_at(body, len, i, max_depth, path, sizeof path))
+                srv_oai_err_set(err, 400, path, "%s: strings must not contain NUL characters (\\u0000)", path);
+            else srv_oai_err_set(err, 400, NULL, "request body contains a NUL byte (byte offset %zu)", i);
+            return MOE_EINVAL;
         }
         if (in_str) {
             if (ch == '\\') i++;

@@ -92,8 +92,10 @@ void srv_oai_req_free(srv_oai_req *r);
 /* The engine request for prompt i (pointers into r; r must outlive submit). */
 void srv_oai_engine_request(const srv_oai_req *r, size_t i, moe_request *out);
 
-/* Checks body for valid UTF-8 and nesting depth <= max_depth without
- * building anything (also used for /tokenize). Returns 0 or fills err. */
+/* Checks body for valid UTF-8, nesting depth <= max_depth and strings
+ * free of NUL (\u0000 or a raw 0 byte; err->param names the string's
+ * path, a key included) without building anything (also used for
+ * /tokenize). Returns 0 or MOE_EINVAL with err filled (400). */
 int srv_oai_precheck(const char *body, size_t len, int max_depth, srv_oai_err *err);
 
 /* --- output --- */

@@ -116,6 +116,7 @@ typedef struct srv_conn {
     size_t len, cap;
     bool too_large;
     bool seen;
+    bool close;   /* the head's framing is not trusted: answer with Connection: close */
     int status;
     char method[16];
     char path[128];
@@ -224,6 +225,7 @@ static enum MHD_Result respond(server *s, srv_conn *c, struct MHD_Connection *co
     }
     if (ctype) MHD_add_response_header(r, "Content-Type", ctype);
     if (retry_after) MHD_add_response_header(r, "Retry-After", retry_after);
+    if (c->close) MHD_add_response_header(r, "Connection", "close");
     add_cors(s, conn, r, false);
     c->status = status;
     enum MHD_Result ret = MHD_queue_response(conn, (unsigned)status, r);
@@ -733,6 +735,15 @@ static enum MHD_Result handle_metrics(server *s, srv_conn *c, struct MHD_Connect
     moe_engine_stats st;
     memset(&st, 0, sizeof st);
     if (s->eng) moe_engine_get_stats(s->eng, &st);
+    if (s->http) {
+        srv_http_stats hs;
+        srv_http_get_stats(s->http, &hs);
+        s->metrics.http_connections = srv_http_connections(s->http);
+        s->metrics.http_closed_header_timeout = hs.header_timeouts;
+        s->metrics.http_closed_body_timeout = hs.body_timeouts;
+        s->metrics.http_closed_idle_timeout = hs.idle_timeouts;
+        s->metrics.http_closed_evicted = hs.evicted;
+    }
     size_t len;
     char *body = srv_metrics_render(&s->metrics, &st, s->model_name, &len);
     if (!body) return MHD_NO;
@@ -974,6 +985,25 @@ static enum MHD_Result finish_work(server *s, srv_conn *c, struct MHD_Connection
     return ret;
 }
 
+static enum MHD_Result respond_unauthorized(server *s, srv_conn *c, struct MHD_Connection *conn) {
+    srv_oai_err e;
+    srv_oai_err_set(&e, 401, NULL, "Incorrect API key provided (Authorization: Bearer KEY)");
+    snprintf(e.code, sizeof e.code, "invalid_api_key");
+    return respond_err(s, c, conn, &e);
+}
+
+static bool route_is_post(route r) { return r == R_CHAT || r == R_COMPL || r == R_TOKENIZE || r == R_DETOKENIZE; }
+
+/* Whether the request reaches the key check in dispatch (the same order:
+ * OPTIONS, 404 and 405 come first; /health and /metrics need no key). */
+static bool needs_key(const char *url, const char *method) {
+    const char *arg;
+    route r = find_route(url, &arg);
+    if (r == R_NONE || r == R_HEALTH || r == R_METRICS) return false;
+    if (route_is_post(r)) return !strcmp(method, "POST");
+    return !strcmp(method, "GET") || !strcmp(method, "HEAD");
+}
+
 static enum MHD_Result dispatch(server *s, srv_conn *c, struct MHD_Connection *conn, const char *url,
                                 const char *method) {
     const char *arg;
@@ -988,7 +1018,7 @@ static enum MHD_Result dispatch(server *s, srv_conn *c, struct MHD_Connection *c
         return ret;
     }
     if (r == R_NONE) return respond_errf(s, c, conn, 404, NULL, "not_found", "no such endpoint");
-    bool post = r == R_CHAT || r == R_COMPL || r == R_TOKENIZE || r == R_DETOKENIZE;
+    bool post = route_is_post(r);
     bool head = !strcmp(method, "HEAD");
     if (post ? strcmp(method, "POST") : (strcmp(method, "GET") && !head)) {
         srv_oai_err e;
@@ -1007,12 +1037,7 @@ static enum MHD_Result dispatch(server *s, srv_conn *c, struct MHD_Connection *c
     }
     if (r == R_HEALTH) return handle_health(s, c, conn);
     if (r == R_METRICS) return handle_metrics(s, c, conn);
-    if (!auth_ok(s, conn)) {
-        srv_oai_err e;
-        srv_oai_err_set(&e, 401, NULL, "Incorrect API key provided (Authorization: Bearer KEY)");
-        snprintf(e.code, sizeof e.code, "invalid_api_key");
-        return respond_err(s, c, conn, &e);
-    }
+    if (!auth_ok(s, conn)) return respond_unauthorized(s, c, conn);
     if (c->too_large) {
         char msg[96];
         snprintf(msg, sizeof msg, "request body is larger than %lld bytes", (long long)s->cfg->max_body);
@@ -1034,7 +1059,6 @@ static enum MHD_Result dispatch(server *s, srv_conn *c, struct MHD_Connection *c
 
 static enum MHD_Result handler_cb(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                   const char *version, const char *upload_data, size_t *upload_size, void **con_cls) {
-    (void)version;
     server *s = cls;
     srv_conn *c = *con_cls;
     if (!c) {
@@ -1044,8 +1068,19 @@ static enum MHD_Result handler_cb(void *cls, struct MHD_Connection *conn, const 
         snprintf(c->method, sizeof c->method, "%s", method);
         snprintf(c->path, sizeof c->path, "%s", url);
         *con_cls = c;
-        /* An announced oversized body is refused before it is read (MHD
-         * then sends no 100 Continue and closes the connection). */
+        /* Everything decided by the head alone is answered before a body
+         * byte is read: MHD then sends no 100 Continue and, when a body was
+         * announced, discards it and closes the connection. */
+        const char *framing = srv_http_head_error(conn, version);
+        if (framing) {
+            c->seen = true;
+            c->close = true;
+            return respond_errf(s, c, conn, 400, NULL, "bad_request", framing);
+        }
+        if (needs_key(url, method) && !auth_ok(s, conn)) {
+            c->seen = true;
+            return respond_unauthorized(s, c, conn);
+        }
         const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > (unsigned long long)s->cfg->max_body) {
             c->seen = true;
@@ -1389,6 +1424,10 @@ int srv_cmd_serve(int argc, char **argv) {
     srv_http_opts ho = {.host = cfg.host,
                         .port = (int)cfg.port,
                         .idle_timeout_s = (unsigned)ceil(cfg.idle_timeout),
+                        .header_timeout_s = cfg.header_timeout,
+                        .body_timeout_s = cfg.body_timeout,
+                        .max_connections = (unsigned)cfg.max_connections,
+                        .max_per_ip = (unsigned)cfg.max_connections_per_ip,
                         .handler = handler_cb,
                         .handler_cls = s,
                         .completed = completed_cb,

@@ -34,6 +34,43 @@ START_TEST(test_defaults) {
     ck_assert_double_eq(c.drain_timeout, 30);
     ck_assert_int_eq(c.max_body, 4 << 20);
     ck_assert_str_eq(c.device, "auto");
+    ck_assert_double_eq(c.header_timeout, 10);
+    ck_assert_double_eq(c.body_timeout, 60);
+    ck_assert_int_eq(c.max_connections, 1024);
+    ck_assert_int_eq(c.max_connections_per_ip, 256);
+    srv_config_free(&c);
+}
+END_TEST
+
+/* An API key list with no key in it is a mistake (an empty secret, a stray
+ * comma), never a request for an open server: refused, naming the option,
+ * and the keys already set stay as they were. */
+START_TEST(test_api_key_without_keys) {
+    static const char *empties[] = {"", ",", " ", " , ,", "\t"};
+    srv_config c;
+    srv_config_init(&c);
+    char err[256];
+    ck_assert_int_eq(srv_config_set(&c, "api_key", "k1,k2", err, sizeof err), 0);
+    for (size_t i = 0; i < sizeof empties / sizeof empties[0]; i++) {
+        err[0] = 0;
+        ck_assert_int_eq(srv_config_set(&c, "api_key", empties[i], err, sizeof err), MOE_EINVAL);
+        ck_assert_msg(strstr(err, "api_key") && strstr(err, "no key"), "'%s' -> %s", empties[i], err);
+        ck_assert_int_eq(c.n_api_keys, 2);
+        ck_assert_str_eq(c.api_keys[1], "k2");
+    }
+    /* through the environment the message names the variable */
+    char *env[] = {"MOED_API_KEY=,", NULL};
+    ck_assert_int_eq(srv_config_load_env(&c, env, err, sizeof err), MOE_EINVAL);
+    ck_assert_msg(strstr(err, "MOED_API_KEY"), "%s", err);
+    /* other lists may be empty: no CORS origin just means no CORS headers */
+    ck_assert_int_eq(srv_config_set(&c, "cors_origins", ",", err, sizeof err), 0);
+    ck_assert_int_eq(c.n_cors_origins, 0);
+    /* the connection limits parse and are range-checked */
+    ck_assert_int_eq(srv_config_set(&c, "header_timeout", "2.5", err, sizeof err), 0);
+    ck_assert_double_eq(c.header_timeout, 2.5);
+    ck_assert_int_eq(srv_config_set(&c, "max_connections", "8", err, sizeof err), MOE_ERANGE);
+    ck_assert_int_eq(srv_config_set(&c, "max_connections_per_ip", "0", err, sizeof err), 0);
+    ck_assert_int_eq(c.max_connections_per_ip, 0);
     srv_config_free(&c);
 }
 END_TEST
@@ -303,6 +340,7 @@ static Suite *config_suite(void) {
     Suite *s = suite_create("config");
     TCase *tc = tcase_create("defaults");
     tcase_add_test(tc, test_defaults);
+    tcase_add_test(tc, test_api_key_without_keys);
     suite_add_tcase(s, tc);
     tc = tcase_create("file");
     tcase_add_test(tc, test_file);

@@ -249,6 +249,16 @@ static const bad_case bad_cases[] = {
     {C, "{\"ignore_eos\":\"no\"," MSG "}", 400, "ignore_eos"},
     {C, "{\"user\":1," MSG "}", 400, "user"},
     {C, "{\"tools\":[{\"type\":\"function\"}]," MSG "}", 400, "tools"},
+    /* NUL would cut the C string cJSON hands out: "gpt\0x" would read as "gpt" */
+    {C, "{\"model\":\"m\\u0000x\"," MSG "}", 400, "model"},
+    {C, "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"},{\"role\":\"user\\u0000\",\"content\":\"x\"}]}", 400, "messages[1].role"},
+    {C, "{\"messages\":[{\"role\":\"user\",\"name\":\"a\\u0000\",\"content\":\"hi\"}]}", 400, "messages[0].name"},
+    {C, "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\\u0000b\"}]}]}", 400, "messages[0].content[0].text"},
+    {C, "{\"stop\":[\"a\",\"b\",\"\\u0000\"]," MSG "}", 400, "stop[2]"},
+    {C, "{\"user\":\"u\\u0000\"," MSG "}", 400, "user"},
+    {C, "{\"mo\\u0000del\":\"x\"," MSG "}", 400, "mo\\u0000del"},
+    {C, "{\"logit_bias\":{\"5\\u0000\":1}," MSG "}", 400, "logit_bias.5\\u0000"},
+    {P, "{\"prompt\":[\"ok\",\"x\\u0000\"]}", 400, "prompt[1]"},
     {P, "{}", 400, "prompt"},
     {P, "{\"prompt\":5}", 400, "prompt"},
     {P, "{\"prompt\":[]}", 400, "prompt"},
@@ -347,6 +357,26 @@ START_TEST(test_bad_inputs) {
     ck_assert_ptr_nonnull(cJSON_GetObjectItem(eo, "code"));
     cJSON_Delete(o);
     free(j);
+}
+END_TEST
+
+/* Only a real NUL is refused: an escaped backslash followed by "u0000" is
+ * six ordinary characters, and a raw 0 byte is caught like the escape. */
+START_TEST(test_nul_strings) {
+    srv_oai_req r;
+    srv_oai_err e;
+    const char *ok = "{\"messages\":[{\"role\":\"user\",\"content\":\"a\\\\u0000b\"}]}";
+    ck_assert_int_eq(parse(C, ok, &r, &e), 0);
+    srv_oai_req_free(&r);
+    static const char raw[] = "{\"model\":\"ab\0c\"," MSG "}";
+    ck_assert_int_eq(srv_oai_parse(C, raw, sizeof raw - 1, &lim, &r, &e), MOE_EINVAL);
+    ck_assert_int_eq(e.http, 400);
+    ck_assert_str_eq(e.param, "model");
+    /* the precheck alone (what /tokenize uses) names the field too */
+    const char *tk = "{\"content\":\"x\",\"extra\":[1,{\"k\":[\"a\",\"\\u0000\"]}]}";
+    ck_assert_int_eq(srv_oai_precheck(tk, strlen(tk), 16, &e), MOE_EINVAL);
+    ck_assert_str_eq(e.param, "extra[1].k[1]");
+    ck_assert(strstr(e.message, "NUL"));
 }
 END_TEST
 
@@ -511,6 +541,7 @@ static Suite *openai_suite(void) {
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_loop_test(tc, test_bad_inputs, 0, (int)(sizeof bad_cases / sizeof bad_cases[0]));
     tcase_add_test(tc, test_many_stops_and_deep);
+    tcase_add_test(tc, test_nul_strings);
     suite_add_tcase(s, tc);
     tc = tcase_create("render");
     tcase_add_checked_fixture(tc, setup, teardown);
