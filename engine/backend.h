@@ -105,9 +105,14 @@ typedef struct moe_route_params {
     const float *bias; /* (n_expert) backend pointer or NULL */
 } moe_route_params;
 
+/* Every member must be set (moe_backend_check names the first that is
+ * not); backends fill the table with designated initializers. */
 struct moe_backend_ops {
     const char *name;
     void (*destroy)(void *ctx);
+    /* Capability: nonzero when matmul, embed and moe compute with weights
+     * of `type` (moe_type). 1-D weights (norms, biases) are always F32. */
+    int (*supports_type)(void *ctx, int type);
 
     /* --- memory --- */
     /* Zero-filled buffer of nbytes, or NULL. */
@@ -192,6 +197,22 @@ static inline void moe_backend_destroy(moe_backend *be) {
     if (be && be->ops && be->ops->destroy) be->ops->destroy(be->ctx);
     if (be) be->ctx = NULL;
 }
+
+/* Checks that every member of be's op table is set. Returns MOE_OK, or
+ * MOE_EINVAL with "backend '<name>' has no '<op>' op" in err (errsz bytes,
+ * may be NULL). Any thread. */
+int moe_backend_check(const moe_backend *be, char *err, size_t errsz);
+
+/* The one place a device name becomes a backend (serve, bench, generate).
+ * device: "cpu", "cuda" or "auto"/NULL (CUDA when this build has it and a
+ * GPU is usable, else the CPU). n_threads: the CPU backend's worker threads
+ * (<= 0: one per online CPU). Fills *be (checked with moe_backend_check)
+ * and *name ("cpu" or "cuda", static; name may be NULL). Returns MOE_OK,
+ * MOE_EUNSUPPORTED ("cuda" in a build without CUDA, or no GPU),
+ * MOE_EINVAL (an unknown device name) or the backend's error, with a
+ * reason in err. Caller frees with moe_backend_destroy(). */
+int moe_backend_create(const char *device, int n_threads, moe_backend *be, const char **name, char *err,
+                       size_t errsz);
 
 /* --- the CPU backend (engine/cpu/cpu_backend.c) --- */
 

@@ -338,7 +338,8 @@ int srv_cmd_bench(int argc, char **argv) {
     memset(sets, 0, sizeof sets);
     double *round_bw = NULL;
     int n_round_bw = 0;
-    moe_gguf *g = NULL;
+    moe_model *m = NULL;
+    const moe_gguf *g = NULL;
 
     /* Bandwidth first, with the model not yet mapped, and again after each
      * phase: on a shared machine one measurement can land in a busy moment,
@@ -375,24 +376,17 @@ int srv_cmd_bench(int argc, char **argv) {
         bw = b_ > bw ? b_ : bw;                                                                                      \
     } while (0)
 
-    g = moe_gguf_open(model, &st, err, sizeof err);
-    if (!g) {
+    m = moe_model_load(model, &st, err, sizeof err);
+    g = moe_model_gguf(m);
+    if (!m) {
         fprintf(stderr, "moed bench: %s: %s (%s)\n", model, err, moe_strerror(st));
         goto out;
     }
-#ifdef MOE_HAVE_CUDA
-    if (use_cuda) {
-        if ((st = moe_cuda_backend_init(&be, NULL))) {
-            fprintf(stderr, "moed bench: CUDA backend: %s\n", moe_strerror(st));
-            goto out;
-        }
-    } else
-#endif
-    if ((st = moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = n_threads}))) {
-        fprintf(stderr, "moed bench: CPU backend: %s\n", moe_strerror(st));
+    if ((st = moe_backend_create(device, n_threads, &be, NULL, err, sizeof err))) {
+        fprintf(stderr, "moed bench: %s\n", err);
         goto out;
     }
-    bn.fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    bn.fw = moe_fwd_create(m, &be, &st, err, sizeof err);
     if (!bn.fw) {
         fprintf(stderr, "moed bench: %s: %s (%s)\n", model, err, moe_strerror(st));
         goto out;
@@ -583,7 +577,7 @@ out:
     moe_kv_destroy(bn.kv);
     moe_fwd_free(bn.fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(m);
     free(bn.logits);
     free(bw_buf);
     cpu_pool_destroy(pool);

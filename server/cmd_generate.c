@@ -143,8 +143,9 @@ int srv_cmd_generate(int argc, char **argv) {
     float *logits = NULL;
     moe_tok *tok = NULL;
     moe_tok_stream *ts = NULL;
-    moe_gguf *g = moe_gguf_open(model, &st, err, sizeof err);
-    if (!g) {
+    moe_model *m = moe_model_load(model, &st, err, sizeof err);
+    const moe_gguf *g = moe_model_gguf(m);
+    if (!m) {
         fprintf(stderr, "moed generate: %s: %s (%s)\n", model, err, moe_strerror(st));
         goto out;
     }
@@ -166,11 +167,11 @@ int srv_cmd_generate(int argc, char **argv) {
             goto out;
         }
     }
-    if ((st = moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = (int)threads}))) {
-        fprintf(stderr, "moed generate: CPU backend: %s\n", moe_strerror(st));
+    if ((st = moe_backend_create("cpu", (int)threads, &be, NULL, err, sizeof err))) {
+        fprintf(stderr, "moed generate: %s\n", err);
         goto out;
     }
-    fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    fw = moe_fwd_create(m, &be, &st, err, sizeof err);
     if (!fw) {
         fprintf(stderr, "moed generate: %s: %s (%s)\n", model, err, moe_strerror(st));
         goto out;
@@ -250,7 +251,7 @@ out:
     moe_backend_destroy(&be);
     moe_tok_stream_free(ts);
     moe_tok_free(tok);
-    moe_gguf_close(g);
+    moe_model_free(m);
     free(logits);
     free(prompt_ids);
     return rc;

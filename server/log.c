@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "log_hook.h"
 #include "openai.h"
 
 static srv_log_format g_fmt = SRV_LOG_TEXT;
@@ -16,10 +17,18 @@ static srv_log_level g_level = SRV_LOG_INFO;
 static bool g_prompts;
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* Engine and CUDA lines (moe_log) become server lines, in its format. */
+static void engine_line_cb(void *arg, int level, const char *msg) {
+    (void)arg;
+    srv_log_level l = level <= MOE_LOG_ERROR ? SRV_LOG_ERROR : level >= MOE_LOG_DEBUG ? SRV_LOG_DEBUG : (srv_log_level)level;
+    srv_log(l, "%s", msg);
+}
+
 void srv_log_setup(srv_log_format fmt, srv_log_level level, bool log_prompts) {
     g_fmt = fmt;
     g_level = level;
     g_prompts = log_prompts;
+    moe_log_set_hook(engine_line_cb, NULL);
 }
 
 bool srv_log_enabled(srv_log_level level) { return level <= g_level; }

@@ -15,7 +15,8 @@
 
 #include "config.h"
 
-/* Sets the format, the threshold and whether prompts may be logged. */
+/* Sets the format, the threshold and whether prompts may be logged, and
+ * routes the engine's and CUDA code's lines (moe_log) through srv_log. */
 void srv_log_setup(srv_log_format fmt, srv_log_level level, bool log_prompts);
 bool srv_log_enabled(srv_log_level level);
 

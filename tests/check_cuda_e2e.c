@@ -127,11 +127,12 @@ static float *run_fixture_routes(const char *path, const ref *r, int use_gpu, in
                                  int *n_layer) {
     char err[256] = "";
     int st = 0;
-    moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
+    moe_model *mdl = moe_model_load(path, &st, err, sizeof err);
+    const moe_gguf *g = moe_model_gguf(mdl);
     ck_assert_msg(g != NULL, "%s: %s", path, err);
     moe_backend be;
     make_backend(use_gpu, &be);
-    moe_fwd *fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    moe_fwd *fw = moe_fwd_create(mdl, &be, &st, err, sizeof err);
     ck_assert_msg(fw != NULL, "%s: %s (%s)", path, err, moe_strerror(st));
     moe_kv_opts ko;
     ck_assert_int_eq(moe_fwd_kv_opts(fw, 4, 64, &ko), MOE_OK);
@@ -173,7 +174,7 @@ static float *run_fixture_routes(const char *path, const ref *r, int use_gpu, in
     moe_kv_destroy(kv);
     moe_fwd_free(fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(mdl);
     return out;
 }
 
@@ -309,11 +310,12 @@ static void generate(const char *path, int use_gpu, const int32_t *prompt, int n
                      float *margin) {
     char err[256] = "";
     int st = 0;
-    moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
+    moe_model *mdl = moe_model_load(path, &st, err, sizeof err);
+    const moe_gguf *g = moe_model_gguf(mdl);
     ck_assert_msg(g != NULL, "%s", err);
     moe_backend be;
     make_backend(use_gpu, &be);
-    moe_fwd *fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    moe_fwd *fw = moe_fwd_create(mdl, &be, &st, err, sizeof err);
     ck_assert_msg(fw != NULL, "%s (%s)", err, moe_strerror(st));
     int64_t V = moe_fwd_n_vocab(fw);
     moe_kv_opts ko;
@@ -347,7 +349,7 @@ static void generate(const char *path, int use_gpu, const int32_t *prompt, int n
     moe_kv_destroy(kv);
     moe_fwd_free(fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(mdl);
 }
 
 START_TEST(v2lite_greedy_32) {

@@ -649,9 +649,16 @@ static int cpu_moe(void *vctx, const float *h, int64_t n_tok, const float *route
     return rc;
 }
 
+/* The CPU kernels compute with every type the quantizer decodes. */
+static int cpu_supports_type(void *ctx, int type) {
+    (void)ctx;
+    return moe_quant_supported(type);
+}
+
 static const struct moe_backend_ops cpu_ops = {
     .name = "cpu",
     .destroy = cpu_destroy,
+    .supports_type = cpu_supports_type,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .upload = cpu_copy,
