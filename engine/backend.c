@@ -9,25 +9,25 @@
 #include "cuda_backend.h"
 #endif
 
+/* The list and the struct agree: a member added to one only fails here. */
+#define X(op) +1
+_Static_assert(sizeof(struct moe_backend_ops) == sizeof(const char *) + (0 MOE_BACKEND_OPS(X)) * sizeof(void (*)(void)),
+               "MOE_BACKEND_OPS must list every function member of moe_backend_ops");
+#undef X
+
 int moe_backend_check(const moe_backend *be, char *err, size_t errsz) {
     if (!be || !be->ops) {
         if (err && errsz) snprintf(err, errsz, "no backend");
         return MOE_EINVAL;
     }
     const struct moe_backend_ops *o = be->ops;
-    /* one row per member, so a member added to the table and not here is
-     * the one line to add */
     const struct {
         const char *name;
         bool set;
     } ops[] = {
-        {"destroy", o->destroy},     {"supports_type", o->supports_type}, {"alloc", o->alloc},
-        {"free", o->free},           {"upload", o->upload},               {"download", o->download},
-        {"bind_weight", o->bind_weight}, {"unbind_weight", o->unbind_weight}, {"embed", o->embed},
-        {"get_rows", o->get_rows},   {"rms_norm", o->rms_norm},           {"matmul", o->matmul},
-        {"add", o->add},             {"mul", o->mul},                     {"swiglu", o->swiglu},
-        {"sigmoid_scale", o->sigmoid_scale}, {"rope", o->rope},           {"kv_store", o->kv_store},
-        {"attention", o->attention}, {"mla_attention", o->mla_attention}, {"moe", o->moe},
+#define X(op) {#op, o->op != NULL},
+        MOE_BACKEND_OPS(X)
+#undef X
     };
     for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
         if (!ops[i].set) {

@@ -105,6 +105,14 @@ typedef struct moe_route_params {
     const float *bias; /* (n_expert) backend pointer or NULL */
 } moe_route_params;
 
+/* Every function member of moe_backend_ops, in order: moe_backend_check
+ * and the op-timing wrapper (opstats.c) walk this list, so a new op is
+ * added here and in the struct. */
+#define MOE_BACKEND_OPS(X)                                                                                           \
+    X(destroy) X(supports_type) X(alloc) X(free) X(upload) X(download) X(bind_weight) X(unbind_weight) X(embed)      \
+    X(get_rows) X(rms_norm) X(matmul) X(add) X(mul) X(swiglu) X(sigmoid_scale) X(rope) X(kv_store) X(attention)       \
+    X(mla_attention) X(moe)
+
 /* Every member must be set (moe_backend_check names the first that is
  * not); backends fill the table with designated initializers. */
 struct moe_backend_ops {
