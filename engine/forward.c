@@ -532,14 +532,15 @@ static int check_batch(const moe_fwd *fw, const moe_kv_cache *kvc, const moe_bat
     return MOE_OK;
 }
 
-int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logits) {
-    if (!logits) return MOE_EINVAL;
-    CK(check_batch(fw, kvc, b));
-    const moe_hparams *hp = fw->hp;
-    int64_t n = b->n_tok, E = hp->n_embd, n_out = 0, n_bt = 0;
-    for (int64_t t = 0; t < n; t++) n_out += !b->want_logits || b->want_logits[t];
+/* Sizes the scratch for batch b and fills the host index arrays: the rows
+ * whose logits are wanted (*n_out of them) and the flattened block tables
+ * behind *kv. */
+static int prepare_step(moe_fwd *fw, const moe_kv_cache *kvc, const moe_batch *b, moe_kv_view *kv, int64_t *n_out) {
+    int64_t n = b->n_tok, n_bt = 0;
+    *n_out = 0;
+    for (int64_t t = 0; t < n; t++) *n_out += !b->want_logits || b->want_logits[t];
     for (int64_t s = 0; s < b->n_seq; s++) n_bt += b->seqs[s].n_blocks;
-    CK(reserve(fw, n, n_out, n_bt, b->n_seq));
+    CK(reserve(fw, n, *n_out, n_bt, b->n_seq));
     for (int64_t t = 0, i = 0; t < n; t++)
         if (!b->want_logits || b->want_logits[t]) fw->rows[i++] = (int32_t)t;
     fw->boff[0] = 0;
@@ -548,8 +549,19 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
             memcpy(fw->bt + fw->boff[s], b->seqs[s].blocks, (size_t)b->seqs[s].n_blocks * sizeof(int32_t));
         fw->boff[s + 1] = fw->boff[s] + b->seqs[s].n_blocks;
     }
-    moe_kv_view kv = {.block_size = moe_kv_get_opts(kvc)->block_size, .n_seq = b->n_seq, .block_table = fw->bt,
-                      .block_off = fw->boff, .seq = b->seq, .pos = b->pos, .n_tok = n};
+    *kv = (moe_kv_view){.block_size = moe_kv_get_opts(kvc)->block_size, .n_seq = b->n_seq, .block_table = fw->bt,
+                        .block_off = fw->boff, .seq = b->seq, .pos = b->pos, .n_tok = n};
+    return MOE_OK;
+}
+
+int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logits) {
+    if (!logits) return MOE_EINVAL;
+    CK(check_batch(fw, kvc, b));
+    const moe_hparams *hp = fw->hp;
+    int64_t n = b->n_tok, E = hp->n_embd, n_out;
+    moe_kv_view kv;
+    CK(prepare_step(fw, kvc, b, &kv, &n_out));
+    /* profiling and traffic counting: the same ops through the wrapper */
     bool wrap = fw->prof || fw->count_traffic;
     const moe_backend *be = wrap ? &fw->sbe : &fw->be;
     if (wrap) moe_opstats_begin_step(fw->st, n, fw->prof, fw->count_traffic);
