@@ -72,7 +72,7 @@ typedef struct cuda_ctx {
 
 // ---- errors ----
 
-// Logs a failed CUDA call (statement, file, line, CUDA's message) to stderr.
+// Logs a failed CUDA call (statement, file, line, CUDA's message) through moe_log (log_hook.h).
 void cuda__log(const char *what, const char *msg, const char *file, int line);
 
 #define CUDA_CHECK(stmt)                                                       \

@@ -213,7 +213,7 @@ typedef struct moe_model moe_model;
  *                    ("blk.3.ffn_up_exps.weight: shape [64, 32, 8], expected [64, 16, 8]")
  *   and whatever moe_gguf_open returns (MOE_EIO, MOE_EFORMAT, MOE_ENOMEM).
  * Tensors the architecture does not use are accepted with one warning line
- * on stderr. Caller frees with moe_model_free(). Any thread. */
+ * through moe_log (log_hook.h). Caller frees with moe_model_free(). Any thread. */
 moe_model *moe_model_load(const char *path, int *status, char *err, size_t errsz);
 
 /* Same over an already open reader; takes ownership of `g` (closed on
