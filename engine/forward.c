@@ -286,6 +286,9 @@ moe_fwd *moe_fwd_create(const moe_model *m, const moe_backend *be, int *status, 
     fw->inv_freq = malloc((size_t)(hp->n_rot / 2) * sizeof(float));
     fw->layers = calloc((size_t)hp->n_layer, sizeof(fwd_layer));
     if (!fw->st || !fw->inv_freq || !fw->layers) goto fail;
+    /* the wrapper too: an op added to the table but not to opstats.c is named here, not hit mid-step */
+    if ((st = moe_backend_check(&fw->sbe, err, errsz))) goto fail;
+    st = MOE_ENOMEM;
     moe_model_rope_inv_freq(m, fw->inv_freq);
     fw->wide = hp->n_expert > 0 ? hp->n_expert : 1;
     if ((st = bind_view(fw, &mw->tok_embd, &fw->tok_embd, err, errsz))) goto fail;
