@@ -212,7 +212,9 @@ static void requantize(const char *src, const char *dst, moe_type type, int roun
     moe_type *tt = malloc(moe_gguf_n_tensors(g) * sizeof(moe_type));
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
         const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
-        tt[i] = (t->n_dims >= 2 && t->ne[0] % blck == 0) ? type : MOE_TYPE_F32;
+        /* as llama.cpp's quantizer (ggml_n_dims): a {n, 1} tensor is a vector and stays F32 */
+        bool vec = t->ne[1] * t->ne[2] * t->ne[3] == 1;
+        tt[i] = (!vec && t->ne[0] % blck == 0) ? type : MOE_TYPE_F32;
         ck_assert_int_eq(
             moe_gguf_writer_add_tensor(w, t->name, roundtrip ? MOE_TYPE_F32 : tt[i], t->n_dims, t->ne), MOE_OK);
     }
