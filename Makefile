@@ -56,7 +56,7 @@ ifeq ($(CUDA),1)
 CUDA_OBJ := $(CUDA_SRC:%.cu=$(BUILD)/%.o)
 CPPFLAGS += -DMOE_HAVE_CUDA=1 -Icuda
 LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
-NVCCFLAGS ?= -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -Wall,-Wextra -Werror all-warnings -lineinfo
+NVCCFLAGS ?= -O3 -std=c++20 $(CUDA_ARCH) -Xcompiler -Wall,-Wextra -Werror all-warnings -lineinfo
 else
 CUDA_OBJ :=
 endif

@@ -208,7 +208,7 @@ static int stage_view(cuda_ctx *c, const moe_kv_view *kv, size_t extra, cuda_sta
 static int launch_attention(cuda_ctx *c, const att_args *a) {
     size_t smem = (size_t)(a->n1 + a->n2) * sizeof(float);
     if (smem > 48 * 1024 || a->dv > (int64_t)ATT_MAXV * ATT_THREADS || a->n_head > 65535) {
-        fprintf(stderr, "moed cuda: attention head too wide (dk %lld, dv %lld)\n", (long long)(a->n1 + a->n2),
+        moe_log(MOE_LOG_ERROR, "cuda: attention head too wide (dk %lld, dv %lld)", (long long)(a->n1 + a->n2),
                 (long long)a->dv);
         return MOE_EUNSUPPORTED;
     }

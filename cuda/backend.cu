@@ -93,7 +93,7 @@ extern "C" int cuda_copy_bandwidth(int device, size_t nbytes, double *gbs) {
 }
 
 void cuda__log(const char *what, const char *msg, const char *file, int line) {
-    fprintf(stderr, "moed cuda: %s failed: %s (%s:%d)\n", what, msg, file, line);
+    moe_log(MOE_LOG_ERROR, "cuda: %s failed: %s (%s:%d)", what, msg, file, line);
 }
 
 // ---- staging ----
@@ -360,28 +360,30 @@ extern "C" int cuda__embed(void *vctx, const moe_weight *w, const int32_t *ids, 
 
 // ---- the table ----
 
+// designated (C++20): a table by name cannot pair add with mul's slot
 static const struct moe_backend_ops cuda_ops = {
-    /* name */ "cuda",
-    /* destroy */ cuda_destroy,
-    /* alloc */ cuda_alloc,
-    /* free */ cuda_free,
-    /* upload */ cuda_upload,
-    /* download */ cuda_download,
-    /* bind_weight */ cuda_bind_weight,
-    /* unbind_weight */ cuda_unbind_weight,
-    /* embed */ cuda__embed,
-    /* get_rows */ cuda__get_rows,
-    /* rms_norm */ cuda__rms_norm,
-    /* matmul */ cuda__matmul,
-    /* add */ cuda__add,
-    /* mul */ cuda__mul,
-    /* swiglu */ cuda__swiglu,
-    /* sigmoid_scale */ cuda__sigmoid_scale,
-    /* rope */ cuda__rope,
-    /* kv_store */ cuda__kv_store,
-    /* attention */ cuda__attention,
-    /* mla_attention */ cuda__mla_attention,
-    /* moe */ cuda__moe,
+    .name = "cuda",
+    .destroy = cuda_destroy,
+    .supports_type = cuda__supports_type,
+    .alloc = cuda_alloc,
+    .free = cuda_free,
+    .upload = cuda_upload,
+    .download = cuda_download,
+    .bind_weight = cuda_bind_weight,
+    .unbind_weight = cuda_unbind_weight,
+    .embed = cuda__embed,
+    .get_rows = cuda__get_rows,
+    .rms_norm = cuda__rms_norm,
+    .matmul = cuda__matmul,
+    .add = cuda__add,
+    .mul = cuda__mul,
+    .swiglu = cuda__swiglu,
+    .sigmoid_scale = cuda__sigmoid_scale,
+    .rope = cuda__rope,
+    .kv_store = cuda__kv_store,
+    .attention = cuda__attention,
+    .mla_attention = cuda__mla_attention,
+    .moe = cuda__moe,
 };
 
 static int init_ctx(cuda_ctx *c, const moe_cuda_backend_opts *opts) {

@@ -6,7 +6,7 @@
  * op runs on one CUDA stream owned by the backend, and the small host
  * index arrays the ops receive are copied through a pinned staging ring.
  * Errors come back as negative moe_status (MOE_EBACKEND for a CUDA or
- * cuBLAS failure, whose message is printed to stderr where it happens).
+ * cuBLAS failure, whose message is logged through moe_log where it happens).
  *
  * Precision (checked by tests/check_cuda_ops.c against the CPU backend):
  * f32 everywhere except the cuBLAS path of F16/BF16 weights for more than

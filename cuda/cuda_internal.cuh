@@ -14,6 +14,7 @@
 
 #include "backend.h"
 #include "cuda_backend.h"
+#include "log_hook.h"
 #include "qblocks.h"
 
 // Number of staging segments in the ring. Each op that needs index arrays
@@ -71,7 +72,7 @@ typedef struct cuda_ctx {
 
 // ---- errors ----
 
-// Logs a failed CUDA call (statement, file, line, CUDA's message) to stderr.
+// Logs a failed CUDA call (statement, file, line, CUDA's message) through moe_log (log_hook.h).
 void cuda__log(const char *what, const char *msg, const char *file, int line);
 
 #define CUDA_CHECK(stmt)                                                       \
@@ -180,6 +181,8 @@ int cuda__dequant_rows(cuda_ctx *c, const moe_weight *w, const int32_t *ids_dev,
 // ---- the ops, one family per file, vtable signatures of backend.h ----
 
 extern "C" {
+// matmul.cu: the weight types the kernels decode
+int cuda__supports_type(void *ctx, int type);
 // backend.cu (elementwise and gather ops live next to the memory ops)
 int cuda__embed(void *ctx, const moe_weight *w, const int32_t *ids, int64_t n, float *out);
 int cuda__get_rows(void *ctx, const float *x, int64_t x_stride, int64_t n_col, const int32_t *rows, int64_t n,

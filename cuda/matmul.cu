@@ -197,6 +197,13 @@ UNROLL
 }
 
 // The alignment (bytes) dequant8 needs of every block start; 0 = unsupported.
+static int type_align(int type);
+
+extern "C" int cuda__supports_type(void *vctx, int type) {
+    (void)vctx;
+    return type_align(type) != 0;
+}
+
 static int type_align(int type) {
     switch (type) {
     case MOE_TYPE_F32: return 4;
@@ -422,7 +429,7 @@ int cuda__gmm(cuda_ctx *c, const cuda_gmm *g) {
     if (g->n_in <= 0 || g->n_out <= 0 || g->n_group <= 0 || g->n_group > 65535 || !g->w || !g->x || !g->y)
         return MOE_EINVAL;
     if ((uintptr_t)g->w % (uintptr_t)al || g->mat_stride % (size_t)al || rb % (size_t)al) {
-        fprintf(stderr, "moed cuda: weight data not %d-byte aligned\n", al);
+        moe_log(MOE_LOG_ERROR, "cuda: weight data not %d-byte aligned", al);
         return MOE_EINVAL;
     }
     if (g->max_rows <= 0) return MOE_OK;

@@ -180,7 +180,7 @@ extern "C" int cuda__moe(void *vctx, const float *h, int64_t n_tok, const float 
     int64_t G = rp->n_group > 1 ? rp->n_group : 1, n_ent = n_tok * K;
     size_t route_smem = (size_t)(2 * E + G) * sizeof(double) + (size_t)G * sizeof(int);
     if (route_smem > 48 * 1024 || (size_t)E * sizeof(int) > 48 * 1024 || E > 65535 || n_ent > INT32_MAX / 2) {
-        fprintf(stderr, "moed cuda: moe with %lld experts unsupported\n", (long long)E);
+        moe_log(MOE_LOG_ERROR, "cuda: moe with %lld experts unsupported", (long long)E);
         return MOE_EUNSUPPORTED;
     }
     if (!cuda__gmm_supported(gate->type) || !cuda__gmm_supported(up->type) || !cuda__gmm_supported(down->type))

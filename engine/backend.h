@@ -109,9 +109,22 @@ typedef struct moe_route_params {
     const float *bias; /* (n_expert) backend pointer or NULL */
 } moe_route_params;
 
+/* Every function member of moe_backend_ops, in order: moe_backend_check
+ * and the op-timing wrapper (opstats.c) walk this list, so a new op is
+ * added here and in the struct. */
+#define MOE_BACKEND_OPS(X)                                                                                           \
+    X(destroy) X(supports_type) X(alloc) X(free) X(upload) X(download) X(bind_weight) X(unbind_weight) X(embed)      \
+    X(get_rows) X(rms_norm) X(matmul) X(add) X(mul) X(swiglu) X(sigmoid_scale) X(rope) X(kv_store) X(attention)       \
+    X(mla_attention) X(moe)
+
+/* Every member must be set (moe_backend_check names the first that is
+ * not); backends fill the table with designated initializers. */
 struct moe_backend_ops {
     const char *name;
     void (*destroy)(void *ctx);
+    /* Capability: nonzero when matmul, embed and moe compute with weights
+     * of `type` (moe_type). 1-D weights (norms, biases) are always F32. */
+    int (*supports_type)(void *ctx, int type);
 
     /* --- memory --- */
     /* Zero-filled buffer of nbytes, or NULL. */
@@ -196,6 +209,22 @@ static inline void moe_backend_destroy(moe_backend *be) {
     if (be && be->ops && be->ops->destroy) be->ops->destroy(be->ctx);
     if (be) be->ctx = NULL;
 }
+
+/* Checks that every member of be's op table is set. Returns MOE_OK, or
+ * MOE_EINVAL with "backend '<name>' has no '<op>' op" in err (errsz bytes,
+ * may be NULL). Any thread. */
+int moe_backend_check(const moe_backend *be, char *err, size_t errsz);
+
+/* The one place a device name becomes a backend (serve, bench, generate).
+ * device: "cpu", "cuda" or "auto"/NULL (CUDA when this build has it and a
+ * GPU is usable, else the CPU). n_threads: the CPU backend's worker threads
+ * (<= 0: one per online CPU). Fills *be (checked with moe_backend_check)
+ * and *name ("cpu" or "cuda", static; name may be NULL). Returns MOE_OK,
+ * MOE_EUNSUPPORTED ("cuda" in a build without CUDA, or no GPU),
+ * MOE_EINVAL (an unknown device name) or the backend's error, with a
+ * reason in err. Caller frees with moe_backend_destroy(). */
+int moe_backend_create(const char *device, int n_threads, moe_backend *be, const char **name, char *err,
+                       size_t errsz);
 
 /* --- the CPU backend (engine/cpu/cpu_backend.c) --- */
 

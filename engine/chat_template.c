@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "log_hook.h"
+
 /* The prompt being built, and which of its bytes are template text
  * (segs: consecutive, adjacent ones of a kind merged) and which are
  * message content. */
@@ -150,7 +152,7 @@ int moe_chat_template_init(moe_chat_template *ct, const char *tmpl, size_t tmpl_
     snprintf(ct->eos, sizeof ct->eos, "%s", eos ? eos : "");
     ct->family = force != MOE_CHAT_AUTO ? force : moe_chat_detect(tmpl, tmpl_len);
     if (ct->family == MOE_CHAT_AUTO) {
-        fprintf(stderr, "moed: chat template %s; using ChatML\n",
+        moe_log(MOE_LOG_WARN, "chat template %s; using ChatML",
                 tmpl && tmpl_len ? "not recognised" : "missing");
         ct->family = MOE_CHAT_CHATML;
     }

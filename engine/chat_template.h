@@ -14,7 +14,7 @@
  *              control token; ids as Mistral's mistral-common encodes them)
  *   LLAMA3     "<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>"
  * An unrecognised or missing template falls back to CHATML with a warning
- * on stderr. The output is meant to be tokenized with moe_tok_encode_segs
+ * through moe_log (log_hook.h). The output is meant to be tokenized with moe_tok_encode_segs
  * and the segments moe_chat_render_segs reports: control-token text the
  * template writes (<|im_start|>, BOS/EOS, <｜User｜>, [INST] where it is a
  * control token) becomes control tokens, the same text inside a message's
@@ -86,7 +86,7 @@ typedef struct moe_chat_template {
 /* Picks the family: `force` unless MOE_CHAT_AUTO, else recognised from
  * tmpl[0..tmpl_len) (tmpl may be NULL). bos/eos (may be NULL) are the token
  * texts the template prints. Returns 0, or MOE_ENOMEM. Free with
- * moe_chat_template_free(). Warns on stderr when falling back to ChatML. */
+ * moe_chat_template_free(). Warns (moe_log) when falling back to ChatML. */
 int moe_chat_template_init(moe_chat_template *ct, const char *tmpl, size_t tmpl_len, moe_chat_family force,
                            const char *bos, const char *eos);
 void moe_chat_template_free(moe_chat_template *ct);

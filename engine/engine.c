@@ -177,28 +177,8 @@ static void fail_load(moe_engine *e, const char *fmt, ...) {
     pthread_mutex_unlock(&e->mu);
 }
 
-/* The one place that maps a device name to a backend, so a CUDA backend
- * slots in here. */
 static int select_backend(moe_engine *e, moe_backend *be, char *err, size_t errsz) {
-    const char *d = e->device_opt ? e->device_opt : "auto";
-#ifdef MOE_HAVE_CUDA
-    /* "auto" takes the GPU when one is usable; "cuda" insists on it. */
-    if (!strcmp(d, "cuda") || (!strcmp(d, "auto") && cuda_device_count() > 0)) {
-        int rc = moe_cuda_backend_init(be, NULL);
-        if (rc) snprintf(err, errsz, "CUDA backend: %s", moe_strerror(rc));
-        else e->device_name = "cuda";
-        return rc;
-    }
-#else
-    if (!strcmp(d, "cuda")) {
-        snprintf(err, errsz, "CUDA backend not available in this build (built without CUDA)");
-        return MOE_EUNSUPPORTED;
-    }
-#endif
-    int rc = moe_cpu_backend_init(be, &(moe_cpu_backend_opts){.n_threads = e->o.n_threads});
-    if (rc) snprintf(err, errsz, "CPU backend: %s", moe_strerror(rc));
-    else e->device_name = "cpu";
-    return rc;
+    return moe_backend_create(e->device_opt, e->o.n_threads, be, &e->device_name, err, errsz);
 }
 
 /* After each layer of a forward pass: a step of many seconds (a long
@@ -239,7 +219,7 @@ static int load(moe_engine *e) {
     }
     e->be_ok = true;
     set_status(e, "binding weights");
-    e->fw = moe_fwd_create(g, &e->be, &st, err, sizeof err);
+    e->fw = moe_fwd_create(e->model, &e->be, &st, err, sizeof err);
     if (!e->fw) {
         fail_load(e, "%s: %s (%s)", e->model_path, err, moe_strerror(st));
         return st;

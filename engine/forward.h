@@ -2,9 +2,10 @@
  * qwen2moe / qwen3moe / deepseek2 (V2, V2-Lite, V3)) over a flat batch and
  * the paged KV cache, written once against backend.h.
  *
- * moe_fwd_create() reads the hyper-parameters from the GGUF metadata and
- * binds every weight on the backend (the CPU backend uses the mapped file
- * in place). It derives one small tensor: for DeepSeek files with the
+ * moe_fwd_create() takes a loaded moe_model (model.h: hyper-parameters,
+ * rope scaling and the weight views, all read and checked there) and binds
+ * every weight on the backend (the CPU backend uses the mapped file in
+ * place). It derives one small tensor: for DeepSeek files with the
  * original `attn_kv_b` layout, the per-head transposed k_b that MLA
  * attention needs to work on the compressed cache (same type for
  * F32/F16/BF16 files, Q8_0 for quantized ones when the nope width allows,
@@ -21,8 +22,8 @@
 
 #include "backend.h"
 #include "batch.h"
-#include "gguf.h"
 #include "kvcache.h"
+#include "model.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -30,16 +31,17 @@ extern "C" {
 
 typedef struct moe_fwd moe_fwd;
 
-/* Builds the forward pass for the model in `g` on `be`; both must outlive
- * it. Returns NULL with *status (MOE_EUNSUPPORTED: unknown architecture or
- * weight type; MOE_EFORMAT: missing key or tensor, wrong shape; MOE_ENOMEM)
- * and a reason in err (errsz bytes, may be NULL). Free with moe_fwd_free(). */
-moe_fwd *moe_fwd_create(const moe_gguf *g, const moe_backend *be, int *status, char *err, size_t errsz);
+/* Builds the forward pass for model `m` on `be`; both must outlive it.
+ * Returns NULL with *status (MOE_EINVAL: a backend op missing, named in
+ * err; MOE_EUNSUPPORTED: a weight type the backend cannot compute with;
+ * MOE_ENOMEM; or the backend's error) and a reason in err (errsz bytes,
+ * may be NULL). Free with moe_fwd_free(). */
+moe_fwd *moe_fwd_create(const moe_model *m, const moe_backend *be, int *status, char *err, size_t errsz);
 void moe_fwd_free(moe_fwd *fw); /* NULL is a no-op */
 /* Profiling: with MOE_FWD_PROFILE=1 in the environment when the pass is
- * created, each op's wall time is summed (by op, and by step size: one
- * token, up to 64, more) and printed to stderr by moe_fwd_free(). Off
- * otherwise (one branch per op). */
+ * created, each backend op's wall time is summed (by op, and by step size:
+ * one token, up to 64, more; opstats.h) and logged (moe_log, info) by
+ * moe_fwd_free(). Off otherwise (the ops are called unwrapped). */
 
 int64_t moe_fwd_n_vocab(const moe_fwd *fw);
 int64_t moe_fwd_n_layer(const moe_fwd *fw);
@@ -53,8 +55,9 @@ int moe_fwd_kv_opts(const moe_fwd *fw, int64_t block_size, int64_t n_blocks, moe
 /* Runs one step. Writes the batch's K/V (or MLA latents) into `kv` and
  * the logits of the tokens marked in b->want_logits (all when NULL) to
  * logits (host, n_marked * n_vocab, in token order). Activation scratch
- * is kept in fw between steps and grows to the largest batch seen, so a
- * decode step allocates nothing of its own. Returns MOE_OK,
+ * (and the host index arrays) is kept in fw between steps and grows to the
+ * largest batch seen, so a steady-state decode step calls no allocator
+ * (check_forward's alloc_free_decode counts). Returns MOE_OK,
  * MOE_EINVAL (bad ids, positions beyond a block table), MOE_ENOMEM or a
  * backend error. */
 int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kv, const moe_batch *b, float *logits);
@@ -102,14 +105,6 @@ int moe_fwd_last_traffic(const moe_fwd *fw, moe_fwd_traffic *out);
 /* Bytes of all weights a step may read (dense plus every expert; the
  * embedding table excluded), for reports. */
 int64_t moe_fwd_weight_bytes(const moe_fwd *fw);
-
-/* Rope frequencies: inv_freq[i] = base^(-2i/n_rot) for i < n_rot/2, with
- * YaRN's ramp when factor > 1 (transformers / llama.cpp semantics:
- * ramp_i = clamp((i - low) / (high - low), 0, 1) from beta_fast/slow and
- * the original context, blending extrapolation and interpolation by 1/factor).
- * Exposed for tests. */
-void moe_rope_yarn_inv_freq(int64_t n_rot, double base, double factor, double orig_ctx, double beta_fast,
-                            double beta_slow, float *inv_freq);
 
 #ifdef __cplusplus
 }

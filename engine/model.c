@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "log_hook.h"
 #include "quant.h"
 
 /* Dimensions beyond this are refused: they would overflow the int64
@@ -256,6 +257,19 @@ static int read_hparams(loader *L) {
             return MOE_EFORMAT;
         }
     }
+    hp->rope_neox = a == MOE_ARCH_QWEN2 || a == MOE_ARCH_QWEN2MOE || a == MOE_ARCH_QWEN3MOE;
+    hp->rope_attn_factor = 1.0f;
+    hp->attn_scale = (float)(1.0 / sqrt((double)hp->n_embd_head_k));
+    if (hp->rope_scaling == MOE_ROPE_SCALING_YARN && hp->rope_scaling_factor > 1.0) {
+        if (a == MOE_ARCH_DEEPSEEK2) {
+            /* DeepSeek: mscale = mscale_all_dim, so cos/sin are unscaled and
+             * the softmax scale carries mscale_all^2 */
+            double m = 1.0 + hp->rope_yarn_log_mul * log(hp->rope_scaling_factor);
+            hp->attn_scale = (float)(m * m / sqrt((double)hp->n_embd_head_k));
+        } else {
+            hp->rope_attn_factor = (float)(1.0 + 0.1 * log(hp->rope_scaling_factor));
+        }
+    }
 
     /* MoE */
     TRY(get_int(L, "expert_count", false, 0, 0, 65536, &hp->n_expert));
@@ -319,6 +333,7 @@ static int read_hparams(loader *L) {
         }
     }
     if (a == MOE_ARCH_DEEPSEEK2) {
+        hp->is_mla = true;
         TRY(get_int(L, "attention.q_lora_rank", false, 0, 0, D, &hp->q_lora_rank));
         hp->has_q_lora = hp->q_lora_rank > 0;
         TRY(get_int(L, "attention.kv_lora_rank", true, 0, 1, D, &hp->kv_lora_rank));
@@ -574,6 +589,15 @@ moe_model *moe_model_from_gguf(moe_gguf *g, int *status, char *err, size_t errsz
         w->output = w->tok_embd;
     }
     if ((st = bind(&L, "rope_freqs.weight", false, hp->n_rot / 2, 1, 1, &w->rope_freqs))) goto fail;
+    for (int64_t i = 0; w->rope_freqs.data && i < hp->n_rot / 2; i++) {
+        float d;
+        memcpy(&d, (const char *)w->rope_freqs.data + i * (int64_t)sizeof d, sizeof d);
+        if (!(d > 0 && d < INFINITY)) { /* a divisor of each pair's frequency */
+            st = MOE_EFORMAT;
+            seterr(err, errsz, "tensor 'rope_freqs.weight' holds %g at %lld, expected a positive factor", d, (long long)i);
+            goto fail;
+        }
+    }
     st = MOE_ENOMEM;
     w->layers = calloc((size_t)hp->n_layer, sizeof(*w->layers));
     if (!w->layers) goto fail;
@@ -591,7 +615,7 @@ moe_model *moe_model_from_gguf(moe_gguf *g, int *status, char *err, size_t errsz
         }
     }
     if (extra) /* e.g. a newer converter's extras: harmless, but worth a line */
-        fprintf(stderr, "moed: model: %llu tensor(s) unused by %s, first '%.64s'\n", (unsigned long long)extra,
+        moe_log(MOE_LOG_WARN, "model: %llu tensor(s) unused by %s, first '%.64s'", (unsigned long long)extra,
                 m->arch, first);
     count_params(m);
     if (status) *status = MOE_OK;
@@ -618,6 +642,55 @@ void moe_model_free(moe_model *m) {
     free(m->bound);
     moe_gguf_close(m->g);
     free(m);
+}
+
+void moe_rope_yarn_inv_freq(int64_t n_rot, double base, double factor, double orig_ctx, double beta_fast,
+                            double beta_slow, float *inv_freq) {
+    int64_t half = n_rot / 2;
+    double low = 0, high = 0;
+    if (factor > 1.0) {
+        double d = (double)n_rot;
+        double cf = d * log(orig_ctx / (beta_fast * 2 * M_PI)) / (2 * log(base));
+        double cs = d * log(orig_ctx / (beta_slow * 2 * M_PI)) / (2 * log(base));
+        low = floor(cf) > 0 ? floor(cf) : 0;
+        high = ceil(cs) < d - 1 ? ceil(cs) : d - 1;
+        if (low == high) high += 0.001; /* as transformers: avoid a zero-width ramp */
+    }
+    for (int64_t i = 0; i < half; i++) {
+        double extra = pow(base, -2.0 * (double)i / (double)n_rot);
+        if (factor > 1.0) {
+            double ramp = ((double)i - low) / (high - low);
+            ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+            inv_freq[i] = (float)(extra / factor * ramp + extra * (1 - ramp));
+        } else {
+            inv_freq[i] = (float)extra;
+        }
+    }
+}
+
+int moe_model_rope_inv_freq(const moe_model *m, float *inv_freq) {
+    if (!m || !inv_freq) return MOE_EINVAL;
+    const moe_hparams *hp = &m->hp;
+    int64_t half = hp->n_rot / 2;
+    switch (hp->rope_scaling) {
+    case MOE_ROPE_SCALING_YARN:
+        moe_rope_yarn_inv_freq(hp->n_rot, hp->rope_freq_base, hp->rope_scaling_factor, (double)hp->rope_orig_ctx,
+                               hp->rope_yarn_beta_fast, hp->rope_yarn_beta_slow, inv_freq);
+        break;
+    case MOE_ROPE_SCALING_LINEAR: /* positions divided by the factor (read_hparams keeps it >= 1) */
+        moe_rope_yarn_inv_freq(hp->n_rot, hp->rope_freq_base, 1.0, 0, 0, 0, inv_freq);
+        for (int64_t i = 0; i < half; i++) inv_freq[i] = (float)(inv_freq[i] / hp->rope_scaling_factor);
+        break;
+    default: moe_rope_yarn_inv_freq(hp->n_rot, hp->rope_freq_base, 1.0, 0, 0, 0, inv_freq); break;
+    }
+    /* Llama 3.1-style per-pair divisors (llama.cpp's rope_freqs / rope_factors), checked positive at load */
+    const moe_tensor_view *rf = &m->w.rope_freqs;
+    for (int64_t i = 0; rf->data && i < half; i++) {
+        float d;
+        memcpy(&d, (const char *)rf->data + i * (int64_t)sizeof d, sizeof d);
+        inv_freq[i] /= d;
+    }
+    return MOE_OK;
 }
 
 const moe_hparams *moe_model_hparams(const moe_model *m) { return m ? &m->hp : NULL; }

@@ -117,8 +117,12 @@ typedef struct moe_hparams {
     double rope_scaling_factor;   /* 1 = none */
     int64_t rope_orig_ctx;        /* rope.scaling.original_context_length */
     double rope_yarn_log_mul;     /* rope.scaling.yarn_log_multiplier (DeepSeek: 0.1 * mscale_all_dim) */
-    double rope_yarn_beta_fast;   /* rope.scaling.yarn_beta_fast (YaRN only) */
-    double rope_yarn_beta_slow;   /* rope.scaling.yarn_beta_slow (YaRN only) */
+    double rope_yarn_beta_fast;   /* rope.scaling.yarn_beta_fast (YaRN only, else 32) */
+    double rope_yarn_beta_slow;   /* rope.scaling.yarn_beta_slow (YaRN only, else 1) */
+    bool rope_neox;               /* rotate (i, i + n_rot/2) (qwen*) rather than adjacent pairs (llama, deepseek2) */
+    /* Derived from the above, so the forward pass applies no policy of its own: */
+    float rope_attn_factor;       /* YaRN magnitude on cos/sin (1 unless YaRN and not deepseek2) */
+    float attn_scale;             /* softmax scale: 1/sqrt(n_embd_head_k), times DeepSeek's YaRN mscale^2 */
 
     /* MoE (all 0 / false for dense models) */
     bool is_moe;                  /* expert_count > 0 */
@@ -135,6 +139,7 @@ typedef struct moe_hparams {
     int64_t n_group_used;         /* expert_group_used_count */
 
     /* MLA (deepseek2 only) */
+    bool is_mla;                  /* attention over a compressed latent cache */
     bool has_q_lora;              /* q goes through attn_q_a / attn_q_a_norm / attn_q_b */
     int64_t q_lora_rank;          /* 0 without q LoRA */
     int64_t kv_lora_rank;
@@ -217,7 +222,7 @@ typedef struct moe_model moe_model;
  *                    ("blk.3.ffn_up_exps.weight: shape [64, 32, 8], expected [64, 16, 8]")
  *   and whatever moe_gguf_open returns (MOE_EIO, MOE_EFORMAT, MOE_ENOMEM).
  * Tensors the architecture does not use are accepted with one warning line
- * on stderr. Caller frees with moe_model_free(). Any thread. */
+ * through moe_log (log_hook.h). Caller frees with moe_model_free(). Any thread. */
 moe_model *moe_model_load(const char *path, int *status, char *err, size_t errsz);
 
 /* Same over an already open reader; takes ownership of `g` (closed on
@@ -248,6 +253,21 @@ int64_t moe_model_n_params(const moe_model *m);
 int64_t moe_model_n_params_active(const moe_model *m);
 /* Bytes of all bound tensors' data (each once). */
 uint64_t moe_model_n_bytes(const moe_model *m);
+
+/* The rope frequencies the forward pass uses, n_rot / 2 floats into
+ * inv_freq: base^(-2i/n_rot), divided by the scaling factor (linear) or
+ * blended by YaRN's ramp, then divided by rope_freqs.weight when the file
+ * has one (Llama 3.1). The one place rope scaling is interpreted. Returns
+ * MOE_OK or MOE_EINVAL (NULL argument). Any thread. */
+int moe_model_rope_inv_freq(const moe_model *m, float *inv_freq);
+
+/* Rope frequencies: inv_freq[i] = base^(-2i/n_rot) for i < n_rot/2, with
+ * YaRN's ramp when factor > 1 (transformers / llama.cpp semantics:
+ * ramp_i = clamp((i - low) / (high - low), 0, 1) from beta_fast/slow and
+ * the original context, blending extrapolation and interpolation by 1/factor).
+ * Exposed for tests. */
+void moe_rope_yarn_inv_freq(int64_t n_rot, double base, double factor, double orig_ctx, double beta_fast,
+                            double beta_slow, float *inv_freq);
 
 /* "deepseek2", "qwen2moe", ...; "unknown" for ids out of range. */
 const char *moe_arch_name(moe_arch a);

@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "hash.h"
+#include "log_hook.h"
 
 #define MAX_SPLITS 8
 
@@ -307,7 +308,7 @@ static int compile_pre(moe_tok *t, char *err, size_t errsz) {
         for (int j = 0; PRE_DEFS[i].names[j]; j++)
             if (strcmp(PRE_DEFS[i].names[j], t->pre) == 0) def = &PRE_DEFS[i];
     if (!def) {
-        fprintf(stderr, "moed: tokenizer: unknown tokenizer.ggml.pre '%s', using the GPT-2 pre-tokenizer\n",
+        moe_log(MOE_LOG_WARN, "tokenizer: unknown tokenizer.ggml.pre '%s', using the GPT-2 pre-tokenizer",
                 t->pre);
         def = &PRE_DEFS[sizeof PRE_DEFS / sizeof PRE_DEFS[0] - 1];
     }

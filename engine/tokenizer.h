@@ -62,8 +62,8 @@ enum {
  * with *status = MOE_ENOTFOUND (no tokenizer.ggml.tokens), MOE_EUNSUPPORTED
  * (unknown model kind), MOE_EFORMAT (inconsistent arrays, bad ids) or
  * MOE_ENOMEM, and a reason in err (may be NULL). An unknown
- * tokenizer.ggml.pre falls back to the GPT-2 regex with a warning on
- * stderr. Caller frees with moe_tok_free(). */
+ * tokenizer.ggml.pre falls back to the GPT-2 regex with a warning
+ * through moe_log (log_hook.h). Caller frees with moe_tok_free(). */
 moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz);
 
 /* NULL is a no-op. */

@@ -383,19 +383,11 @@ int srv_cmd_bench(int argc, char **argv) {
         fprintf(stderr, "moed bench: %s: %s (%s)\n", model, err, moe_strerror(st));
         goto out;
     }
-#ifdef MOE_HAVE_CUDA
-    if (use_cuda) {
-        if ((st = moe_cuda_backend_init(&be, NULL))) {
-            fprintf(stderr, "moed bench: CUDA backend: %s\n", moe_strerror(st));
-            goto out;
-        }
-    } else
-#endif
-    if ((st = moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = n_threads}))) {
-        fprintf(stderr, "moed bench: CPU backend: %s\n", moe_strerror(st));
+    if ((st = moe_backend_create(device, n_threads, &be, NULL, err, sizeof err))) {
+        fprintf(stderr, "moed bench: %s\n", err);
         goto out;
     }
-    bn.fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    bn.fw = moe_fwd_create(m, &be, &st, err, sizeof err);
     if (!bn.fw) {
         fprintf(stderr, "moed bench: %s: %s (%s)\n", model, err, moe_strerror(st));
         goto out;

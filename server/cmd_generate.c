@@ -183,11 +183,11 @@ int srv_cmd_generate(int argc, char **argv) {
             goto out;
         }
     }
-    if ((st = moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = (int)threads}))) {
-        fprintf(stderr, "moed generate: CPU backend: %s\n", moe_strerror(st));
+    if ((st = moe_backend_create("cpu", (int)threads, &be, NULL, err, sizeof err))) {
+        fprintf(stderr, "moed generate: %s\n", err);
         goto out;
     }
-    fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    fw = moe_fwd_create(m, &be, &st, err, sizeof err);
     if (!fw) {
         fprintf(stderr, "moed generate: %s: %s (%s)\n", model, err, moe_strerror(st));
         goto out;

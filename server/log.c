@@ -9,6 +9,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "log_hook.h"
+
 /* Atomic: a SIGHUP reload changes them on the loop thread while the
  * engine thread logs its load progress. */
 static _Atomic int g_fmt = SRV_LOG_TEXT;
@@ -22,10 +24,18 @@ static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 #define FIELD_MAX_BYTES 1024
 #define PROMPT_MAX_BYTES 4096
 
+/* Engine and CUDA lines (moe_log) become server lines, in its format. */
+static void engine_line_cb(void *arg, int level, const char *msg) {
+    (void)arg;
+    srv_log_level l = level <= MOE_LOG_ERROR ? SRV_LOG_ERROR : level >= MOE_LOG_DEBUG ? SRV_LOG_DEBUG : (srv_log_level)level;
+    srv_log(l, "%s", msg);
+}
+
 void srv_log_setup(srv_log_format fmt, srv_log_level level, bool log_prompts) {
     atomic_store(&g_fmt, (int)fmt);
     atomic_store(&g_level, (int)level);
     atomic_store(&g_prompts, log_prompts);
+    moe_log_set_hook(engine_line_cb, NULL);
 }
 
 bool srv_log_enabled(srv_log_level level) { return (int)level <= atomic_load(&g_level); }

@@ -23,7 +23,8 @@
 
 /* Sets the format, the threshold and whether prompts may be logged. Can
  * be called again at any time (SIGHUP reload); lines already being
- * written keep the format they started with. */
+ * written keep the format they started with. Routes the engine's and CUDA
+ * code's lines (moe_log) through srv_log. */
 void srv_log_setup(srv_log_format fmt, srv_log_level level, bool log_prompts);
 bool srv_log_enabled(srv_log_level level);
 

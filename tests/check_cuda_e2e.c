@@ -129,11 +129,12 @@ static float *run_fixture_routes(const char *path, const ref *r, int use_gpu, in
                                  int *n_layer) {
     char err[256] = "";
     int st = 0;
-    moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
+    moe_model *mdl = moe_model_load(path, &st, err, sizeof err);
+    const moe_gguf *g = moe_model_gguf(mdl);
     ck_assert_msg(g != NULL, "%s: %s", path, err);
     moe_backend be;
     make_backend(use_gpu, &be);
-    moe_fwd *fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    moe_fwd *fw = moe_fwd_create(mdl, &be, &st, err, sizeof err);
     ck_assert_msg(fw != NULL, "%s: %s (%s)", path, err, moe_strerror(st));
     moe_kv_opts ko;
     ck_assert_int_eq(moe_fwd_kv_opts(fw, 4, 64, &ko), MOE_OK);
@@ -175,7 +176,7 @@ static float *run_fixture_routes(const char *path, const ref *r, int use_gpu, in
     moe_kv_destroy(kv);
     moe_fwd_free(fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(mdl);
     return out;
 }
 
@@ -213,7 +214,9 @@ static void requantize(const char *src, const char *dst, moe_type type, int roun
     moe_type *tt = malloc(moe_gguf_n_tensors(g) * sizeof(moe_type));
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
         const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
-        tt[i] = (t->n_dims >= 2 && t->ne[0] % blck == 0) ? type : MOE_TYPE_F32;
+        /* as llama.cpp's quantizer (ggml_n_dims): a {n, 1} tensor is a vector and stays F32 */
+        bool vec = t->ne[1] * t->ne[2] * t->ne[3] == 1;
+        tt[i] = (!vec && t->ne[0] % blck == 0) ? type : MOE_TYPE_F32;
         ck_assert_int_eq(
             moe_gguf_writer_add_tensor(w, t->name, roundtrip ? MOE_TYPE_F32 : tt[i], t->n_dims, t->ne), MOE_OK);
     }
@@ -311,11 +314,12 @@ static void generate(const char *path, int use_gpu, const int32_t *prompt, int n
                      float *margin) {
     char err[256] = "";
     int st = 0;
-    moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
+    moe_model *mdl = moe_model_load(path, &st, err, sizeof err);
+    const moe_gguf *g = moe_model_gguf(mdl);
     ck_assert_msg(g != NULL, "%s", err);
     moe_backend be;
     make_backend(use_gpu, &be);
-    moe_fwd *fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    moe_fwd *fw = moe_fwd_create(mdl, &be, &st, err, sizeof err);
     ck_assert_msg(fw != NULL, "%s (%s)", err, moe_strerror(st));
     int64_t V = moe_fwd_n_vocab(fw);
     moe_kv_opts ko;
@@ -349,7 +353,7 @@ static void generate(const char *path, int use_gpu, const int32_t *prompt, int n
     moe_kv_destroy(kv);
     moe_fwd_free(fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(mdl);
 }
 
 START_TEST(v2lite_greedy_32) {

@@ -30,11 +30,12 @@
 
 static void ref_greedy(const char *path, const int32_t *prompt, int64_t n_prompt, int64_t n_gen, int32_t *out) {
     int st = 0;
-    moe_gguf *g = moe_gguf_open(path, &st, NULL, 0);
+    moe_model *mdl = moe_model_load(path, &st, NULL, 0);
+    const moe_gguf *g = moe_model_gguf(mdl);
     ck_assert_ptr_nonnull(g);
     moe_backend be;
     ck_assert_int_eq(moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = 1}), MOE_OK);
-    moe_fwd *fw = moe_fwd_create(g, &be, &st, NULL, 0);
+    moe_fwd *fw = moe_fwd_create(mdl, &be, &st, NULL, 0);
     ck_assert_ptr_nonnull(fw);
     int64_t nv = moe_fwd_n_vocab(fw), total = n_prompt + n_gen;
     moe_kv_opts ko;
@@ -66,7 +67,7 @@ static void ref_greedy(const char *path, const int32_t *prompt, int64_t n_prompt
     moe_kv_destroy(kv);
     moe_fwd_free(fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(mdl);
 }
 
 /* ---- event collection ---- */
@@ -382,10 +383,10 @@ START_TEST(logprobs) {
     make_prompt(prompt, 6, 9);
     /* reference row */
     int st;
-    moe_gguf *g = moe_gguf_open(model, &st, NULL, 0);
+    moe_model *mdl = moe_model_load(model, &st, NULL, 0);
     moe_backend be;
     moe_cpu_backend_init(&be, NULL);
-    moe_fwd *fw = moe_fwd_create(g, &be, &st, NULL, 0);
+    moe_fwd *fw = moe_fwd_create(mdl, &be, &st, NULL, 0);
     moe_kv_opts ko;
     moe_fwd_kv_opts(fw, 16, 1, &ko);
     moe_kv_cache *kv = moe_kv_create(&be, &ko, &st);
@@ -400,7 +401,7 @@ START_TEST(logprobs) {
     moe_kv_destroy(kv);
     moe_fwd_free(fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(mdl);
     double mx = row[0], z = 0;
     int best = 0;
     for (int v = 1; v < 320; v++)

@@ -127,11 +127,12 @@ static run_result run_fixture(const char *gguf_path, const ref *r, int n_threads
     run_result res = {0};
     char err[256] = "";
     int st = 0;
-    moe_gguf *g = moe_gguf_open(gguf_path, &st, err, sizeof err);
+    moe_model *mdl = moe_model_load(gguf_path, &st, err, sizeof err);
+    const moe_gguf *g = moe_model_gguf(mdl);
     ck_assert_msg(g != NULL, "%s: %s", gguf_path, err);
     moe_backend be;
     ck_assert_int_eq(moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = n_threads}), MOE_OK);
-    moe_fwd *fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    moe_fwd *fw = moe_fwd_create(mdl, &be, &st, err, sizeof err);
     ck_assert_msg(fw != NULL, "%s: %s (%s)", gguf_path, err, moe_strerror(st));
     ck_assert_int_eq(moe_fwd_n_vocab(fw), r->n_vocab);
     moe_kv_opts ko;
@@ -203,7 +204,7 @@ static run_result run_fixture(const char *gguf_path, const ref *r, int n_threads
     moe_kv_destroy(kv);
     moe_fwd_free(fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(mdl);
     return res;
 }
 
@@ -267,8 +268,9 @@ static void copy_gguf(const char *src, const char *dst, moe_type type, int *n_qu
     *n_quant = 0;
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
         const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
-        /* the MoE router stays F32, as llama.cpp's quantizer keeps it */
-        tt[i] = (t->n_dims >= 2 && t->ne[0] % blck == 0 && !strstr(t->name, "ffn_gate_inp")) ? type : MOE_TYPE_F32;
+        /* as llama.cpp's quantizer: the MoE router and vectors ({n, 1}, ggml_n_dims 1) stay F32 */
+        bool vec = t->ne[1] * t->ne[2] * t->ne[3] == 1;
+        tt[i] = (!vec && t->ne[0] % blck == 0 && !strstr(t->name, "ffn_gate_inp")) ? type : MOE_TYPE_F32;
         if (as_f16 && !strcmp(t->name, as_f16)) tt[i] = MOE_TYPE_F16;
         *n_quant += tt[i] == type;
         if (drop && !strcmp(t->name, drop)) continue;
@@ -477,11 +479,12 @@ START_TEST(mixed_batch_equals_alone) {
     char path[512], err[256];
     int st;
     snprintf(path, sizeof path, FIXDIR "%s", files[_i]);
-    moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
+    moe_model *mdl = moe_model_load(path, &st, err, sizeof err);
+    const moe_gguf *g = moe_model_gguf(mdl);
     ck_assert_ptr_nonnull(g);
     moe_backend be;
     ck_assert_int_eq(moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = 2}), MOE_OK);
-    moe_fwd *fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    moe_fwd *fw = moe_fwd_create(mdl, &be, &st, err, sizeof err);
     ck_assert_msg(fw != NULL, "%s", err);
     int64_t V = moe_fwd_n_vocab(fw);
     moe_kv_opts ko;
@@ -539,7 +542,7 @@ START_TEST(mixed_batch_equals_alone) {
     moe_kv_destroy(kv);
     moe_fwd_free(fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(mdl);
 }
 END_TEST
 
@@ -561,17 +564,44 @@ START_TEST(bad_models_refused) {
         snprintf(src, sizeof src, FIXDIR "%s", cases[i].file);
         snprintf(dst, sizeof dst, "/tmp/check_forward_bad_%d.gguf", (int)getpid());
         copy_gguf(src, dst, MOE_TYPE_F32, &nq, cases[i].drop, cases[i].as_f16, cases[i].arch, NULL);
-        moe_gguf *g = moe_gguf_open(dst, &st, err, sizeof err);
+        /* model.c is the one reader of the file: it refuses, naming the tensor or key */
+        ck_assert_ptr_null(moe_model_load(dst, &st, err, sizeof err));
         unlink(dst);
-        ck_assert_msg(g != NULL, "%s", err);
-        moe_backend be;
-        ck_assert_int_eq(moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = 1}), MOE_OK);
-        ck_assert_ptr_null(moe_fwd_create(g, &be, &st, err, sizeof err));
         ck_assert_int_eq(st, cases[i].status);
         ck_assert_msg(strstr(err, cases[i].msg) != NULL, "case %zu: message '%s'", i, err);
-        moe_backend_destroy(&be);
-        moe_gguf_close(g);
     }
+}
+END_TEST
+
+/* A backend that says it cannot compute with F32 matrices (the fixture's
+ * type), or that lacks an op, is refused by moe_fwd_create with the
+ * tensor or the op named. */
+static int no_f32(void *ctx, int type) {
+    (void)ctx;
+    return type != MOE_TYPE_F32;
+}
+
+START_TEST(backend_refusals) {
+    char path[512], err[256] = "";
+    int st = 0;
+    snprintf(path, sizeof path, FIXDIR "llama.gguf");
+    moe_model *mdl = moe_model_load(path, &st, err, sizeof err);
+    ck_assert_msg(mdl != NULL, "%s", err);
+    moe_backend be;
+    ck_assert_int_eq(moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = 1}), MOE_OK);
+    struct moe_backend_ops ops = *be.ops;
+    moe_backend fake = {.ops = &ops, .ctx = be.ctx};
+    ops.supports_type = no_f32;
+    ck_assert_ptr_null(moe_fwd_create(mdl, &fake, &st, err, sizeof err));
+    ck_assert_int_eq(st, MOE_EUNSUPPORTED);
+    ck_assert_msg(strstr(err, "token_embd.weight") && strstr(err, "F32"), "message '%s'", err);
+    ops = *be.ops;
+    ops.sigmoid_scale = NULL;
+    ck_assert_ptr_null(moe_fwd_create(mdl, &fake, &st, err, sizeof err));
+    ck_assert_int_eq(st, MOE_EINVAL);
+    ck_assert_msg(strstr(err, "'sigmoid_scale'") != NULL, "message '%s'", err);
+    moe_backend_destroy(&be);
+    moe_model_free(mdl);
 }
 END_TEST
 
@@ -604,10 +634,10 @@ START_TEST(bad_batches_refused) {
     char path[512], err[256];
     int st;
     snprintf(path, sizeof path, FIXDIR "llama.gguf");
-    moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
+    moe_model *mdl = moe_model_load(path, &st, err, sizeof err);
     moe_backend be;
     ck_assert_int_eq(moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = 1}), MOE_OK);
-    moe_fwd *fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    moe_fwd *fw = moe_fwd_create(mdl, &be, &st, err, sizeof err);
     moe_kv_opts ko;
     moe_fwd_kv_opts(fw, 4, 4, &ko);
     moe_kv_cache *kv = moe_kv_create(&be, &ko, &st);
@@ -633,7 +663,7 @@ START_TEST(bad_batches_refused) {
     moe_kv_destroy(kv);
     moe_fwd_free(fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(mdl);
 }
 END_TEST
 
@@ -650,11 +680,12 @@ START_TEST(traffic_counts) {
     char path[512], err[256], name[96];
     int st;
     snprintf(path, sizeof path, FIXDIR "%s", files[_i]);
-    moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
+    moe_model *mdl = moe_model_load(path, &st, err, sizeof err);
+    const moe_gguf *g = moe_model_gguf(mdl);
     ck_assert_msg(g != NULL, "%s", err);
     moe_backend be;
     ck_assert_int_eq(moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = 2}), MOE_OK);
-    moe_fwd *fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    moe_fwd *fw = moe_fwd_create(mdl, &be, &st, err, sizeof err);
     ck_assert_msg(fw != NULL, "%s", err);
     int64_t L = moe_fwd_n_layer(fw), K = moe_fwd_n_expert_used(fw), V = moe_fwd_n_vocab(fw);
     int64_t dense = 0, all = 0, exp_each[64] = {0};
@@ -732,7 +763,7 @@ START_TEST(traffic_counts) {
     moe_kv_destroy(kv);
     moe_fwd_free(fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(mdl);
 }
 END_TEST
 
@@ -751,6 +782,7 @@ int main(void) {
     tcase_add_loop_test(tb, mixed_batch_equals_alone, 0, 4);
     tcase_add_test(tb, bad_batches_refused);
     tcase_add_test(tb, bad_models_refused);
+    tcase_add_test(tb, backend_refusals);
     tcase_add_test(tb, rope_freqs_factors);
     tcase_add_loop_test(tb, traffic_counts, 0, 3);
     suite_add_tcase(s, tb);

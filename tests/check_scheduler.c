@@ -20,16 +20,16 @@
 #define GEN 10
 
 static moe_backend be;
-static moe_gguf *g;
+static moe_model *mdl;
 static moe_fwd *fw;
 static int64_t nv;
 
 static void open_model(const char *name) {
     int st = 0;
-    g = moe_gguf_open(name, &st, NULL, 0);
-    ck_assert_ptr_nonnull(g);
+    mdl = moe_model_load(name, &st, NULL, 0);
+    ck_assert_ptr_nonnull(mdl);
     ck_assert_int_eq(moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = 1}), MOE_OK);
-    fw = moe_fwd_create(g, &be, &st, NULL, 0);
+    fw = moe_fwd_create(mdl, &be, &st, NULL, 0);
     ck_assert_ptr_nonnull(fw);
     nv = moe_fwd_n_vocab(fw);
 }
@@ -37,9 +37,9 @@ static void open_model(const char *name) {
 static void close_model(void) {
     moe_fwd_free(fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(mdl);
     fw = NULL;
-    g = NULL;
+    mdl = NULL;
 }
 
 static int32_t argmax(const float *row) {

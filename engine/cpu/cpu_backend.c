@@ -20,6 +20,9 @@ typedef struct cpu_ctx {
     int n_threads;
 } cpu_ctx;
 
+/* n rounded up to 64 bytes, for carving one scratch block into arrays. */
+static size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
+
 static void cpu_destroy(void *vctx) {
     cpu_ctx *c = vctx;
     if (!c) return;
@@ -310,10 +313,9 @@ static int run_attn(cpu_ctx *c, attn_job *j) {
     for (int64_t t = 0; t < j->kv->n_tok; t++)
         if ((int64_t)j->kv->pos[t] + 1 > max_len) max_len = (int64_t)j->kv->pos[t] + 1;
     j->max_len = max_len;
-    j->scratch = malloc((size_t)cpu_pool_size(c->pool) * (size_t)max_len * sizeof(float));
+    j->scratch = cpu_pool_scratch(c->pool, CPU_SCRATCH_ATTN, (size_t)cpu_pool_size(c->pool) * (size_t)max_len * sizeof(float));
     if (!j->scratch) return MOE_ENOMEM;
     cpu_pool_run(c->pool, attn_task, j, j->kv->n_tok * j->n_head);
-    free(j->scratch);
     return MOE_OK;
 }
 
@@ -397,11 +399,14 @@ static int mla_latent_attention(cpu_ctx *c, mla_job *j, float *o_lat) {
         max_chunk = ch > max_chunk ? ch : max_chunk;
         n_task += (len + ch - 1) / ch;
     }
-    int64_t *tok = malloc((size_t)n_task * 3 * sizeof(int64_t));
-    float *pm = malloc((size_t)n_task * (size_t)H * 2 * sizeof(float));
-    float *po = malloc((size_t)n_task * (size_t)H * (size_t)R * sizeof(float));
-    float *scr = malloc((size_t)cpu_pool_size(c->pool) * (size_t)H * (size_t)max_chunk * sizeof(float));
-    int rc = (tok && pm && po && scr) ? MOE_OK : MOE_ENOMEM;
+    size_t b_tok = al64((size_t)n_task * 3 * sizeof(int64_t)), b_pm = al64((size_t)n_task * (size_t)H * 2 * sizeof(float));
+    size_t b_po = al64((size_t)n_task * (size_t)H * (size_t)R * sizeof(float));
+    size_t b_scr = (size_t)cpu_pool_size(c->pool) * (size_t)H * (size_t)max_chunk * sizeof(float);
+    char *base = cpu_pool_scratch(c->pool, CPU_SCRATCH_MLA_LATENT, b_tok + b_pm + b_po + b_scr);
+    int rc = base ? MOE_OK : MOE_ENOMEM;
+    int64_t *tok = (int64_t *)(void *)base;
+    float *pm = (float *)(void *)(base + b_tok), *po = (float *)(void *)(base + b_tok + b_pm);
+    float *scr = (float *)(void *)(base + b_tok + b_pm + b_po);
     if (!rc) {
         int64_t *p0 = tok + n_task, *p1 = tok + 2 * n_task, k = 0;
         for (int64_t t = 0; t < n_tok; t++) {
@@ -445,10 +450,6 @@ static int mla_latent_attention(cpu_ctx *c, mla_job *j, float *o_lat) {
             a = b;
         }
     }
-    free(tok);
-    free(pm);
-    free(po);
-    free(scr);
     return rc;
 }
 
@@ -459,10 +460,11 @@ static int mla_latent_attention(cpu_ctx *c, mla_job *j, float *o_lat) {
  * fall back to one call per head. */
 static int heads_matmul(cpu_ctx *c, const moe_weight *w, const float *x, int64_t head_stride, int64_t n_tok, float *y) {
     int64_t H = w->n_mat, n_in = w->n_in, n_out = w->n_out, n = H * n_tok;
-    float *xg = malloc((size_t)n * (size_t)n_in * sizeof(float));
-    float *yg = malloc((size_t)n * (size_t)n_out * sizeof(float));
-    int64_t *off = malloc((size_t)(H + 1) * sizeof(int64_t));
-    int rc = (xg && yg && off) ? MOE_OK : MOE_ENOMEM;
+    size_t b_xg = al64((size_t)n * (size_t)n_in * sizeof(float)), b_yg = al64((size_t)n * (size_t)n_out * sizeof(float));
+    char *base = cpu_pool_scratch(c->pool, CPU_SCRATCH_HEADS, b_xg + b_yg + (size_t)(H + 1) * sizeof(int64_t));
+    int rc = base ? MOE_OK : MOE_ENOMEM;
+    float *xg = (float *)(void *)base, *yg = (float *)(void *)(base + b_xg);
+    int64_t *off = (int64_t *)(void *)(base + b_xg + b_yg);
     /* head-major order: rows [h * n_tok, (h + 1) * n_tok) belong to head h */
     for (int64_t h = 0; h < H && !rc; h++)
         for (int64_t t = 0; t < n_tok; t++)
@@ -478,9 +480,6 @@ static int heads_matmul(cpu_ctx *c, const moe_weight *w, const float *x, int64_t
     for (int64_t h = 0; h < H && !rc; h++)
         for (int64_t t = 0; t < n_tok; t++)
             memcpy(y + (t * H + h) * n_out, yg + (h * n_tok + t) * n_out, (size_t)n_out * sizeof(float));
-    free(xg);
-    free(yg);
-    free(off);
     return rc;
 }
 
@@ -496,9 +495,10 @@ static int cpu_mla_attention(void *vctx, const moe_kv_view *kv, const float *q, 
     if (n_tok == 0) return MOE_OK;
     /* Absorb k_b into the queries: q_nope . (c . k_b[h]) = c . (k_b[h] q_nope),
      * so attention runs over the cached latent and k/v are never expanded. */
-    float *q_lat = malloc((size_t)n_tok * (size_t)n_head * (size_t)kv_lora * sizeof(float));
-    float *o_lat = malloc((size_t)n_tok * (size_t)n_head * (size_t)kv_lora * sizeof(float));
-    rc = (q_lat && o_lat) ? MOE_OK : MOE_ENOMEM;
+    size_t b_lat = al64((size_t)n_tok * (size_t)n_head * (size_t)kv_lora * sizeof(float));
+    char *base = cpu_pool_scratch(c->pool, CPU_SCRATCH_MLA, 2 * b_lat);
+    rc = base ? MOE_OK : MOE_ENOMEM;
+    float *q_lat = (float *)(void *)base, *o_lat = (float *)(void *)(base + b_lat);
     if (!rc) rc = heads_matmul(c, k_b, q, dq, n_tok, q_lat);
     if (!rc) {
         mla_job j = {.kv = kv, .q = q, .q_lat = q_lat, .H = n_head, .R = kv_lora, .n_rot = n_rot, .dq = dq,
@@ -506,8 +506,6 @@ static int cpu_mla_attention(void *vctx, const moe_kv_view *kv, const float *q, 
         rc = mla_latent_attention(c, &j, o_lat);
     }
     if (!rc) rc = heads_matmul(c, v_b, o_lat, kv_lora, n_tok, out);
-    free(q_lat);
-    free(o_lat);
     return rc;
 }
 
@@ -598,32 +596,45 @@ static int cpu_moe(void *vctx, const float *h, int64_t n_tok, const float *route
     memset(out, 0, (size_t)n_tok * (size_t)n_embd * sizeof(float));
     if (n_tok == 0) return MOE_OK;
     int64_t n_ent = n_tok * K;
-    int32_t *ids = malloc((size_t)n_ent * sizeof(int32_t));
-    float *wts = malloc((size_t)n_ent * sizeof(float));
-    double *s = malloc((size_t)E * 2 * sizeof(double));
-    int64_t *off = calloc((size_t)E + 1, sizeof(int64_t));
-    int32_t *rows = malloc((size_t)n_ent * sizeof(int32_t));
-    int64_t *ent_of = malloc((size_t)n_ent * sizeof(int64_t)); /* (token, k) -> routing-order entry */
-    float *g = malloc((size_t)n_ent * (size_t)n_ff * sizeof(float));
-    float *u = malloc((size_t)n_ent * (size_t)n_ff * sizeof(float));
-    float *d = malloc((size_t)n_ent * (size_t)n_embd * sizeof(float));
-    int rc = (ids && wts && s && off && rows && ent_of && g && u && d) ? MOE_OK : MOE_ENOMEM;
+    /* one scratch block, carved: (token, k) routing, per-expert offsets and
+     * fill cursors, the grouped rows and the expert activations */
+    const size_t sz[] = {
+        al64((size_t)n_ent * sizeof(int32_t)),             /* ids */
+        al64((size_t)n_ent * sizeof(float)),               /* wts */
+        al64((size_t)E * 2 * sizeof(double)),              /* s: scores and choices */
+        al64(((size_t)E + 1) * sizeof(int64_t)),           /* off */
+        al64((size_t)E * sizeof(int64_t)),                 /* fill */
+        al64((size_t)n_ent * sizeof(int32_t)),             /* rows */
+        al64((size_t)n_ent * sizeof(int64_t)),             /* ent_of: (token, k) -> routing-order entry */
+        al64((size_t)n_ent * (size_t)n_ff * sizeof(float)), /* g */
+        al64((size_t)n_ent * (size_t)n_ff * sizeof(float)), /* u */
+        al64((size_t)n_ent * (size_t)n_embd * sizeof(float)), /* d */
+    };
+    size_t at[sizeof sz / sizeof sz[0] + 1] = {0};
+    for (size_t i = 0; i < sizeof sz / sizeof sz[0]; i++) at[i + 1] = at[i] + sz[i];
+    char *base = cpu_pool_scratch(c->pool, CPU_SCRATCH_MOE, at[sizeof sz / sizeof sz[0]]);
+    if (!base) return MOE_ENOMEM;
+    int32_t *ids = (int32_t *)(void *)(base + at[0]);
+    float *wts = (float *)(void *)(base + at[1]);
+    double *s = (double *)(void *)(base + at[2]);
+    int64_t *off = (int64_t *)(void *)(base + at[3]), *fill = (int64_t *)(void *)(base + at[4]);
+    int32_t *rows = (int32_t *)(void *)(base + at[5]);
+    int64_t *ent_of = (int64_t *)(void *)(base + at[6]);
+    float *g = (float *)(void *)(base + at[7]), *u = (float *)(void *)(base + at[8]);
+    float *d = (float *)(void *)(base + at[9]);
+    memset(off, 0, ((size_t)E + 1) * sizeof(int64_t));
+    int rc = MOE_OK;
     for (int64_t t = 0; t < n_tok && !rc; t++)
         rc = route_token(router_logits + t * E, rp, s, s + E, ids + t * K, wts + t * K);
     if (!rc) {
         /* group the (token, expert) pairs by expert so each expert's weights are read once */
         for (int64_t i = 0; i < n_ent; i++) off[ids[i] + 1]++;
         for (int64_t e = 0; e < E; e++) off[e + 1] += off[e];
-        int64_t *fill = malloc((size_t)E * sizeof(int64_t));
-        if (!fill) rc = MOE_ENOMEM;
-        else {
-            memcpy(fill, off, (size_t)E * sizeof(int64_t));
-            for (int64_t i = 0; i < n_ent; i++) {
-                int64_t k = fill[ids[i]]++;
-                rows[k] = (int32_t)(i / K);
-                ent_of[i] = k;
-            }
-            free(fill);
+        memcpy(fill, off, (size_t)E * sizeof(int64_t));
+        for (int64_t i = 0; i < n_ent; i++) {
+            int64_t k = fill[ids[i]]++;
+            rows[k] = (int32_t)(i / K);
+            ent_of[i] = k;
         }
     }
     if (!rc && gate->type == up->type && mat_stride(gate) == mat_stride(up) &&
@@ -648,21 +659,19 @@ static int cpu_moe(void *vctx, const float *h, int64_t n_tok, const float *route
         if (ids_out) memcpy(ids_out, ids, (size_t)n_ent * sizeof(int32_t));
         if (w_out) memcpy(w_out, wts, (size_t)n_ent * sizeof(float));
     }
-    free(ids);
-    free(wts);
-    free(s);
-    free(off);
-    free(rows);
-    free(ent_of);
-    free(g);
-    free(u);
-    free(d);
     return rc;
+}
+
+/* The CPU kernels compute with every type the quantizer decodes. */
+static int cpu_supports_type(void *ctx, int type) {
+    (void)ctx;
+    return moe_quant_supported(type);
 }
 
 static const struct moe_backend_ops cpu_ops = {
     .name = "cpu",
     .destroy = cpu_destroy,
+    .supports_type = cpu_supports_type,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .upload = cpu_copy,

@@ -521,33 +521,34 @@ static int matmul_experts(cpu_pool *pool, int type, const void *w, const void *w
     int n_threads = cpu_pool_size(pool);
 
     int rc = MOE_ENOMEM;
-    int32_t *active = malloc((size_t)n_active * sizeof *active);
-    uint8_t *xa_buf = NULL;
-    if (!active)
+    if (j.kind == ACT_Q8K && n_in % 256)
+        return MOE_EINVAL;
+    /* one block for the active list, the per-thread dequantized rows and
+     * the quantized activations: the pool's reusable scratch, so a decode
+     * step allocates nothing (malloc'd and freed here without a pool) */
+    size_t xa_stride = j.kind == ACT_F32   ? (size_t)n_in * sizeof(float)
+                       : j.kind == ACT_Q8 ? (size_t)(n_in / 32) * sizeof(cpu__q8blk)
+                                          : (size_t)(n_in / 256) * sizeof(cpu__q8k);
+    size_t b_active = ((size_t)n_active * sizeof(int32_t) + 63) & ~(size_t)63;
+    size_t b_scratch = j.cvt ? (((size_t)n_threads * (size_t)n_in * sizeof(float) + 63) & ~(size_t)63) : 0;
+    size_t b_xa = j.kind == ACT_F32 ? 0 : xa_stride * (size_t)n_x;
+    uint8_t *owned = NULL;
+    uint8_t *base = pool ? cpu_pool_scratch(pool, CPU_SCRATCH_MATMUL, b_active + b_scratch + b_xa)
+                         : (owned = malloc(b_active + b_scratch + b_xa));
+    if (!base)
         goto out;
+    int32_t *active = (int32_t *)(void *)base;
     for (int64_t e = 0, a = 0; e < n_expert; e++)
         if (expert_off[e + 1] > expert_off[e])
             active[a++] = (int32_t)e;
     j.active = active;
-    if (j.cvt) {
-        j.scratch = malloc((size_t)n_threads * (size_t)n_in * sizeof(float));
-        if (!j.scratch)
-            goto out;
-    }
+    if (j.cvt)
+        j.scratch = (float *)(void *)(base + b_active);
+    j.xa_stride = xa_stride;
     if (j.kind == ACT_F32) {
         j.xa = (uint8_t *)(uintptr_t)x;
-        j.xa_stride = (size_t)n_in * sizeof(float);
     } else {
-        j.xa_stride = j.kind == ACT_Q8 ? (size_t)(n_in / 32) * sizeof(cpu__q8blk)
-                                       : (size_t)(n_in / 256) * sizeof(cpu__q8k);
-        if (j.kind == ACT_Q8K && n_in % 256) {
-            rc = MOE_EINVAL;
-            goto out;
-        }
-        xa_buf = malloc(j.xa_stride * (size_t)n_x);
-        if (!xa_buf)
-            goto out;
-        j.xa = xa_buf;
+        j.xa = base + b_active + b_scratch;
         /* a handful of rows (decode) is quicker to quantize here than to
          * hand out to the pool and wait for */
         if (n_x * n_in <= 16384)
@@ -567,9 +568,7 @@ static int matmul_experts(cpu_pool *pool, int type, const void *w, const void *w
     cpu_pool_run(pool, mm_task, &j, j.tasks_per_expert * n_active * (w2 ? 2 : 1));
     rc = MOE_OK;
 out:
-    free(xa_buf);
-    free(j.scratch);
-    free(active);
+    free(owned);
     return rc;
 }
 

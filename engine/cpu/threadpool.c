@@ -56,6 +56,10 @@ struct cpu_pool {
     int stop;                     /* under mu */
     cpu_task_fn fn;               /* the current job; read only after a successful claim */
     void *ctx;
+    struct {
+        void *p;
+        size_t cap;
+    } scratch[CPU_SCRATCH_COUNT]; /* cpu_pool_scratch */
 };
 
 typedef struct {
@@ -180,8 +184,27 @@ void cpu_pool_destroy(cpu_pool *p) {
     pthread_cond_destroy(&p->wake);
     pthread_cond_destroy(&p->idle);
     pthread_mutex_destroy(&p->mu);
+    for (int i = 0; i < CPU_SCRATCH_COUNT; i++)
+        free(p->scratch[i].p);
     free(p->tids);
     free(p);
+}
+
+void *cpu_pool_scratch(cpu_pool *p, int slot, size_t n) {
+    if (!p || slot < 0 || slot >= CPU_SCRATCH_COUNT)
+        return NULL;
+    if (n > p->scratch[slot].cap || !p->scratch[slot].p) {
+        /* a quarter more than asked, so slowly growing contexts do not
+         * reallocate every step */
+        size_t cap = n + n / 4 + 64;
+        void *np = malloc(cap);
+        if (!np)
+            return NULL;
+        free(p->scratch[slot].p);
+        p->scratch[slot].p = np;
+        p->scratch[slot].cap = cap;
+    }
+    return p->scratch[slot].p;
 }
 
 int cpu_pool_size(const cpu_pool *p) { return p ? p->n : 1; }

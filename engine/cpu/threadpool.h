@@ -13,6 +13,7 @@
 #ifndef CPU_THREADPOOL_H
 #define CPU_THREADPOOL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -42,6 +43,23 @@ int cpu_pool_size(const cpu_pool *pool);
  * when all have finished. Tasks are handed out dynamically, one at a time.
  * A NULL pool runs them inline on the caller's thread (thread 0). */
 void cpu_pool_run(cpu_pool *pool, cpu_task_fn fn, void *ctx, int64_t n_tasks);
+
+/* Reusable scratch owned by the pool, one buffer per slot, so the ops of
+ * a steady-state step allocate nothing: the buffer grows (contents not
+ * kept) when n exceeds what the slot held, and lives until
+ * cpu_pool_destroy(). Slots keep nested users apart (the moe op's buffer
+ * stays valid across the matmuls it calls). Returns NULL for a NULL pool
+ * or on allocation failure. The pool's calling thread only. */
+enum {
+    CPU_SCRATCH_MATMUL = 0, /* cpu_matmul*: active experts, per-thread rows, quantized activations */
+    CPU_SCRATCH_ATTN,       /* attention: per-thread scores */
+    CPU_SCRATCH_MLA,        /* MLA: absorbed queries and latent outputs */
+    CPU_SCRATCH_MLA_LATENT, /* MLA: per-chunk partial softmax state */
+    CPU_SCRATCH_HEADS,      /* per-head products: gathered inputs and outputs */
+    CPU_SCRATCH_MOE,        /* moe: routing and expert activations */
+    CPU_SCRATCH_COUNT
+};
+void *cpu_pool_scratch(cpu_pool *pool, int slot, size_t n);
 
 #ifdef __cplusplus
 }

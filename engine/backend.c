@@ -1,0 +1,77 @@
+/* backend.c - the backend factory and the op-table check (see backend.h). */
+#include "backend.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "quant.h"
+#ifdef MOE_HAVE_CUDA
+#include "cuda_backend.h"
+#endif
+
+/* The list and the struct agree: a member added to one only fails here. */
+#define X(op) +1
+_Static_assert(sizeof(struct moe_backend_ops) == sizeof(const char *) + (0 MOE_BACKEND_OPS(X)) * sizeof(void (*)(void)),
+               "MOE_BACKEND_OPS must list every function member of moe_backend_ops");
+#undef X
+
+int moe_backend_check(const moe_backend *be, char *err, size_t errsz) {
+    if (!be || !be->ops) {
+        if (err && errsz) snprintf(err, errsz, "no backend");
+        return MOE_EINVAL;
+    }
+    const struct moe_backend_ops *o = be->ops;
+    const struct {
+        const char *name;
+        bool set;
+    } ops[] = {
+#define X(op) {#op, o->op != NULL},
+        MOE_BACKEND_OPS(X)
+#undef X
+    };
+    for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
+        if (!ops[i].set) {
+            if (err && errsz) snprintf(err, errsz, "backend '%s' has no '%s' op", o->name ? o->name : "?", ops[i].name);
+            return MOE_EINVAL;
+        }
+    return MOE_OK;
+}
+
+static int checked(moe_backend *be, const char *what, int rc, char *err, size_t errsz) {
+    if (rc) {
+        if (err && errsz) snprintf(err, errsz, "%s backend: %s", what, moe_strerror(rc));
+        return rc;
+    }
+    if ((rc = moe_backend_check(be, err, errsz))) moe_backend_destroy(be);
+    return rc;
+}
+
+int moe_backend_create(const char *device, int n_threads, moe_backend *be, const char **name, char *err,
+                       size_t errsz) {
+    const char *d = device ? device : "auto";
+    if (!be) return MOE_EINVAL;
+    be->ops = NULL;
+    be->ctx = NULL;
+    if (strcmp(d, "cpu") && strcmp(d, "cuda") && strcmp(d, "auto")) {
+        if (err && errsz) snprintf(err, errsz, "device '%s' is not cpu, cuda or auto", d);
+        return MOE_EINVAL;
+    }
+#ifdef MOE_HAVE_CUDA
+    /* "auto" takes the GPU when one is usable; "cuda" insists on it */
+    if (!strcmp(d, "cuda") || (!strcmp(d, "auto") && cuda_device_count() > 0)) {
+        if (cuda_device_count() <= 0) {
+            if (err && errsz) snprintf(err, errsz, "CUDA backend: no CUDA device found");
+            return MOE_EUNSUPPORTED;
+        }
+        if (name) *name = "cuda";
+        return checked(be, "CUDA", moe_cuda_backend_init(be, NULL), err, errsz);
+    }
+#else
+    if (!strcmp(d, "cuda")) {
+        if (err && errsz) snprintf(err, errsz, "CUDA backend not available in this build (built without CUDA; build with make CUDA=1)");
+        return MOE_EUNSUPPORTED;
+    }
+#endif
+    if (name) *name = "cpu";
+    return checked(be, "CPU", moe_cpu_backend_init(be, &(moe_cpu_backend_opts){.n_threads = n_threads}), err, errsz);
+}
