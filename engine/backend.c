@@ -3,7 +3,9 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "log_hook.h"
 #include "quant.h"
 #ifdef MOE_HAVE_CUDA
 #include "cuda_backend.h"
@@ -57,10 +59,23 @@ int moe_backend_create(const char *device, int n_threads, moe_backend *be, const
         return MOE_EINVAL;
     }
 #ifdef MOE_HAVE_CUDA
-    /* "auto" takes the GPU when one is usable; "cuda" insists on it */
-    if (!strcmp(d, "cuda") || (!strcmp(d, "auto") && cuda_device_count() > 0)) {
-        if (cuda_device_count() <= 0) {
-            if (err && errsz) snprintf(err, errsz, "CUDA backend: no CUDA device found");
+    /* "auto" takes the GPU when one is usable; "cuda" insists on it. A GPU
+     * that CUDA cannot use (e.g. error 35, a driver older than the
+     * runtime) is named with CUDA's own message, never as "no device";
+     * "auto" says so only where a GPU is visible (a CPU host with a CUDA
+     * build and no driver gets the same error 35). */
+    int n_dev = 0, no_device = 1;
+    const char *why = "";
+    int cerr = cuda_device_probe(&n_dev, &no_device, &why);
+    if (!strcmp(d, "auto") && n_dev <= 0 && !no_device && access("/dev/nvidia0", F_OK) == 0)
+        moe_log(MOE_LOG_WARN, "device auto: CUDA cannot use this machine's GPU (%s, CUDA error %d); using the CPU", why,
+                cerr);
+    if (!strcmp(d, "cuda") || (!strcmp(d, "auto") && n_dev > 0)) {
+        if (n_dev <= 0) {
+            if (err && errsz) {
+                if (no_device) snprintf(err, errsz, "CUDA backend: no CUDA device found");
+                else snprintf(err, errsz, "CUDA backend: CUDA cannot use the GPU: %s (CUDA error %d)", why, cerr);
+            }
             return MOE_EUNSUPPORTED;
         }
         if (name) *name = "cuda";

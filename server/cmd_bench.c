@@ -310,8 +310,12 @@ int srv_cmd_bench(int argc, char **argv) {
     if (!use_cuda && strcmp(device, "cpu")) goto bad;
     if (use_cuda) {
 #ifdef MOE_HAVE_CUDA
-        if (cuda_device_count() <= 0) {
-            fprintf(stderr, "moed bench: --device cuda: no CUDA device found\n");
+        int n_dev = 0, no_device = 1;
+        const char *why = "";
+        int cerr = cuda_device_probe(&n_dev, &no_device, &why);
+        if (n_dev <= 0) {
+            if (no_device) fprintf(stderr, "moed bench: --device cuda: no CUDA device found\n");
+            else fprintf(stderr, "moed bench: --device cuda: CUDA cannot use the GPU: %s (CUDA error %d)\n", why, cerr);
             return 1;
         }
 #else
