@@ -105,7 +105,7 @@ static int rapl_open(moe_energy_source *out, char *err, size_t errsz) {
     uint32_t n = powercap_rapl_get_num_instances();
     if (n == 0) {
         errf(err, errsz, "no RAPL zones under /sys/class/powercap (not an Intel/AMD host with the "
-                                 "intel_rapl driver, or a VM)");
+                         "intel_rapl driver, or a VM)");
         return MOE_EUNSUPPORTED;
     }
     rapl_ctx *c = calloc(1, sizeof *c);
@@ -116,7 +116,7 @@ static int rapl_open(moe_energy_source *out, char *err, size_t errsz) {
     for (uint32_t i = 0; i < n; i++) {
         if (powercap_rapl_init(i, &c->pkgs[i], 1)) {
             errf(err, errsz, "cannot open the RAPL zones (permission denied? energy_uj is root-only "
-                                     "on recent kernels)");
+                             "on recent kernels)");
             rapl_destroy(c);
             return MOE_EUNSUPPORTED;
         }
@@ -129,8 +129,9 @@ static int rapl_open(moe_energy_source *out, char *err, size_t errsz) {
             z->zone = want[k];
             if (powercap_rapl_get_max_energy_range_uj(z->pkg, z->zone, &z->range_uj) ||
                 powercap_rapl_get_energy_uj(z->pkg, z->zone, &z->last_uj)) {
+                if (want[k] == POWERCAP_RAPL_ZONE_DRAM) continue; /* some CPUs list a DRAM zone they do not count */
                 errf(err, errsz, "cannot read the RAPL energy counters (permission denied? energy_uj is "
-                                         "root-only on recent kernels)");
+                                 "root-only on recent kernels)");
                 rapl_destroy(c);
                 return MOE_EUNSUPPORTED;
             }

@@ -1279,8 +1279,10 @@ static void on_ready(server *s) {
     srv_log(SRV_LOG_INFO, "%s", status);
     if (!s->info.energy_source) srv_log(SRV_LOG_INFO, "energy: off (energy_source = off)");
     else if (!strcmp(s->info.energy_source, "estimate"))
-        srv_log(SRV_LOG_INFO, "energy: estimate, not measured (no NVML or readable RAPL counter): %g W busy, %g W idle "
-                              "(energy_busy_watts, energy_idle_watts)", s->cfg->energy_busy_watts, s->cfg->energy_idle_watts);
+        srv_log(SRV_LOG_INFO, "energy: estimate, not measured (%s): %g W busy, %g W idle (energy_busy_watts, "
+                              "energy_idle_watts)",
+                strcmp(s->cfg->energy_source, "estimate") ? "no NVML or readable RAPL counter" : "energy_source = estimate",
+                s->cfg->energy_busy_watts, s->cfg->energy_idle_watts);
     else srv_log(SRV_LOG_INFO, "energy: measured by %s", s->info.energy_source);
 }
 
