@@ -6,6 +6,7 @@ import concurrent.futures
 import os
 import re
 import subprocess
+import time
 
 import pytest
 import requests
@@ -96,8 +97,14 @@ def test_request_log_line_carries_energy_and_cost(server):
     r = requests.post(server.url("/v1/completions"), json={"prompt": "log me", "max_tokens": 2}, timeout=60)
     u = r.json()["usage"]
     rid = r.json()["id"]
-    log = server.read_log()
-    line = [ln for ln in log.splitlines() if rid in ln and "status=200" in ln]
+    # the line is written once the response is sent: it may trail the answer
+    deadline = time.time() + 10
+    while True:
+        log = server.read_log()
+        line = [ln for ln in log.splitlines() if rid in ln and "status=200" in ln]
+        if line or time.time() > deadline:
+            break
+        time.sleep(0.05)
     assert line, log[-2000:]
     j = float(re.search(r"energy_j=([0-9.e+-]+)", line[0]).group(1))
     c = float(re.search(r"cost_usd=([0-9.e+-]+)", line[0]).group(1))
