@@ -25,7 +25,7 @@ CUDA ?= $(if $(shell command -v $(NVCC) 2>/dev/null),1,0)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
 CUDA_ARCH ?= -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_90,code=compute_90
 
-PKGS := libmicrohttpd libuv libcjson libpcre2-8 libsystemd icu-uc
+PKGS := libmicrohttpd libuv libcjson libpcre2-8 libsystemd icu-uc powercap
 pkg_cflags = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 pkg_libs = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 check_cflags = $(shell pkg-config --cflags check 2>/dev/null)
@@ -54,8 +54,9 @@ TOOL_BIN := $(TOOL_SRC:tests/%.c=$(BUILD)/tests/%)
 
 ifeq ($(CUDA),1)
 CUDA_OBJ := $(CUDA_SRC:%.cu=$(BUILD)/%.o)
-CPPFLAGS += -DMOE_HAVE_CUDA=1 -Icuda
-LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
+# the CUDA include dir for engine/energy.c (cudaDeviceGetPCIBusId); NVML itself is dlopen'ed (-ldl)
+CPPFLAGS += -DMOE_HAVE_CUDA=1 -Icuda -I$(CUDA_HOME)/include
+LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++ -ldl
 NVCCFLAGS ?= -O3 -std=c++20 $(CUDA_ARCH) -Xcompiler -Wall,-Wextra -Werror all-warnings -lineinfo
 else
 CUDA_OBJ :=

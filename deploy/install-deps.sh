@@ -5,7 +5,7 @@
 set -eu
 
 # pkg-config module -> Debian package
-MODULES="libmicrohttpd:libmicrohttpd-dev libuv:libuv1-dev libcjson:libcjson-dev check:check libpcre2-8:libpcre2-dev libsystemd:libsystemd-dev icu-uc:libicu-dev"
+MODULES="libmicrohttpd:libmicrohttpd-dev libuv:libuv1-dev libcjson:libcjson-dev check:check libpcre2-8:libpcre2-dev libsystemd:libsystemd-dev icu-uc:libicu-dev powercap:libpowercap-dev"
 
 missing=""
 command -v pkg-config >/dev/null 2>&1 || missing="pkg-config"

@@ -114,6 +114,7 @@ struct eng_req {
     atomic_bool cancel;
     bool in_sched;
     char fail[160]; /* set when the request failed this step: ERROR follows */
+    double energy_j, energy_s; /* attributed so far (energy.h) */
     eng_req *reg_prev, *reg_next; /* registry, under e->mu */
     eng_req *in_next;             /* intake queue, under e->mu */
     eng_req *act_prev, *act_next; /* engine thread's list */
@@ -121,7 +122,7 @@ struct eng_req {
 
 struct moe_engine {
     moe_engine_opts o;
-    char *model_path, *device_opt;
+    char *model_path, *device_opt, *energy_opt;
     pthread_t th;
     bool th_started;
     pthread_mutex_t mu;
@@ -155,6 +156,12 @@ struct moe_engine {
     int n_sms;
     float *logits;      /* (max_seqs, n_vocab) */
     struct row_out *ro; /* (max_seqs) this step's sampled rows */
+    moe_energy_source custom_src; /* opts.energy_custom, taken over at start */
+    moe_energy_meter *meter;      /* NULL: energy accounting off */
+    eng_req **ew_req;   /* (max_seqs) the requests of this step ... */
+    double *ew_work;    /* (max_seqs) ... the tokens each computes in it ... */
+    double *ew_j, *ew_s;/* (max_seqs) ... and their shares of the step */
+    int64_t ew_n;
     eng_req *act;
     moe_engine_info info;
     char model_id[256];
@@ -190,6 +197,33 @@ static void layer_tick(void *arg) {
     pthread_mutex_lock(&e->mu);
     e->st.heartbeat_ns = now;
     pthread_mutex_unlock(&e->mu);
+}
+
+/* Opens the energy source and its meter (none when energy_source is "off"). */
+static int energy_open(moe_engine *e) {
+    moe_energy_source src;
+    char err[256] = "";
+    int st;
+    if (e->custom_src.read) {
+        src = e->custom_src;
+        memset(&e->custom_src, 0, sizeof e->custom_src);
+    } else {
+        moe_energy_opts eo = {.source = e->o.energy_source, .idle_watts = e->o.energy_idle_watts,
+                              .busy_watts = e->o.energy_busy_watts,
+                              .gpu = e->device_name && !strcmp(e->device_name, "cuda")};
+        if ((st = moe_energy_source_open(&src, &eo, err, sizeof err))) {
+            fail_load(e, "%s", err);
+            return st;
+        }
+        if (!src.read) return MOE_OK; /* off */
+    }
+    const char *name = src.name ? src.name : "?";
+    e->meter = moe_energy_meter_new(&src, &st);
+    if (!e->meter) {
+        fail_load(e, "energy_source: %s: the first reading failed (%s)", name, moe_strerror(st));
+        return st;
+    }
+    return MOE_OK;
 }
 
 static int load(moe_engine *e) {
@@ -298,6 +332,17 @@ static int load(moe_engine *e) {
                   moe_nonfinite_kind(e->logits[bad]), (long long)bad, wid);
         return MOE_ENONFINITE;
     }
+    /* energy last, so the load and warm-up are not in the first interval
+     * of a run (the meter's first read is its origin) */
+    if ((st = energy_open(e))) return st;
+    e->ew_req = calloc((size_t)max_seqs, sizeof *e->ew_req);
+    e->ew_work = calloc((size_t)max_seqs, sizeof *e->ew_work);
+    e->ew_j = calloc((size_t)max_seqs, sizeof *e->ew_j);
+    e->ew_s = calloc((size_t)max_seqs, sizeof *e->ew_s);
+    if (!e->ew_req || !e->ew_work || !e->ew_j || !e->ew_s) {
+        fail_load(e, "energy buffers: %s", moe_strerror(MOE_ENOMEM));
+        return MOE_ENOMEM;
+    }
     const char *base = strrchr(e->model_path, '/');
     base = base ? base + 1 : e->model_path;
     snprintf(e->model_id, sizeof e->model_id, "%s", base);
@@ -307,9 +352,11 @@ static int load(moe_engine *e) {
     e->info = (moe_engine_info){.model_id = e->model_id, .arch = e->arch, .device = e->device_name,
                                 .n_vocab = n_vocab, .ctx_size = ctx, .max_seqs = max_seqs,
                                 .kv_blocks = n_blocks, .block_size = bs,
-                                .n_params = moe_model_n_params(e->model), .tok = e->tok, .chat = &e->chat};
+                                .n_params = moe_model_n_params(e->model), .tok = e->tok, .chat = &e->chat,
+                                .energy_source = moe_energy_meter_source(e->meter)};
     pthread_mutex_lock(&e->mu);
     e->st.kv_blocks_total = n_blocks;
+    e->st.energy_source = e->info.energy_source;
     atomic_store(&e->state, MOE_ENGINE_READY);
     pthread_cond_broadcast(&e->cv_state);
     pthread_mutex_unlock(&e->mu);
@@ -367,7 +414,8 @@ static void req_done(moe_engine *e, eng_req *r) {
         e->st.kv_blocks_used = e->st.kv_blocks_total - moe_kv_n_free(e->kv);
     }
     pthread_mutex_unlock(&e->mu);
-    moe_event ev = {.kind = MOE_EV_DONE, .completion_tokens = r->completion_total};
+    moe_event ev = {.kind = MOE_EV_DONE, .completion_tokens = r->completion_total, .has_energy = e->meter != NULL,
+                    .energy_joules = r->energy_j, .energy_seconds = r->energy_s};
     emit(r, &ev);
     req_free(r);
     pthread_mutex_lock(&e->mu);
@@ -738,6 +786,56 @@ static void sample_task(void *ctx, int64_t k, int thread) {
         moe_sampler_logprobs(sm, row, ro->id, r->top_logprobs, &ro->logprob, ro->top);
 }
 
+/* Copies the meter's totals into the statistics. */
+static void energy_publish(moe_engine *e, uint64_t now) {
+    if (!e->meter) return;
+    moe_energy_totals t;
+    moe_energy_meter_totals(e->meter, now, &t);
+    pthread_mutex_lock(&e->mu);
+    e->st.energy = t;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Notes the tokens each request computes in the planned step (before the
+ * pass: commit clears the chunks). */
+static void energy_plan(moe_engine *e) {
+    e->ew_n = 0;
+    if (!e->meter) return;
+    int64_t cap = e->info.max_seqs;
+    for (eng_req *r = e->act; r; r = r->act_next) {
+        double w = 0;
+        for (int32_t i = 0; i < r->n; i++)
+            if (r->g->seqs[i].chunk > 0) w += (double)r->g->seqs[i].chunk;
+        if (w <= 0) continue;
+        if (e->ew_n == cap) break; /* cannot happen: a request in the step runs a sequence */
+        e->ew_req[e->ew_n] = r;
+        e->ew_work[e->ew_n] = w;
+        e->ew_n++;
+    }
+}
+
+/* Reads the energy since the previous read and books it: shared among the
+ * step's requests (attributed), or, with attribute false (an idle wait, a
+ * failed pass), as idle. */
+static void energy_close(moe_engine *e, bool busy, bool attribute) {
+    if (!e->meter) return;
+    double dj, ds;
+    moe_energy_meter_read(e->meter, busy, &dj, &ds);
+    double w = 0;
+    if (attribute && e->ew_n) {
+        for (int64_t i = 0; i < e->ew_n; i++) e->ew_j[i] = e->ew_s[i] = 0;
+        w = moe_energy_share(e->ew_work, (size_t)e->ew_n, dj, ds, e->ew_j, e->ew_s);
+        for (int64_t i = 0; i < e->ew_n; i++) {
+            e->ew_req[i]->energy_j += e->ew_j[i];
+            e->ew_req[i]->energy_s += e->ew_s[i];
+        }
+    }
+    e->ew_n = 0;
+    uint64_t now = moe_now_ns();
+    moe_energy_meter_book(e->meter, dj, ds, (uint64_t)w, now);
+    energy_publish(e, now);
+}
+
 /* One scheduler step: plan, forward, sample, publish. Returns true when
  * there was work. */
 static bool step(moe_engine *e) {
@@ -752,8 +850,10 @@ static bool step(moe_engine *e) {
         finalize(e);
         return sb.n_failed > 0;
     }
+    energy_plan(e);
     int rc = moe_fwd_run(e->fw, e->kv, &sb.b, e->logits);
     if (rc) {
+        energy_close(e, true, false);
         /* the step's requests cannot go on; the others may */
         for (eng_req *r = e->act; r; r = r->act_next)
             for (int32_t i = 0; i < r->n; i++)
@@ -769,6 +869,8 @@ static bool step(moe_engine *e) {
     /* sample every row (in parallel), then render and emit in row order */
     sample_job job = {.e = e, .sb = &sb};
     cpu_pool_run(sb.n_rows > 1 ? e->spool : NULL, sample_task, &job, sb.n_rows);
+    /* the step's energy before its events: a request's DONE carries it */
+    energy_close(e, true, true);
     for (int64_t k = 0; k < sb.n_rows; k++) {
         moe_sched_seq *q = sb.rows[k];
         eng_choice *c = q->user;
@@ -821,6 +923,9 @@ static void *engine_main(void *arg) {
         bool worked = ok && e->act && step(e);
         if (!worked) {
             if (ok) publish_stats(e, NULL, false);
+            /* the wait is idle, and so is what came since the last step
+             * (its events went out; nothing was computed) */
+            energy_close(e, false, false);
             pthread_mutex_lock(&e->mu);
             if (!e->in_head && !e->quit) {
                 struct timespec ts;
@@ -830,6 +935,7 @@ static void *engine_main(void *arg) {
                 pthread_cond_timedwait(&e->cv, &e->mu, &ts);
             }
             pthread_mutex_unlock(&e->mu);
+            energy_close(e, false, false);
         }
     }
     pthread_mutex_lock(&e->mu);
@@ -857,13 +963,23 @@ moe_engine *moe_engine_start(const moe_engine_opts *opts, int *status, char *err
         if (err && errsz) snprintf(err, errsz, "engine options: a size is negative or too large");
         goto fail0;
     }
+    moe_energy_opts eo = {.source = opts->energy_source, .idle_watts = opts->energy_idle_watts,
+                          .busy_watts = opts->energy_busy_watts};
+    if (moe_energy_opts_check(&eo, err, errsz)) goto fail0;
     st = MOE_ENOMEM;
     moe_engine *e = calloc(1, sizeof(*e));
     if (!e) goto fail0;
     e->o = *opts;
+    e->o.energy_custom = NULL;
+    if (opts->energy_custom) {
+        e->custom_src = *opts->energy_custom;
+        memset(opts->energy_custom, 0, sizeof *opts->energy_custom);
+    }
     e->model_path = strdup(opts->model_path);
     e->device_opt = d ? strdup(d) : NULL;
-    if (!e->model_path || (d && !e->device_opt)) goto fail1;
+    e->energy_opt = opts->energy_source ? strdup(opts->energy_source) : NULL;
+    e->o.energy_source = e->energy_opt;
+    if (!e->model_path || (d && !e->device_opt) || (opts->energy_source && !e->energy_opt)) goto fail1;
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -884,10 +1000,13 @@ moe_engine *moe_engine_start(const moe_engine_opts *opts, int *status, char *err
     if (status) *status = MOE_OK;
     return e;
 fail1:
+    moe_energy_source_close(&e->custom_src);
     free(e->model_path);
     free(e->device_opt);
+    free(e->energy_opt);
     free(e);
 fail0:
+    if (opts && opts->energy_custom) moe_energy_source_close(opts->energy_custom);
     if (status) *status = st;
     return NULL;
 }
@@ -969,6 +1088,12 @@ void moe_engine_destroy(moe_engine *e, int64_t drain_ms) {
     free(e->sms);
     free(e->ro);
     free(e->logits);
+    moe_energy_meter_free(e->meter);
+    moe_energy_source_close(&e->custom_src);
+    free(e->ew_req);
+    free(e->ew_work);
+    free(e->ew_j);
+    free(e->ew_s);
     moe_kv_destroy(e->kv);
     moe_fwd_free(e->fw);
     if (e->be_ok) moe_backend_destroy(&e->be);
@@ -980,5 +1105,6 @@ void moe_engine_destroy(moe_engine *e, int64_t drain_ms) {
     pthread_cond_destroy(&e->cv_state);
     free(e->model_path);
     free(e->device_opt);
+    free(e->energy_opt);
     free(e);
 }

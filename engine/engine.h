@@ -40,6 +40,7 @@
 #include <stdint.h>
 
 #include "chat_template.h"
+#include "energy.h"
 #include "tokenizer.h"
 
 #ifdef __cplusplus
@@ -68,6 +69,15 @@ typedef struct moe_engine_opts {
     int64_t step_tokens;    /* token budget per step (prefill chunking); 0: 512 */
     int64_t queue_limit;    /* max waiting requests; submit beyond it fails with MOE_EFULL; 0: 256 */
     int chat_family;        /* force a moe_chat_family; < 0: recognise from the GGUF */
+    /* Energy accounting (energy.h): the source ("auto"/NULL, "nvml",
+     * "rapl", "estimate", "off") and the estimate's watts. A named source
+     * that cannot be read fails the load. energy_custom, when not NULL,
+     * replaces the source (tests feed scripted joules through it): start
+     * takes it over, even when it fails, and zeroes *energy_custom. */
+    const char *energy_source;
+    double energy_idle_watts;
+    double energy_busy_watts;
+    moe_energy_source *energy_custom;
     /* Optional progress reports during load ("mapping", "binding weights
      * 12/27", "warming up"); called on the engine thread. */
     void (*on_status)(void *user, const char *status);
@@ -156,6 +166,12 @@ struct moe_event {
     moe_finish finish;
     int64_t prompt_tokens;     /* FINISH/DONE: prompt length */
     int64_t completion_tokens; /* FINISH: this choice's tokens; DONE: all choices' */
+    /* DONE, when energy accounting is on (has_energy): the request's share
+     * of the energy and wall time of the steps it was in (energy.h says
+     * how steps are split). */
+    bool has_energy;
+    double energy_joules;
+    double energy_seconds;
     /* Engine-side times (CLOCK_MONOTONIC ns) for TTFT/ITL metrics. */
     uint64_t t_submit_ns;
     uint64_t t_now_ns;
@@ -185,6 +201,7 @@ typedef struct moe_engine_info {
     int64_t n_params;       /* total parameters */
     const moe_tok *tok;     /* thread-safe for encode/decode */
     const moe_chat_template *chat;
+    const char *energy_source; /* "nvml", "rapl", "estimate" (a model, not a measurement), or NULL: off */
 } moe_engine_info;
 int moe_engine_get_info(const moe_engine *e, moe_engine_info *out); /* MOE_ESTATE unless READY/DRAINING */
 
@@ -224,6 +241,9 @@ typedef struct moe_engine_stats {
     uint64_t batch_hist[9];
     uint64_t batch_seqs_total; /* sum of the sequences of every step (the histogram's _sum) */
     uint64_t heartbeat_ns; /* CLOCK_MONOTONIC of the engine loop's latest iteration (idle loops tick too) */
+    /* Energy since READY (energy.h); all zero when energy_source is NULL. */
+    const char *energy_source;
+    moe_energy_totals energy;
 } moe_engine_stats;
 void moe_engine_get_stats(const moe_engine *e, moe_engine_stats *out);
 

@@ -33,6 +33,10 @@
  * thread), so scheduling and sampling costs are not in the numbers.
  * Decode inputs are random ids rather than sampled tokens: the speed does
  * not depend on which tokens they are, only on which experts they pick.
+ * Energy: the source (engine/energy.h, as `moed serve` picks it) is read
+ * right before and after every timed pass, so bandwidth passes between
+ * rounds are not in the joules; J/token and $/1M tokens follow from them
+ * and the prices (docs/cost.md).
  */
 #include <errno.h>
 #include <getopt.h>
@@ -45,10 +49,13 @@
 #include "backend.h"
 #include "cli.h"
 #include "cpu_matmul.h"
+#include "config.h"
 #include "cpu_membw.h"
+#include "energy.h"
 #include "forward.h"
 #include "gguf.h"
 #include "kvcache.h"
+#include "metrics.h"
 #include "model.h"
 #include "threadpool.h"
 #ifdef MOE_HAVE_CUDA
@@ -77,7 +84,10 @@ static void usage(FILE *f) {
             "      --batch LIST    comma-separated decode batch sizes (default 1,8,32); batch 1 always runs\n"
             "      --device DEV    cpu (default) or cuda (a CUDA build on a GPU host)\n"
             "      --bw-mib N      bandwidth buffer in MiB (default 1024)\n"
-            "      --json          one JSON object on stdout instead of text\n");
+            "      --json          one JSON object on stdout instead of text\n"
+            "      --energy-source S  auto, nvml, rapl, estimate or off, as for moed serve (default auto)\n"
+            "      --energy-busy-watts W, --energy-idle-watts W  the estimate's power (defaults as moed serve)\n"
+            "      --cost-per-hour USD, --energy-price USD_PER_KWH  prices for $/1M tokens (default 0)\n");
 }
 
 /* Bytes per second: the best of `passes` host passes over buf, or of the
@@ -146,6 +156,7 @@ typedef struct dec_res {
     double gbs, ratio, speedup;
     double bound; /* batch * bytes of a batch-1 step / bytes of this step */
     double best_gbs, best_ratio; /* the fastest step alone: best-of, like the bandwidth */
+    double joules;               /* energy of the timed steps (0 without a source) */
     double median_ratio;         /* gbs over the median bandwidth pass between rounds */
 } dec_res;
 
@@ -156,7 +167,22 @@ typedef struct bench {
     int64_t n_prompt, n_vocab, n_moe_layers;
     uint64_t rng;
     float *logits;
+    moe_energy_meter *em; /* NULL: energy off */
 } bench;
+
+/* Closes the interval before a timed pass (what came before is not the
+ * pass's). */
+static void energy_mark(bench *bn) {
+    double j, s;
+    if (bn->em) moe_energy_meter_read(bn->em, false, &j, &s);
+}
+
+/* The joules of the pass since energy_mark. */
+static double energy_since(bench *bn) {
+    double j = 0, s;
+    if (bn->em) moe_energy_meter_read(bn->em, true, &j, &s);
+    return j;
+}
 
 /* One decode batch size: nb sequences continuing the prompt. */
 typedef struct dec_set {
@@ -224,10 +250,13 @@ static int set_step(bench *bn, dec_set *d, int64_t step) {
         d->sq[s] = (int32_t)s;
     }
     moe_batch b = {.n_tok = d->nb, .ids = d->ids, .pos = d->pos, .seq = d->sq, .n_seq = d->nb, .seqs = d->seqs};
+    energy_mark(bn);
     double t0 = srv_cli_now_s();
     int rc = moe_fwd_run(bn->fw, bn->kv, &b, bn->logits);
     double dt = srv_cli_now_s() - t0;
+    double j = energy_since(bn);
     if (rc || step == 0) return rc;
+    d->r.joules += j;
     moe_fwd_traffic tr;
     moe_fwd_last_traffic(bn->fw, &tr);
     d->r.seconds += dt;
@@ -273,8 +302,15 @@ int srv_cmd_bench(int argc, char **argv) {
         {"prompt", required_argument, 0, 'p'}, {"gen", required_argument, 0, 'g'},
         {"batch", required_argument, 0, 'b'},  {"device", required_argument, 0, 'd'},
         {"bw-mib", required_argument, 0, 'w'}, {"json", no_argument, 0, 'j'},
-        {"help", no_argument, 0, 'h'},         {0, 0, 0, 0},
+        {"help", no_argument, 0, 'h'},         {"energy-source", required_argument, 0, 'E'},
+        {"energy-busy-watts", required_argument, 0, 'B'}, {"energy-idle-watts", required_argument, 0, 'I'},
+        {"cost-per-hour", required_argument, 0, 'C'}, {"energy-price", required_argument, 0, 'P'},
+        {0, 0, 0, 0},
     };
+    /* the energy and price settings share `moed serve`'s keys, parsing and defaults */
+    srv_config cfg;
+    srv_config_init(&cfg);
+    char cerr[256];
     const char *model = NULL, *device = "cpu";
     long threads = 0, n_prompt = 128, n_gen = 32, bw_mib = 1024;
     long batches[MAX_BATCHES + 1] = {1, 8, 32};
@@ -301,7 +337,16 @@ int srv_cmd_bench(int argc, char **argv) {
             if (parse_long(optarg, 1, 1 << 20, &bw_mib)) goto bad;
             break;
         case 'j': json = 1; break;
-        case 'h': usage(stdout); return 0;
+        case 'E': case 'B': case 'I': case 'C': case 'P': {
+            const char *key = c == 'E' ? "energy_source" : c == 'B' ? "energy_busy_watts" : c == 'I' ? "energy_idle_watts"
+                              : c == 'C' ? "cost_per_hour" : "energy_price";
+            if (srv_config_set(&cfg, key, optarg, cerr, sizeof cerr)) {
+                fprintf(stderr, "moed bench: %s\n", cerr);
+                goto bad;
+            }
+            break;
+        }
+        case 'h': usage(stdout); srv_config_free(&cfg); return 0;
         default: goto bad;
         }
     }
@@ -446,9 +491,24 @@ int srv_cmd_bench(int argc, char **argv) {
     want[n_prompt - 1] = 1;
     moe_batch pb = {.n_tok = n_prompt, .ids = ids, .pos = pos, .seq = sq, .n_seq = 1, .seqs = &bn.prompt,
                     .want_logits = want};
+    {
+        moe_energy_opts eo = {.source = cfg.energy_source, .idle_watts = cfg.energy_idle_watts,
+                              .busy_watts = cfg.energy_busy_watts, .gpu = use_cuda};
+        moe_energy_source src;
+        if ((st = moe_energy_source_open(&src, &eo, err, sizeof err))) {
+            fprintf(stderr, "moed bench: %s\n", err);
+            goto out;
+        }
+        if (src.read && !(bn.em = moe_energy_meter_new(&src, &st))) {
+            fprintf(stderr, "moed bench: energy source: %s\n", moe_strerror(st));
+            goto out;
+        }
+    }
+    energy_mark(&bn);
     double t0 = srv_cli_now_s();
     st = moe_fwd_run(bn.fw, bn.kv, &pb, bn.logits);
     double t_prefill = srv_cli_now_s() - t0;
+    double j_prefill = energy_since(&bn);
     free(ids);
     free(pos);
     free(sq);
@@ -506,6 +566,16 @@ int srv_cmd_bench(int argc, char **argv) {
     char archs[64];
     snprintf(archs, sizeof archs, "%.*s", (int)(arch.len < 63 ? arch.len : 63), arch.ptr ? arch.ptr : "");
     double wmb = (double)moe_fwd_weight_bytes(bn.fw) / 1e6;
+    /* J per token and $ per 1M tokens of the prefill (index 0) and each decode batch (1..) */
+    double jpt[MAX_BATCHES + 2], dpm[MAX_BATCHES + 2];
+    const char *esrc = moe_energy_meter_source(bn.em);
+    jpt[0] = j_prefill / (double)n_prompt;
+    dpm[0] = srv_cost_usd(j_prefill, t_prefill, cfg.cost_per_hour, cfg.energy_price) / (double)n_prompt * 1e6;
+    for (int i = 0; i < n_batches; i++) {
+        double toks = (double)res[i].steps * (double)res[i].batch;
+        jpt[i + 1] = res[i].joules / toks;
+        dpm[i + 1] = srv_cost_usd(res[i].joules, res[i].seconds, cfg.cost_per_hour, cfg.energy_price) / toks * 1e6;
+    }
     if (json) {
         printf("{\"model\": ");
         json_str(model);
@@ -533,7 +603,18 @@ int srv_cmd_bench(int argc, char **argv) {
                    1e3 * r->seconds / (double)r->steps, r->dense + r->expert + r->kv, r->dense, r->expert, r->kv,
                    r->experts_per_layer, r->gbs, r->ratio, r->median_ratio, r->best_gbs, r->best_ratio, r->speedup, r->bound);
         }
-        printf("\n ]}\n");
+        printf("\n ],\n \"energy\": ");
+        if (!esrc) printf("null}\n");
+        else {
+            printf("{\"source\": \"%s\", \"cost_per_hour\": %.17g, \"energy_price\": %.17g,\n"
+                   "  \"prefill\": {\"joules\": %.9g, \"joules_per_token\": %.9g, \"usd_per_1m_tokens\": %.9g},\n"
+                   "  \"decode\": [",
+                   esrc, cfg.cost_per_hour, cfg.energy_price, j_prefill, jpt[0], dpm[0]);
+            for (int i = 0; i < n_batches; i++)
+                printf("%s{\"batch\": %ld, \"joules\": %.9g, \"joules_per_token\": %.9g, \"usd_per_1m_tokens\": %.9g}",
+                       i ? ", " : "", res[i].batch, res[i].joules, jpt[i + 1], dpm[i + 1]);
+            printf("]}}\n");
+        }
     } else {
         printf("model: %s (%s, %lld layers, %lld MoE, %.1f MB of weights)\n", model, archs,
                (long long)moe_fwd_n_layer(bn.fw), (long long)bn.n_moe_layers, wmb);
@@ -573,6 +654,15 @@ int srv_cmd_bench(int argc, char **argv) {
                 printf("%s batch %ld %.1f%%", i ? "," : "", res[i].batch, 100.0 * res[i].median_ratio);
             printf("\n");
         }
+        if (esrc) {
+            printf("energy (%s%s; $/1M tokens at $%g/h and $%g/kWh): prefill %.4g J/token, $%.4g/1M tokens;",
+                   esrc, strcmp(esrc, "estimate") ? "" : ", a model, not a measurement", cfg.cost_per_hour,
+                   cfg.energy_price, jpt[0], dpm[0]);
+            for (int i = 0; i < n_batches; i++)
+                printf("%s decode batch %ld %.4g J/token, $%.4g/1M tokens", i ? "," : "", res[i].batch, jpt[i + 1],
+                       dpm[i + 1]);
+            printf("\n");
+        }
     }
     rc = 0;
 out:
@@ -586,8 +676,11 @@ out:
     free(bn.logits);
     free(bw_buf);
     cpu_pool_destroy(pool);
+    moe_energy_meter_free(bn.em);
+    srv_config_free(&cfg);
     return rc;
 bad:
     usage(stderr);
+    srv_config_free(&cfg);
     return 2;
 }

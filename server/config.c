@@ -60,6 +60,11 @@ static const opt_desc opts[] = {
     {"device", 0, OPT_STR, OFF(device), 0, 0, 0, "auto", "engine device: auto, cpu or cuda"},
     {"chat_template", 0, OPT_STR, OFF(chat_template), 0, 0, 0, "from model", "chat format override: chatml, deepseek2, deepseek3, mistral, mistral-v3, llama3"},
     {"chat_parse_special", 0, OPT_BOOL, OFF(chat_parse_special), 0, 0, 0, "false", "control-token text in chat message content becomes control tokens (lets clients forge turns)"},
+    {"energy_source", 0, OPT_STR, OFF(energy_source), 0, 0, 0, "auto", "energy per request from: auto, nvml, rapl, estimate or off"},
+    {"energy_idle_watts", 0, OPT_DBL, OFF(energy_idle_watts), 0, 0, 1e6, "50", "energy_source estimate: watts while the engine waits"},
+    {"energy_busy_watts", 0, OPT_DBL, OFF(energy_busy_watts), 0, 0, 1e6, "150", "energy_source estimate: watts while the engine runs a step"},
+    {"cost_per_hour", 0, OPT_DBL, OFF(cost_per_hour), 0, 0, 1e6, "0", "machine price in $/h, charged to requests by their share of step time (0 = none)"},
+    {"energy_price", 0, OPT_DBL, OFF(energy_price), 0, 0, 1e6, "0", "electricity price in $/kWh, charged by energy (0 = none)"},
 };
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
 
@@ -96,6 +101,9 @@ void srv_config_init(srv_config *c) {
     c->log_format = SRV_LOG_TEXT;
     c->log_level = SRV_LOG_INFO;
     c->device = strdup("auto");
+    c->energy_source = strdup("auto");
+    c->energy_idle_watts = 50;
+    c->energy_busy_watts = 150;
 }
 
 void srv_config_free(srv_config *c) {
@@ -154,6 +162,7 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
             dup = NULL;
             if (!strcmp(o->key, "host")) dup = strdup("127.0.0.1");
             else if (!strcmp(o->key, "device")) dup = strdup("auto");
+            else if (!strcmp(o->key, "energy_source")) dup = strdup("auto");
         }
         *p = dup;
         return 0;

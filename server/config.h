@@ -58,6 +58,11 @@ typedef struct srv_config {
     char *device;             /* "auto", "cpu", "cuda"; default "auto" */
     char *chat_template;      /* family override ("chatml", "deepseek3", ...); NULL = from the model */
     bool chat_parse_special;  /* control-token text in chat message content becomes control tokens */
+    char *energy_source;      /* "auto", "nvml", "rapl", "estimate", "off"; default "auto" (docs/cost.md) */
+    double energy_idle_watts; /* the estimate's power while the engine waits */
+    double energy_busy_watts; /* the estimate's power while it runs a step */
+    double cost_per_hour;     /* machine price in $/h, charged over the step time; 0 = none */
+    double energy_price;      /* electricity in $/kWh; 0 = none */
     char *config_path;        /* the file that was read, or NULL */
 } srv_config;
 

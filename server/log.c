@@ -328,6 +328,8 @@ void srv_log_req(const srv_log_request *r) {
         field_raw(&l, "prompt_tokens", "%lld", (long long)r->prompt_tokens);
         field_raw(&l, "completion_tokens", "%lld", (long long)r->completion_tokens);
         if (r->ttft_ms >= 0) field_raw(&l, "ttft_ms", "%.1f", r->ttft_ms);
+        if (r->has_energy) field_raw(&l, "energy_j", "%.6g", r->energy_joules);
+        if (r->has_cost) field_raw(&l, "cost_usd", "%.6g", r->cost_usd);
     }
     field_raw(&l, "total_ms", "%.1f", r->total_ms);
     if (r->finish) field(&l, "finish", r->finish);

@@ -77,6 +77,10 @@ typedef struct srv_log_request {
     bool stream;
     const char *finish;   /* "stop", "length", "cancelled", "error" or NULL */
     const char *error;    /* error message for 4xx/5xx, or NULL */
+    bool has_energy;      /* energy_joules is set (energy accounting on, the generation finished) */
+    double energy_joules;
+    bool has_cost;        /* cost_usd is set (a price is configured) */
+    double cost_usd;
 } srv_log_request;
 
 /* The one line per request (info level; 5xx at warn). */

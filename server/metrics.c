@@ -30,6 +30,10 @@ void srv_hist_observe(srv_hist *h, double v) {
     h->count++;
 }
 
+double srv_cost_usd(double joules, double seconds, double cost_per_hour, double energy_price) {
+    return seconds * cost_per_hour / 3600.0 + joules / 3.6e6 * energy_price;
+}
+
 void srv_metrics_count_status(srv_metrics *m, int status) {
     if (status >= 0 && status < 600) m->http_requests[status]++;
 }
@@ -115,6 +119,36 @@ char *srv_metrics_render(const srv_metrics *m, const moe_engine_stats *st, const
               (double)st->steps_total);
     put_gauge(&s, "moed_requests_cancelled_total", "counter", "requests cancelled (client gone, timeout, drain)", lbl,
               (double)m->requests_cancelled);
+    if (st->energy_source) {
+        const moe_energy_totals *en = &st->energy;
+        /* the source is a label value from a fixed set (energy.h) */
+        put(&s, "# HELP moed_energy_joules_total energy the source measured since the engine started "
+                "(source estimate: a model from energy_idle_watts/energy_busy_watts, not a measurement)\n"
+                "# TYPE moed_energy_joules_total counter\nmoed_energy_joules_total{model=\"%s\",source=\"%s\"} %.17g\n",
+            lbl, st->energy_source, en->joules);
+        put_gauge(&s, "moed_energy_attributed_joules_total", "counter",
+                  "energy charged to requests (the sum of their usage.energy_joules)", lbl, en->attributed_joules);
+        put_gauge(&s, "moed_energy_idle_joules_total", "counter",
+                  "energy not charged to any request: idle waits and failed steps", lbl, en->idle_joules);
+        put_gauge(&s, "moed_energy_attributed_seconds_total", "counter",
+                  "engine step wall time charged to requests (what cost_per_hour is charged over)", lbl,
+                  en->attributed_seconds);
+        put_gauge(&s, "moed_energy_idle_seconds_total", "counter", "engine time not charged to any request", lbl,
+                  en->idle_seconds);
+        put_gauge(&s, "moed_cost_usd_total", "counter",
+                  "cost charged to requests at cost_per_hour and energy_price (the sum of their usage.cost_usd)", lbl,
+                  srv_cost_usd(en->attributed_joules, en->attributed_seconds, m->cost_per_hour, m->energy_price));
+        double wt = (double)en->window_tokens;
+        put_gauge(&s, "moed_energy_joules_per_token", "gauge",
+                  "attributed joules per computed token (prompt + generated) over the last 60 s of steps; 0 when none",
+                  lbl, wt > 0 ? en->window_joules / wt : 0);
+        put_gauge(&s, "moed_cost_usd_per_1m_tokens", "gauge",
+                  "cost per million computed tokens (prompt + generated) over the last 60 s of steps; 0 when none",
+                  lbl,
+                  wt > 0 ? srv_cost_usd(en->window_joules, en->window_seconds, m->cost_per_hour, m->energy_price) /
+                               wt * 1e6
+                         : 0);
+    }
     /* engine batch-size histogram: counts per bucket -> cumulative */
     static const char *le[9] = {"1", "2", "4", "8", "16", "32", "64", "128", "+Inf"};
     put(&s, "# HELP moed_batch_size sequences per engine step\n# TYPE moed_batch_size histogram\n");

@@ -34,11 +34,18 @@ typedef struct srv_metrics {
     /* connections, copied from the HTTP layer before each render */
     uint64_t http_connections;   /* open now */
     uint64_t http_closed_header_timeout, http_closed_body_timeout, http_closed_idle_timeout, http_closed_evicted;
+    /* prices (config cost_per_hour, energy_price) for the cost series */
+    double cost_per_hour, energy_price;
 } srv_metrics;
 
 void srv_metrics_init(srv_metrics *m);
 void srv_hist_observe(srv_hist *h, double v);
 void srv_metrics_count_status(srv_metrics *m, int status);
+
+/* What `seconds` of machine time and `joules` of energy cost at
+ * cost_per_hour $/h and energy_price $/kWh. Linear, so the costs of the
+ * requests sum to the cost of their sums (docs/cost.md). */
+double srv_cost_usd(double joules, double seconds, double cost_per_hour, double energy_price);
 
 /* Renders everything as Prometheus text format 0.0.4. model labels the
  * engine series. Returns a malloc'd string (length in *len), NULL on ENOMEM. */

@@ -810,11 +810,13 @@ static cJSON *base_object(const srv_oai_ctx *c, bool chunk) {
     return o;
 }
 
-static cJSON *usage_object(int64_t prompt, int64_t completion) {
+static cJSON *usage_object(const srv_oai_ctx *c, int64_t prompt, int64_t completion) {
     cJSON *u = cJSON_CreateObject();
     cJSON_AddNumberToObject(u, "prompt_tokens", (double)prompt);
     cJSON_AddNumberToObject(u, "completion_tokens", (double)completion);
     cJSON_AddNumberToObject(u, "total_tokens", (double)(prompt + completion));
+    if (c->has_energy) cJSON_AddNumberToObject(u, "energy_joules", c->energy_joules);
+    if (c->has_cost) cJSON_AddNumberToObject(u, "cost_usd", c->cost_usd);
     return u;
 }
 
@@ -846,7 +848,7 @@ char *srv_oai_render_response(const srv_oai_ctx *c, const srv_oai_choice *choice
         add_finish(ch, choices[i].finish);
         cJSON_AddItemToArray(arr, ch);
     }
-    cJSON_AddItemToObject(o, "usage", usage_object(prompt_tokens, completion_tokens));
+    cJSON_AddItemToObject(o, "usage", usage_object(c, prompt_tokens, completion_tokens));
     return finish_print(o);
 }
 
@@ -874,6 +876,6 @@ char *srv_oai_render_chunk(const srv_oai_ctx *c, int32_t index, bool role, const
 char *srv_oai_render_usage_chunk(const srv_oai_ctx *c, int64_t prompt_tokens, int64_t completion_tokens) {
     cJSON *o = base_object(c, true);
     cJSON_AddArrayToObject(o, "choices");
-    cJSON_AddItemToObject(o, "usage", usage_object(prompt_tokens, completion_tokens));
+    cJSON_AddItemToObject(o, "usage", usage_object(c, prompt_tokens, completion_tokens));
     return finish_print(o);
 }

@@ -132,6 +132,11 @@ typedef struct srv_oai_ctx {
     const char *model;
     const moe_tok *tok;  /* token texts for logprobs; may be NULL when logprobs is off */
     bool logprobs;
+    /* usage extensions (docs/api.md): added to usage when set */
+    bool has_energy;
+    double energy_joules;
+    bool has_cost;
+    double cost_usd;
 } srv_oai_ctx;
 
 /* The non-streamed body: choices[0..n) in index order, and usage. Malloc'd. */

@@ -53,6 +53,8 @@ typedef struct ev_node {
     int32_t n_top;
     moe_finish finish;
     int64_t prompt_tokens, completion_tokens;
+    bool has_energy;
+    double energy_joules, energy_seconds;
     uint64_t t_now_ns;
     size_t text_len;
     moe_logprob *top; /* points into the node's tail */
@@ -107,6 +109,8 @@ struct srv_gen {
     uint64_t t_start_ns, t_first_ns;
     int64_t prompt_tokens, completion_tokens;
     int64_t tokens_seen; /* TOKEN events so far (the count while unfinished) */
+    bool has_energy;     /* every DONE so far carried energy */
+    double energy_joules, energy_seconds; /* summed over the subs' DONE */
 };
 
 /* One HTTP request (MHD's con_cls). */
@@ -321,6 +325,9 @@ static void on_event_cb(void *user, const moe_event *ev) {
     n->finish = ev->finish;
     n->prompt_tokens = ev->prompt_tokens;
     n->completion_tokens = ev->completion_tokens;
+    n->has_energy = ev->has_energy;
+    n->energy_joules = ev->energy_joules;
+    n->energy_seconds = ev->energy_seconds;
     n->t_now_ns = ev->t_now_ns ? ev->t_now_ns : moe_now_ns();
     n->top = (moe_logprob *)(n + 1);
     if (nt) memcpy(n->top, ev->top, (size_t)nt * sizeof(moe_logprob));
@@ -360,10 +367,17 @@ static void gen_error_body(srv_gen *g, int http, const char *code, const char *m
     }
 }
 
+/* Whether a price is configured, so that usage carries cost_usd. */
+static bool cost_on(const server *s) { return s->cfg->cost_per_hour > 0 || s->cfg->energy_price > 0; }
+
 /* Every sub is DONE: close the stream or build the body. */
 static void gen_finish(srv_gen *g) {
     server *s = g->s;
     g->finished = true;
+    g->ctx.has_energy = g->has_energy;
+    g->ctx.energy_joules = g->energy_joules;
+    g->ctx.has_cost = g->has_energy && cost_on(s);
+    g->ctx.cost_usd = srv_cost_usd(g->energy_joules, g->energy_seconds, s->cfg->cost_per_hour, s->cfg->energy_price);
     srv_hist_observe(&s->metrics.e2e, ns_to_s(moe_now_ns() - g->t_start_ns));
     if (g->err[0]) gen_error_body(g, g->err_http ? g->err_http : 500, g->err_code[0] ? g->err_code : "engine_error", g->err);
     else if (g->drain_cancel) gen_error_body(g, 503, "server_shutdown", "the server is shutting down; the request was cut short");
@@ -438,6 +452,9 @@ static void process_event(server *s, ev_node *n) {
         sub->done = true;
         g->prompt_tokens += n->prompt_tokens;
         g->completion_tokens += n->completion_tokens;
+        g->has_energy = (g->subs_done == 0 || g->has_energy) && n->has_energy;
+        g->energy_joules += n->energy_joules;
+        g->energy_seconds += n->energy_seconds;
         if (++g->subs_done == g->n_subs) {
             gen_finish(g);
             gen_release(g); /* the engine's reference */
@@ -1153,6 +1170,12 @@ static void completed_cb(void *cls, struct MHD_Connection *conn, void **con_cls,
             for (size_t i = 0; i < g->n_subs; i++) lr.prompt_tokens += g->req.prompts[i].n;
         lr.completion_tokens = g->finished ? g->completion_tokens : g->tokens_seen;
         if (g->t_first_ns) lr.ttft_ms = (double)(g->t_first_ns - g->t_start_ns) * 1e-6;
+        if (g->finished) {
+            lr.has_energy = g->ctx.has_energy;
+            lr.energy_joules = g->ctx.energy_joules;
+            lr.has_cost = g->ctx.has_cost;
+            lr.cost_usd = g->ctx.cost_usd;
+        }
         lr.finish = g->finished ? finish_log_name(g) : "cancelled";
         /* A stream whose hang-up the tick saw first is finished (cancelled)
          * by now and its last write fails: that is the client leaving, not
@@ -1254,6 +1277,13 @@ static void on_ready(server *s) {
              (long long)s->info.kv_blocks);
     srv_notify_ready(status);
     srv_log(SRV_LOG_INFO, "%s", status);
+    if (!s->info.energy_source) srv_log(SRV_LOG_INFO, "energy: off (energy_source = off)");
+    else if (!strcmp(s->info.energy_source, "estimate"))
+        srv_log(SRV_LOG_INFO, "energy: estimate, not measured (%s): %g W busy, %g W idle (energy_busy_watts, "
+                              "energy_idle_watts)",
+                strcmp(s->cfg->energy_source, "estimate") ? "no NVML or readable RAPL counter" : "energy_source = estimate",
+                s->cfg->energy_busy_watts, s->cfg->energy_idle_watts);
+    else srv_log(SRV_LOG_INFO, "energy: measured by %s", s->info.energy_source);
 }
 
 /* True when the client of a suspended connection has hung up (FIN or
@@ -1381,6 +1411,8 @@ int srv_cmd_serve(int argc, char **argv) {
     s->started_unix = (int64_t)time(NULL);
     if (getrandom(&s->id_base, sizeof s->id_base, 0) != sizeof s->id_base) s->id_base = moe_now_ns() ^ (uint64_t)getpid();
     srv_metrics_init(&s->metrics);
+    s->metrics.cost_per_hour = cfg.cost_per_hour;
+    s->metrics.energy_price = cfg.energy_price;
     pthread_mutex_init(&s->ev_mu, NULL);
     srv_notify_init(&s->watchdog_usec);
 
@@ -1407,6 +1439,9 @@ int srv_cmd_serve(int argc, char **argv) {
     eo.queue_limit = cfg.queue_limit;
     eo.chat_family = cfg.chat_template ? moe_chat_family_parse(cfg.chat_template) : -1;
     eo.on_status = engine_status_cb;
+    eo.energy_source = cfg.energy_source;
+    eo.energy_idle_watts = cfg.energy_idle_watts;
+    eo.energy_busy_watts = cfg.energy_busy_watts;
     srv_notify_status("loading %s", cfg.model);
     srv_log(SRV_LOG_INFO, "loading %s", cfg.model);
     int st = 0;

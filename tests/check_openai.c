@@ -431,7 +431,7 @@ static cJSON *get(cJSON *o, const char *path) {
 }
 
 START_TEST(test_render_chat) {
-    srv_oai_ctx c = {SRV_OAI_CHAT, "chatcmpl-1", 1700000000, "tiny", tok, true};
+    srv_oai_ctx c = {.kind = SRV_OAI_CHAT, .id = "chatcmpl-1", .created = 1700000000, .model = "tiny", .tok = tok, .logprobs = true};
     srv_oai_choice ch[2];
     memset(ch, 0, sizeof ch);
     ck_assert_int_eq(srv_oai_choice_append(&ch[0], "Hel", 3), 0);
@@ -488,6 +488,25 @@ START_TEST(test_render_chat) {
     o = cJSON_Parse(s);
     ck_assert_int_eq(cJSON_GetArraySize(get(o, "choices")), 0);
     ck_assert_int_eq(get(o, "usage.total_tokens")->valueint, 7);
+    /* the energy / cost extensions only when set */
+    ck_assert_ptr_null(get(o, "usage.energy_joules"));
+    ck_assert_ptr_null(get(o, "usage.cost_usd"));
+    cJSON_Delete(o);
+    free(s);
+    c.has_energy = true;
+    c.energy_joules = 1.5;
+    s = srv_oai_render_usage_chunk(&c, 3, 4);
+    o = cJSON_Parse(s);
+    ck_assert_double_eq(get(o, "usage.energy_joules")->valuedouble, 1.5);
+    ck_assert_ptr_null(get(o, "usage.cost_usd"));
+    cJSON_Delete(o);
+    free(s);
+    c.has_cost = true;
+    c.cost_usd = 2.5e-7;
+    s = srv_oai_render_response(&c, ch, 2, 3, 4);
+    o = cJSON_Parse(s);
+    ck_assert_double_eq(get(o, "usage.energy_joules")->valuedouble, 1.5);
+    ck_assert_double_eq(get(o, "usage.cost_usd")->valuedouble, 2.5e-7);
     cJSON_Delete(o);
     free(s);
     srv_oai_choice_free(&ch[0]);
@@ -496,7 +515,7 @@ START_TEST(test_render_chat) {
 END_TEST
 
 START_TEST(test_render_completion) {
-    srv_oai_ctx c = {SRV_OAI_COMPLETION, "cmpl-1", 1, "tiny", tok, true};
+    srv_oai_ctx c = {.kind = SRV_OAI_COMPLETION, .id = "cmpl-1", .created = 1, .model = "tiny", .tok = tok, .logprobs = true};
     srv_oai_choice ch;
     memset(&ch, 0, sizeof ch);
     srv_oai_choice_append(&ch, "ab", 2);

@@ -17,5 +17,6 @@ apt-get download pkgconf pkgconf-bin libpkgconf3 \
     libcjson-dev libcjson1 \
     libpcre2-dev libpcre2-8-0 libpcre2-16-0 libpcre2-32-0 libpcre2-posix3 \
     libsystemd-dev \
+    libpowercap-dev libpowercap0 \
     libicu-dev "$(apt-cache depends libicu-dev | awk '/Depends: libicu[0-9]/ {print $2; exit}')"
 du -sh .

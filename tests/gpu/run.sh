@@ -119,6 +119,9 @@ if [ -x "$B/moed" ]; then
     rc=$?
     tail -15 "$OUT/bench.log"
     row "moed bench --device cuda" "$([ $rc = 0 ] && echo ok || echo FAIL)" $((SECONDS - t)) "log: bench.log"
+    # energy: with the driver present, auto must pick the GPU's NVML counter (docs/cost.md)
+    eline=$(grep -m1 '^energy (' "$OUT/bench.log")
+    row "energy source nvml" "$(echo "$eline" | grep -q '^energy (nvml' && echo ok || echo FAIL)" 0 "${eline:0:120}"
     rm -f "$M"
 else
     row "moed bench --device cuda" "FAIL" 0 "moed not built"

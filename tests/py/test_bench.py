@@ -105,7 +105,8 @@ def test_usage_errors(moed_bin, args):
 def test_help_lists_every_option(moed_bin):
     p = bench(moed_bin, "--help")
     assert p.returncode == 0
-    for opt in ("--model", "--threads", "--prompt", "--gen", "--batch", "--device", "--bw-mib", "--json"):
+    for opt in ("--model", "--threads", "--prompt", "--gen", "--batch", "--device", "--bw-mib", "--json",
+                "--energy-source", "--energy-busy-watts", "--energy-idle-watts", "--cost-per-hour", "--energy-price"):
         assert opt in p.stdout, opt
     assert "default 128" in p.stdout and "default 32" in p.stdout and "1,8,32" in p.stdout
 
@@ -113,3 +114,35 @@ def test_help_lists_every_option(moed_bin):
 def test_missing_model_fails(moed_bin, tmp_path):
     p = bench(moed_bin, "-m", str(tmp_path / "nope.gguf"), *SMALL)
     assert p.returncode == 1 and "nope.gguf" in p.stderr
+
+
+def test_energy_per_token(moed_bin):
+    # the estimate is busy watts x the timed passes, so J/token and $/1M
+    # tokens follow from the report's own seconds (docs/cost.md)
+    p = bench(moed_bin, "-m", str(FIXDIR / "llama.gguf"), *SMALL, "--batch", "1,3", "--json",
+              "--energy-source", "estimate", "--energy-busy-watts", "100", "--cost-per-hour", "3.6",
+              "--energy-price", "0.5")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    e = r["energy"]
+    assert e["source"] == "estimate" and e["cost_per_hour"] == 3.6 and e["energy_price"] == 0.5
+    assert e["prefill"]["joules"] == pytest.approx(100 * r["prefill"]["seconds"], rel=0.25)
+    assert e["prefill"]["joules_per_token"] == pytest.approx(e["prefill"]["joules"] / 20, rel=1e-6)
+    for d, en in zip(r["decode"], e["decode"]):
+        toks = d["batch"] * d["steps"]
+        assert en["batch"] == d["batch"]
+        assert en["joules"] == pytest.approx(100 * d["seconds"], rel=0.05)
+        assert en["joules_per_token"] == pytest.approx(en["joules"] / toks, rel=1e-6)
+        want = (d["seconds"] * 3.6 / 3600 + en["joules"] / 3.6e6 * 0.5) / toks * 1e6
+        assert en["usd_per_1m_tokens"] == pytest.approx(want, rel=1e-6)
+    # text: one line with every figure; off: none
+    p = bench(moed_bin, "-m", str(FIXDIR / "llama.gguf"), *SMALL, "--batch", "1,3", "--cost-per-hour", "2")
+    line = re.search(r"^energy \((\w+)[^)]*\$2/h[^)]*\): prefill ([0-9.e+-]+) J/token, \$([0-9.e+-]+)/1M tokens; "
+                     r"decode batch 1 ([0-9.e+-]+) J/token, \$([0-9.e+-]+)/1M tokens, "
+                     r"decode batch 3 ([0-9.e+-]+) J/token, \$([0-9.e+-]+)/1M tokens$", p.stdout, re.M)
+    assert line and line.group(1) in ("rapl", "estimate", "nvml"), p.stdout
+    assert all(float(v) > 0 for v in line.groups()[1:]), line.groups()
+    p = bench(moed_bin, "-m", str(FIXDIR / "llama.gguf"), *SMALL, "--json", "--energy-source", "off")
+    assert json.loads(p.stdout)["energy"] is None
+    p = bench(moed_bin, "-m", str(FIXDIR / "llama.gguf"), "--cost-per-hour", "-1")
+    assert p.returncode == 2 and "cost_per_hour" in p.stderr

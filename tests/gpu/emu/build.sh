@@ -26,7 +26,7 @@ objs+=("$B/emu/emu.o")
 for t in check_cuda_ops check_cuda_e2e; do
     gcc -std=c11 -O2 -g -pthread -D_GNU_SOURCE -Iengine -Iengine/cpu -Icuda -DMOE_HAVE_CUDA=1 -DMOE_CUDA_EMU=1 \
         -DMOE_SRC_DIR="\"$PWD\"" $(pkg-config --cflags check) -o "$B/emu/$t" tests/$t.c "${objs[@]}" "$B/libmoed.a" \
-        $(pkg-config --libs check) $(pkg-config --libs icu-uc) -lstdc++ -lm -lpthread
+        $(pkg-config --libs check) $(pkg-config --libs icu-uc powercap) -lstdc++ -lm -lpthread
 done
 what=${1:-all}
 rc=0
