@@ -86,7 +86,7 @@ def test_live_server_conforms(tmp_path, moed_bin):
                            "response_schema_conformance",
                "--max-examples", "40", "--seed", "1", "--workers", "1", "--request-timeout", "30",
                "--generation-database", "none", "--no-color", "--suppress-health-check", "all"]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=tmp_path)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
         out = p.stdout + p.stderr
         assert srv.proc.poll() is None, f"moed serve died during the run:\n{srv.log()}\n{out[-4000:]}"
         assert p.returncode == 0, out[-8000:]
