@@ -51,6 +51,7 @@ static const opt_desc opts[] = {
     {"body_timeout", 0, OPT_DBL, OFF(body_timeout), 0, 0, 1e6, "60", "seconds a client has to send a whole request body (0 = none)"},
     {"max_connections", 0, OPT_INT, OFF(max_connections), 0, 16, 1 << 20, "1024", "open connections; beyond, the longest-waiting one is closed"},
     {"max_connections_per_ip", 0, OPT_INT, OFF(max_connections_per_ip), 0, 0, 1 << 20, "256", "connections one client address may hold (0 = no cap)"},
+    {"sse_keepalive", 0, OPT_DBL, OFF(sse_keepalive), 0, 0, 1e6, "5", "seconds of silence before a stream gets a ': keep-alive' comment (0 = off)"},
     {"drain_timeout", 0, OPT_DBL, OFF(drain_timeout), 0, 0, 1e6, "30", "seconds in-flight requests get to finish after SIGTERM"},
     {"heartbeat_timeout", 0, OPT_DBL, OFF(heartbeat_timeout), 0, 0.01, 1e6, "30", "/health fails when the engine loop is older than this"},
     {"cors_origins", 0, OPT_LIST, OFF(cors_origins), OFF(n_cors_origins), 0, 0, "none", "allowed CORS origins, comma-separated (* = any)"},
@@ -92,6 +93,7 @@ void srv_config_init(srv_config *c) {
     c->max_connections = 1024;
     c->max_connections_per_ip = 256;
     c->drain_timeout = 30;
+    c->sse_keepalive = 5;
     c->heartbeat_timeout = 30;
     c->log_format = SRV_LOG_TEXT;
     c->log_level = SRV_LOG_INFO;

@@ -49,6 +49,7 @@ typedef struct srv_config {
     int64_t max_connections;  /* open connections before a new one displaces a waiting one; default 1024 */
     int64_t max_connections_per_ip; /* connections one client address may hold; 0 = no cap; default 256 */
     double drain_timeout;     /* seconds in-flight requests get after SIGTERM; default 30 */
+    double sse_keepalive;     /* seconds of silence before a stream gets a ": keep-alive" comment; 0 = off; default 5 */
     double heartbeat_timeout; /* /health is 503 when the engine loop is older than this; default 30 */
     char **cors_origins;      /* (n_cors_origins) allowed Origins; "*" = any; none = no CORS headers */
     size_t n_cors_origins;
