@@ -139,6 +139,15 @@ static int translate(const cJSON *root, bool count_only, cJSON *chat, srv_oai_er
         if (!cJSON_IsString(t) || strcmp(t->valuestring, "none"))
             return bad(err, "tool_choice", "tool_choice: only {\"type\": \"none\"} is supported (no tool use yet)");
     }
+    /* output_config.effort only tunes a reasoning model: accepted, no effect. */
+    v = cJSON_GetObjectItemCaseSensitive(root, "output_config");
+    if (!absent(v)) {
+        if (!cJSON_IsObject(v)) return bad(err, "output_config", "output_config: must be an object");
+        if (!absent(cJSON_GetObjectItemCaseSensitive(v, "format")))
+            return bad(err, "output_config.format",
+                       "output_config.format: structured output needs grammar-constrained sampling, which this "
+                       "server does not have yet");
+    }
     v = cJSON_GetObjectItemCaseSensitive(root, "thinking");
     if (!absent(v)) {
         const cJSON *t = cJSON_GetObjectItemCaseSensitive(v, "type");

@@ -1159,7 +1159,7 @@ static enum MHD_Result dispatch(server *s, srv_conn *c, struct MHD_Connection *c
         srv_oai_err e;
         srv_oai_err_set(&e, 405, NULL, "method %.16s is not allowed here; use %s", method, post ? "POST" : "GET");
         snprintf(e.code, sizeof e.code, "method_not_allowed");
-        char *body = srv_oai_err_json(&e);
+        char *body = path_is_anthropic(c->path) ? srv_anth_err_json(&e) : srv_oai_err_json(&e);
         if (!body) return MHD_NO;
         struct MHD_Response *resp = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
         MHD_add_response_header(resp, "Allow", post ? "POST, OPTIONS" : "GET, HEAD, OPTIONS");
