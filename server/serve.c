@@ -149,6 +149,9 @@ struct server {
     bool ready;
     char *model_name; /* served name */
     char *model_file_id;
+    char *model_file_name;        /* the file's name with its extension, also accepted */
+    const char *model_ids[8];     /* (n_model_ids) the other accepted ids: aliases, the file name */
+    size_t n_model_ids;
     srv_metrics metrics;
     uv_async_t async;
     uv_timer_t tick, watchdog;
@@ -577,6 +580,8 @@ static void fill_limits(server *s, srv_oai_limits *lim) {
     memset(lim, 0, sizeof *lim);
     lim->model_name = s->model_name;
     lim->model_alt = s->model_file_id;
+    lim->model_aliases = s->model_ids;
+    lim->n_model_aliases = s->n_model_ids;
     lim->n_vocab = s->info.n_vocab;
     lim->ctx_size = s->info.ctx_size;
     lim->max_seqs = s->info.max_seqs;
@@ -786,8 +791,9 @@ static cJSON *model_object(server *s) {
 
 static enum MHD_Result handle_models(server *s, srv_conn *c, struct MHD_Connection *conn, const char *id) {
     if (id) {
-        if (strcmp(id, s->model_name) && (!s->model_file_id || strcmp(id, s->model_file_id)))
-            return respond_errf(s, c, conn, 404, "model", "model_not_found", "The model does not exist");
+        bool known = !strcmp(id, s->model_name) || (s->model_file_id && !strcmp(id, s->model_file_id));
+        for (size_t i = 0; !known && i < s->n_model_ids; i++) known = !strcmp(id, s->model_ids[i]);
+        if (!known) return respond_errf(s, c, conn, 404, "model", "model_not_found", "The model does not exist");
         return respond_json(s, c, conn, 200, model_object(s));
     }
     cJSON *o = cJSON_CreateObject();
@@ -1508,8 +1514,9 @@ int srv_cmd_serve(int argc, char **argv) {
     srv_config_init(&cfg);
     char err[MOE_ERR_MAX];
     int rc = srv_config_from_args(&cfg, argc, argv, NULL, err, sizeof err);
-    if (rc == 1) {
-        srv_config_usage(stdout);
+    if (rc == 1 || rc == 2) {
+        if (rc == 1) srv_config_usage(stdout);
+        else printf("moed %s\n", MOED_VERSION);
         srv_config_free(&cfg);
         return 0;
     }
@@ -1530,6 +1537,9 @@ int srv_cmd_serve(int argc, char **argv) {
         return 2;
     }
     srv_log_setup(cfg.log_format, cfg.log_level, cfg.log_prompts);
+    char unknown[1024];
+    if (srv_config_env_unknown(NULL, unknown, sizeof unknown))
+        srv_log(SRV_LOG_WARN, "ignoring unknown environment variables: %s", unknown);
     signal(SIGPIPE, SIG_IGN);
     if (srv_fault_install()) srv_log(SRV_LOG_WARN, "cannot install the SIGBUS handler");
 
@@ -1540,7 +1550,12 @@ int srv_cmd_serve(int argc, char **argv) {
     s->argv = argv;
     s->loop = uv_default_loop();
     s->model_file_id = model_id_from_path(cfg.model);
-    s->model_name = strdup(cfg.served_model_name ? cfg.served_model_name : s->model_file_id);
+    s->model_name = strdup(cfg.n_served_model_name ? cfg.served_model_name[0] : s->model_file_id);
+    const char *base = strrchr(cfg.model, '/');
+    s->model_file_name = strdup(base ? base + 1 : cfg.model);
+    for (size_t i = 1; i < cfg.n_served_model_name && s->n_model_ids < 7; i++)
+        s->model_ids[s->n_model_ids++] = cfg.served_model_name[i];
+    if (s->model_file_name) s->model_ids[s->n_model_ids++] = s->model_file_name;
     s->started_unix = (int64_t)time(NULL);
     if (getrandom(&s->id_base, sizeof s->id_base, 0) != sizeof s->id_base) s->id_base = moe_now_ns() ^ (uint64_t)getpid();
     srv_metrics_init(&s->metrics);
@@ -1640,6 +1655,7 @@ done:
     pthread_mutex_destroy(&s->ev_mu);
     free(s->model_name);
     free(s->model_file_id);
+    free(s->model_file_name);
     free(s);
     srv_config_free(&cfg);
     return rc;
