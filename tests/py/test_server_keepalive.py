@@ -1,5 +1,6 @@
 """SSE keep-alive comments while a stream waits (queued behind --max-seqs 1)
-on every streaming endpoint, and X-Request-Id on every answer."""
+on every streaming endpoint, X-Request-Id on every answer, and requests cut
+short mid-stream in each API's own error shape."""
 import json
 import threading
 import time
@@ -98,3 +99,30 @@ def test_request_id(server):
     assert "x" * 128 == requests.get(server.url("/health"), headers={"X-Request-Id": "x" * 128}).headers["x-request-id"]
     time.sleep(0.2)
     assert "trace-42_a.b" in server.read_log()
+
+
+def test_cut_short_in_each_apis_shape(moed_bin, tmp_path):
+    """A request ended by request_timeout: Anthropic's and the Responses API's
+    own error events mid-stream, and Anthropic's error body (504) otherwise."""
+    model = make_model(moed_bin, tmp_path)
+    s = Server(moed_bin, model, "--served-model-name", MODEL, "--ctx-size", "4096", "--request-timeout", "0.3",
+               log_dir=tmp_path).wait_ready()
+    try:
+        long = {"model": MODEL, "ignore_eos": True}
+        msg = {**long, "max_tokens": 4000, "messages": MSG}
+        r = requests.post(s.url("/v1/messages"), json=msg, timeout=60)
+        assert r.status_code == 504
+        assert r.json()["type"] == "error" and r.json()["error"]["type"] == "timeout_error", r.text
+        r = requests.post(s.url("/v1/messages"), json={**msg, "stream": True}, timeout=60)
+        frames = [f for f in r.text.split("\n\n") if f and not f.startswith(":")]
+        assert frames[0].startswith("event: message_start\n")
+        assert frames[-1].startswith("event: error\n"), frames[-1]
+        assert json.loads(frames[-1].split("\n")[1][6:])["error"]["type"] == "timeout_error"
+        r = requests.post(s.url("/v1/responses"), timeout=60,
+                          json={**long, "max_output_tokens": 4000, "input": "hi", "stream": True})
+        frames = [f for f in r.text.split("\n\n") if f and not f.startswith(":")]
+        last = json.loads(frames[-1].split("\n")[1][6:])
+        assert last["type"] == "error" and last["code"] == "request_timeout", last
+        assert last["sequence_number"] == len(frames) - 1
+    finally:
+        assert s.stop() == 0
