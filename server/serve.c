@@ -286,7 +286,9 @@ static enum MHD_Result respond_json(server *s, srv_conn *c, struct MHD_Connectio
 
 static enum MHD_Result respond_err(server *s, srv_conn *c, struct MHD_Connection *conn, const srv_oai_err *e) {
     char *body = path_is_anthropic(c->path) ? srv_anth_err_json(e) : srv_oai_err_json(e);
-    snprintf(c->err, sizeof c->err, "%s%s%s", e->param[0] ? e->param : "", e->param[0] ? ": " : "", e->message);
+    /* The Messages API's own messages already start with the field. */
+    bool named = e->param[0] && strncmp(e->message, e->param, strlen(e->param));
+    snprintf(c->err, sizeof c->err, "%s%s%s", named ? e->param : "", named ? ": " : "", e->message);
     if (!body) return MHD_NO;
     const char *retry = e->http == 429 || e->http == 503 ? "1" : NULL;
     return respond(s, c, conn, e->http, "application/json", body, strlen(body), retry);
