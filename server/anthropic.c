@@ -227,7 +227,11 @@ int srv_anth_parse(const char *body, size_t len, const srv_oai_limits *lim, bool
         srv_oai_err_set(err, 500, NULL, "out of memory");
         return MOE_ENOMEM;
     }
-    st = srv_oai_parse(SRV_OAI_CHAT, text, strlen(text), lim, out, err);
+    /* Counting is allowed for a prompt the context could not run: that is
+     * what a client counts for, to trim it. */
+    srv_oai_limits l2 = *lim;
+    if (count_only) l2.ctx_size = INT64_MAX / 4;
+    st = srv_oai_parse(SRV_OAI_CHAT, text, strlen(text), &l2, out, err);
     free(text);
     if (st && !strcmp(err->param, "max_completion_tokens")) snprintf(err->param, sizeof err->param, "max_tokens");
     /* The chat body's system message shifted the indexes; every message

@@ -24,7 +24,8 @@
 
 /* Parses a Messages body[0..len) into *out (a SRV_OAI_CHAT request with
  * n = 1; free with srv_oai_req_free). count_only: the count_tokens body
- * (max_tokens optional, stream ignored). Returns 0, or a negative status
+ * (max_tokens optional, stream ignored, a prompt longer than the context
+ * still counted). Returns 0, or a negative status
  * with *err filled (400; 404 for an unknown model) and *out zeroed. */
 int srv_anth_parse(const char *body, size_t len, const srv_oai_limits *lim, bool count_only, srv_oai_req *out,
                    srv_oai_err *err);

@@ -73,6 +73,16 @@ START_TEST(test_same_prompt_as_chat) {
     srv_oai_req_free(&a);
     ck_assert_int_eq(srv_anth_parse(count, strlen(count), &lim, false, &a, &e), MOE_EINVAL);
     ck_assert_str_eq(e.param, "max_tokens");
+    /* a prompt over the 256-token context is still counted, but not run */
+    char big[4096];
+    int k = snprintf(big, sizeof big, "{\"model\":\"tiny\",\"max_tokens\":1,\"messages\":[{\"role\":\"user\",\"content\":\"");
+    for (int i = 0; i < 400; i++) k += snprintf(big + k, sizeof big - (size_t)k, "a ");
+    snprintf(big + k, sizeof big - (size_t)k, "\"}]}");
+    ck_assert_int_eq(srv_anth_parse(big, strlen(big), &lim, true, &a, &e), 0);
+    ck_assert_int_gt(a.prompts[0].n, 256);
+    srv_oai_req_free(&a);
+    ck_assert_int_eq(srv_anth_parse(big, strlen(big), &lim, false, &a, &e), MOE_EINVAL);
+    ck_assert_str_eq(e.param, "messages");
 }
 END_TEST
 
