@@ -448,18 +448,21 @@ static int hold_add(eng_choice *c, const char *s, size_t n) {
 }
 
 /* Scans the hold buffer for stop strings. Returns true when one matched
- * (*emit_len = the text before it); else *emit_len is the longest prefix
+ * (*emit_len = the text before it, *which = its index: the earliest in the
+ * text, the first listed on a tie); else *emit_len is the longest prefix
  * that cannot be the start of a stop string (final: everything). */
-static bool stop_scan(const eng_req *r, const eng_choice *c, bool final, size_t *emit_len) {
+static bool stop_scan(const eng_req *r, const eng_choice *c, bool final, size_t *emit_len, int32_t *which) {
     const char *h = c->hold;
     size_t n = c->hold_len, first = n;
     bool hit = false;
+    *which = -1;
     for (int32_t i = 0; i < r->n_stop; i++) {
         if (r->stop_len[i] > n) continue;
         const char *p = memmem(h, n, r->stop[i], r->stop_len[i]);
         if (p && (size_t)(p - h) < first) {
             first = (size_t)(p - h);
             hit = true;
+            *which = i;
         }
     }
     if (hit || final) {
@@ -488,18 +491,19 @@ static void hold_drop(eng_choice *c, size_t n) {
 }
 
 /* Ends choice c with `why`; text still held back is flushed (minus a stop
- * string) with the FINISH event. */
-static void choice_finish(moe_engine *e, eng_choice *c, moe_finish why, bool stop_hit) {
+ * string) with the FINISH event. stop_hit: the index of the stop string
+ * that already matched, or -1. */
+static void choice_finish(moe_engine *e, eng_choice *c, moe_finish why, int32_t stop_hit) {
     eng_req *r = c->r;
     size_t len = 0;
-    if (!stop_hit && why != MOE_FINISH_CANCELLED) {
+    if (stop_hit < 0 && why != MOE_FINISH_CANCELLED) {
         const char *d = NULL;
         size_t dl = 0;
         if (c->ts && !moe_tok_stream_flush(c->ts, &d, &dl)) hold_add(c, d, dl);
-        if (stop_scan(r, c, true, &len)) why = MOE_FINISH_STOP;
+        if (stop_scan(r, c, true, &len, &stop_hit)) why = MOE_FINISH_STOP;
     }
     moe_event ev = {.kind = MOE_EV_FINISH, .index = c->index, .finish = why, .completion_tokens = c->n_gen,
-                    .text = c->hold ? c->hold : "", .text_len = len, .token = -1};
+                    .text = c->hold ? c->hold : "", .text_len = len, .token = -1, .stop_index = stop_hit};
     c->finished = true;
     r->n_finished++;
     r->completion_total += c->n_gen;
@@ -511,7 +515,7 @@ static void choice_finish(moe_engine *e, eng_choice *c, moe_finish why, bool sto
 /* Cancels every unfinished choice of r and delivers DONE. */
 static void req_cancel(moe_engine *e, eng_req *r) {
     for (int32_t i = 0; i < r->n; i++)
-        if (!r->ch[i].finished) choice_finish(e, &r->ch[i], MOE_FINISH_CANCELLED, false);
+        if (!r->ch[i].finished) choice_finish(e, &r->ch[i], MOE_FINISH_CANCELLED, -1);
     req_done(e, r);
 }
 
@@ -521,7 +525,7 @@ static void choice_token(moe_engine *e, eng_choice *c, moe_sched_seq *q, int32_t
     c->n_gen++;
     moe_sched_append(e->sched, q, id);
     if (!r->ignore_eos && moe_tok_is_eog(e->tok, id)) {
-        choice_finish(e, c, MOE_FINISH_STOP, false);
+        choice_finish(e, c, MOE_FINISH_STOP, -1);
         return;
     }
     moe_event ev = {.kind = MOE_EV_TOKEN, .index = c->index, .token = id};
@@ -534,17 +538,18 @@ static void choice_token(moe_engine *e, eng_choice *c, moe_sched_seq *q, int32_t
     size_t dl = 0;
     if (c->ts && id < moe_tok_n_vocab(e->tok) && !moe_tok_stream_feed(c->ts, id, &d, &dl)) hold_add(c, d, dl);
     size_t len = 0;
-    bool hit = stop_scan(r, c, false, &len);
+    int32_t which;
+    bool hit = stop_scan(r, c, false, &len, &which);
     ev.text = c->hold ? c->hold : "";
     ev.text_len = len;
     emit(r, &ev);
     if (hit) {
         c->hold_len = 0;
-        choice_finish(e, c, MOE_FINISH_STOP, true);
+        choice_finish(e, c, MOE_FINISH_STOP, which);
         return;
     }
     hold_drop(c, len);
-    if (c->n_gen >= r->max_tokens || q->n_tok >= e->info.ctx_size) choice_finish(e, c, MOE_FINISH_LENGTH, false);
+    if (c->n_gen >= r->max_tokens || q->n_tok >= e->info.ctx_size) choice_finish(e, c, MOE_FINISH_LENGTH, -1);
 }
 
 /* ---- submit / cancel / state ---- */

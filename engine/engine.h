@@ -164,6 +164,7 @@ struct moe_event {
     int32_t n_top;
     /* FINISH */
     moe_finish finish;
+    int32_t stop_index; /* FINISH: index of the request's stop string that ended the choice; -1 = none (EOS, length) */
     int64_t prompt_tokens;     /* FINISH/DONE: prompt length */
     int64_t completion_tokens; /* FINISH: this choice's tokens; DONE: all choices' */
     /* DONE, when energy accounting is on (has_energy): the request's share

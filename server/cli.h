@@ -9,6 +9,10 @@
 
 #include <stdint.h>
 
+#ifndef MOED_VERSION
+#define MOED_VERSION "0.1.0"
+#endif
+
 int srv_cmd_serve(int argc, char **argv);      /* server/serve.c */
 int srv_cmd_generate(int argc, char **argv);   /* server/cmd_generate.c */
 int srv_cmd_bench(int argc, char **argv);      /* server/cmd_bench.c */

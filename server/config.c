@@ -34,7 +34,7 @@ static const opt_desc opts[] = {
     {"model", 'm', OPT_STR, OFF(model), 0, 0, 0, "(required)", "GGUF model file to serve"},
     {"host", 0, OPT_STR, OFF(host), 0, 0, 0, "127.0.0.1", "address to listen on (0.0.0.0 = all)"},
     {"port", 'p', OPT_INT, OFF(port), 0, 0, 65535, "8080", "TCP port (0 = any free port)"},
-    {"served_model_name", 0, OPT_STR, OFF(served_model_name), 0, 0, 0, "file name", "model id reported and accepted by the API"},
+    {"served_model_name", 0, OPT_LIST, OFF(served_model_name), OFF(n_served_model_name), 0, 0, "file name", "model ids the API accepts, comma-separated; the first is the one it reports"},
     {"api_key", 0, OPT_LIST, OFF(api_keys), OFF(n_api_keys), 0, 0, "none", "accepted Bearer keys, comma-separated (none = open)"},
     {"threads", 't', OPT_INT, OFF(threads), 0, 0, 4096, "0", "CPU engine threads (0 = all cores)"},
     {"ctx_size", 'c', OPT_INT, OFF(ctx_size), 0, 0, 1 << 24, "0", "positions per sequence (0 = model's, capped at 8192)"},
@@ -51,6 +51,7 @@ static const opt_desc opts[] = {
     {"body_timeout", 0, OPT_DBL, OFF(body_timeout), 0, 0, 1e6, "60", "seconds a client has to send a whole request body (0 = none)"},
     {"max_connections", 0, OPT_INT, OFF(max_connections), 0, 16, 1 << 20, "1024", "open connections; beyond, the longest-waiting one is closed"},
     {"max_connections_per_ip", 0, OPT_INT, OFF(max_connections_per_ip), 0, 0, 1 << 20, "256", "connections one client address may hold (0 = no cap)"},
+    {"sse_keepalive", 0, OPT_DBL, OFF(sse_keepalive), 0, 0, 1e6, "5", "seconds of silence before a stream gets a ': keep-alive' comment (0 = off)"},
     {"drain_timeout", 0, OPT_DBL, OFF(drain_timeout), 0, 0, 1e6, "30", "seconds in-flight requests get to finish after SIGTERM"},
     {"heartbeat_timeout", 0, OPT_DBL, OFF(heartbeat_timeout), 0, 0.01, 1e6, "30", "/health fails when the engine loop is older than this"},
     {"cors_origins", 0, OPT_LIST, OFF(cors_origins), OFF(n_cors_origins), 0, 0, "none", "allowed CORS origins, comma-separated (* = any)"},
@@ -97,6 +98,7 @@ void srv_config_init(srv_config *c) {
     c->max_connections = 1024;
     c->max_connections_per_ip = 256;
     c->drain_timeout = 30;
+    c->sse_keepalive = 5;
     c->heartbeat_timeout = 30;
     c->log_format = SRV_LOG_TEXT;
     c->log_level = SRV_LOG_INFO;
@@ -156,7 +158,7 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
         if (!dup) return MOE_ENOMEM;
         char **p = (char **)(base + o->off);
         free(*p);
-        /* An empty value resets optional strings (served_model_name = ). */
+        /* An empty value resets optional strings (chat_template = ). */
         if (!*dup) {
             free(dup);
             dup = NULL;
@@ -376,14 +378,102 @@ static const char *env_get(char *const *envp, const char *name) {
     return NULL;
 }
 
+/* Edit distance of a[0..la) and b[0..lb), both at most 63 bytes. */
+static size_t edit_distance(const char *a, size_t la, const char *b, size_t lb) {
+    size_t row[64];
+    if (la > 63 || lb > 63) return 64;
+    for (size_t j = 0; j <= lb; j++) row[j] = j;
+    for (size_t i = 1; i <= la; i++) {
+        size_t diag = row[0];
+        row[0] = i;
+        for (size_t j = 1; j <= lb; j++) {
+            size_t up = row[j];
+            size_t best = diag + (tolower((unsigned char)a[i - 1]) != tolower((unsigned char)b[j - 1]));
+            if (up + 1 < best) best = up + 1;
+            if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
+            row[j] = best;
+            diag = up;
+        }
+    }
+    return row[lb];
+}
+
+/* The option key nearest to name[0..len) (underscores), or NULL when none
+ * is close enough to be a typo: a third of the name's length, at least 2. */
+static const char *nearest_key(const char *name, size_t len) {
+    const char *best = NULL;
+    size_t best_d = len / 3 > 2 ? len / 3 : 2;
+    best_d++;
+    for (size_t k = 0; k < N_OPTS; k++) {
+        size_t d = edit_distance(name, len, opts[k].key, strlen(opts[k].key));
+        if (d < best_d) best_d = d, best = opts[k].key;
+    }
+    if (edit_distance(name, len, "config", 6) < best_d) best = "config";
+    return best;
+}
+
+static void unknown_flag(const char *a, const char *name, char *err, size_t errsz) {
+    const char *near = name ? nearest_key(name, strlen(name)) : NULL;
+    char flag[64] = "";
+    for (size_t k = 0; near && near[k] && k < sizeof flag - 1; k++) flag[k] = near[k] == '_' ? '-' : near[k], flag[k + 1] = 0;
+    if (near) errf(err, errsz, "unknown option '%s' (did you mean --%s?)", a, flag);
+    else errf(err, errsz, "unknown option '%s'", a);
+}
+
+size_t srv_config_env_unknown(char *const *envp, char *out, size_t outsz) {
+    if (!envp) envp = environ;
+    if (out && outsz) out[0] = 0;
+    size_t n = 0;
+    for (char *const *e = envp; e && *e; e++) {
+        const char *eq = strchr(*e, '=');
+        size_t len = eq ? (size_t)(eq - *e) : strlen(*e);
+        if (len <= 5 || strncmp(*e, "MOED_", 5) || env_opt(*e, len) || (len == 11 && !strncmp(*e, "MOED_CONFIG", 11)))
+            continue;
+        char key[64];
+        size_t kl = len - 5 < sizeof key - 1 ? len - 5 : sizeof key - 1;
+        for (size_t i = 0; i < kl; i++) key[i] = (char)tolower((unsigned char)(*e)[5 + i]);
+        key[kl] = 0;
+        const char *near = nearest_key(key, kl);
+        char up[64] = "";
+        for (size_t k = 0; near && near[k] && k < sizeof up - 1; k++) up[k] = (char)toupper((unsigned char)near[k]), up[k + 1] = 0;
+        if (out && outsz) {
+            size_t used = strlen(out);
+            if (near)
+                snprintf(out + used, outsz - used, "%s%.*s (did you mean MOED_%s?)", n ? "; " : "", (int)len, *e, up);
+            else snprintf(out + used, outsz - used, "%s%.*s", n ? "; " : "", (int)len, *e);
+        }
+        n++;
+    }
+    return n;
+}
+
+/* Other servers' flags that mean exactly what one of ours does. */
+static const struct {
+    const char *name; /* as after "--", dashes as underscores; "np" is llama-server's single-dash -np */
+    const char *key;
+} flag_aliases[] = {
+    {"np", "max_seqs"},             /* llama-server -np */
+    {"parallel", "max_seqs"},       /* llama-server --parallel */
+    {"max_num_seqs", "max_seqs"},   /* vLLM */
+    {"alias", "served_model_name"}, /* llama-server */
+    {"max_model_len", "ctx_size"},  /* vLLM */
+};
+
+static const opt_desc *alias_opt(const char *name) {
+    for (size_t i = 0; i < sizeof flag_aliases / sizeof flag_aliases[0]; i++)
+        if (!strcmp(name, flag_aliases[i].name)) return find_opt(flag_aliases[i].key, strlen(flag_aliases[i].key));
+    return NULL;
+}
+
 /* Resolves argv[i] to an option and its value; advances *i past a
  * separate value argument. Returns 0, 1 for --config (value in *val),
- * 2 for --help, 3 for a positional, or MOE_EINVAL. */
+ * 2 for --help, 3 for a positional, 4 for --version, or MOE_EINVAL. */
 static int cli_opt(int argc, char **argv, int *i, const opt_desc **o, const char **val, char *err, size_t errsz) {
     const char *a = argv[*i];
     *o = NULL;
     *val = NULL;
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) return 2;
+    if (!strcmp(a, "--version")) return 4;
     if (a[0] != '-' || !a[1]) {
         *val = a;
         return 3;
@@ -391,14 +481,12 @@ static int cli_opt(int argc, char **argv, int *i, const opt_desc **o, const char
     char name[64];
     const char *inl = NULL;
     if (a[1] != '-') {
-        if (a[2]) {
-            errf(err, errsz, "unknown option '%s'", a);
-            return MOE_EINVAL;
-        }
-        for (size_t k = 0; k < N_OPTS; k++)
+        if (!strcmp(a, "-np")) *o = alias_opt("np");
+        for (size_t k = 0; !a[2] && k < N_OPTS; k++)
             if (opts[k].short_flag == a[1]) *o = &opts[k];
         if (!*o) {
-            errf(err, errsz, "unknown option '%s'", a);
+            /* "-ctx-size": a long option with one dash is a likely slip */
+            unknown_flag(a, a[2] ? a + 1 : NULL, err, errsz);
             return MOE_EINVAL;
         }
     } else {
@@ -421,8 +509,9 @@ static int cli_opt(int argc, char **argv, int *i, const opt_desc **o, const char
             return 1;
         }
         *o = find_opt(name, strlen(name));
+        if (!*o) *o = alias_opt(name);
         if (!*o) {
-            errf(err, errsz, "unknown option '%s'", a);
+            unknown_flag(a, name, err, errsz);
             return MOE_EINVAL;
         }
     }
@@ -448,6 +537,7 @@ int srv_config_from_args(srv_config *c, int argc, char **argv, char *const *envp
         int r = cli_opt(argc, argv, &i, &o, &v, err, errsz);
         if (r < 0) return r;
         if (r == 2) return 1;
+        if (r == 4) return 2;
         if (r == 1) config = v;
         if (r == 3) {
             if (positional) {
@@ -559,8 +649,9 @@ int srv_config_reload(srv_config *c, int argc, char **argv, char *const *envp, c
 
 void srv_config_usage(FILE *f) {
     fprintf(f, "usage: moed serve [-m] MODEL.gguf [OPTIONS]\n\n"
-               "Serves the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models,\n"
-               "/health, /metrics, /tokenize, /detokenize).\n\n"
+               "Serves the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/responses,\n"
+               "/v1/models), Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens),\n"
+               "/health, /metrics, /tokenize and /detokenize.\n\n"
                "Every option is also a MOED_<KEY> environment variable and a `key = value` line\n"
                "of the config file; precedence: flag > environment > file > default.\n\n"
                "      --config FILE (MOED_CONFIG)  read options from FILE\n");
@@ -585,5 +676,8 @@ void srv_config_usage(FILE *f) {
         else fprintf(f, "%-34s %s (default: %s)\n", lhs, opts[i].help, opts[i].def);
         fprintf(f, "%-34s [key %s, env MOED_%s]\n", "", opts[i].key, env);
     }
-    fprintf(f, "  -h, --help                       this help\n");
+    fprintf(f, "  -h, --help                       this help\n"
+               "      --version                    print the version and exit\n\n"
+               "Flags of other servers with the same meaning: -np, --parallel, --max-num-seqs\n"
+               "(= --max-seqs); --alias (= --served-model-name); --max-model-len (= --ctx-size).\n");
 }

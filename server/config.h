@@ -30,7 +30,9 @@ typedef struct srv_config {
     char *host;               /* listen address; default "127.0.0.1" */
     int64_t port;             /* default 8080; 0 = any free port (printed) */
     char *model;              /* GGUF path; required */
-    char *served_model_name;  /* the id /v1/models reports; NULL = the file name without .gguf */
+    char **served_model_name; /* (n_served_model_name) ids accepted for the model; the first is the one
+                                 /v1/models reports; none = the file name without .gguf */
+    size_t n_served_model_name;
     char **api_keys;          /* (n_api_keys) accepted Bearer tokens; none = open */
     size_t n_api_keys;
     int64_t threads;          /* CPU engine threads; 0 = all cores */
@@ -49,6 +51,7 @@ typedef struct srv_config {
     int64_t max_connections;  /* open connections before a new one displaces a waiting one; default 1024 */
     int64_t max_connections_per_ip; /* connections one client address may hold; 0 = no cap; default 256 */
     double drain_timeout;     /* seconds in-flight requests get after SIGTERM; default 30 */
+    double sse_keepalive;     /* seconds of silence before a stream gets a ": keep-alive" comment; 0 = off; default 5 */
     double heartbeat_timeout; /* /health is 503 when the engine loop is older than this; default 30 */
     char **cors_origins;      /* (n_cors_origins) allowed Origins; "*" = any; none = no CORS headers */
     size_t n_cors_origins;
@@ -85,12 +88,22 @@ int srv_config_load_file(srv_config *c, const char *path, char *err, size_t errs
  * are ignored. Errors as srv_config_set, naming the variable. */
 int srv_config_load_env(srv_config *c, char *const *envp, char *err, size_t errsz);
 
+/* Lists the MOED_* variables of envp (NULL = the process environment)
+ * that name no option, each with the closest option's variable when one
+ * is near ("MOED_CTX_SIZ (did you mean MOED_CTX_SIZE?)"), separated by
+ * "; " into out. Returns how many there are. MOED_CONFIG is an option. */
+size_t srv_config_env_unknown(char *const *envp, char *out, size_t outsz);
+
 /* The whole precedence chain for `moed serve ARGS`: defaults, then the
  * file named by --config or MOED_CONFIG, then the environment, then the
  * flags. argv[0] is the subcommand name and is skipped. A lone positional
- * argument is the model path. Returns 0, 1 when --help was given (nothing
- * else is checked), or a negative status with a message in err (usage
- * errors are MOE_EINVAL). c must have been initialised. */
+ * argument is the model path. Other servers' flags of the same meaning are
+ * accepted: -np, --parallel and --max-num-seqs (max_seqs), --alias
+ * (served_model_name), --max-model-len (ctx_size). Returns 0, 1 when
+ * --help was given, 2 for --version (nothing else is checked), or a
+ * negative status with a message in err (usage errors are MOE_EINVAL; an
+ * unknown flag's message suggests the nearest one). c must have been
+ * initialised. */
 int srv_config_from_args(srv_config *c, int argc, char **argv, char *const *envp, char *err, size_t errsz);
 
 /* The options a running server takes over on SIGHUP (srv_config_reload):

@@ -4,10 +4,6 @@
 
 #include "cli.h"
 
-#ifndef MOED_VERSION
-#define MOED_VERSION "0.1.0"
-#endif
-
 typedef struct {
     const char *name;
     int (*fn)(int argc, char **argv);
@@ -15,7 +11,7 @@ typedef struct {
 } command;
 
 static const command commands[] = {
-    {"serve", srv_cmd_serve, "serve the OpenAI HTTP API (the default)"},
+    {"serve", srv_cmd_serve, "serve the OpenAI and Anthropic HTTP APIs (the default)"},
     {"generate", srv_cmd_generate, "complete one prompt and print it"},
     {"info", srv_cmd_info, "show a model file's metadata and tensors"},
     {"mkmodel", srv_cmd_mkmodel, "write a random-weight model of a real architecture"},
@@ -49,6 +45,17 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[1], commands[i].name))
             return commands[i].fn(argc - 1, argv + 1);
     if (!strcmp(argv[1], "help")) {
+        /* `moed help serve` is `moed serve --help` */
+        for (size_t i = 0; argc >= 3 && i < sizeof(commands) / sizeof(commands[0]); i++)
+            if (!strcmp(argv[2], commands[i].name)) {
+                char *args[] = {argv[2], "--help", NULL};
+                return commands[i].fn(2, args);
+            }
+        if (argc >= 3) {
+            fprintf(stderr, "moed: unknown command '%s'\n", argv[2]);
+            usage(stderr);
+            return 2;
+        }
         usage(stdout);
         return 0;
     }

@@ -468,6 +468,8 @@ static int parse_logit_bias(const cJSON *v, const srv_oai_limits *lim, srv_oai_r
 static bool model_ok(const char *m, const srv_oai_limits *lim) {
     if (lim->model_name && !strcmp(m, lim->model_name)) return true;
     if (lim->model_alt && !strcmp(m, lim->model_alt)) return true;
+    for (size_t i = 0; i < lim->n_model_aliases; i++)
+        if (!strcmp(m, lim->model_aliases[i])) return true;
     return !lim->model_name && !lim->model_alt;
 }
 

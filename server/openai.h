@@ -25,6 +25,8 @@ typedef enum srv_oai_kind { SRV_OAI_CHAT = 0, SRV_OAI_COMPLETION = 1 } srv_oai_k
 typedef struct srv_oai_limits {
     const char *model_name;  /* served model id; a request naming another model gets 404 */
     const char *model_alt;   /* a second accepted id (the file's), or NULL */
+    const char *const *model_aliases; /* (n_model_aliases) more accepted ids */
+    size_t n_model_aliases;
     int64_t n_vocab;
     int64_t ctx_size;        /* prompt + max_tokens limit */
     int64_t max_seqs;        /* n limit */

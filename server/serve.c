@@ -29,6 +29,7 @@
 #include <cJSON.h>
 
 #include "cli.h"
+#include "anthropic.h"
 #include "config.h"
 #include "fault.h"
 #include "engine.h"
@@ -37,10 +38,15 @@
 #include "metrics.h"
 #include "notify.h"
 #include "openai.h"
+#include "responses.h"
 #include "status.h"
 
 typedef struct server server;
 typedef struct srv_gen srv_gen;
+
+/* Which API a generation speaks: all share the chat request and the
+ * engine path; only the bodies and stream events differ. */
+typedef enum srv_api { API_OPENAI = 0, API_ANTHROPIC = 1, API_RESPONSES = 2 } srv_api;
 
 /* One engine event, copied off the engine thread. */
 typedef struct ev_node {
@@ -52,6 +58,7 @@ typedef struct ev_node {
     float logprob;
     int32_t n_top;
     moe_finish finish;
+    int32_t stop_index;
     int64_t prompt_tokens, completion_tokens;
     bool has_energy;
     double energy_joules, energy_seconds;
@@ -89,6 +96,13 @@ struct srv_gen {
     srv_oai_req req;
     srv_oai_ctx ctx;
     char id[48];
+    srv_api api;
+    srv_resp_echo echo;      /* API_RESPONSES: what the Response object repeats */
+    srv_resp_ctx ctx_resp;   /* API_RESPONSES: points into this struct */
+    char item_id[48];        /* API_RESPONSES: the output message's id */
+    int64_t seq;             /* API_RESPONSES: the next event's sequence_number */
+    int32_t stop_index;      /* the stop string that ended choice 0, or -1 */
+    uint64_t t_out_ns;       /* streams: when bytes were last queued (keep-alive) */
     srv_sub *subs;
     size_t n_subs, subs_done;
     int32_t n_choices;
@@ -125,6 +139,7 @@ typedef struct srv_conn {
     char method[16];
     char path[128];
     char err[640];
+    char req_id[129]; /* X-Request-Id; "" until known */
     srv_gen *gen;
     struct srv_work *work; /* parsing on the thread pool */
 } srv_conn;
@@ -138,6 +153,9 @@ struct server {
     bool ready;
     char *model_name; /* served name */
     char *model_file_id;
+    char *model_file_name;        /* the file's name with its extension, also accepted */
+    const char *model_ids[8];     /* (n_model_ids) the other accepted ids: aliases, the file name */
+    size_t n_model_ids;
     srv_metrics metrics;
     uv_async_t async;
     uv_timer_t tick, watchdog;
@@ -176,9 +194,18 @@ static bool sbuf_put(sbuf *b, const char *s, size_t n) {
     return true;
 }
 
+/* Already framed SSE text (event lines, comments); takes text. */
+static void sse_put_raw(srv_gen *g, char *text) {
+    if (!text) return;
+    sbuf_put(&g->out, text, strlen(text));
+    g->t_out_ns = moe_now_ns();
+    free(text);
+}
+
 /* "data: <json>\n\n"; takes json. */
 static void sse_put(srv_gen *g, char *json) {
     if (!json) return;
+    g->t_out_ns = moe_now_ns();
     sbuf_put(&g->out, "data: ", 6);
     sbuf_put(&g->out, json, strlen(json));
     sbuf_put(&g->out, "\n\n", 2);
@@ -197,6 +224,21 @@ static char *model_id_from_path(const char *path) {
 
 /* ------------------------------------------------------------------ */
 /* responses */
+
+/* Errors on these paths come in Anthropic's shape. */
+static bool path_is_anthropic(const char *path) {
+    return !strcmp(path, "/v1/messages") || !strcmp(path, "/v1/messages/count_tokens");
+}
+
+static const char *make_id(server *s, const char *prefix, char *buf, size_t n);
+
+/* The connection's X-Request-Id: the client's (checked from the head),
+ * the generation's id, or a fresh one. */
+static void conn_request_id(server *s, srv_conn *c) {
+    if (c->req_id[0]) return;
+    if (c->gen) snprintf(c->req_id, sizeof c->req_id, "%s", c->gen->id);
+    else make_id(s, "req-", c->req_id, sizeof c->req_id);
+}
 
 static void add_cors(server *s, struct MHD_Connection *conn, struct MHD_Response *r, bool preflight) {
     if (!s->cfg->n_cors_origins) return;
@@ -230,6 +272,8 @@ static enum MHD_Result respond(server *s, srv_conn *c, struct MHD_Connection *co
     if (ctype) MHD_add_response_header(r, "Content-Type", ctype);
     if (retry_after) MHD_add_response_header(r, "Retry-After", retry_after);
     if (c->close) MHD_add_response_header(r, "Connection", "close");
+    conn_request_id(s, c);
+    MHD_add_response_header(r, "X-Request-Id", c->req_id);
     add_cors(s, conn, r, false);
     c->status = status;
     enum MHD_Result ret = MHD_queue_response(conn, (unsigned)status, r);
@@ -245,8 +289,10 @@ static enum MHD_Result respond_json(server *s, srv_conn *c, struct MHD_Connectio
 }
 
 static enum MHD_Result respond_err(server *s, srv_conn *c, struct MHD_Connection *conn, const srv_oai_err *e) {
-    char *body = srv_oai_err_json(e);
-    snprintf(c->err, sizeof c->err, "%s%s%s", e->param[0] ? e->param : "", e->param[0] ? ": " : "", e->message);
+    char *body = path_is_anthropic(c->path) ? srv_anth_err_json(e) : srv_oai_err_json(e);
+    /* The Messages API's own messages already start with the field. */
+    bool named = e->param[0] && strncmp(e->message, e->param, strlen(e->param));
+    snprintf(c->err, sizeof c->err, "%s%s%s", named ? e->param : "", named ? ": " : "", e->message);
     if (!body) return MHD_NO;
     const char *retry = e->http == 429 || e->http == 503 ? "1" : NULL;
     return respond(s, c, conn, e->http, "application/json", body, strlen(body), retry);
@@ -277,6 +323,7 @@ static void gen_free(srv_gen *g) {
     free(g->out.p);
     free(g->body);
     srv_oai_req_free(&g->req);
+    srv_resp_echo_free(&g->echo);
     free(g);
 }
 
@@ -323,6 +370,7 @@ static void on_event_cb(void *user, const moe_event *ev) {
     n->logprob = ev->logprob;
     n->n_top = nt;
     n->finish = ev->finish;
+    n->stop_index = ev->stop_index;
     n->prompt_tokens = ev->prompt_tokens;
     n->completion_tokens = ev->completion_tokens;
     n->has_energy = ev->has_energy;
@@ -359,16 +407,39 @@ static void gen_error_body(srv_gen *g, int http, const char *code, const char *m
     srv_oai_err_set(&e, http, NULL, "%s", msg);
     snprintf(e.code, sizeof e.code, "%s", code);
     if (g->req.stream) {
-        sse_put(g, srv_oai_err_json(&e));
+        if (g->api == API_ANTHROPIC) sse_put_raw(g, srv_anth_sse_error(&e));
+        else if (g->api == API_RESPONSES) sse_put_raw(g, srv_resp_sse_error(&g->seq, &e));
+        else sse_put(g, srv_oai_err_json(&e));
     } else {
         g->status = http;
         free(g->body);
-        g->body = srv_oai_err_json(&e);
+        g->body = g->api == API_ANTHROPIC ? srv_anth_err_json(&e) : srv_oai_err_json(&e);
     }
 }
 
 /* Whether a price is configured, so that usage carries cost_usd. */
 static bool cost_on(const server *s) { return s->cfg->cost_per_hour > 0 || s->cfg->energy_price > 0; }
+/* The stop string that ended the answer (Anthropic's stop_sequence), or NULL. */
+static const char *gen_stop_string(const srv_gen *g) {
+    return g->stop_index >= 0 && g->stop_index < g->req.n_stop ? g->req.stop[g->stop_index] : NULL;
+}
+
+/* The other APIs' last events / body (n is 1 for them). */
+static void gen_finish_api(srv_gen *g) {
+    srv_oai_choice *ch = &g->choices[0];
+    moe_finish f = g->cs[0].finish;
+    if (g->req.stream) {
+        if (g->api == API_ANTHROPIC) sse_put_raw(g, srv_anth_sse_end(f, gen_stop_string(g), g->completion_tokens));
+        else sse_put_raw(g, srv_resp_sse_end(&g->ctx_resp, &g->seq, ch->text, ch->len, f, g->prompt_tokens, g->completion_tokens));
+        return;
+    }
+    g->status = 200;
+    if (g->api == API_ANTHROPIC)
+        g->body = srv_anth_render_message(g->id, g->ctx.model, ch->text, ch->len, f, gen_stop_string(g),
+                                          g->prompt_tokens, g->completion_tokens);
+    else g->body = srv_resp_render(&g->ctx_resp, ch->text, ch->len, f, g->prompt_tokens, g->completion_tokens);
+    if (!g->body) gen_error_body(g, 500, "out_of_memory", "out of memory rendering the response");
+}
 
 /* Every sub is DONE: close the stream or build the body. */
 static void gen_finish(srv_gen *g) {
@@ -382,6 +453,7 @@ static void gen_finish(srv_gen *g) {
     if (g->err[0]) gen_error_body(g, g->err_http ? g->err_http : 500, g->err_code[0] ? g->err_code : "engine_error", g->err);
     else if (g->drain_cancel) gen_error_body(g, 503, "server_shutdown", "the server is shutting down; the request was cut short");
     else if (g->timed_out) gen_error_body(g, 504, "request_timeout", "the request ran past the server's request_timeout");
+    else if (g->api != API_OPENAI) gen_finish_api(g);
     else if (g->req.stream) {
         if (g->req.include_usage)
             sse_put(g, srv_oai_render_usage_chunk(&g->ctx, g->prompt_tokens, g->completion_tokens));
@@ -393,7 +465,7 @@ static void gen_finish(srv_gen *g) {
         if (!g->body) gen_error_body(g, 500, "out_of_memory", "out of memory rendering the response");
     }
     if (g->req.stream) {
-        sbuf_put(&g->out, "data: [DONE]\n\n", 14);
+        if (g->api == API_OPENAI) sbuf_put(&g->out, "data: [DONE]\n\n", 14);
         g->stream_finished = true;
     }
     gen_resume(g);
@@ -423,7 +495,14 @@ static void process_event(server *s, ev_node *n) {
             memcpy(lp.top, n->top, (size_t)lp.n_top * sizeof(moe_logprob));
             lp.text_offset = cs->text_len;
         }
-        if (g->req.stream) {
+        if (g->api != API_OPENAI) {
+            /* the Responses stream ends with the whole text, so both keep it */
+            srv_oai_choice_append(&g->choices[idx], n->text, n->text_len);
+            if (g->req.stream && n->text_len) {
+                if (g->api == API_ANTHROPIC) sse_put_raw(g, srv_anth_sse_delta(n->text, n->text_len));
+                else sse_put_raw(g, srv_resp_sse_delta(&g->ctx_resp, &g->seq, n->text, n->text_len));
+            }
+        } else if (g->req.stream) {
             if (n->text_len || g->req.logprobs)
                 sse_put(g, srv_oai_render_chunk(&g->ctx, idx, false, n->text, n->text_len, g->req.logprobs ? &lp : NULL,
                                                 g->req.logprobs ? 1 : 0, MOE_FINISH_NONE));
@@ -437,7 +516,14 @@ static void process_event(server *s, ev_node *n) {
     case MOE_EV_FINISH: {
         choice_state *cs = &g->cs[idx];
         cs->finish = n->finish;
-        if (g->req.stream) {
+        if (idx == 0) g->stop_index = n->stop_index;
+        if (g->api != API_OPENAI) {
+            srv_oai_choice_append(&g->choices[idx], n->text, n->text_len);
+            if (g->req.stream && n->text_len) {
+                if (g->api == API_ANTHROPIC) sse_put_raw(g, srv_anth_sse_delta(n->text, n->text_len));
+                else sse_put_raw(g, srv_resp_sse_delta(&g->ctx_resp, &g->seq, n->text, n->text_len));
+            }
+        } else if (g->req.stream) {
             if (n->finish != MOE_FINISH_CANCELLED)
                 sse_put(g, srv_oai_render_chunk(&g->ctx, idx, false, n->text, n->text_len, NULL, 0, n->finish));
         } else if (n->text_len)
@@ -512,6 +598,8 @@ static void fill_limits(server *s, srv_oai_limits *lim) {
     memset(lim, 0, sizeof *lim);
     lim->model_name = s->model_name;
     lim->model_alt = s->model_file_id;
+    lim->model_aliases = s->model_ids;
+    lim->n_model_aliases = s->n_model_ids;
     lim->n_vocab = s->info.n_vocab;
     lim->ctx_size = s->info.ctx_size;
     lim->max_seqs = s->info.max_seqs;
@@ -548,27 +636,39 @@ static void submit_error(int st, const char *msg, srv_oai_err *e) {
     }
 }
 
-/* Starts a parsed request (taken: *parsed is zeroed). */
+/* Starts a parsed request (taken: *parsed and *echo are zeroed). */
 static enum MHD_Result handle_generate(server *s, srv_conn *c, struct MHD_Connection *conn, srv_oai_kind kind,
-                                       srv_oai_req *parsed) {
+                                       srv_api api, srv_oai_req *parsed, srv_resp_echo *echo) {
     srv_gen *g = calloc(1, sizeof *g);
     if (!g) {
         srv_oai_req_free(parsed);
+        srv_resp_echo_free(echo);
         return respond_errf(s, c, conn, 503, NULL, "out_of_memory", "out of memory");
     }
     g->req = *parsed;
     memset(parsed, 0, sizeof *parsed);
+    g->echo = *echo;
+    memset(echo, 0, sizeof *echo);
     srv_oai_err e;
     g->s = s;
     g->conn = conn;
     g->t_start_ns = c->t_start_ns;
-    make_id(s, kind == SRV_OAI_CHAT ? "chatcmpl-" : "cmpl-", g->id, sizeof g->id);
+    g->t_out_ns = moe_now_ns();
+    g->api = api;
+    g->stop_index = -1;
+    make_id(s, api == API_ANTHROPIC ? "msg_" : api == API_RESPONSES ? "resp_" : kind == SRV_OAI_CHAT ? "chatcmpl-" : "cmpl-",
+            g->id, sizeof g->id);
     g->ctx.kind = kind;
     g->ctx.id = g->id;
     g->ctx.created = (int64_t)time(NULL);
     g->ctx.model = s->model_name;
     g->ctx.tok = s->info.tok;
     g->ctx.logprobs = g->req.logprobs;
+    if (api == API_RESPONSES) {
+        make_id(s, "msg_", g->item_id, sizeof g->item_id);
+        g->ctx_resp = (srv_resp_ctx){.id = g->id, .item_id = g->item_id, .model = g->ctx.model,
+                                     .created_at = g->ctx.created, .echo = &g->echo};
+    }
     g->n_subs = g->req.n_prompts;
     g->n_choices = (int32_t)(g->n_subs * (size_t)g->req.n);
     g->subs = calloc(g->n_subs, sizeof *g->subs);
@@ -579,6 +679,7 @@ static enum MHD_Result handle_generate(server *s, srv_conn *c, struct MHD_Connec
         free(g->cs);
         free(g->choices);
         srv_oai_req_free(&g->req);
+        srv_resp_echo_free(&g->echo);
         free(g);
         return respond_errf(s, c, conn, 503, NULL, "out_of_memory", "out of memory");
     }
@@ -589,6 +690,7 @@ static enum MHD_Result handle_generate(server *s, srv_conn *c, struct MHD_Connec
     s->n_gens++;
     g->refs = 1; /* MHD's */
     c->gen = g;
+    conn_request_id(s, c);
     srv_log_prompt(g->id, g->req.prompts[0].text ? g->req.prompts[0].text : "", g->req.prompts[0].text_len);
     /* echo: the prompt text starts each choice */
     for (size_t p = 0; p < g->n_subs; p++) {
@@ -638,7 +740,9 @@ static enum MHD_Result handle_generate(server *s, srv_conn *c, struct MHD_Connec
     }
     if (g->req.stream) {
         /* chat: the first chunk of each choice carries the role; completions with echo: the prompt */
-        for (int32_t i = 0; i < g->n_choices; i++) {
+        if (api == API_ANTHROPIC) sse_put_raw(g, srv_anth_sse_start(g->id, g->ctx.model, g->req.prompts[0].n));
+        else if (api == API_RESPONSES) sse_put_raw(g, srv_resp_sse_start(&g->ctx_resp, &g->seq));
+        for (int32_t i = 0; api == API_OPENAI && i < g->n_choices; i++) {
             size_t p = (size_t)(i / g->req.n);
             if (kind == SRV_OAI_CHAT) sse_put(g, srv_oai_render_chunk(&g->ctx, i, true, "", 0, NULL, 0, MOE_FINISH_NONE));
             else if (g->req.echo)
@@ -654,7 +758,7 @@ static enum MHD_Result handle_generate(server *s, srv_conn *c, struct MHD_Connec
         g->refs++; /* the response's */
         MHD_add_response_header(r, "Content-Type", "text/event-stream");
         MHD_add_response_header(r, "Cache-Control", "no-cache");
-        MHD_add_response_header(r, "X-Request-Id", g->id);
+        MHD_add_response_header(r, "X-Request-Id", c->req_id);
         add_cors(s, conn, r, false);
         c->status = 200;
         enum MHD_Result ret = MHD_queue_response(conn, MHD_HTTP_OK, r);
@@ -705,8 +809,9 @@ static cJSON *model_object(server *s) {
 
 static enum MHD_Result handle_models(server *s, srv_conn *c, struct MHD_Connection *conn, const char *id) {
     if (id) {
-        if (strcmp(id, s->model_name) && (!s->model_file_id || strcmp(id, s->model_file_id)))
-            return respond_errf(s, c, conn, 404, "model", "model_not_found", "The model does not exist");
+        bool known = !strcmp(id, s->model_name) || (s->model_file_id && !strcmp(id, s->model_file_id));
+        for (size_t i = 0; !known && i < s->n_model_ids; i++) known = !strcmp(id, s->model_ids[i]);
+        if (!known) return respond_errf(s, c, conn, 404, "model", "model_not_found", "The model does not exist");
         return respond_json(s, c, conn, 200, model_object(s));
     }
     cJSON *o = cJSON_CreateObject();
@@ -866,12 +971,7 @@ done:
 /* ------------------------------------------------------------------ */
 /* routing */
 
-static bool auth_ok(server *s, struct MHD_Connection *conn) {
-    if (!s->cfg->n_api_keys) return true;
-    const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
-    if (!h || strncasecmp(h, "Bearer ", 7)) return false;
-    h += 7;
-    while (*h == ' ') h++;
+static bool key_ok(server *s, const char *h) {
     size_t hl = strlen(h);
     bool ok = false;
     for (size_t i = 0; i < s->cfg->n_api_keys; i++) {
@@ -885,12 +985,41 @@ static bool auth_ok(server *s, struct MHD_Connection *conn) {
     return ok;
 }
 
-typedef enum { R_NONE, R_CHAT, R_COMPL, R_MODELS, R_MODEL, R_HEALTH, R_METRICS, R_TOKENIZE, R_DETOKENIZE } route;
+/* "Authorization: Bearer KEY" (OpenAI) or "x-api-key: KEY" (Anthropic);
+ * either is accepted on every endpoint. */
+static bool auth_ok(server *s, struct MHD_Connection *conn) {
+    if (!s->cfg->n_api_keys) return true;
+    const char *x = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "x-api-key");
+    if (x && key_ok(s, x)) return true;
+    const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
+    if (!h || strncasecmp(h, "Bearer ", 7)) return false;
+    h += 7;
+    while (*h == ' ') h++;
+    return key_ok(s, h);
+}
+
+typedef enum {
+    R_NONE,
+    R_CHAT,
+    R_COMPL,
+    R_MODELS,
+    R_MODEL,
+    R_HEALTH,
+    R_METRICS,
+    R_TOKENIZE,
+    R_DETOKENIZE,
+    R_MESSAGES,
+    R_COUNT_TOKENS,
+    R_RESPONSES
+} route;
 
 static route find_route(const char *url, const char **arg) {
     *arg = NULL;
     if (!strcmp(url, "/v1/chat/completions")) return R_CHAT;
     if (!strcmp(url, "/v1/completions")) return R_COMPL;
+    if (!strcmp(url, "/v1/messages")) return R_MESSAGES;
+    if (!strcmp(url, "/v1/messages/count_tokens")) return R_COUNT_TOKENS;
+    if (!strcmp(url, "/v1/responses")) return R_RESPONSES;
     if (!strcmp(url, "/v1/models")) return R_MODELS;
     if (!strncmp(url, "/v1/models/", 11) && url[11]) {
         *arg = url + 11;
@@ -915,6 +1044,7 @@ typedef struct srv_work {
     char *in;   /* the request body, taken from the connection */
     size_t in_len;
     srv_oai_req parsed;
+    srv_resp_echo echo;
     srv_oai_err err;
     int rc;
     char *body; /* tokenize / detokenize answer */
@@ -929,13 +1059,18 @@ static void work_cb(uv_work_t *req) {
     server *s = w->s;
     const char *body = w->in ? w->in : "";
     size_t len = w->in_len;
+    srv_oai_limits lim;
+    fill_limits(s, &lim);
     if (w->r == R_TOKENIZE) w->body = tokenize_body(s, body, len, &w->err);
     else if (w->r == R_DETOKENIZE) w->body = detokenize_body(s, body, len, &w->err);
-    else {
-        srv_oai_limits lim;
-        fill_limits(s, &lim);
-        w->rc = srv_oai_parse(route_kind(w->r), body, len, &lim, &w->parsed, &w->err);
-    }
+    else if (w->r == R_MESSAGES) w->rc = srv_anth_parse(body, len, &lim, false, &w->parsed, &w->err);
+    else if (w->r == R_COUNT_TOKENS) {
+        if (!(w->rc = srv_anth_parse(body, len, &lim, true, &w->parsed, &w->err))) {
+            if (!(w->body = srv_anth_render_count(w->parsed.prompts[0].n))) srv_oai_err_set(&w->err, 500, NULL, "out of memory");
+            srv_oai_req_free(&w->parsed);
+        }
+    } else if (w->r == R_RESPONSES) w->rc = srv_resp_parse(body, len, &lim, &w->parsed, &w->echo, &w->err);
+    else w->rc = srv_oai_parse(route_kind(w->r), body, len, &lim, &w->parsed, &w->err);
 }
 
 static void shutdown_server(server *s);
@@ -950,6 +1085,7 @@ static void after_work_cb(uv_work_t *req, int status) {
     w->in = NULL;
     if (!w->c) {
         srv_oai_req_free(&w->parsed);
+        srv_resp_echo_free(&w->echo);
         free(w->body);
         free(w);
     } else {
@@ -990,13 +1126,14 @@ static enum MHD_Result finish_work(server *s, srv_conn *c, struct MHD_Connection
     }
     c->work = NULL;
     enum MHD_Result ret;
-    if (w->r == R_TOKENIZE || w->r == R_DETOKENIZE) {
+    if (w->r == R_TOKENIZE || w->r == R_DETOKENIZE || (w->r == R_COUNT_TOKENS && !w->rc)) {
         if (w->body) ret = respond(s, c, conn, 200, "application/json", w->body, strlen(w->body), NULL);
         else ret = respond_err(s, c, conn, &w->err);
     } else if (w->rc) {
         ret = respond_err(s, c, conn, &w->err);
     } else {
-        ret = handle_generate(s, c, conn, route_kind(w->r), &w->parsed);
+        srv_api api = w->r == R_MESSAGES ? API_ANTHROPIC : w->r == R_RESPONSES ? API_RESPONSES : API_OPENAI;
+        ret = handle_generate(s, c, conn, route_kind(w->r), api, &w->parsed, &w->echo);
     }
     free(w);
     return ret;
@@ -1004,12 +1141,15 @@ static enum MHD_Result finish_work(server *s, srv_conn *c, struct MHD_Connection
 
 static enum MHD_Result respond_unauthorized(server *s, srv_conn *c, struct MHD_Connection *conn) {
     srv_oai_err e;
-    srv_oai_err_set(&e, 401, NULL, "Incorrect API key provided (Authorization: Bearer KEY)");
+    srv_oai_err_set(&e, 401, NULL, "Incorrect API key provided (Authorization: Bearer KEY or x-api-key: KEY)");
     snprintf(e.code, sizeof e.code, "invalid_api_key");
     return respond_err(s, c, conn, &e);
 }
 
-static bool route_is_post(route r) { return r == R_CHAT || r == R_COMPL || r == R_TOKENIZE || r == R_DETOKENIZE; }
+static bool route_is_post(route r) {
+    return r == R_CHAT || r == R_COMPL || r == R_TOKENIZE || r == R_DETOKENIZE || r == R_MESSAGES ||
+           r == R_COUNT_TOKENS || r == R_RESPONSES;
+}
 
 /* Whether the request reaches the key check in dispatch (the same order:
  * OPTIONS, 404 and 405 come first; /health and /metrics need no key). */
@@ -1028,6 +1168,8 @@ static enum MHD_Result dispatch(server *s, srv_conn *c, struct MHD_Connection *c
     if (!strcmp(method, "OPTIONS")) {
         struct MHD_Response *resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
         MHD_add_response_header(resp, "Allow", "GET, POST, OPTIONS");
+        conn_request_id(s, c);
+        MHD_add_response_header(resp, "X-Request-Id", c->req_id);
         add_cors(s, conn, resp, true);
         c->status = 204;
         enum MHD_Result ret = MHD_queue_response(conn, 204, resp);
@@ -1041,11 +1183,13 @@ static enum MHD_Result dispatch(server *s, srv_conn *c, struct MHD_Connection *c
         srv_oai_err e;
         srv_oai_err_set(&e, 405, NULL, "method %.16s is not allowed here; use %s", method, post ? "POST" : "GET");
         snprintf(e.code, sizeof e.code, "method_not_allowed");
-        char *body = srv_oai_err_json(&e);
+        char *body = path_is_anthropic(c->path) ? srv_anth_err_json(&e) : srv_oai_err_json(&e);
         if (!body) return MHD_NO;
         struct MHD_Response *resp = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
         MHD_add_response_header(resp, "Allow", post ? "POST, OPTIONS" : "GET, HEAD, OPTIONS");
         MHD_add_response_header(resp, "Content-Type", "application/json");
+        conn_request_id(s, c);
+        MHD_add_response_header(resp, "X-Request-Id", c->req_id);
         add_cors(s, conn, resp, false);
         c->status = 405;
         enum MHD_Result ret = MHD_queue_response(conn, 405, resp);
@@ -1093,6 +1237,20 @@ static enum MHD_Result handler_cb(void *cls, struct MHD_Connection *conn, const 
             c->seen = true;
             c->close = true;
             return respond_errf(s, c, conn, 400, NULL, "bad_request", framing);
+        }
+        /* A client's own id is echoed and logged, so it must be safe in a
+         * header and a log line. */
+        const char *rid = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Request-Id");
+        if (rid) {
+            size_t n = strlen(rid);
+            bool ok = n > 0 && n < sizeof c->req_id;
+            for (size_t i = 0; ok && i < n; i++) ok = rid[i] > 0x20 && rid[i] < 0x7f;
+            if (!ok) {
+                c->seen = true;
+                return respond_errf(s, c, conn, 400, NULL, "invalid_request_id",
+                                    "the X-Request-Id header must be 1 to 128 printable ASCII characters without spaces");
+            }
+            memcpy(c->req_id, rid, n + 1);
         }
         if (needs_key(url, method) && !auth_ok(s, conn)) {
             c->seen = true;
@@ -1148,7 +1306,7 @@ static void completed_cb(void *cls, struct MHD_Connection *conn, void **con_cls,
     srv_gen *g = c->gen;
     int status = c->status ? c->status : 499; /* nginx's "client closed request" */
     srv_metrics_count_status(&s->metrics, status);
-    srv_log_request lr = {.id = g ? g->id : "-",
+    srv_log_request lr = {.id = c->req_id[0] ? c->req_id : g ? g->id : "-",
                           .method = c->method,
                           .path = c->path,
                           .status = status,
@@ -1319,6 +1477,18 @@ static void tick_cb(uv_timer_t *t) {
             s->metrics.requests_cancelled++;
             gen_cancel(g);
         }
+    /* A stream that has said nothing for a while (queued behind others,
+     * prefilling a long prompt) gets an SSE comment, so proxies and
+     * clients with read timeouts do not give up on it. */
+    if (s->cfg->sse_keepalive > 0)
+        for (srv_gen *g = s->gens; g; g = g->next)
+            if (g->req.stream && !g->stream_finished && g->conn &&
+                ns_to_s(now - g->t_out_ns) >= s->cfg->sse_keepalive) {
+                sbuf_put(&g->out, ": keep-alive\n\n", 14);
+                g->t_out_ns = now;
+                gen_resume(g);
+                if (s->http) srv_http_kick(s->http);
+            }
     /* request timeouts */
     if (s->cfg->request_timeout > 0)
         for (srv_gen *g = s->gens; g; g = g->next)
@@ -1375,8 +1545,9 @@ int srv_cmd_serve(int argc, char **argv) {
     srv_config_init(&cfg);
     char err[MOE_ERR_MAX];
     int rc = srv_config_from_args(&cfg, argc, argv, NULL, err, sizeof err);
-    if (rc == 1) {
-        srv_config_usage(stdout);
+    if (rc == 1 || rc == 2) {
+        if (rc == 1) srv_config_usage(stdout);
+        else printf("moed %s\n", MOED_VERSION);
         srv_config_free(&cfg);
         return 0;
     }
@@ -1397,6 +1568,9 @@ int srv_cmd_serve(int argc, char **argv) {
         return 2;
     }
     srv_log_setup(cfg.log_format, cfg.log_level, cfg.log_prompts);
+    char unknown[1024];
+    if (srv_config_env_unknown(NULL, unknown, sizeof unknown))
+        srv_log(SRV_LOG_WARN, "ignoring unknown environment variables: %s", unknown);
     signal(SIGPIPE, SIG_IGN);
     if (srv_fault_install()) srv_log(SRV_LOG_WARN, "cannot install the SIGBUS handler");
 
@@ -1407,7 +1581,12 @@ int srv_cmd_serve(int argc, char **argv) {
     s->argv = argv;
     s->loop = uv_default_loop();
     s->model_file_id = model_id_from_path(cfg.model);
-    s->model_name = strdup(cfg.served_model_name ? cfg.served_model_name : s->model_file_id);
+    s->model_name = strdup(cfg.n_served_model_name ? cfg.served_model_name[0] : s->model_file_id);
+    const char *base = strrchr(cfg.model, '/');
+    s->model_file_name = strdup(base ? base + 1 : cfg.model);
+    for (size_t i = 1; i < cfg.n_served_model_name && s->n_model_ids < 7; i++)
+        s->model_ids[s->n_model_ids++] = cfg.served_model_name[i];
+    if (s->model_file_name) s->model_ids[s->n_model_ids++] = s->model_file_name;
     s->started_unix = (int64_t)time(NULL);
     if (getrandom(&s->id_base, sizeof s->id_base, 0) != sizeof s->id_base) s->id_base = moe_now_ns() ^ (uint64_t)getpid();
     srv_metrics_init(&s->metrics);
@@ -1512,6 +1691,7 @@ done:
     pthread_mutex_destroy(&s->ev_mu);
     free(s->model_name);
     free(s->model_file_id);
+    free(s->model_file_name);
     free(s);
     srv_config_free(&cfg);
     return rc;

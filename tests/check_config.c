@@ -97,7 +97,8 @@ START_TEST(test_file) {
     ck_assert_str_eq(c.api_keys[0], "k1");
     ck_assert_str_eq(c.api_keys[1], "k2");
     ck_assert_str_eq(c.api_keys[2], "k3");
-    ck_assert_str_eq(c.served_model_name, "my # model");
+    ck_assert_uint_eq(c.n_served_model_name, 1);
+    ck_assert_str_eq(c.served_model_name[0], "my # model");
     ck_assert_int_eq(c.log_format, SRV_LOG_JSON);
     ck_assert(c.log_prompts);
     ck_assert(c.chat_parse_special);
@@ -246,6 +247,60 @@ START_TEST(test_args_errors) {
 }
 END_TEST
 
+START_TEST(test_other_servers_flags) {
+    char *env[] = {NULL};
+    char err[256];
+    srv_config c;
+    srv_config_init(&c);
+    char *argv[] = {"serve", "-np", "3", "--max-model-len=2048", "--alias", "a,b , c", NULL};
+    ck_assert_int_eq(srv_config_from_args(&c, 6, argv, env, err, sizeof err), 0);
+    ck_assert_int_eq(c.max_seqs, 3);
+    ck_assert_int_eq(c.ctx_size, 2048);
+    ck_assert_uint_eq(c.n_served_model_name, 3);
+    ck_assert_str_eq(c.served_model_name[0], "a");
+    ck_assert_str_eq(c.served_model_name[2], "c");
+    srv_config_free(&c);
+    srv_config_init(&c);
+    char *argv2[] = {"serve", "--parallel", "5", "--max-num-seqs", "7", NULL};
+    ck_assert_int_eq(srv_config_from_args(&c, 5, argv2, env, err, sizeof err), 0);
+    ck_assert_int_eq(c.max_seqs, 7); /* the later flag wins, as for any repeated option */
+    srv_config_free(&c);
+    srv_config_init(&c);
+    char *argv3[] = {"serve", "--port", "x", "--version", NULL};
+    ck_assert_int_eq(srv_config_from_args(&c, 4, argv3, env, err, sizeof err), 2);
+    srv_config_free(&c);
+}
+END_TEST
+
+START_TEST(test_did_you_mean) {
+    char *env[] = {NULL};
+    char err[256];
+    srv_config c;
+    struct {
+        char *flag;
+        const char *hint;
+    } cases[] = {
+        {"--ctx-sise", "(did you mean --ctx-size?)"},
+        {"--max_seq", "(did you mean --max-seqs?)"},
+        {"-ctx-size", "(did you mean --ctx-size?)"},
+        {"--cnofig", "(did you mean --config?)"},
+        {"--zzzzzzzzzz", NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        srv_config_init(&c);
+        char *argv[] = {"serve", cases[i].flag, "1", NULL};
+        ck_assert_int_eq(srv_config_from_args(&c, 3, argv, env, err, sizeof err), MOE_EINVAL);
+        if (cases[i].hint) ck_assert_msg(strstr(err, cases[i].hint), "%s: '%s'", cases[i].flag, err);
+        else ck_assert_msg(!strstr(err, "did you mean"), "%s: '%s'", cases[i].flag, err);
+        srv_config_free(&c);
+    }
+    char *envp[] = {"MOED_CTX_SIZ=5", "MOED_PORT=1", "MOED_CONFIG=x", "PATH=/bin", "MOED_QQQQQQQQQQQQ=1", NULL};
+    char out[256];
+    ck_assert_uint_eq(srv_config_env_unknown(envp, out, sizeof out), 2);
+    ck_assert_str_eq(out, "MOED_CTX_SIZ (did you mean MOED_CTX_SIZE?); MOED_QQQQQQQQQQQQ");
+}
+END_TEST
+
 START_TEST(test_usage_lists_every_key) {
     char *buf = NULL;
     size_t len = 0;
@@ -352,6 +407,10 @@ static Suite *config_suite(void) {
     tc = tcase_create("precedence");
     tcase_add_test(tc, test_precedence);
     tcase_add_test(tc, test_args_errors);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("aliases");
+    tcase_add_test(tc, test_other_servers_flags);
+    tcase_add_test(tc, test_did_you_mean);
     suite_add_tcase(s, tc);
     tc = tcase_create("reload");
     tcase_add_test(tc, test_reload);

@@ -84,6 +84,7 @@ typedef struct col {
     size_t tlen[MAXC];
     int n_finish[MAXC];
     moe_finish finish[MAXC];
+    int32_t stop_index[MAXC];
     int64_t comp[MAXC];
     int n_error, n_done;
     char err[256];
@@ -131,6 +132,7 @@ static void on_event(void *user, const moe_event *ev) {
         }
         c->n_finish[i]++;
         c->finish[i] = ev->finish;
+        c->stop_index[i] = ev->stop_index;
         c->comp[i] = ev->completion_tokens;
         c->prompt_tokens = ev->prompt_tokens;
         if (c->tlen[i] + ev->text_len < sizeof c->text[i]) {
@@ -311,6 +313,7 @@ START_TEST(stop_strings) {
     ck_assert(col_wait(&c, 30));
     ck_assert(!c.order_bad);
     ck_assert_int_eq(c.finish[0], MOE_FINISH_STOP);
+    ck_assert_int_eq(c.stop_index[0], 1); /* which of the request's stop strings it was */
     ck_assert_uint_eq(c.tlen[0], expect);
     ck_assert(!memcmp(c.text[0], full, expect));
     /* it stopped on the token that completed the stop string */
@@ -332,6 +335,7 @@ START_TEST(stop_strings) {
     ck_assert_int_eq(moe_engine_submit(e, &r2, NULL, NULL, 0), MOE_OK);
     ck_assert(col_wait(&d, 30));
     ck_assert_int_eq(d.finish[0], MOE_FINISH_LENGTH);
+    ck_assert_int_eq(d.stop_index[0], -1);
     ck_assert_uint_eq(d.tlen[0], full_len);
     ck_assert(!memcmp(d.text[0], full, full_len));
     free(full);
@@ -357,6 +361,7 @@ START_TEST(eos_and_logit_bias) {
     ck_assert_int_eq(moe_engine_submit(e, &r, NULL, NULL, 0), MOE_OK);
     ck_assert(col_wait(&c, 30));
     ck_assert_int_eq(c.finish[0], MOE_FINISH_STOP);
+    ck_assert_int_eq(c.stop_index[0], -1); /* EOS, not a stop string */
     ck_assert_int_eq(c.ntok[0], 0);
     ck_assert_int_eq(c.comp[0], 1);
     ck_assert_uint_eq(c.tlen[0], 0);

@@ -195,7 +195,7 @@ def read_sse(resp):
         if not line:
             return out
         line = line.rstrip(b"\r\n")
-        if not line:
+        if not line or line.startswith(b":"):  # blank, or a keep-alive comment
             continue
         expect(line.startswith(b"data: "), f"SSE line {line[:80]!r}")
         data = line[6:]

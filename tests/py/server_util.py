@@ -124,9 +124,10 @@ def metric(m, name, **labels):
 
 
 def sse_events(resp):
-    """Yields the JSON payloads of an SSE response ('[DONE]' as the string)."""
+    """Yields the JSON payloads of an SSE response ('[DONE]' as the string);
+    comment lines (': keep-alive') are skipped, as SSE clients do."""
     for raw in resp.iter_lines():
-        if not raw:
+        if not raw or raw.startswith(b":"):
             continue
         line = raw.decode()
         assert line.startswith("data: "), line

@@ -26,7 +26,8 @@ def test_openapi_document_is_valid():
     assert doc["openapi"].startswith("3.")
     # every path of the document is an operation schemathesis can test
     assert len(ops) == sum(len(v) for v in doc["paths"].values())
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/responses", "/v1/messages",
+                 "/v1/messages/count_tokens"):
         assert path in doc["paths"]
 
 
@@ -48,6 +49,17 @@ CASES = [
     ("/v1/completions", "POST", {"prompt": "x", "max_tokens": 100000}, 400),
     ("/v1/completions", "POST", {"prompt": "x", "model": "no-such-model"}, 404),
     ("/v1/chat/completions", "POST", {"messages": [{"role": "wizard", "content": "x"}]}, 400),
+    ("/v1/responses", "POST", {"input": "Hello!", "instructions": "Be brief.", "max_output_tokens": 6}, 200),
+    ("/v1/responses", "POST", {"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+                               "max_output_tokens": 4, "stream": True}, 200),
+    ("/v1/responses", "POST", {"input": "x", "store": True}, 400),
+    ("/v1/messages", "POST", {"model": "tiny", "max_tokens": 6, "system": "Be brief.",
+                              "messages": [{"role": "user", "content": "Hello!"}]}, 200),
+    ("/v1/messages", "POST", {"model": "tiny", "max_tokens": 4, "stream": True, "stop_sequences": ["\n"],
+                              "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, 200),
+    ("/v1/messages", "POST", {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}, 400),
+    ("/v1/messages", "POST", {"model": "other", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}, 404),
+    ("/v1/messages/count_tokens", "POST", {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}, 200),
     ("/v1/models", "GET", None, 200),
     ("/v1/models/tiny", "GET", None, 200),
     ("/v1/models/other", "GET", None, 404),
@@ -107,6 +119,7 @@ def test_auth_answers_conform(tmp_path, moed_bin):
         schema = st.openapi.from_path(str(SPEC))
         schema.config.update(base_url=srv.url)
         chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        msg = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         for path, method, body, headers, status in [
             ("/v1/models", "GET", None, {}, 401),
             ("/v1/models", "GET", None, {"Authorization": "Bearer sk-wrong"}, 401),
@@ -114,6 +127,9 @@ def test_auth_answers_conform(tmp_path, moed_bin):
             ("/v1/chat/completions", "POST", chat, {}, 401),
             ("/v1/chat/completions", "POST", chat, {"Authorization": "Bearer sk-a"}, 200),
             ("/tokenize", "POST", {"content": "x"}, {}, 401),
+            ("/v1/messages", "POST", msg, {}, 401),
+            ("/v1/messages", "POST", msg, {"x-api-key": "sk-b"}, 200),
+            ("/v1/responses", "POST", {"input": "x", "max_output_tokens": 2}, {"x-api-key": "sk-a"}, 200),
             ("/health", "GET", None, {}, 200),
             ("/metrics", "GET", None, {}, 200),
         ]:
@@ -122,7 +138,9 @@ def test_auth_answers_conform(tmp_path, moed_bin):
             r = case.call()
             assert r.status_code == status, (path, headers, r.status_code, r.text[:300])
             case.validate_response(r)
-            if status == 401:
+            if status == 401 and path == "/v1/messages":
+                assert r.json()["error"]["type"] == "authentication_error"
+            elif status == 401:
                 assert r.json()["error"]["code"] == "invalid_api_key"
     finally:
         assert srv.stop(timeout=45) == 0, srv.log()
