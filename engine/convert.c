@@ -281,7 +281,8 @@ static int read_config(conv *c) {
         TRY(cfg_int(c, "num_local_experts", -1, 1, MAX_SRC, &c->n_expert));
         c->n_ff_exp = c->n_ff;
     } else if (!strcmp(c->model_type, "qwen2_moe") || !strcmp(c->model_type, "qwen3_moe")) {
-        TRY(cfg_int(c, "num_experts", -1, 1, MAX_SRC, &c->n_expert));
+        /* Hub checkpoints say num_experts; transformers 5 saves num_local_experts */
+        TRY(cfg_int(c, cfg_item(c, "num_experts") ? "num_experts" : "num_local_experts", -1, 1, MAX_SRC, &c->n_expert));
         TRY(cfg_int(c, "moe_intermediate_size", -1, 1, D, &c->n_ff_exp));
         TRY(cfg_int(c, "shared_expert_intermediate_size", 0, 0, D, &c->n_ff_shexp));
     } else if (ds) {
