@@ -298,6 +298,15 @@ static int read_config(conv *c) {
         TRY(cfg_int(c, "first_k_dense_replace", 0, 0, c->n_layer, &c->n_dense_lead));
     }
     if (c->n_expert) TRY(cfg_int(c, "num_experts_per_tok", -1, 1, c->n_expert, &c->n_expert_used));
+    /* FP8 checkpoints name their block size; the dequantizer knows 128x128 */
+    const cJSON *qc = cfg_item(c, "quantization_config");
+    const cJSON *bs = cJSON_IsObject(qc) ? cJSON_GetObjectItemCaseSensitive(qc, "weight_block_size") : NULL;
+    if (bs && !(cJSON_IsArray(bs) && cJSON_GetArraySize(bs) == 2 && cJSON_IsNumber(bs->child) &&
+                bs->child->valuedouble == FP8_BLOCK && cJSON_IsNumber(bs->child->next) &&
+                bs->child->next->valuedouble == FP8_BLOCK)) {
+        seterr(c, "config.json: quantization_config.weight_block_size must be [%d, %d]", FP8_BLOCK, FP8_BLOCK);
+        return MOE_EUNSUPPORTED;
+    }
     if ((!c->n_expert || c->n_dense_lead > 0) && c->n_ff < 1) {
         seterr(c, "config.json: missing required 'intermediate_size'");
         return MOE_EFORMAT;

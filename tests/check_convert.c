@@ -386,6 +386,21 @@ START_TEST(broken_checkpoints_refused) {
     scratch("qwen2", QW, 4);
     write_text("model.safetensors", "\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}        ");
     convert_fails(MOE_EFORMAT, "model.safetensors");
+    scratch("deepseek3", QW, 4);
+    {
+        char cfgp[512], *txt = malloc(65536);
+        snprintf(cfgp, sizeof cfgp, FIXDIR "deepseek3/config.json");
+        FILE *f = fopen(cfgp, "rb");
+        size_t n = fread(txt, 1, 65535, f);
+        fclose(f);
+        txt[n] = 0;
+        char *p = strstr(txt, "128,\n      128");
+        ck_assert_ptr_nonnull(p);
+        memcpy(p, " 64,", 4);
+        write_text("config.json", txt);
+        free(txt);
+    }
+    convert_fails(MOE_EUNSUPPORTED, "weight_block_size must be [128, 128]");
     /* a shard listed by the index but absent */
     scratch("mixtral", MX, 6);
     convert_fails(MOE_EIO, "model-00003-of-00003.safetensors");
