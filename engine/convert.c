@@ -31,7 +31,7 @@
 
 enum { TT_NORMAL = 1, TT_CONTROL = 3, TT_USER_DEFINED = 4, TT_UNUSED = 5 };
 
-typedef enum { R_COPY, R_PERM, R_STACK, R_VB, R_KB } recipe;
+typedef enum { R_COPY, R_PERM, R_STACK, R_VB, R_KB, R_GEN } recipe;
 
 typedef struct out_tensor {
     char name[96];
@@ -60,6 +60,7 @@ typedef struct conv {
     int64_t n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff, n_vocab;
     int64_t n_expert, n_expert_used, n_ff_exp, n_ff_shexp;
     int64_t q_lora, kv_lora, nope, rope_dim, v_dim, n_dense_lead;
+    float *rope_freqs; /* (head_dim / 2) Llama 3.1 frequency divisors, or NULL */
 } conv;
 
 static void seterr(conv *c, const char *fmt, ...) {
@@ -314,10 +315,16 @@ static int read_config(conv *c) {
     return MOE_OK;
 }
 
-/* rope_theta and rope scaling: transformers < 5 writes rope_theta and
- * rope_scaling, transformers 5 one rope_parameters object. */
-static int write_rope(conv *c, moe_gguf_writer *w, char *key, size_t ks) {
-#define K(s) (snprintf(key, ks, "%s.%s", c->arch, s), key)
+/* rope_theta and the rope scaling object: transformers < 5 writes
+ * rope_theta and rope_scaling, transformers 5 one rope_parameters object. */
+typedef struct rope_cfg {
+    double theta, factor;
+    const cJSON *sc;   /* the scaling object, or NULL */
+    const char *where; /* its name, for messages */
+    const char *type;  /* "default", "linear", "yarn", "llama3", ... */
+} rope_cfg;
+
+static int read_rope(conv *c, rope_cfg *r) {
     const cJSON *rp = cfg_item(c, "rope_parameters");
     const cJSON *rs = cfg_item(c, "rope_scaling");
     if (rp && !cJSON_IsObject(rp)) {
@@ -328,33 +335,73 @@ static int write_rope(conv *c, moe_gguf_writer *w, char *key, size_t ks) {
         seterr(c, "config.json: 'rope_scaling' is not an object");
         return MOE_EFORMAT;
     }
-    double theta;
-    TRY(num_in(c, c->cfg, "", "rope_theta", 10000.0, &theta));
-    if (rp) TRY(num_in(c, rp, "rope_parameters.", "rope_theta", theta, &theta));
-    if (!(theta > 0)) {
-        seterr(c, "config.json: rope_theta %g must be > 0", theta);
+    TRY(num_in(c, c->cfg, "", "rope_theta", 10000.0, &r->theta));
+    if (rp) TRY(num_in(c, rp, "rope_parameters.", "rope_theta", r->theta, &r->theta));
+    if (!(r->theta > 0)) {
+        seterr(c, "config.json: rope_theta %g must be > 0", r->theta);
         return MOE_EFORMAT;
     }
-    int rc = moe_gguf_writer_set_f32(w, K("rope.freq_base"), (float)theta);
-    const cJSON *sc = rs ? rs : rp;
-    const char *where = rs ? "rope_scaling." : "rope_parameters.";
-    const cJSON *ty = sc ? cJSON_GetObjectItemCaseSensitive(sc, "rope_type") : NULL;
-    if (sc && !cJSON_IsString(ty)) ty = cJSON_GetObjectItemCaseSensitive(sc, "type");
-    const char *type = cJSON_IsString(ty) ? ty->valuestring : "default";
+    r->sc = rs ? rs : rp;
+    r->where = rs ? "rope_scaling." : "rope_parameters.";
+    const cJSON *ty = r->sc ? cJSON_GetObjectItemCaseSensitive(r->sc, "rope_type") : NULL;
+    if (r->sc && !cJSON_IsString(ty)) ty = cJSON_GetObjectItemCaseSensitive(r->sc, "type");
+    r->type = cJSON_IsString(ty) ? ty->valuestring : "default";
+    r->factor = 1.0;
+    if (!strcmp(r->type, "default")) return MOE_OK;
+    TRY(num_in(c, r->sc, r->where, "factor", 1.0, &r->factor));
+    if (!(r->factor >= 1.0 && r->factor < 1e6)) {
+        seterr(c, "config.json: '%sfactor' = %g is out of range [1, 1e6)", r->where, r->factor);
+        return MOE_EFORMAT;
+    }
+    return MOE_OK;
+}
+
+/* Llama 3.1's scaling as llama.cpp ships it: one divisor per rope pair,
+ * 1 for wavelengths under orig/high_freq_factor, `factor` over
+ * orig/low_freq_factor, blended between. */
+static int llama3_freqs(conv *c, const rope_cfg *r) {
+    double lo, hi, orig;
+    TRY(num_in(c, r->sc, r->where, "low_freq_factor", 1.0, &lo));
+    TRY(num_in(c, r->sc, r->where, "high_freq_factor", 4.0, &hi));
+    TRY(num_in(c, r->sc, r->where, "original_max_position_embeddings", 8192, &orig));
+    if (!(lo > 0 && hi > lo && orig >= 1)) {
+        seterr(c, "config.json: llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor and "
+                  "original_max_position_embeddings >= 1");
+        return MOE_EFORMAT;
+    }
+    int64_t n = c->head_dim / 2;
+    if (!(c->rope_freqs = malloc((size_t)n * sizeof(float)))) return MOE_ENOMEM;
+    for (int64_t i = 0; i < n; i++) {
+        double freq = pow(r->theta, -2.0 * (double)i / (double)c->head_dim), wavelen = 2 * M_PI / freq;
+        double f;
+        if (wavelen < orig / hi) f = 1.0;
+        else if (wavelen > orig / lo) f = r->factor;
+        else {
+            double smooth = (orig / wavelen - lo) / (hi - lo);
+            f = 1.0 / ((1.0 - smooth) / r->factor + smooth);
+        }
+        c->rope_freqs[i] = (float)f;
+    }
+    return MOE_OK;
+}
+
+static int write_rope(conv *c, moe_gguf_writer *w, char *key, size_t ks) {
+#define K(s) (snprintf(key, ks, "%s.%s", c->arch, s), key)
+    rope_cfg r;
+    TRY(read_rope(c, &r));
+    int rc = moe_gguf_writer_set_f32(w, K("rope.freq_base"), (float)r.theta);
+    const cJSON *sc = r.sc;
+    const char *where = r.where, *type = r.type;
+    double factor = r.factor, orig, bf, bs, mscale_all;
     if (!strcmp(type, "default")) return rc;
-    double factor, orig, bf, bs, mscale_all;
-    TRY(num_in(c, sc, where, "factor", 1.0, &factor));
-    if (!(factor >= 1.0 && factor < 1e6)) {
-        seterr(c, "config.json: '%sfactor' = %g is out of range [1, 1e6)", where, factor);
-        return MOE_EFORMAT;
-    }
+    if (!strcmp(type, "llama3") && c->rope_freqs) return rc; /* the divisors are the rope_freqs tensor */
     if (!strcmp(type, "linear")) {
         rc |= moe_gguf_writer_set_str(w, K("rope.scaling.type"), "linear");
         rc |= moe_gguf_writer_set_f32(w, K("rope.scaling.factor"), (float)factor);
         return rc;
     }
     if (strcmp(type, "yarn")) {
-        seterr(c, "config.json: rope scaling '%.32s' is not supported (default, linear, yarn)", type);
+        seterr(c, "config.json: rope scaling '%.32s' is not supported (default, linear, yarn; llama3 for Llama)", type);
         return MOE_EUNSUPPORTED;
     }
     TRY(num_in(c, sc, where, "original_max_position_embeddings", 4096, &orig));
@@ -558,6 +605,13 @@ static int plan(conv *c) {
     /* tied embeddings: no output.weight; the loader reuses token_embd */
     if (find(c, "lm_head.weight") || !cfg_bool(c, "tie_word_embeddings", false))
         TRY(plan1(c, "output.weight", "lm_head.weight", c->n_vocab, E, R_COPY, 0));
+    rope_cfg rc;
+    TRY(read_rope(c, &rc));
+    if (llama && !strcmp(rc.type, "llama3")) {
+        TRY(llama3_freqs(c, &rc));
+        out_tensor *o = add_out(c, "rope_freqs.weight", hd / 2, 1, 1, R_GEN);
+        if (!o) return MOE_ENOMEM;
+    }
     char g[96], h[256];
     for (int64_t il = 0; il < c->n_layer; il++) {
 #define G(s) (snprintf(g, sizeof g, "blk.%lld.%s", (long long)il, s), g)
@@ -722,6 +776,7 @@ static int write_tensor(conv *c, moe_gguf_writer *w, const out_tensor *o, float 
     const size_t row_bytes = moe_row_size(o->type, cols);
     int64_t per = (int64_t)(CHUNK_FLOATS / (size_t)cols);
     if (per < 1) per = 1;
+    if (o->how == R_GEN) return moe_gguf_writer_write_tensor(w, c->rope_freqs, (size_t)cols * sizeof(float));
     for (int64_t j = 0; j < o->ne[2]; j++) {
         if (o->how == R_KB) {
             /* (nope rows of r) of head j, transposed into r rows of nope */
@@ -1108,6 +1163,7 @@ out:
     free(qbuf);
     free(tbuf);
     free(c.out);
+    free(c.rope_freqs);
     for (int i = 0; i < c.n_shard; i++) moe_st_close(c.shard[i]);
     cJSON_Delete(c.cfg);
     return rc;

@@ -30,7 +30,7 @@
 #define FIXDIR MOE_SRC_DIR "/tests/fixtures/convert/"
 
 static const char *FIXTURES[] = {"llama", "qwen2", "mixtral", "qwen2moe", "qwen3moe",
-                                 "deepseek2", "deepseek2lite", "deepseek3"};
+                                 "deepseek2", "deepseek2lite", "deepseek3", "llama31"};
 #define N_FIX (int)(sizeof FIXTURES / sizeof FIXTURES[0])
 
 typedef struct ref {

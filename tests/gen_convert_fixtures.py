@@ -16,6 +16,7 @@ of the converter is exercised:
     deepseek2      BF16                deepseek-llm, legacy rope_scaling config
     deepseek2lite  BF16                gpt-2
     deepseek3      FP8 e4m3 + 128x128 block scale_inv (F32), the rest BF16; deepseek-v3
+    llama31        BF16                llama with Llama 3.1 rope scaling (rope_freqs)
 
 The reference is transformers itself on the stored checkpoint: the weights
 are rounded to the storage dtype (FP8: w = fp8 x scale_inv of its block,
@@ -62,7 +63,15 @@ STORE = {
     "deepseek2": ("BF16", 1, "deepseek-llm", True, "deepseek2.jinja"),
     "deepseek2lite": ("BF16", 1, "gpt-2", False, "deepseek2.jinja"),
     "deepseek3": ("FP8", 1, "deepseek-v3", True, "deepseek3.jinja"),
+    "llama31": ("BF16", 1, "llama-bpe", True, "llama3.jinja"),
 }
+# Models beyond gen_reference_fixtures.py's. llama31: theta 5e5 and head_dim
+# 16 put rope pairs 0-3 under orig/high (divisor 1), pair 4 in the blend and
+# pairs 5-7 over orig/low (divisor = factor), so every branch shows.
+G.MODELS["llama31"] = ("llama", "llama", 109, dict(
+    G.MODELS["llama"][3], max_position_embeddings=131072,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}))
 TDTYPE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 FP8_BLOCK = 128
 

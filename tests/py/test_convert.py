@@ -20,10 +20,10 @@ from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES, Keys
 FIX = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "convert"
 ARCH = {"llama": MODEL_ARCH.LLAMA, "qwen2": MODEL_ARCH.QWEN2, "mixtral": MODEL_ARCH.LLAMA,
         "qwen2moe": MODEL_ARCH.QWEN2MOE, "qwen3moe": MODEL_ARCH.QWEN3MOE, "deepseek2": MODEL_ARCH.DEEPSEEK2,
-        "deepseek2lite": MODEL_ARCH.DEEPSEEK2, "deepseek3": MODEL_ARCH.DEEPSEEK2}
+        "deepseek2lite": MODEL_ARCH.DEEPSEEK2, "deepseek3": MODEL_ARCH.DEEPSEEK2, "llama31": MODEL_ARCH.LLAMA}
 GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "mixtral": "llama", "qwen2moe": "qwen2moe",
              "qwen3moe": "qwen3moe", "deepseek2": "deepseek2", "deepseek2lite": "deepseek2",
-             "deepseek3": "deepseek2"}
+             "deepseek3": "deepseek2", "llama31": "llama"}
 ST_DTYPE = {"F32": np.float32, "F16": np.float16}
 
 
