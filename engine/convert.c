@@ -61,6 +61,7 @@ typedef struct conv {
     int64_t n_expert, n_expert_used, n_ff_exp, n_ff_shexp;
     int64_t q_lora, kv_lora, nope, rope_dim, v_dim, n_dense_lead;
     float *rope_freqs; /* (head_dim / 2) Llama 3.1 frequency divisors, or NULL */
+    float fp8[256];    /* e4m3 byte -> value: a table, not ldexpf per weight */
 } conv;
 
 static void seterr(conv *c, const char *fmt, ...) {
@@ -743,13 +744,18 @@ static float elem(const moe_st_tensor *t, uint64_t i) {
 
 /* Row `row` of t viewed as (rows, cols) into dst[cols], FP8 scaled by
  * its 128x128 block's scale_inv. */
-static void read_row(const moe_st_tensor *t, const moe_st_tensor *scale, int64_t row, int64_t cols, float *dst) {
+static void read_row(const conv *c, const moe_st_tensor *t, const moe_st_tensor *scale, int64_t row, int64_t cols,
+                     float *dst) {
     uint64_t base = (uint64_t)row * (uint64_t)cols;
+    const uint8_t *p = (const uint8_t *)t->data;
     if (t->dtype == MOE_ST_F32) {
-        memcpy(dst, (const uint8_t *)t->data + 4 * base, (size_t)cols * 4);
+        memcpy(dst, p + 4 * base, (size_t)cols * 4);
         return;
     }
-    for (int64_t k = 0; k < cols; k++) dst[k] = elem(t, base + (uint64_t)k);
+    if (t->dtype == MOE_ST_F8_E4M3)
+        for (int64_t k = 0; k < cols; k++) dst[k] = c->fp8[p[base + (uint64_t)k]];
+    else
+        for (int64_t k = 0; k < cols; k++) dst[k] = elem(t, base + (uint64_t)k);
     if (scale) {
         int64_t nb = scale->shape[1], rb = row / FP8_BLOCK;
         for (int64_t k = 0; k < cols; k++) dst[k] *= elem(scale, (uint64_t)(rb * nb + k / FP8_BLOCK));
@@ -782,7 +788,7 @@ static int write_tensor(conv *c, moe_gguf_writer *w, const out_tensor *o, float 
             /* (nope rows of r) of head j, transposed into r rows of nope */
             const int64_t r = o->ne[1], nope = o->a;
             for (int64_t k = 0; k < nope; k++)
-                read_row(o->src[0], o->scale[0], j * (o->a + o->b) + k, r, tbuf + k * r);
+                read_row(c, o->src[0], o->scale[0], j * (o->a + o->b) + k, r, tbuf + k * r);
             for (int64_t i = 0; i < r; i++) {
                 for (int64_t k = 0; k < nope; k++) fbuf[k] = tbuf[k * r + i];
                 int rc = o->type == MOE_TYPE_F32 ? MOE_OK : moe_quantize_row(o->type, fbuf, qbuf, cols);
@@ -796,7 +802,7 @@ static int write_tensor(conv *c, moe_gguf_writer *w, const out_tensor *o, float 
             for (int64_t i = 0; i < n; i++) {
                 int si;
                 int64_t sr = src_row(o, j, i0 + i, &si);
-                read_row(o->src[si], o->scale[si], sr, cols, fbuf + i * cols);
+                read_row(c, o->src[si], o->scale[si], sr, cols, fbuf + i * cols);
             }
             for (int64_t i = 0; i < n; i++) {
                 const float *x = fbuf + i * cols;
@@ -1089,6 +1095,7 @@ int moe_convert(const char *hf_dir, const char *out, const moe_convert_opts *opt
         return MOE_EINVAL;
     }
     c.out_type = t;
+    for (int i = 0; i < 256; i++) c.fp8[i] = fp8_e4m3((uint8_t)i);
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp", out);
     moe_gguf_writer *w = NULL;
