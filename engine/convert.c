@@ -821,6 +821,11 @@ static int write_tensor(conv *c, moe_gguf_writer *w, const out_tensor *o, float 
                 TRY(moe_quantize_row(o->type, fbuf + i * cols, (uint8_t *)qbuf + (size_t)i * row_bytes, cols));
             TRY(moe_gguf_writer_write_tensor(w, qbuf, (size_t)n * row_bytes));
         }
+        if (o->how == R_STACK) /* one expert at a time resident, not the whole stack */
+            for (int sh = 0; sh < c->n_shard; sh++) {
+                moe_st_drop_pages(c->shard[sh], o->src[j]);
+                moe_st_drop_pages(c->shard[sh], o->scale[j]);
+            }
     }
     return MOE_OK;
 }
@@ -1150,6 +1155,12 @@ int moe_convert(const char *hf_dir, const char *out, const moe_convert_opts *opt
             if (rc != MOE_ENONFINITE) seterr(&c, "writing tensor '%s' to '%s': %s", c.out[i].name, tmp, moe_strerror(rc));
             goto out;
         }
+        /* streamed through once: let the kernel drop the source pages */
+        for (int k = 0; k < c.out[i].n_src; k++)
+            for (int sh = 0; sh < c.n_shard; sh++) {
+                moe_st_drop_pages(c.shard[sh], c.out[i].src[k]);
+                moe_st_drop_pages(c.shard[sh], c.out[i].scale[k]);
+            }
     }
     if (opts && opts->progress) fprintf(stderr, "\n");
     if ((rc = moe_gguf_writer_finish(w))) {

@@ -373,3 +373,12 @@ const char *moe_st_metadata(const moe_st *s, const char *key) {
         if (!strcmp(s->meta[2 * i], key)) return s->meta[2 * i + 1];
     return NULL;
 }
+
+void moe_st_drop_pages(const moe_st *s, const moe_st_tensor *t) {
+    /* only a read-only file mapping: MADV_DONTNEED on anonymous memory
+     * (a caller's buffer) would zero it */
+    if (!s || !s->mapped || !t || t < s->t || t >= s->t + s->n || !t->nbytes) return;
+    long pg = sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)t->data & ~(uintptr_t)(pg - 1), e = (uintptr_t)t->data + t->nbytes;
+    madvise((void *)a, e - a, MADV_DONTNEED);
+}

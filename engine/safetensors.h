@@ -87,6 +87,13 @@ const moe_st_tensor *moe_st_find(const moe_st *s, const char *name);
  * reader), or NULL when absent. */
 const char *moe_st_metadata(const moe_st *s, const char *key);
 
+/* Tells the kernel that tensor t's pages (a file opened with
+ * moe_st_open(), t one of its tensors) will not be read again soon, so a
+ * converter streaming through a file larger than RAM keeps its resident
+ * set to what it is working on. The data stays readable (it is paged in
+ * again from the file). No-op for other readers or tensors. */
+void moe_st_drop_pages(const moe_st *s, const moe_st_tensor *t);
+
 /* "F32", "BF16", ...; "?" for an unknown id. */
 const char *moe_st_dtype_name(int dtype);
 /* Bytes per element; 0 for an unknown id. */
