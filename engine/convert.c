@@ -1035,26 +1035,27 @@ static int write_tokenizer(conv *c, moe_gguf_writer *w) {
         if (id >= 0) wr |= moe_gguf_writer_set_u32(w, SP[i].key, (uint32_t)id);
         if (i == 0) bos = id;
     }
-    /* add_bos: tokenizer_config.json says, else whether the post-processor
-     * puts the BOS token first (Llama 3's TemplateProcessing) */
+    /* add_bos: tokenizer_config.json says, else whether a TemplateProcessing
+     * post-processor puts the BOS token first (Llama 3); neither: the key is
+     * left out, as llama.cpp leaves it */
     const cJSON *ab = cJSON_GetObjectItemCaseSensitive(tc, "add_bos_token");
-    bool add_bos = false;
     if (cJSON_IsBool(ab)) {
-        add_bos = cJSON_IsTrue(ab);
+        wr |= moe_gguf_writer_set_bool(w, "tokenizer.ggml.add_bos_token", cJSON_IsTrue(ab));
     } else if (bos >= 0) {
         const cJSON *pp = cJSON_GetObjectItemCaseSensitive(tj, "post_processor");
-        cJSON *single = NULL;
+        const cJSON *single = NULL;
         const cJSON *procs = cJSON_GetObjectItemCaseSensitive(pp, "processors");
         for (const cJSON *p = cJSON_IsArray(procs) ? procs->child : pp; p && !single; p = cJSON_IsArray(procs) ? p->next : NULL)
             single = cJSON_GetObjectItemCaseSensitive(p, "single");
-        const cJSON *first = cJSON_IsArray(single) ? single->child : NULL;
-        const cJSON *st = cJSON_GetObjectItemCaseSensitive(first, "SpecialToken");
-        const cJSON *sid = cJSON_GetObjectItemCaseSensitive(st, "id");
-        add_bos = cJSON_IsString(sid) && !strcmp(sid->valuestring, tokens[bos]);
+        if (cJSON_IsArray(single)) {
+            const cJSON *st = cJSON_GetObjectItemCaseSensitive(single->child, "SpecialToken");
+            const cJSON *sid = cJSON_GetObjectItemCaseSensitive(st, "id");
+            wr |= moe_gguf_writer_set_bool(w, "tokenizer.ggml.add_bos_token",
+                                           cJSON_IsString(sid) && !strcmp(sid->valuestring, tokens[bos]));
+        }
     }
-    wr |= moe_gguf_writer_set_bool(w, "tokenizer.ggml.add_bos_token", add_bos);
     const cJSON *ae = cJSON_GetObjectItemCaseSensitive(tc, "add_eos_token");
-    wr |= moe_gguf_writer_set_bool(w, "tokenizer.ggml.add_eos_token", cJSON_IsTrue(ae));
+    if (cJSON_IsBool(ae)) wr |= moe_gguf_writer_set_bool(w, "tokenizer.ggml.add_eos_token", cJSON_IsTrue(ae));
     /* chat template: chat_template.jinja (newer transformers), else
      * tokenizer_config.json's string or the list entry named "default" */
     size_t tl;
