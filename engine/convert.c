@@ -309,6 +309,29 @@ static int read_config(conv *c) {
         seterr(c, "config.json: quantization_config.weight_block_size must be [%d, %d]", FP8_BLOCK, FP8_BLOCK);
         return MOE_EUNSUPPORTED;
     }
+    /* What moed's forward passes hard-code must hold, or the logits would
+     * be silently wrong: refused here instead. */
+    bool qmoe = !strcmp(c->model_type, "qwen2_moe") || !strcmp(c->model_type, "qwen3_moe");
+    const cJSON *mol = cfg_item(c, "mlp_only_layers");
+    int64_t step = 1;
+    if (qmoe) TRY(cfg_int(c, "decoder_sparse_step", 1, 1, 4096, &step));
+    if (qmoe && (step != 1 || (cJSON_IsArray(mol) && cJSON_GetArraySize(mol) > 0))) {
+        seterr(c, "config.json: dense layers between MoE layers (decoder_sparse_step %lld, mlp_only_layers) are "
+                  "not supported", (long long)step);
+        return MOE_EUNSUPPORTED;
+    }
+    if (qmoe) {
+        bool want = !strcmp(c->model_type, "qwen3_moe");
+        if (cfg_bool(c, "norm_topk_prob", want) != want) {
+            seterr(c, "config.json: norm_topk_prob %s is not supported for %s (moed follows the released models: %s)",
+                   want ? "false" : "true", c->model_type, want ? "true" : "false");
+            return MOE_EUNSUPPORTED;
+        }
+    }
+    if (!strcmp(c->arch, "llama") && (cfg_bool(c, "attention_bias", false) || cfg_bool(c, "mlp_bias", false))) {
+        seterr(c, "config.json: attention_bias/mlp_bias are not supported for %s", c->model_type);
+        return MOE_EUNSUPPORTED;
+    }
     if ((!c->n_expert || c->n_dense_lead > 0) && c->n_ff < 1) {
         seterr(c, "config.json: missing required 'intermediate_size'");
         return MOE_EFORMAT;

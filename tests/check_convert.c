@@ -358,6 +358,21 @@ static void convert_fails(int want, const char *needle) {
     unlink(out);
 }
 
+/* g_dir/config.json = fixture `name`'s with the first `from` replaced by `to` */
+static void patch_config(const char *name, const char *from, const char *to) {
+    char p[512], txt[16384];
+    snprintf(p, sizeof p, FIXDIR "%s/config.json", name);
+    FILE *f = fopen(p, "rb");
+    ck_assert_ptr_nonnull(f);
+    size_t n = fread(txt, 1, sizeof txt - 1, f);
+    fclose(f);
+    txt[n] = 0;
+    char *at = strstr(txt, from), out[16384];
+    ck_assert_msg(at != NULL, "'%s' not in %s", from, p);
+    snprintf(out, sizeof out, "%.*s%s%s", (int)(at - txt), txt, to, at + strlen(from));
+    write_text("config.json", out);
+}
+
 static const char *const QW[] = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"};
 static const char *const MX[] = {"config.json", "model.safetensors.index.json", "model-00001-of-00003.safetensors",
                                  "model-00002-of-00003.safetensors", "tokenizer.json", "tokenizer_config.json"};
@@ -401,6 +416,17 @@ START_TEST(broken_checkpoints_refused) {
         free(txt);
     }
     convert_fails(MOE_EUNSUPPORTED, "weight_block_size must be [128, 128]");
+    /* what the forward pass hard-codes must hold */
+    scratch("qwen2moe", QW, 4);
+    patch_config("qwen2moe", "\"norm_topk_prob\": false", "\"norm_topk_prob\": true");
+    convert_fails(MOE_EUNSUPPORTED, "norm_topk_prob true is not supported for qwen2_moe");
+    patch_config("qwen2moe", "\"mlp_only_layers\": []", "\"mlp_only_layers\": [1]");
+    convert_fails(MOE_EUNSUPPORTED, "dense layers between MoE layers");
+    patch_config("qwen2moe", "\"decoder_sparse_step\": 1", "\"decoder_sparse_step\": 2");
+    convert_fails(MOE_EUNSUPPORTED, "decoder_sparse_step 2");
+    scratch("llama", QW, 4);
+    patch_config("llama", "\"attention_bias\": false", "\"attention_bias\": true");
+    convert_fails(MOE_EUNSUPPORTED, "attention_bias/mlp_bias are not supported for llama");
     /* a shard listed by the index but absent */
     scratch("mixtral", MX, 6);
     convert_fails(MOE_EIO, "model-00003-of-00003.safetensors");
