@@ -278,6 +278,11 @@ static int read_config(conv *c) {
     TRY(cfg_int(c, "vocab_size", -1, 1, (int64_t)1 << 31, &c->n_vocab));
     TRY(cfg_int(c, "intermediate_size", 0, 0, D, &c->n_ff));
     TRY(cfg_int(c, "head_dim", c->n_embd / c->n_head, 1, D, &c->head_dim));
+    if (c->head_dim < 1 || (c->head_dim & 1)) {
+        seterr(c, "config.json: head size %lld (head_dim, or hidden_size / num_attention_heads) must be even and >= 2",
+               (long long)c->head_dim);
+        return MOE_EFORMAT;
+    }
     bool ds = !strcmp(c->arch, "deepseek2");
     if (!strcmp(c->model_type, "mixtral")) {
         TRY(cfg_int(c, "num_local_experts", -1, 1, MAX_SRC, &c->n_expert));
