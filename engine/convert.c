@@ -1102,7 +1102,7 @@ static int write_tokenizer(conv *c, moe_gguf_writer *w) {
     if (tmpl) wr |= moe_gguf_writer_set_str(w, "tokenizer.chat_template", tmpl);
     rc = wr ? MOE_ENOMEM : MOE_OK;
 out:
-    for (int64_t i = 0; tokens && i < nv; i++)
+    for (int64_t i = 0; tokens && types && i < nv; i++)
         if (types[i] < 0) free(tokens[i]);
     for (int64_t i = 0; merges && i < n_merges; i++) free(merges[i]);
     free(tokens);
