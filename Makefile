@@ -76,7 +76,7 @@ help:
 	@echo "make bench-model  moed bench + serving benchmark on an 8-layer V2-Lite Q8_0 (4.9 GB, minutes)"
 	@echo "make soak       SOAK_REQUESTS=20000 mixed requests on a live server; RSS, fd and /metrics checks"
 	@echo "make asan       Check suites under AddressSanitizer + UBSan"
-	@echo "make fuzz       libFuzzer on the GGUF reader for FUZZ_TIME seconds"
+	@echo "make fuzz       libFuzzer on the GGUF and safetensors readers, FUZZ_TIME seconds each"
 	@echo "make install    PREFIX=$(PREFIX) DESTDIR=; make uninstall"
 	@echo "make deps       install the Debian -dev packages (root), or print the command"
 
@@ -142,14 +142,30 @@ asan:
 		SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" check
 
 FUZZ_CC ?= clang
+# Each target gets FUZZ_TIME seconds and its own corpus; FUZZ_TARGETS=safetensors runs one.
+FUZZ_TARGETS ?= gguf safetensors
+FUZZ_SRC_gguf := engine/gguf.c engine/types.c engine/status.c
+FUZZ_SRC_safetensors := engine/safetensors.c engine/status.c
+FUZZ_LIBS_safetensors = $(shell pkg-config --cflags --libs libcjson)
+FUZZ_SEEDS_gguf := tests/fuzz/seeds
+FUZZ_SEEDS_safetensors := tests/fuzz/seeds_safetensors
 fuzz: | $(DEPS_STAMP)
 	@WITH_FUZZ=1 ./deploy/install-deps.sh
-	@mkdir -p $(BUILD)/fuzz/corpus
-	$(FUZZ_CC) -std=c11 -g -O1 -D_GNU_SOURCE -Iengine -fsanitize=fuzzer,address,undefined \
-		tests/fuzz/fuzz_gguf.c engine/gguf.c engine/types.c engine/status.c -o $(BUILD)/fuzz/fuzz_gguf
-	cp -n tests/fuzz/seeds/* $(BUILD)/fuzz/corpus/ 2>/dev/null || true
-	$(BUILD)/fuzz/fuzz_gguf -max_total_time=$(FUZZ_TIME) -max_len=65536 -print_final_stats=1 \
-		$(BUILD)/fuzz/corpus
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		case $$t in \
+		gguf) src="$(FUZZ_SRC_gguf)"; libs=""; seeds=$(FUZZ_SEEDS_gguf); dict=;; \
+		safetensors) src="$(FUZZ_SRC_safetensors)"; libs="$(FUZZ_LIBS_safetensors)"; seeds=$(FUZZ_SEEDS_safetensors); \
+			dict=-dict=tests/fuzz/safetensors.dict;; \
+		*) echo "unknown fuzz target '$$t' (gguf, safetensors)"; exit 2;; \
+		esac; \
+		mkdir -p $(BUILD)/fuzz/corpus-$$t; \
+		echo "== fuzz_$$t"; \
+		$(FUZZ_CC) -std=c11 -g -O1 -D_GNU_SOURCE -Iengine -fsanitize=fuzzer,address,undefined \
+			tests/fuzz/fuzz_$$t.c $$src $$libs -o $(BUILD)/fuzz/fuzz_$$t; \
+		cp -n $$seeds/* $(BUILD)/fuzz/corpus-$$t/ 2>/dev/null || true; \
+		$(BUILD)/fuzz/fuzz_$$t -max_total_time=$(FUZZ_TIME) -max_len=65536 -print_final_stats=1 $$dict \
+			$(BUILD)/fuzz/corpus-$$t; \
+	done
 
 # --- running ---
 

@@ -18,6 +18,7 @@ int srv_cmd_generate(int argc, char **argv);   /* server/cmd_generate.c */
 int srv_cmd_bench(int argc, char **argv);      /* server/cmd_bench.c */
 int srv_cmd_info(int argc, char **argv);       /* server/cmd_info.c */
 int srv_cmd_mkmodel(int argc, char **argv);    /* server/cmd_mkmodel.c */
+int srv_cmd_convert(int argc, char **argv);    /* server/cmd_convert.c */
 int srv_cmd_tokenize(int argc, char **argv);   /* server/cmd_tokenize.c */
 int srv_cmd_detokenize(int argc, char **argv); /* server/cmd_tokenize.c */
 

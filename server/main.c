@@ -15,6 +15,7 @@ static const command commands[] = {
     {"generate", srv_cmd_generate, "complete one prompt and print it"},
     {"info", srv_cmd_info, "show a model file's metadata and tensors"},
     {"mkmodel", srv_cmd_mkmodel, "write a random-weight model of a real architecture"},
+    {"convert", srv_cmd_convert, "convert a Hugging Face checkpoint directory to GGUF"},
     {"tokenize", srv_cmd_tokenize, "print the token ids of a text"},
     {"detokenize", srv_cmd_detokenize, "print the text of token ids"},
     {"bench", srv_cmd_bench, "measure prefill/decode speed against memory bandwidth"},
