@@ -17,8 +17,7 @@ _Static_assert(sizeof(struct moe_backend_ops) == sizeof(const char *) + (0 MOE_B
 
 int moe_backend_check(const moe_backend *be, char *err, size_t errsz) {
     if (!be || !be->ops) {
-        if (err && errsz) snprintf(err, errsz, "no backend");
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "no backend");
     }
     const struct moe_backend_ops *o = be->ops;
     const struct {
@@ -31,16 +30,14 @@ int moe_backend_check(const moe_backend *be, char *err, size_t errsz) {
     };
     for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
         if (!ops[i].set) {
-            if (err && errsz) snprintf(err, errsz, "backend '%s' has no '%s' op", o->name ? o->name : "?", ops[i].name);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "backend '%s' has no '%s' op", o->name ? o->name : "?", ops[i].name);
         }
     return MOE_OK;
 }
 
 static int checked(moe_backend *be, const char *what, int rc, char *err, size_t errsz) {
     if (rc) {
-        if (err && errsz) snprintf(err, errsz, "%s backend: %s", what, moe_strerror(rc));
-        return rc;
+        return moe_seterr(err, errsz, rc, "%s backend: %s", what, moe_strerror(rc));
     }
     if ((rc = moe_backend_check(be, err, errsz))) moe_backend_destroy(be);
     return rc;
@@ -53,23 +50,20 @@ int moe_backend_create(const char *device, int n_threads, moe_backend *be, const
     be->ops = NULL;
     be->ctx = NULL;
     if (strcmp(d, "cpu") && strcmp(d, "cuda") && strcmp(d, "auto")) {
-        if (err && errsz) snprintf(err, errsz, "device '%s' is not cpu, cuda or auto", d);
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "device '%s' is not cpu, cuda or auto", d);
     }
 #ifdef MOE_HAVE_CUDA
     /* "auto" takes the GPU when one is usable; "cuda" insists on it */
     if (!strcmp(d, "cuda") || (!strcmp(d, "auto") && cuda_device_count() > 0)) {
         if (cuda_device_count() <= 0) {
-            if (err && errsz) snprintf(err, errsz, "CUDA backend: no CUDA device found");
-            return MOE_EUNSUPPORTED;
+            return moe_seterr(err, errsz, MOE_EUNSUPPORTED, "CUDA backend: no CUDA device found");
         }
         if (name) *name = "cuda";
         return checked(be, "CUDA", moe_cuda_backend_init(be, NULL), err, errsz);
     }
 #else
     if (!strcmp(d, "cuda")) {
-        if (err && errsz) snprintf(err, errsz, "CUDA backend not available in this build (built without CUDA; build with make CUDA=1)");
-        return MOE_EUNSUPPORTED;
+        return moe_seterr(err, errsz, MOE_EUNSUPPORTED, "CUDA backend not available in this build (built without CUDA; build with make CUDA=1)");
     }
 #endif
     if (name) *name = "cpu";

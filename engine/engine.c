@@ -501,11 +501,7 @@ static void choice_token(moe_engine *e, eng_choice *c, moe_sched_seq *q, int32_t
 
 /* ---- submit / cancel / state ---- */
 
-#define BAD(code, ...)                                                                                                \
-    do {                                                                                                             \
-        if (err && errsz) snprintf(err, errsz, __VA_ARGS__);                                                         \
-        return (code);                                                                                               \
-    } while (0)
+#define BAD(code, ...) return moe_seterr(err, errsz, (code), __VA_ARGS__)
 
 static int validate(const moe_engine *e, const moe_request *q, char *err, size_t errsz) {
     const moe_engine_info *in = &e->info;
@@ -843,18 +839,18 @@ moe_engine *moe_engine_start(const moe_engine_opts *opts, int *status, char *err
     int st = MOE_EINVAL;
     if (err && errsz) err[0] = 0;
     if (!opts || !opts->model_path || !*opts->model_path) {
-        if (err && errsz) snprintf(err, errsz, "model_path: required");
+        moe_seterr(err, errsz, st, "model_path: required");
         goto fail0;
     }
     const char *d = opts->device;
     if (d && strcmp(d, "cpu") && strcmp(d, "cuda") && strcmp(d, "auto")) {
-        if (err && errsz) snprintf(err, errsz, "device: '%s' is not cpu, cuda or auto", d);
+        moe_seterr(err, errsz, st, "device: '%s' is not cpu, cuda or auto", d);
         goto fail0;
     }
     if (opts->ctx_size < 0 || opts->max_seqs < 0 || opts->kv_blocks < 0 || opts->kv_mem_mb < 0 ||
         opts->block_size < 0 || opts->step_tokens < 0 || opts->queue_limit < 0 || opts->max_seqs > 65536 ||
         opts->block_size > 65536 || opts->step_tokens > (1 << 24) || opts->kv_blocks > INT32_MAX) {
-        if (err && errsz) snprintf(err, errsz, "engine options: a size is negative or too large");
+        moe_seterr(err, errsz, st, "engine options: a size is negative or too large");
         goto fail0;
     }
     st = MOE_ENOMEM;
@@ -874,7 +870,7 @@ moe_engine *moe_engine_start(const moe_engine_opts *opts, int *status, char *err
     atomic_init(&e->state, MOE_ENGINE_LOADING);
     e->st.heartbeat_ns = moe_now_ns();
     if (pthread_create(&e->th, NULL, engine_main, e)) {
-        if (err && errsz) snprintf(err, errsz, "cannot start the engine thread");
+        moe_seterr(err, errsz, st, "cannot start the engine thread");
         pthread_mutex_destroy(&e->mu);
         pthread_cond_destroy(&e->cv);
         pthread_cond_destroy(&e->cv_state);

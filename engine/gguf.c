@@ -653,9 +653,7 @@ static moe_gguf *open_buf(const uint8_t *buf, size_t size, bool mapped, int *sta
     if (!g) {
         if (mapped && size)
             munmap((void *)buf, size);
-        *status = MOE_ENOMEM;
-        if (err && errsz)
-            snprintf(err, errsz, "out of memory");
+        *status = moe_seterr(err, errsz, MOE_ENOMEM, "out of memory");
         return NULL;
     }
     g->base = buf;
@@ -681,10 +679,9 @@ static moe_gguf *open_buf(const uint8_t *buf, size_t size, bool mapped, int *sta
 
 moe_gguf *moe_gguf_open_memory(const void *buf, size_t size, int *status, char *err, size_t errsz) {
     if (!buf && size) {
+        int st = moe_seterr(err, errsz, MOE_EINVAL, "NULL buffer");
         if (status)
-            *status = MOE_EINVAL;
-        if (err && errsz)
-            snprintf(err, errsz, "NULL buffer");
+            *status = st;
         return NULL;
     }
     return open_buf(buf, size, false, status, err, errsz);
@@ -744,9 +741,7 @@ moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz) 
     if (!status)
         status = &st_dummy;
     if (!path) {
-        *status = MOE_EINVAL;
-        if (err && errsz)
-            snprintf(err, errsz, "NULL path");
+        *status = moe_seterr(err, errsz, MOE_EINVAL, "NULL path");
         return NULL;
     }
     /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
@@ -754,9 +749,7 @@ moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz) 
      * it changes nothing for the regular file we accept. */
     int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
-        *status = MOE_EIO;
-        if (err && errsz)
-            snprintf(err, errsz, "cannot open '%s': %s", path, strerror(errno));
+        *status = moe_seterr(err, errsz, MOE_EIO, "cannot open '%s': %s", path, strerror(errno));
         return NULL;
     }
     struct stat st;
@@ -772,9 +765,7 @@ moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz) 
                                      : "not a regular file";
     if (why) {
         close(fd);
-        *status = MOE_EIO;
-        if (err && errsz)
-            snprintf(err, errsz, "'%s': %s", path, why);
+        *status = moe_seterr(err, errsz, MOE_EIO, "'%s': %s", path, why);
         return NULL;
     }
     size_t size = (size_t)st.st_size;
@@ -784,9 +775,8 @@ moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz) 
         if (buf == MAP_FAILED) {
             int e = errno;
             close(fd);
-            *status = e == ENOMEM ? MOE_ENOMEM : MOE_EIO;
-            if (err && errsz)
-                snprintf(err, errsz, "cannot map '%s' (%zu bytes): %s", path, size, strerror(e));
+            *status = moe_seterr(err, errsz, e == ENOMEM ? MOE_ENOMEM : MOE_EIO, "cannot map '%s' (%zu bytes): %s",
+                                 path, size, strerror(e));
             return NULL;
         }
     }

@@ -16,14 +16,6 @@
 #include "qblocks.h"
 #include "quant.h"
 
-static void seterr(char *err, size_t errsz, const char *fmt, ...) {
-    if (!err || !errsz) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errsz, fmt, ap);
-    va_end(ap);
-}
-
 /* ---- presets ---- */
 
 typedef enum fam { F_DEEPSEEK, F_QWEN, F_LLAMA } fam;
@@ -57,9 +49,8 @@ const char *moe_mkmodel_gguf_arch(const char *arch) {
 int moe_mkmodel_preset(const char *arch, const char *preset, moe_mkmodel_cfg *cfg, char *err, size_t errsz) {
     int ai = arch_index(arch);
     if (ai < 0) {
-        seterr(err, errsz, "unknown --arch '%s' (deepseek2, qwen2moe, qwen3moe, mixtral, llama, qwen2)",
-               arch ? arch : "");
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "unknown --arch '%s' (deepseek2, qwen2moe, qwen3moe, mixtral, llama, qwen2)",
+                          arch ? arch : "");
     }
     memset(cfg, 0, sizeof *cfg);
     snprintf(cfg->arch, sizeof cfg->arch, "%s", arch);
@@ -105,8 +96,7 @@ int moe_mkmodel_preset(const char *arch, const char *preset, moe_mkmodel_cfg *cf
         }
     } else if (preset && strcmp(preset, "v2-lite") == 0) {
         if (hp->arch != MOE_ARCH_DEEPSEEK2) {
-            seterr(err, errsz, "preset v2-lite is a deepseek2 model (--arch deepseek2)");
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "preset v2-lite is a deepseek2 model (--arch deepseek2)");
         }
         /* DeepSeek-V2-Lite's config.json as llama.cpp converts it */
         hp->n_embd = 2048, hp->n_layer = 27, hp->n_head = 16, hp->n_head_kv = 16;
@@ -117,8 +107,7 @@ int moe_mkmodel_preset(const char *arch, const char *preset, moe_mkmodel_cfg *cf
         hp->rope_scaling = MOE_ROPE_SCALING_YARN, hp->rope_scaling_factor = 40, hp->rope_orig_ctx = 4096;
         hp->rope_yarn_log_mul = 0.1 * 0.707; /* 0.1 * mscale_all_dim */
     } else {
-        seterr(err, errsz, "unknown --preset '%s' (tiny, demo, v2-lite)", preset ? preset : "");
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "unknown --preset '%s' (tiny, demo, v2-lite)", preset ? preset : "");
     }
     if (hp->arch == MOE_ARCH_DEEPSEEK2) hp->n_embd_head_k = hp->n_embd_head_qk_nope + hp->n_rot;
     if (hp->rope_scaling == MOE_ROPE_SCALING_NONE) hp->rope_orig_ctx = hp->n_ctx_train;
@@ -658,30 +647,25 @@ static int validate(moe_mkmodel_cfg *c, char *err, size_t errsz) {
     moe_hparams *hp = &c->hp;
     int ai = arch_index(c->arch);
     if (ai < 0) {
-        seterr(err, errsz, "unknown arch '%s'", c->arch);
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "unknown arch '%s'", c->arch);
     }
     hp->arch = ARCHS[ai].arch;
     if (c->type != MOE_TYPE_F32 && c->type != MOE_TYPE_F16 && c->type != MOE_TYPE_BF16 &&
         c->type != MOE_TYPE_Q8_0 && c->type != MOE_TYPE_Q4_0) {
-        seterr(err, errsz, "--type %s: use F32, F16, BF16, Q8_0 or Q4_0", moe_type_name(c->type));
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "--type %s: use F32, F16, BF16, Q8_0 or Q4_0", moe_type_name(c->type));
     }
     const int64_t M = (int64_t)1 << 20;
 #define RANGE(v, lo, hi, what)                                                                                     \
-    if ((v) < (lo) || (v) > (hi)) {                                                                                \
-        seterr(err, errsz, "%s = %lld is out of range [%lld, %lld]", what, (long long)(v), (long long)(lo),        \
-               (long long)(hi));                                                                                   \
-        return MOE_EINVAL;                                                                                         \
-    }
+    if ((v) < (lo) || (v) > (hi))                                                                                  \
+    return moe_seterr(err, errsz, MOE_EINVAL, "%s = %lld is out of range [%lld, %lld]", what, (long long)(v),      \
+                      (long long)(lo), (long long)(hi))
     RANGE(hp->n_layer, 1, 1024, "layers");
     RANGE(hp->n_embd, 1, M, "embd");
     RANGE(hp->n_head, 1, 4096, "heads");
     RANGE(hp->n_head_kv, 1, hp->n_head, "heads-kv");
     if (hp->n_head % hp->n_head_kv) {
-        seterr(err, errsz, "heads %lld is not a multiple of heads-kv %lld", (long long)hp->n_head,
-               (long long)hp->n_head_kv);
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "heads %lld is not a multiple of heads-kv %lld", (long long)hp->n_head,
+                          (long long)hp->n_head_kv);
     }
     RANGE(hp->n_ctx_train, 1, (int64_t)1 << 30, "ctx");
     int ns = n_specials(ARCHS[ai].family);
@@ -700,8 +684,7 @@ static int validate(moe_mkmodel_cfg *c, char *err, size_t errsz) {
     }
     RANGE(hp->n_embd_head_v, 1, 4096, "v head dim");
     if (hp->n_rot & 1) {
-        seterr(err, errsz, "rope dimension %lld is odd", (long long)hp->n_rot);
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "rope dimension %lld is odd", (long long)hp->n_rot);
     }
     hp->is_moe = ARCHS[ai].moe;
     if (hp->is_moe) {
@@ -717,13 +700,11 @@ static int validate(moe_mkmodel_cfg *c, char *err, size_t errsz) {
             RANGE(hp->n_expert_group, 1, hp->n_expert, "groups");
             RANGE(hp->n_group_used, 1, hp->n_expert_group, "groups-used");
             if (hp->n_expert % hp->n_expert_group) {
-                seterr(err, errsz, "experts %lld is not a multiple of groups %lld", (long long)hp->n_expert,
-                       (long long)hp->n_expert_group);
-                return MOE_EINVAL;
+                return moe_seterr(err, errsz, MOE_EINVAL, "experts %lld is not a multiple of groups %lld", (long long)hp->n_expert,
+                                  (long long)hp->n_expert_group);
             }
             if (!(hp->expert_weights_scale > 0 && hp->expert_weights_scale < 1e3)) {
-                seterr(err, errsz, "routed-scale %g is out of range", hp->expert_weights_scale);
-                return MOE_EINVAL;
+                return moe_seterr(err, errsz, MOE_EINVAL, "routed-scale %g is out of range", hp->expert_weights_scale);
             }
             hp->n_ff_shexp = hp->n_ff_exp * hp->n_expert_shared;
         } else if (hp->arch == MOE_ARCH_QWEN2MOE) {
@@ -871,12 +852,12 @@ int moe_mkmodel_write(const moe_mkmodel_cfg *cfg_in, const char *path, char *err
         qbuf = malloc((size_t)cap * sizeof(float)); /* any type's row is at most 4 bytes an element */
         if (!fbuf || !qbuf) rc = MOE_ENOMEM;
     }
-    if (!rc && (rc = moe_gguf_writer_begin(w, path)) != MOE_OK) seterr(err, errsz, "cannot create '%s'", path);
+    if (!rc && (rc = moe_gguf_writer_begin(w, path)) != MOE_OK) moe_seterr(err, errsz, rc, "cannot create '%s'", path);
     int nt = cfg.n_threads > 0 ? cfg.n_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
     nt = nt < 1 ? 1 : nt > MAX_GEN_THREADS ? MAX_GEN_THREADS : nt;
     for (size_t i = 0; !rc && i < tl.n; i++) rc = write_tensor(w, &tl.t[i], cfg.seed, fbuf, qbuf, CHUNK, nt);
     if (!rc) rc = moe_gguf_writer_finish(w);
-    if (rc && err && errsz && !err[0]) seterr(err, errsz, "writing '%s': %s", path, moe_strerror(rc));
+    if (rc && err && errsz && !err[0]) moe_seterr(err, errsz, rc, "writing '%s': %s", path, moe_strerror(rc));
     moe_gguf_writer_free(w);
     free(fbuf);
     free(qbuf);

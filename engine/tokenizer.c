@@ -113,10 +113,6 @@ static uint64_t hash_u64(uint64_t x) {
     return x ^ (x >> 33);
 }
 
-static void seterr(char *err, size_t errsz, const char *fmt, const char *a) {
-    if (err && errsz) snprintf(err, errsz, fmt, a);
-}
-
 const char *moe_tok_text(const moe_tok *t, int32_t id, size_t *len) {
     if (!t || id < 0 || id >= t->n_vocab) return NULL;
     if (len) *len = (size_t)(t->text_off[id + 1] - t->text_off[id] - 1);
@@ -323,8 +319,7 @@ static int compile_pre(moe_tok *t, char *err, size_t errsz) {
         pcre2_code *re = pcre2_compile((PCRE2_SPTR)def->re[i], PCRE2_ZERO_TERMINATED,
                                        PCRE2_UTF | PCRE2_UCP | PCRE2_MULTILINE, &ec, &eo, NULL);
         if (!re) {
-            seterr(err, errsz, "tokenizer: cannot compile pre-tokenizer regex of '%s'", t->pre);
-            return MOE_EUNSUPPORTED;
+            return moe_seterr(err, errsz, MOE_EUNSUPPORTED, "tokenizer: cannot compile pre-tokenizer regex of '%s'", t->pre);
         }
         pcre2_jit_compile(re, PCRE2_JIT_COMPLETE); /* optional: interpreter otherwise */
         t->re[t->n_re++] = re;
@@ -342,8 +337,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     if (err && errsz) err[0] = 0;
     moe_gguf_str s;
     if (moe_gguf_get_str(g, "tokenizer.ggml.model", &s) != MOE_OK) {
-        seterr(err, errsz, "tokenizer: %s missing", "tokenizer.ggml.model");
-        st = MOE_ENOTFOUND;
+        st = moe_seterr(err, errsz, MOE_ENOTFOUND, "tokenizer: %s missing", "tokenizer.ggml.model");
         goto fail;
     }
     if (s.len == 4 && memcmp(s.ptr, "gpt2", 4) == 0) t->kind = MOE_TOK_BPE;
@@ -351,8 +345,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     else {
         char m[32];
         snprintf(m, sizeof m, "%.*s", (int)(s.len < 31 ? s.len : 31), s.ptr);
-        seterr(err, errsz, "tokenizer: unsupported tokenizer.ggml.model '%s'", m);
-        st = MOE_EUNSUPPORTED;
+        st = moe_seterr(err, errsz, MOE_EUNSUPPORTED, "tokenizer: unsupported tokenizer.ggml.model '%s'", m);
         goto fail;
     }
     strcpy(t->pre, "default");
@@ -363,12 +356,11 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
 
     const moe_gguf_array *toks = moe_gguf_get_arr(g, "tokenizer.ggml.tokens");
     if (!toks) {
-        seterr(err, errsz, "tokenizer: %s missing", "tokenizer.ggml.tokens");
-        st = MOE_ENOTFOUND;
+        st = moe_seterr(err, errsz, MOE_ENOTFOUND, "tokenizer: %s missing", "tokenizer.ggml.tokens");
         goto fail;
     }
     if (toks->etype != MOE_GGUF_STRING || toks->n == 0 || toks->n > INT32_MAX / 2) {
-        seterr(err, errsz, "tokenizer: %s is not a non-empty string array", "tokenizer.ggml.tokens");
+        moe_seterr(err, errsz, st, "tokenizer: %s is not a non-empty string array", "tokenizer.ggml.tokens");
         goto fail;
     }
     int32_t n = t->n_vocab = (int32_t)toks->n;
@@ -403,7 +395,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     for (int32_t i = 0; i < n; i++) {
         uint64_t ty = MOE_TOKTYPE_NORMAL;
         if (types && (types->n != (uint64_t)n || moe_gguf_arr_u64(types, (uint64_t)i, &ty) != MOE_OK)) {
-            seterr(err, errsz, "tokenizer: %s does not match the token count", "tokenizer.ggml.token_type");
+            moe_seterr(err, errsz, st, "tokenizer: %s does not match the token count", "tokenizer.ggml.token_type");
             goto fail;
         }
         t->types[i] = (uint8_t)(ty <= 6 ? ty : MOE_TOKTYPE_NORMAL);
@@ -435,7 +427,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
         }
         if (sc) {
             if (sc->n != (uint64_t)n) {
-                seterr(err, errsz, "tokenizer: %s does not match the token count", "tokenizer.ggml.scores");
+                moe_seterr(err, errsz, st, "tokenizer: %s does not match the token count", "tokenizer.ggml.scores");
                 goto fail;
             }
             for (int32_t i = 0; i < n; i++) {
@@ -566,7 +558,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     return t;
 fail:
     if (status) *status = st;
-    if (err && errsz && !err[0]) snprintf(err, errsz, "tokenizer: %s", moe_strerror(st));
+    if (err && errsz && !err[0]) moe_seterr(err, errsz, st, "tokenizer: %s", moe_strerror(st));
     moe_tok_free(t);
     return NULL;
 }

@@ -63,15 +63,6 @@ static const opt_desc opts[] = {
 };
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
 
-static void errf(char *err, size_t errsz, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void errf(char *err, size_t errsz, const char *fmt, ...) {
-    if (!err || !errsz) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errsz, fmt, ap);
-    va_end(ap);
-}
-
 static void free_list(char ***list, size_t *n) {
     for (size_t i = 0; i < *n; i++) free((*list)[i]);
     free(*list);
@@ -164,12 +155,10 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
         long long x = strtoll(value, &end, 10);
         while (isspace((unsigned char)*end)) end++;
         if (end == value || *end || errno) {
-            errf(err, errsz, "%s: '%s' is not an integer", o->key, value);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "%s: '%s' is not an integer", o->key, value);
         }
         if ((double)x < o->min || (double)x > o->max) {
-            errf(err, errsz, "%s: %lld is out of range [%.0f, %.0f]", o->key, x, o->min, o->max);
-            return MOE_ERANGE;
+            return moe_seterr(err, errsz, MOE_ERANGE, "%s: %lld is out of range [%.0f, %.0f]", o->key, x, o->min, o->max);
         }
         *(int64_t *)(base + o->off) = x;
         return 0;
@@ -180,12 +169,10 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
         double x = strtod(value, &end);
         while (isspace((unsigned char)*end)) end++;
         if (end == value || *end || errno || !isfinite(x)) {
-            errf(err, errsz, "%s: '%s' is not a number", o->key, value);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "%s: '%s' is not a number", o->key, value);
         }
         if (x < o->min || x > o->max) {
-            errf(err, errsz, "%s: %g is out of range [%g, %g]", o->key, x, o->min, o->max);
-            return MOE_ERANGE;
+            return moe_seterr(err, errsz, MOE_ERANGE, "%s: %g is out of range [%g, %g]", o->key, x, o->min, o->max);
         }
         *(double *)(base + o->off) = x;
         return 0;
@@ -193,8 +180,7 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
     case OPT_BOOL: {
         bool b;
         if (parse_bool(value, &b)) {
-            errf(err, errsz, "%s: '%s' is not a boolean (true/false)", o->key, value);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "%s: '%s' is not a boolean (true/false)", o->key, value);
         }
         *(bool *)(base + o->off) = b;
         return 0;
@@ -230,9 +216,8 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
             /* A key list that was meant to be set but holds no key (an
              * empty secret, a stray comma) must not start an open server. */
             if (o->off == OFF(api_keys)) {
-                errf(err, errsz, "%s: '%.40s' holds no key; leave %s unset to run without authentication", o->key,
-                     value, o->key);
-                return MOE_EINVAL;
+                return moe_seterr(err, errsz, MOE_EINVAL, "%s: '%.40s' holds no key; leave %s unset to run without authentication", o->key,
+                                  value, o->key);
             }
         }
         free_list(list, n);
@@ -244,8 +229,7 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
         if (!strcasecmp(value, "text")) c->log_format = SRV_LOG_TEXT;
         else if (!strcasecmp(value, "json")) c->log_format = SRV_LOG_JSON;
         else {
-            errf(err, errsz, "%s: '%s' is not text or json", o->key, value);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "%s: '%s' is not text or json", o->key, value);
         }
         return 0;
     case OPT_LEVEL:
@@ -258,8 +242,7 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
             c->log_level = SRV_LOG_WARN;
             return 0;
         }
-        errf(err, errsz, "%s: '%s' is not error, warn, info or debug", o->key, value);
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "%s: '%s' is not error, warn, info or debug", o->key, value);
     }
     return MOE_EINVAL;
 }
@@ -267,8 +250,7 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
 int srv_config_set(srv_config *c, const char *key, const char *value, char *err, size_t errsz) {
     const opt_desc *o = find_opt(key, strlen(key));
     if (!o) {
-        errf(err, errsz, "unknown option '%s'", key);
-        return MOE_ENOTFOUND;
+        return moe_seterr(err, errsz, MOE_ENOTFOUND, "unknown option '%s'", key);
     }
     return set_opt(c, o, value, err, errsz);
 }
@@ -276,16 +258,14 @@ int srv_config_set(srv_config *c, const char *key, const char *value, char *err,
 int srv_config_load_file(srv_config *c, const char *path, char *err, size_t errsz) {
     FILE *f = fopen(path, "r");
     if (!f) {
-        errf(err, errsz, "%s: %s", path, strerror(errno));
-        return MOE_EIO;
+        return moe_seterr(err, errsz, MOE_EIO, "%s: %s", path, strerror(errno));
     }
     char line[8192], sub[MOE_ERR_MAX];
     int lineno = 0, rc = 0;
     while (fgets(line, sizeof line, f)) {
         lineno++;
         if (!strchr(line, '\n') && !feof(f)) {
-            errf(err, errsz, "%s:%d: line too long", path, lineno);
-            rc = MOE_EINVAL;
+            rc = moe_seterr(err, errsz, MOE_EINVAL, "%s:%d: line too long", path, lineno);
             break;
         }
         /* A '#' starts a comment unless it is inside a quoted value. */
@@ -301,8 +281,7 @@ int srv_config_load_file(srv_config *c, const char *path, char *err, size_t errs
         if (!*s) continue;
         char *eq = strchr(s, '=');
         if (!eq) {
-            errf(err, errsz, "%s:%d: expected 'key = value'", path, lineno);
-            rc = MOE_EINVAL;
+            rc = moe_seterr(err, errsz, MOE_EINVAL, "%s:%d: expected 'key = value'", path, lineno);
             break;
         }
         *eq = 0;
@@ -316,14 +295,12 @@ int srv_config_load_file(srv_config *c, const char *path, char *err, size_t errs
             if (*p == '-') *p = '_';
         int st = srv_config_set(c, key, val, sub, sizeof sub);
         if (st) {
-            errf(err, errsz, "%s:%d: %s", path, lineno, sub);
-            rc = st;
+            rc = moe_seterr(err, errsz, st, "%s:%d: %s", path, lineno, sub);
             break;
         }
     }
     if (!rc && ferror(f)) {
-        errf(err, errsz, "%s: read error", path);
-        rc = MOE_EIO;
+        rc = moe_seterr(err, errsz, MOE_EIO, "%s: read error", path);
     }
     fclose(f);
     if (!rc) {
@@ -352,8 +329,7 @@ int srv_config_load_env(srv_config *c, char *const *envp, char *err, size_t errs
         if (!o) continue;
         int st = set_opt(c, o, eq + 1, sub, sizeof sub);
         if (st) {
-            errf(err, errsz, "environment %.*s: %s", (int)(eq - *e), *e, sub);
-            return st;
+            return moe_seterr(err, errsz, st, "environment %.*s: %s", (int)(eq - *e), *e, sub);
         }
     }
     return 0;
@@ -383,14 +359,12 @@ static int cli_opt(int argc, char **argv, int *i, const opt_desc **o, const char
     const char *inl = NULL;
     if (a[1] != '-') {
         if (a[2]) {
-            errf(err, errsz, "unknown option '%s'", a);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "unknown option '%s'", a);
         }
         for (size_t k = 0; k < N_OPTS; k++)
             if (opts[k].short_flag == a[1]) *o = &opts[k];
         if (!*o) {
-            errf(err, errsz, "unknown option '%s'", a);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "unknown option '%s'", a);
         }
     } else {
         const char *body = a + 2;
@@ -403,8 +377,7 @@ static int cli_opt(int argc, char **argv, int *i, const opt_desc **o, const char
         if (!strcmp(name, "config")) {
             if (!inl) {
                 if (*i + 1 >= argc) {
-                    errf(err, errsz, "option '--config' needs a value");
-                    return MOE_EINVAL;
+                    return moe_seterr(err, errsz, MOE_EINVAL, "option '--config' needs a value");
                 }
                 inl = argv[++*i];
             }
@@ -413,16 +386,14 @@ static int cli_opt(int argc, char **argv, int *i, const opt_desc **o, const char
         }
         *o = find_opt(name, strlen(name));
         if (!*o) {
-            errf(err, errsz, "unknown option '%s'", a);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "unknown option '%s'", a);
         }
     }
     if (inl) *val = inl;
     else if ((*o)->type == OPT_BOOL) *val = "true"; /* --log-prompts alone turns it on */
     else {
         if (*i + 1 >= argc) {
-            errf(err, errsz, "option '%s' needs a value", a);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "option '%s' needs a value", a);
         }
         *val = argv[++*i];
     }
@@ -442,8 +413,7 @@ int srv_config_from_args(srv_config *c, int argc, char **argv, char *const *envp
         if (r == 1) config = v;
         if (r == 3) {
             if (positional) {
-                errf(err, errsz, "unexpected argument '%s'", v);
-                return MOE_EINVAL;
+                return moe_seterr(err, errsz, MOE_EINVAL, "unexpected argument '%s'", v);
             }
             positional = v;
         }
@@ -459,8 +429,7 @@ int srv_config_from_args(srv_config *c, int argc, char **argv, char *const *envp
         int r = cli_opt(argc, argv, &i, &o, &v, err, errsz);
         if (r != 0) continue;
         if ((st = set_opt(c, o, v, sub, sizeof sub))) {
-            errf(err, errsz, "%s", sub);
-            return st;
+            return moe_seterr(err, errsz, st, "%s", sub);
         }
     }
     return 0;
