@@ -145,7 +145,7 @@ fuzz: | $(DEPS_STAMP)
 	@WITH_FUZZ=1 ./deploy/install-deps.sh
 	@mkdir -p $(BUILD)/fuzz/corpus
 	$(FUZZ_CC) -std=c11 -g -O1 -D_GNU_SOURCE -Iengine -fsanitize=fuzzer,address,undefined \
-		tests/fuzz/fuzz_gguf.c engine/gguf.c engine/types.c engine/status.c -o $(BUILD)/fuzz/fuzz_gguf
+		tests/fuzz/fuzz_gguf.c engine/gguf.c engine/types.c engine/status.c engine/hash.c -o $(BUILD)/fuzz/fuzz_gguf
 	cp -n tests/fuzz/seeds/* $(BUILD)/fuzz/corpus/ 2>/dev/null || true
 	$(BUILD)/fuzz/fuzz_gguf -max_total_time=$(FUZZ_TIME) -max_len=65536 -print_final_stats=1 \
 		$(BUILD)/fuzz/corpus

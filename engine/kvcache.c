@@ -1,6 +1,8 @@
 /* kvcache.c - block allocator and storage of the paged KV cache. */
 #include "kvcache.h"
 
+#include "hash.h"
+
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -267,17 +269,13 @@ int moe_kv_prefix_enable(moe_kv_cache *kv) {
     return MOE_OK;
 }
 
+/* The tokens are a client's prompt: the keyed hash (hash.h) keeps a client
+ * from sending prompts whose blocks all share one bucket chain. The parent
+ * goes into the key, which chains the blocks without copying them. */
 uint64_t moe_kv_block_hash(uint64_t parent, const int32_t *toks, int64_t n) {
-    uint64_t h = parent ^ 0x6a09e667f3bcc909ull;
-    for (int64_t i = 0; i < n; i++) {
-        h ^= (uint32_t)toks[i];
-        h *= 0x100000001b3ull; /* FNV-1a over 32-bit units */
-    }
-    h ^= h >> 31; /* splitmix64's finaliser spreads the low bits */
-    h *= 0xbf58476d1ce4e5b9ull;
-    h ^= h >> 27;
-    h *= 0x94d049bb133111ebull;
-    return h ^ (h >> 31);
+    moe_hash_key k = *moe_hash_process_key();
+    k.k0 ^= parent;
+    return moe_hash_keyed(toks, (size_t)n * sizeof *toks, &k);
 }
 
 static bool same_block(const moe_kv_cache *kv, int32_t b, uint64_t parent, uint64_t hash, const int32_t *toks) {

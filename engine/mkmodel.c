@@ -15,6 +15,7 @@
 #include "hash.h"
 #include "qblocks.h"
 #include "quant.h"
+#include "rng.h"
 
 /* ---- presets ---- */
 
@@ -552,13 +553,6 @@ static int build_tensors(const moe_mkmodel_cfg *c, tlist *l) {
     return add(l, K_MAT, "output.weight", E, hp->n_vocab, 1);
 }
 
-static uint64_t splitmix(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 /* Rows [r0, r1) of tensor t, generated and encoded into qbuf (row r at
  * (r - base) * rs). Each row has its own stream seeded from (tensor seed,
  * row), so the bytes do not depend on how rows are split over threads. */
@@ -582,11 +576,10 @@ static void *gen_rows(void *arg) {
         if (t->init == I_ONE) {
             for (int64_t i = 0; i < n0; i++) f[i] = 1.0f;
         } else {
-            uint64_t s = j->tseed ^ ((uint64_t)row * 0xD1B54A32D192ED03ull);
-            uint64_t x = splitmix(&s) | 1; /* xorshift64* state, never 0 */
+            moe_rng rng;
+            moe_rng_seed(&rng, j->tseed ^ ((uint64_t)row * 0xD1B54A32D192ED03ull));
             for (int64_t i = 0; i < n0; i++) {
-                x ^= x >> 12, x ^= x << 25, x ^= x >> 27;
-                uint64_t r = x * 0x2545F4914F6CDD1Dull;
+                uint64_t r = moe_rng_next(&rng);
                 f[i] = (float)(int32_t)((r >> 40) - (1u << 23)) * scale; /* uniform in [-amp, amp) */
             }
         }
@@ -599,10 +592,8 @@ static void *gen_rows(void *arg) {
 
 static int write_tensor(moe_gguf_writer *w, const tdesc *t, uint64_t seed, float *fbuf, char *qbuf,
                         int64_t chunk_elems, int n_threads) {
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (const char *p = t->name; *p; p++) h = (h ^ (unsigned char)*p) * 0x100000001b3ull;
-    uint64_t s = seed ^ h;
-    uint64_t tseed = splitmix(&s);
+    uint64_t s = seed ^ moe_hash_fixed(t->name, strlen(t->name)); /* the same weights in every run */
+    uint64_t tseed = moe_splitmix64(&s);
     int64_t n0 = t->ne[0], rows = t->ne[1] * t->ne[2];
     int64_t per = chunk_elems / n0 > 0 ? chunk_elems / n0 : 1;
     size_t rs = moe_row_size(t->type, n0);

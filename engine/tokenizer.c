@@ -105,14 +105,6 @@ struct moe_tok {
     int n_re;
 };
 
-static uint64_t hash_u64(uint64_t x) {
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ull;
-    return x ^ (x >> 33);
-}
-
 const char *moe_tok_text(const moe_tok *t, int32_t id, size_t *len) {
     if (!t || id < 0 || id >= t->n_vocab) return NULL;
     if (len) *len = (size_t)(t->text_off[id + 1] - t->text_off[id] - 1);
@@ -139,7 +131,7 @@ int32_t moe_tok_find(const moe_tok *t, const char *s, size_t len) {
 
 static const pair_slot *pair_find(const moe_tok *t, int32_t a, int32_t b) {
     uint64_t key = (((uint64_t)(uint32_t)a << 32) | (uint32_t)b) + 1;
-    uint64_t h = hash_u64(key) & t->pairs_mask;
+    uint64_t h = moe_hash_u64(key) & t->pairs_mask;
     for (;;) {
         const pair_slot *s = &t->pairs[h];
         if (s->key == 0) return NULL;
@@ -485,7 +477,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
             int32_t ab = moe_tok_find(t, cat, la + lb);
             if (a < 0 || b < 0 || ab < 0) continue; /* HF refuses such files; skipping is harmless */
             uint64_t key = (((uint64_t)(uint32_t)a << 32) | (uint32_t)b) + 1;
-            uint64_t h = hash_u64(key) & t->pairs_mask;
+            uint64_t h = moe_hash_u64(key) & t->pairs_mask;
             while (t->pairs[h].key && t->pairs[h].key != key) h = (h + 1) & t->pairs_mask;
             if (!t->pairs[h].key) t->pairs[h] = (pair_slot){key, (int32_t)r, ab};
         }
