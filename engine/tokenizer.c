@@ -22,6 +22,7 @@
 
 #include "hash.h"
 #include "log_hook.h"
+#include "utf8.h"
 
 #define MAX_SPLITS 8
 
@@ -140,54 +141,6 @@ static const pair_slot *pair_find(const moe_tok *t, int32_t a, int32_t b) {
     }
 }
 
-int moe_utf8_next(const unsigned char *p, size_t n) {
-    unsigned c = p[0];
-    if (c < 0x80) return 1;
-    int need;
-    unsigned lo = 0x80, hi = 0xBF;
-    if (c >= 0xC2 && c <= 0xDF) need = 1;
-    else if (c == 0xE0) need = 2, lo = 0xA0;
-    else if (c >= 0xE1 && c <= 0xEC) need = 2;
-    else if (c == 0xED) need = 2, hi = 0x9F;
-    else if (c >= 0xEE && c <= 0xEF) need = 2;
-    else if (c == 0xF0) need = 3, lo = 0x90;
-    else if (c >= 0xF1 && c <= 0xF3) need = 3;
-    else if (c == 0xF4) need = 3, hi = 0x8F;
-    else return -1;
-    for (int i = 1; i <= need; i++) {
-        if ((size_t)i >= n) return 0;
-        unsigned d = p[i];
-        if (d < lo || d > hi) return -i;
-        lo = 0x80, hi = 0xBF;
-    }
-    return need + 1;
-}
-
-/* Appends src with ill-formed subparts (and, when `final`, a dangling
- * prefix) replaced by U+FFFD - one per maximal subpart, or one per byte
- * when per_byte (what sentencepiece's and HF's byte-fallback decoders
- * print); returns bytes consumed from src (less than n only when !final
- * and src ends inside a character). dst must hold 3*n. */
-static size_t utf8_sanitize(const unsigned char *src, size_t n, bool final, bool per_byte, char *dst,
-                            size_t *dlen) {
-    size_t i = 0, o = *dlen;
-    while (i < n) {
-        int k = moe_utf8_next(src + i, n - i);
-        if (k > 0) {
-            memcpy(dst + o, src + i, (size_t)k);
-            o += (size_t)k, i += (size_t)k;
-        } else if (k == 0 && !final) {
-            break;
-        } else {
-            size_t bad = k == 0 ? n - i : (size_t)-k;
-            for (size_t r = per_byte ? bad : 1; r > 0; r--, o += 3) memcpy(dst + o, "\xEF\xBF\xBD", 3);
-            i += bad;
-        }
-    }
-    *dlen = o;
-    return i;
-}
-
 /* GPT-2's reversible byte <-> printable-codepoint table. */
 static uint32_t byte_to_cp(int b) {
     if ((b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF)) return (uint32_t)b;
@@ -195,28 +148,6 @@ static uint32_t byte_to_cp(int b) {
     for (int x = 0; x < b; x++)
         if (!((x >= 0x21 && x <= 0x7E) || (x >= 0xA1 && x <= 0xAC) || (x >= 0xAE && x <= 0xFF))) n++;
     return 256u + (uint32_t)n;
-}
-
-static int put_utf8(uint32_t cp, char *o) {
-    if (cp < 0x80) return o[0] = (char)cp, 1;
-    if (cp < 0x800) return o[0] = (char)(0xC0 | (cp >> 6)), o[1] = (char)(0x80 | (cp & 63)), 2;
-    if (cp < 0x10000)
-        return o[0] = (char)(0xE0 | (cp >> 12)), o[1] = (char)(0x80 | ((cp >> 6) & 63)),
-               o[2] = (char)(0x80 | (cp & 63)), 3;
-    o[0] = (char)(0xF0 | (cp >> 18)), o[1] = (char)(0x80 | ((cp >> 12) & 63));
-    o[2] = (char)(0x80 | ((cp >> 6) & 63)), o[3] = (char)(0x80 | (cp & 63));
-    return 4;
-}
-
-static int decode_cp(const unsigned char *p, size_t n, uint32_t *cp) {
-    int k = moe_utf8_next(p, n);
-    if (k <= 0) return -1;
-    uint32_t c = p[0];
-    if (k == 1) *cp = c;
-    else if (k == 2) *cp = ((c & 31) << 6) | (p[1] & 63);
-    else if (k == 3) *cp = ((c & 15) << 12) | ((uint32_t)(p[1] & 63) << 6) | (p[2] & 63);
-    else *cp = ((c & 7) << 18) | ((uint32_t)(p[1] & 63) << 12) | ((uint32_t)(p[2] & 63) << 6) | (p[3] & 63);
-    return k;
 }
 
 void moe_tok_free(moe_tok *t) {
@@ -279,7 +210,7 @@ static size_t make_piece(const moe_tok *t, int32_t i, const int16_t *cp_to_byte,
     size_t n = 0;
     for (size_t j = 0; j < len;) {
         uint32_t cp;
-        int k = decode_cp((const unsigned char *)s + j, len - j, &cp);
+        int k = moe_utf8_decode((const unsigned char *)s + j, len - j, &cp);
         if (k < 0 || cp >= 324 || cp_to_byte[cp] < 0) {
             memcpy(o, s, len);
             return len;
@@ -452,7 +383,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
             uint32_t cp = byte_to_cp(b);
             char buf[4];
             cp_to_byte[cp] = (int16_t)b;
-            t->byte_tok[b] = moe_tok_find(t, buf, (size_t)put_utf8(cp, buf));
+            t->byte_tok[b] = moe_tok_find(t, buf, (size_t)moe_utf8_encode(cp, buf));
         }
         const moe_gguf_array *mg = moe_gguf_get_arr(g, "tokenizer.ggml.merges");
         uint64_t nm = mg && mg->etype == MOE_GGUF_STRING ? mg->n : 0;
@@ -660,7 +591,7 @@ static int bpe_piece(enc *e, const unsigned char *p, size_t n) {
     if (t->ignore_merges && n <= 256) {
         char buf[1024];
         size_t l = 0;
-        for (size_t i = 0; i < n; i++) l += (size_t)put_utf8(byte_to_cp(p[i]), buf + l);
+        for (size_t i = 0; i < n; i++) l += (size_t)moe_utf8_encode(byte_to_cp(p[i]), buf + l);
         int32_t id = moe_tok_find(t, buf, l);
         if (id >= 0) return push_id(e, id);
     }
@@ -955,7 +886,7 @@ static int clean_text(const moe_tok *t, const char *s, size_t len, char **out, s
     if (i < len) {
         if (!(clean = malloc(len * 3 + 1))) return MOE_ENOMEM;
         size_t cl = 0;
-        utf8_sanitize((const unsigned char *)s, len, true, false, clean, &cl);
+        moe_utf8_sanitize((const unsigned char *)s, len, true, false, clean, &cl);
         s = clean, len = cl;
     }
     if (t->nfc) {
@@ -1166,7 +1097,7 @@ static int stream_add(moe_tok_stream *s, const char *p, size_t n, size_t *olen, 
         src = b;
     }
     if (sn == 0) return MOE_OK;
-    size_t used = utf8_sanitize(src, sn, final, s->t->kind == MOE_TOK_SPM, s->out, olen);
+    size_t used = moe_utf8_sanitize(src, sn, final, s->t->kind == MOE_TOK_SPM, s->out, olen);
     s->n_pend = sn - used;
     memcpy(s->pend, src + used, s->n_pend);
     free(heap);
@@ -1240,7 +1171,7 @@ int moe_tok_decode(const moe_tok *t, const int32_t *ids, size_t n, bool render_s
         const char *p = moe_tok_piece(t, ids[i], &pl);
         if (t->types[ids[i]] == MOE_TOKTYPE_CONTROL && !render_special) {
             if (spm) { /* as in the stream: bytes do not join across it */
-                utf8_sanitize((const unsigned char *)raw + seg, m - seg, true, spm, res, &ol);
+                moe_utf8_sanitize((const unsigned char *)raw + seg, m - seg, true, spm, res, &ol);
                 seg = m;
             }
             continue;
@@ -1252,7 +1183,7 @@ int moe_tok_decode(const moe_tok *t, const int32_t *ids, size_t n, bool render_s
         memcpy(raw + m, p, pl);
         m += pl;
     }
-    utf8_sanitize((const unsigned char *)raw + seg, m - seg, true, spm, res, &ol);
+    moe_utf8_sanitize((const unsigned char *)raw + seg, m - seg, true, spm, res, &ol);
     res[ol] = 0;
     free(raw);
     *out = res;

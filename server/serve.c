@@ -834,7 +834,7 @@ static char *detokenize_body(server *s, const char *body, size_t len, srv_oai_er
         srv_oai_err_set(e, 500, NULL, "%s", moe_strerror(st));
         goto done;
     }
-    char *clean = srv_oai_utf8_clean(text, tl);
+    char *clean = moe_utf8_clean(text, tl);
     free(text);
     cJSON *r = cJSON_CreateObject();
     cJSON_AddStringToObject(r, "content", clean ? clean : "");
