@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine.h" /* MOE_DEFAULT_*: what 0 means for the engine options */
 #include "status.h"
 
 extern char **environ;
@@ -24,25 +25,27 @@ typedef struct {
     size_t off;      /* offsetof in srv_config */
     size_t count_off;/* OPT_LIST: offset of the size_t count */
     double min, max; /* OPT_INT / OPT_DBL range */
-    const char *def; /* default, as shown by --help */
+    const char *def; /* the default: a value srv_config_init applies, or "(what unset means)" */
     const char *help;
 } opt_desc;
 
 #define OFF(f) offsetof(srv_config, f)
+#define S_(x) #x
+#define S(x) S_(x) /* an engine default (engine.h) into a help string */
 
 static const opt_desc opts[] = {
     {"model", 'm', OPT_STR, OFF(model), 0, 0, 0, "(required)", "GGUF model file to serve"},
     {"host", 0, OPT_STR, OFF(host), 0, 0, 0, "127.0.0.1", "address to listen on (0.0.0.0 = all)"},
     {"port", 'p', OPT_INT, OFF(port), 0, 0, 65535, "8080", "TCP port (0 = any free port)"},
-    {"served_model_name", 0, OPT_STR, OFF(served_model_name), 0, 0, 0, "file name", "model id reported and accepted by the API"},
-    {"api_key", 0, OPT_LIST, OFF(api_keys), OFF(n_api_keys), 0, 0, "none", "accepted Bearer keys, comma-separated (none = open)"},
+    {"served_model_name", 0, OPT_STR, OFF(served_model_name), 0, 0, 0, "(file name)", "model id reported and accepted by the API"},
+    {"api_key", 0, OPT_LIST, OFF(api_keys), OFF(n_api_keys), 0, 0, "(none)", "accepted Bearer keys, comma-separated (none = open)"},
     {"threads", 't', OPT_INT, OFF(threads), 0, 0, 4096, "0", "CPU engine threads (0 = all cores)"},
-    {"ctx_size", 'c', OPT_INT, OFF(ctx_size), 0, 0, 1 << 24, "0", "positions per sequence (0 = model's, capped at 8192)"},
-    {"max_seqs", 0, OPT_INT, OFF(max_seqs), 0, 0, 4096, "0", "max concurrently running sequences (0 = 32)"},
-    {"kv_cache_mb", 0, OPT_INT, OFF(kv_cache_mb), 0, 0, 1 << 30, "0", "KV cache size in MiB (0 = 1024)"},
-    {"kv_blocks", 0, OPT_INT, OFF(kv_blocks), 0, 0, 1 << 30, "0", "KV cache blocks, overrides kv_cache_mb (0 = from kv_cache_mb)"},
-    {"step_tokens", 0, OPT_INT, OFF(step_tokens), 0, 0, 1 << 20, "0", "token budget per engine step (0 = 512)"},
-    {"queue_limit", 0, OPT_INT, OFF(queue_limit), 0, 0, 1 << 24, "0", "waiting requests before 429 (0 = 256)"},
+    {"ctx_size", 'c', OPT_INT, OFF(ctx_size), 0, 0, 1 << 24, "0", "positions per sequence (0 = model's, capped at " S(MOE_DEFAULT_CTX_CAP) ")"},
+    {"max_seqs", 0, OPT_INT, OFF(max_seqs), 0, 0, 4096, "0", "max concurrently running sequences (0 = " S(MOE_DEFAULT_MAX_SEQS) ")"},
+    {"kv_cache_mb", 0, OPT_INT, OFF(kv_cache_mb), 0, 0, 1 << 30, "0", "KV cache size in MiB (0 = " S(MOE_DEFAULT_KV_MEM_MB) ")"},
+    {"kv_blocks", 0, OPT_INT, OFF(kv_blocks), 0, 0, 1 << 30, "0", "KV cache blocks of " S(MOE_DEFAULT_BLOCK_SIZE) " positions, overrides kv_cache_mb (0 = from kv_cache_mb)"},
+    {"step_tokens", 0, OPT_INT, OFF(step_tokens), 0, 0, 1 << 20, "0", "token budget per engine step (0 = " S(MOE_DEFAULT_STEP_TOKENS) ")"},
+    {"queue_limit", 0, OPT_INT, OFF(queue_limit), 0, 0, 1 << 24, "0", "waiting requests before 429 (0 = " S(MOE_DEFAULT_QUEUE_LIMIT) ")"},
     {"max_body", 0, OPT_INT, OFF(max_body), 0, 1024, 1LL << 32, "4194304", "largest request body in bytes (413 above)"},
     {"max_json_depth", 0, OPT_INT, OFF(max_json_depth), 0, 4, 1000, "64", "deepest JSON nesting accepted (400 above)"},
     {"request_timeout", 0, OPT_DBL, OFF(request_timeout), 0, 0, 1e7, "600", "seconds a request may run before it is cancelled (0 = none)"},
@@ -53,12 +56,12 @@ static const opt_desc opts[] = {
     {"max_connections_per_ip", 0, OPT_INT, OFF(max_connections_per_ip), 0, 0, 1 << 20, "256", "connections one client address may hold (0 = no cap)"},
     {"drain_timeout", 0, OPT_DBL, OFF(drain_timeout), 0, 0, 1e6, "30", "seconds in-flight requests get to finish after SIGTERM"},
     {"heartbeat_timeout", 0, OPT_DBL, OFF(heartbeat_timeout), 0, 0.01, 1e6, "30", "/health fails when the engine loop is older than this"},
-    {"cors_origins", 0, OPT_LIST, OFF(cors_origins), OFF(n_cors_origins), 0, 0, "none", "allowed CORS origins, comma-separated (* = any)"},
+    {"cors_origins", 0, OPT_LIST, OFF(cors_origins), OFF(n_cors_origins), 0, 0, "(none)", "allowed CORS origins, comma-separated (* = any)"},
     {"log_format", 0, OPT_FMT, OFF(log_format), 0, 0, 0, "text", "log line format: text or json"},
     {"log_level", 0, OPT_LEVEL, OFF(log_level), 0, 0, 0, "info", "error, warn, info or debug"},
     {"log_prompts", 0, OPT_BOOL, OFF(log_prompts), 0, 0, 0, "false", "also log each request's prompt text (one line per request)"},
     {"device", 0, OPT_STR, OFF(device), 0, 0, 0, "auto", "engine device: auto, cpu or cuda"},
-    {"chat_template", 0, OPT_STR, OFF(chat_template), 0, 0, 0, "from model", "chat format override: chatml, deepseek2, deepseek3, mistral, mistral-v3, llama3"},
+    {"chat_template", 0, OPT_STR, OFF(chat_template), 0, 0, 0, "(from the model)", "chat format override: chatml, deepseek2, deepseek3, mistral, mistral-v3, llama3"},
     {"chat_parse_special", 0, OPT_BOOL, OFF(chat_parse_special), 0, 0, 0, "false", "control-token text in chat message content becomes control tokens (lets clients forge turns)"},
 };
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
@@ -70,23 +73,17 @@ static void free_list(char ***list, size_t *n) {
     *n = 0;
 }
 
+static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *err, size_t errsz);
+
+/* A "(...)" default describes what unset means; anything else is a value. */
+static bool has_default(const opt_desc *o) { return o->def[0] != '('; }
+
 void srv_config_init(srv_config *c) {
     memset(c, 0, sizeof *c);
-    c->host = strdup("127.0.0.1");
-    c->port = 8080;
-    c->max_body = 4 << 20;
-    c->max_json_depth = 64;
-    c->request_timeout = 600;
-    c->idle_timeout = 60;
-    c->header_timeout = 10;
-    c->body_timeout = 60;
-    c->max_connections = 1024;
-    c->max_connections_per_ip = 256;
-    c->drain_timeout = 30;
-    c->heartbeat_timeout = 30;
-    c->log_format = SRV_LOG_TEXT;
-    c->log_level = SRV_LOG_INFO;
-    c->device = strdup("auto");
+    /* The table's defaults are the only ones; they parse (check_config
+     * tests it), so the status is not looked at. */
+    for (size_t i = 0; i < N_OPTS; i++)
+        if (has_default(&opts[i])) (void)set_opt(c, &opts[i], opts[i].def, NULL, 0);
 }
 
 void srv_config_free(srv_config *c) {
@@ -139,12 +136,11 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
         if (!dup) return MOE_ENOMEM;
         char **p = (char **)(base + o->off);
         free(*p);
-        /* An empty value resets optional strings (served_model_name = ). */
+        /* An empty value resets a string to its default (served_model_name = ). */
         if (!*dup) {
             free(dup);
-            dup = NULL;
-            if (!strcmp(o->key, "host")) dup = strdup("127.0.0.1");
-            else if (!strcmp(o->key, "device")) dup = strdup("auto");
+            dup = has_default(o) ? strdup(o->def) : NULL;
+            if (has_default(o) && !dup) return MOE_ENOMEM;
         }
         *p = dup;
         return 0;
@@ -541,8 +537,10 @@ void srv_config_usage(FILE *f) {
         char lhs[96];
         if (opts[i].short_flag) snprintf(lhs, sizeof lhs, "  -%c, --%s%s", opts[i].short_flag, flag, arg);
         else snprintf(lhs, sizeof lhs, "      --%s%s", flag, arg);
-        if (opts[i].def[0] == '(') fprintf(f, "%-34s %s %s\n", lhs, opts[i].help, opts[i].def);
-        else fprintf(f, "%-34s %s (default: %s)\n", lhs, opts[i].help, opts[i].def);
+        const char *d = opts[i].def;
+        if (!strcmp(d, "(required)")) fprintf(f, "%-34s %s %s\n", lhs, opts[i].help, d);
+        else if (has_default(&opts[i])) fprintf(f, "%-34s %s (default: %s)\n", lhs, opts[i].help, d);
+        else fprintf(f, "%-34s %s (default: %.*s)\n", lhs, opts[i].help, (int)strlen(d) - 2, d + 1);
         fprintf(f, "%-34s [key %s, env MOED_%s]\n", "", opts[i].key, env);
     }
     fprintf(f, "  -h, --help                       this help\n");
