@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "array.h"
 #include "opstats.h"
 #include "qblocks.h"
 #include "quant.h"
@@ -95,13 +96,7 @@ typedef struct fwd_step {
 } fwd_step;
 
 static int remember(moe_fwd *fw, const void *p) {
-    if (fw->n_bound == fw->cap_bound) {
-        int64_t cap = fw->cap_bound ? fw->cap_bound * 2 : 64;
-        const void **nb = realloc(fw->bound, (size_t)cap * sizeof(*nb));
-        if (!nb) return MOE_ENOMEM;
-        fw->bound = nb;
-        fw->cap_bound = cap;
-    }
+    MOE_TRY(moe_array_grow((void **)&fw->bound, &fw->cap_bound, fw->n_bound + 1, 64, sizeof(*fw->bound)));
     fw->bound[fw->n_bound++] = p;
     return MOE_OK;
 }
@@ -448,17 +443,6 @@ static int output_head(moe_fwd *fw, const fwd_step *S, int64_t n_out, float *log
     return S->op->download(S->c, logits, fw->lg, (size_t)n_out * hp->n_vocab * sizeof(float));
 }
 
-/* Grows host array *p to n elements of `size` (only when a step is larger
- * than any before). */
-static int grow_host(void **p, int64_t *cap, int64_t n, size_t size) {
-    if (n <= *cap) return MOE_OK;
-    void *np = realloc(*p, (size_t)n * size);
-    if (!np) return MOE_ENOMEM;
-    *p = np;
-    *cap = n;
-    return MOE_OK;
-}
-
 /* Makes the scratch hold a step of n tokens, n_out logits rows and n_bt
  * block-table entries over n_seq sequences. */
 static int reserve(moe_fwd *fw, int64_t n, int64_t n_out, int64_t n_bt, int64_t n_seq) {
@@ -466,8 +450,8 @@ static int reserve(moe_fwd *fw, int64_t n, int64_t n_out, int64_t n_bt, int64_t 
     const struct moe_backend_ops *op = fw->be.ops;
     void *c = fw->be.ctx;
     size_t fs = sizeof(float);
-    MOE_TRY(grow_host((void **)&fw->bt, &fw->bt_cap, n_bt ? n_bt : 1, sizeof(int32_t)));
-    MOE_TRY(grow_host((void **)&fw->boff, &fw->boff_cap, n_seq + 1, sizeof(int64_t)));
+    MOE_TRY(moe_array_fit((void **)&fw->bt, &fw->bt_cap, n_bt ? n_bt : 1, sizeof(int32_t)));
+    MOE_TRY(moe_array_fit((void **)&fw->boff, &fw->boff_cap, n_seq + 1, sizeof(int64_t)));
     if (n > fw->cap) {
         free_bufs(fw);
         int64_t E = hp->n_embd, H = hp->n_head, Hkv = hp->n_head_kv;

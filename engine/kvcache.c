@@ -1,11 +1,12 @@
 /* kvcache.c - block allocator and storage of the paged KV cache. */
 #include "kvcache.h"
 
-#include "hash.h"
-
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "array.h"
+#include "hash.h"
 
 struct moe_kv_cache {
     moe_backend be;
@@ -198,14 +199,7 @@ int moe_kv_seq_reserve(moe_kv_cache *kv, moe_kv_seq *s, int64_t n_pos) {
     int64_t need = (n_pos + kv->o.block_size - 1) / kv->o.block_size;
     if (need <= s->n_blocks) return MOE_OK;
     if (need - s->n_blocks > kv->n_free) return MOE_EFULL;
-    if (need > s->cap) {
-        int64_t cap = s->cap ? s->cap : 4;
-        while (cap < need) cap *= 2;
-        int32_t *nb = realloc(s->blocks, (size_t)cap * sizeof(int32_t));
-        if (!nb) return MOE_ENOMEM;
-        s->blocks = nb;
-        s->cap = cap;
-    }
+    MOE_TRY(moe_array_grow((void **)&s->blocks, &s->cap, need, 4, sizeof *s->blocks));
     int rc = moe_kv_alloc(kv, need - s->n_blocks, s->blocks + s->n_blocks);
     if (rc) return rc;
     s->n_blocks = need;
@@ -214,14 +208,7 @@ int moe_kv_seq_reserve(moe_kv_cache *kv, moe_kv_seq *s, int64_t n_pos) {
 
 int moe_kv_seq_share(moe_kv_cache *kv, moe_kv_seq *dst, const moe_kv_seq *src, int64_t n_blocks) {
     if (!kv || !dst || !src || dst->n_blocks || n_blocks < 0 || n_blocks > src->n_blocks) return MOE_EINVAL;
-    if (n_blocks > dst->cap) {
-        int64_t cap = dst->cap ? dst->cap : 4;
-        while (cap < n_blocks) cap *= 2;
-        int32_t *nb = realloc(dst->blocks, (size_t)cap * sizeof(int32_t));
-        if (!nb) return MOE_ENOMEM;
-        dst->blocks = nb;
-        dst->cap = cap;
-    }
+    MOE_TRY(moe_array_grow((void **)&dst->blocks, &dst->cap, n_blocks, 4, sizeof *dst->blocks));
     int rc = moe_kv_ref(kv, src->blocks, n_blocks);
     if (rc) return rc;
     if (n_blocks) memcpy(dst->blocks, src->blocks, (size_t)n_blocks * sizeof(int32_t));

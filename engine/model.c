@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "array.h"
 #include "log_hook.h"
 #include "quant.h"
 
@@ -25,7 +26,7 @@ struct moe_model {
     int64_t n_params, n_active;
     uint64_t n_bytes;
     const moe_gguf_tensor **bound; /* sorted after load: every bound tensor, for the extra-tensor warning */
-    size_t n_bound, cap_bound;
+    int64_t n_bound, cap_bound;
 };
 
 static const char *const ARCH_NAMES[MOE_ARCH_COUNT] = {
@@ -318,13 +319,7 @@ static int read_hparams(loader *L) {
 }
 
 static int remember(moe_model *m, const moe_gguf_tensor *t) {
-    if (m->n_bound == m->cap_bound) {
-        size_t cap = m->cap_bound ? m->cap_bound * 2 : 256;
-        const moe_gguf_tensor **nb = realloc(m->bound, cap * sizeof(*nb));
-        if (!nb) return MOE_ENOMEM;
-        m->bound = nb;
-        m->cap_bound = cap;
-    }
+    MOE_TRY(moe_array_grow((void **)&m->bound, &m->cap_bound, m->n_bound + 1, 256, sizeof(*m->bound)));
     m->bound[m->n_bound++] = t;
     return MOE_OK;
 }
@@ -475,7 +470,7 @@ static void count_params(moe_model *m) {
     m->n_params = total;
     m->n_active = active;
     uint64_t bytes = 0;
-    for (size_t i = 0; i < m->n_bound; i++) bytes += m->bound[i]->nbytes;
+    for (int64_t i = 0; i < m->n_bound; i++) bytes += m->bound[i]->nbytes;
     m->n_bytes = bytes;
 }
 
@@ -556,12 +551,12 @@ moe_model *moe_model_from_gguf(moe_gguf *g, int *status, char *err, size_t errsz
     for (int64_t il = 0; il < hp->n_layer; il++)
         if ((st = bind_layer(&L, il, &w->layers[il])) != MOE_OK) goto fail;
 
-    qsort(m->bound, m->n_bound, sizeof(*m->bound), cmp_ptr);
+    qsort(m->bound, (size_t)m->n_bound, sizeof(*m->bound), cmp_ptr);
     uint64_t extra = 0;
     const char *first = NULL;
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
         const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
-        if (!bsearch(&t, m->bound, m->n_bound, sizeof(*m->bound), cmp_ptr)) {
+        if (!bsearch(&t, m->bound, (size_t)m->n_bound, sizeof(*m->bound), cmp_ptr)) {
             if (!first) first = t->name;
             extra++;
         }
