@@ -5,6 +5,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <getopt.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -339,96 +340,112 @@ static const char *env_get(char *const *envp, const char *name) {
     return NULL;
 }
 
-/* Resolves argv[i] to an option and its value; advances *i past a
- * separate value argument. Returns 0, 1 for --config (value in *val),
- * 2 for --help, 3 for a positional, or MOE_EINVAL. */
-static int cli_opt(int argc, char **argv, int *i, const opt_desc **o, const char **val, char *err, size_t errsz) {
-    const char *a = argv[*i];
+/* getopt_long over the table, as every subcommand parses its flags. The
+ * long names are the keys with dashes, and with underscores too (both have
+ * always worked); val = OPT_BASE + the table index. */
+enum { OPT_BASE = 256, OPT_CONFIG = OPT_BASE + 1000, OPT_POSITIONAL = 1 };
+
+typedef struct {
+    struct option lo[2 * N_OPTS + 3];
+    char names[N_OPTS][48];
+    char shorts[2 + 2 * N_OPTS + 2];
+} getopt_table;
+
+static void getopt_table_build(getopt_table *t) {
+    size_t n = 0, k = 0;
+    t->shorts[k++] = '-'; /* positionals come back in order (as OPT_POSITIONAL); argv is not permuted */
+    t->shorts[k++] = ':'; /* a missing value comes back as ':', not as a message on stderr */
+    for (size_t i = 0; i < N_OPTS; i++) {
+        int has = opts[i].type == OPT_BOOL ? optional_argument : required_argument; /* --log-prompts alone: true */
+        size_t j = 0;
+        for (; opts[i].key[j] && j + 1 < sizeof t->names[i]; j++)
+            t->names[i][j] = opts[i].key[j] == '_' ? '-' : opts[i].key[j];
+        t->names[i][j] = 0;
+        t->lo[n++] = (struct option){t->names[i], has, NULL, OPT_BASE + (int)i};
+        if (strchr(opts[i].key, '_')) t->lo[n++] = (struct option){opts[i].key, has, NULL, OPT_BASE + (int)i};
+        if (opts[i].short_flag) {
+            t->shorts[k++] = opts[i].short_flag;
+            if (has == required_argument) t->shorts[k++] = ':';
+        }
+    }
+    t->shorts[k++] = 'h';
+    t->shorts[k] = 0;
+    t->lo[n++] = (struct option){"config", required_argument, NULL, OPT_CONFIG};
+    t->lo[n++] = (struct option){"help", no_argument, NULL, 'h'};
+    t->lo[n] = (struct option){0, 0, 0, 0};
+}
+
+/* The next option of argv: its table entry in *o (NULL for --config and
+ * positionals) and value in *val. Returns 0 at the end, 'h', OPT_CONFIG,
+ * OPT_POSITIONAL, OPT_BASE (an option), or MOE_EINVAL with a message. */
+static int next_opt(const getopt_table *t, int argc, char **argv, const opt_desc **o, const char **val, char *err,
+                    size_t errsz) {
     *o = NULL;
     *val = NULL;
-    if (!strcmp(a, "-h") || !strcmp(a, "--help")) return 2;
-    if (a[0] != '-' || !a[1]) {
-        *val = a;
-        return 3;
+    int c = getopt_long(argc, argv, t->shorts, t->lo, NULL);
+    const char *a = optind > 0 && optind <= argc ? argv[optind - 1] : "?";
+    switch (c) {
+    case -1: return 0;
+    case 'h': return 'h';
+    case OPT_POSITIONAL: *val = optarg; return OPT_POSITIONAL;
+    case OPT_CONFIG: *val = optarg; return OPT_CONFIG;
+    case ':': return moe_seterr(err, errsz, MOE_EINVAL, "option '%s' needs a value", a);
+    case '?':
+        if (optopt && optopt < OPT_BASE) return moe_seterr(err, errsz, MOE_EINVAL, "unknown option '-%c'", optopt);
+        return moe_seterr(err, errsz, MOE_EINVAL, "unknown option '%s'", a);
     }
-    char name[64];
-    const char *inl = NULL;
-    if (a[1] != '-') {
-        if (a[2]) {
-            return moe_seterr(err, errsz, MOE_EINVAL, "unknown option '%s'", a);
-        }
+    if (c < OPT_BASE) { /* a short flag */
         for (size_t k = 0; k < N_OPTS; k++)
-            if (opts[k].short_flag == a[1]) *o = &opts[k];
-        if (!*o) {
-            return moe_seterr(err, errsz, MOE_EINVAL, "unknown option '%s'", a);
-        }
+            if (opts[k].short_flag == c) *o = &opts[k];
     } else {
-        const char *body = a + 2;
-        inl = strchr(body, '=');
-        size_t len = inl ? (size_t)(inl - body) : strlen(body);
-        if (len >= sizeof name) len = sizeof name - 1;
-        for (size_t k = 0; k < len; k++) name[k] = body[k] == '-' ? '_' : body[k];
-        name[len] = 0;
-        if (inl) inl++;
-        if (!strcmp(name, "config")) {
-            if (!inl) {
-                if (*i + 1 >= argc) {
-                    return moe_seterr(err, errsz, MOE_EINVAL, "option '--config' needs a value");
-                }
-                inl = argv[++*i];
-            }
-            *val = inl;
-            return 1;
-        }
-        *o = find_opt(name, strlen(name));
-        if (!*o) {
-            return moe_seterr(err, errsz, MOE_EINVAL, "unknown option '%s'", a);
-        }
+        *o = &opts[c - OPT_BASE];
     }
-    if (inl) *val = inl;
-    else if ((*o)->type == OPT_BOOL) *val = "true"; /* --log-prompts alone turns it on */
-    else {
-        if (*i + 1 >= argc) {
-            return moe_seterr(err, errsz, MOE_EINVAL, "option '%s' needs a value", a);
-        }
-        *val = argv[++*i];
-    }
-    return 0;
+    if (!*o) return moe_seterr(err, errsz, MOE_EINVAL, "unknown option '%s'", a);
+    *val = optarg ? optarg : "true"; /* only a bool may have none */
+    return OPT_BASE;
+}
+
+/* Runs getopt from the start (optind = 0 also resets glibc's state
+ * between the two passes and a later SIGHUP reload) without messages. */
+static void getopt_restart(void) {
+    optind = 0;
+    opterr = 0;
 }
 
 int srv_config_from_args(srv_config *c, int argc, char **argv, char *const *envp, char *err, size_t errsz) {
     const char *config = env_get(envp, "MOED_CONFIG");
     const char *positional = NULL;
+    getopt_table t;
+    getopt_table_build(&t);
+    const opt_desc *o;
+    const char *v;
+    int r;
     /* Pass 1: --help, --config and syntax; nothing is applied yet. */
-    for (int i = 1; i < argc; i++) {
-        const opt_desc *o;
-        const char *v;
-        int r = cli_opt(argc, argv, &i, &o, &v, err, errsz);
-        if (r < 0) return r;
-        if (r == 2) return 1;
-        if (r == 1) config = v;
-        if (r == 3) {
-            if (positional) {
-                return moe_seterr(err, errsz, MOE_EINVAL, "unexpected argument '%s'", v);
-            }
+    getopt_restart();
+    while ((r = next_opt(&t, argc, argv, &o, &v, err, errsz)) > 0) {
+        if (r == 'h') return 1;
+        if (r == OPT_CONFIG) config = v;
+        if (r == OPT_POSITIONAL) {
+            if (positional) return moe_seterr(err, errsz, MOE_EINVAL, "unexpected argument '%s'", v);
             positional = v;
         }
+    }
+    if (r < 0) return r;
+    for (; optind < argc; optind++) { /* after "--": positionals only */
+        if (positional) return moe_seterr(err, errsz, MOE_EINVAL, "unexpected argument '%s'", argv[optind]);
+        positional = argv[optind];
     }
     int st;
     if (config && *config && (st = srv_config_load_file(c, config, err, errsz))) return st;
     if ((st = srv_config_load_env(c, envp, err, errsz))) return st;
     if (positional && (st = srv_config_set(c, "model", positional, err, errsz))) return st;
+    /* Pass 2: the flags, over file, environment and positional. */
     char sub[MOE_ERR_MAX];
-    for (int i = 1; i < argc; i++) {
-        const opt_desc *o;
-        const char *v;
-        int r = cli_opt(argc, argv, &i, &o, &v, err, errsz);
-        if (r != 0) continue;
-        if ((st = set_opt(c, o, v, sub, sizeof sub))) {
+    getopt_restart();
+    while ((r = next_opt(&t, argc, argv, &o, &v, err, errsz)) > 0)
+        if (r == OPT_BASE && (st = set_opt(c, o, v, sub, sizeof sub)))
             return moe_seterr(err, errsz, st, "%s", sub);
-        }
-    }
-    return 0;
+    return r;
 }
 
 static const char *const live_keys[] = {"api_key", "cors_origins", "log_format", "log_level", "log_prompts"};

@@ -225,6 +225,14 @@ START_TEST(test_precedence) {
     ck_assert(c.log_prompts);
     srv_config_free(&c);
 
+    /* after "--" a dash-led name is the model, not an option */
+    srv_config_init(&c);
+    char *argv4[] = {"serve", "-p", "9", "--", "-odd.gguf", NULL};
+    ck_assert_int_eq(srv_config_from_args(&c, 5, argv4, env, err, sizeof err), 0);
+    ck_assert_str_eq(c.model, "-odd.gguf");
+    ck_assert_int_eq(c.port, 9);
+    srv_config_free(&c);
+
     /* -m beats the positional, which beats the file. */
     srv_config_init(&c);
     char *argv3[] = {"serve", "pos.gguf", "-m", "flag.gguf", NULL};
