@@ -88,6 +88,7 @@ struct moe_tok {
     float *scores; /* SPM only */
     int32_t *hash;  /* vocab string -> id, size hash_mask + 1, -1 empty */
     uint64_t hash_mask;
+    moe_hash_key hkey; /* the process key (hash.h), copied: looked up per token */
     pair_slot *pairs; /* BPE merges */
     uint64_t pairs_mask;
     int32_t byte_tok[256]; /* initial symbol / byte-fallback id of each byte, -1 none */
@@ -119,7 +120,7 @@ const char *moe_tok_piece(const moe_tok *t, int32_t id, size_t *len) {
 }
 
 int32_t moe_tok_find(const moe_tok *t, const char *s, size_t len) {
-    uint64_t h = moe_hash_bytes(s, len) & t->hash_mask;
+    uint64_t h = moe_hash_keyed(s, len, &t->hkey) & t->hash_mask;
     for (;;) {
         int32_t id = t->hash[h];
         if (id < 0) return -1;
@@ -132,7 +133,7 @@ int32_t moe_tok_find(const moe_tok *t, const char *s, size_t len) {
 
 static const pair_slot *pair_find(const moe_tok *t, int32_t a, int32_t b) {
     uint64_t key = (((uint64_t)(uint32_t)a << 32) | (uint32_t)b) + 1;
-    uint64_t h = moe_hash_u64(key) & t->pairs_mask;
+    uint64_t h = moe_hash_u64_keyed(key, &t->hkey) & t->pairs_mask;
     for (;;) {
         const pair_slot *s = &t->pairs[h];
         if (s->key == 0) return NULL;
@@ -298,6 +299,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     t->eog = calloc((size_t)n, 1);
     uint64_t hsize = 1;
     while (hsize < (uint64_t)n * 2) hsize <<= 1;
+    t->hkey = *moe_hash_process_key();
     t->hash = malloc(hsize * sizeof *t->hash);
     t->hash_mask = hsize - 1;
     if (!t->text_arena || !t->text_off || !t->piece_arena || !t->piece_off || !t->types || !t->eog || !t->hash)
@@ -327,7 +329,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     for (int32_t i = 0; i < n; i++) {
         size_t len;
         const char *x = moe_tok_text(t, i, &len);
-        uint64_t h = moe_hash_bytes(x, len) & t->hash_mask;
+        uint64_t h = moe_hash_keyed(x, len, &t->hkey) & t->hash_mask;
         bool dup = false;
         while (t->hash[h] >= 0) {
             size_t l2;
@@ -408,7 +410,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
             int32_t ab = moe_tok_find(t, cat, la + lb);
             if (a < 0 || b < 0 || ab < 0) continue; /* HF refuses such files; skipping is harmless */
             uint64_t key = (((uint64_t)(uint32_t)a << 32) | (uint32_t)b) + 1;
-            uint64_t h = moe_hash_u64(key) & t->pairs_mask;
+            uint64_t h = moe_hash_u64_keyed(key, &t->hkey) & t->pairs_mask;
             while (t->pairs[h].key && t->pairs[h].key != key) h = (h + 1) & t->pairs_mask;
             if (!t->pairs[h].key) t->pairs[h] = (pair_slot){key, (int32_t)r, ab};
         }

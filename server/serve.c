@@ -23,7 +23,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/random.h>
 #include <time.h>
 
 #include <cJSON.h>
@@ -37,6 +36,7 @@
 #include "metrics.h"
 #include "notify.h"
 #include "openai.h"
+#include "rng.h"
 #include "status.h"
 
 typedef struct server server;
@@ -485,8 +485,8 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
 static void stream_free_cb(void *cls) { gen_release(cls); }
 
 static const char *make_id(server *s, const char *prefix, char *buf, size_t n) {
-    uint64_t x = s->id_base + s->id_next++ * 0x9e3779b97f4a7c15ull;
-    x ^= x >> 31;
+    uint64_t st = s->id_base + s->id_next++;
+    uint64_t x = moe_splitmix64(&st);
     snprintf(buf, n, "%s%016" PRIx64 "%08" PRIx64, prefix, x, s->id_next);
     return buf;
 }
@@ -1379,7 +1379,7 @@ int srv_cmd_serve(int argc, char **argv) {
     s->model_file_id = model_id_from_path(cfg.model);
     s->model_name = strdup(cfg.served_model_name ? cfg.served_model_name : s->model_file_id);
     s->started_unix = (int64_t)time(NULL);
-    if (getrandom(&s->id_base, sizeof s->id_base, 0) != sizeof s->id_base) s->id_base = moe_now_ns() ^ (uint64_t)getpid();
+    s->id_base = moe_rng_os_seed();
     srv_metrics_init(&s->metrics);
     pthread_mutex_init(&s->ev_mu, NULL);
     srv_notify_init(&s->watchdog_usec);

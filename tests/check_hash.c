@@ -59,8 +59,10 @@ START_TEST(two_keys_differ) {
     const moe_hash_key *pk = moe_hash_process_key();
     ck_assert(pk->k0 || pk->k1);
     ck_assert_uint_eq(moe_hash_bytes("abc", 3), moe_hash_keyed("abc", 3, pk));
-    const unsigned char le[8] = {0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11};
-    ck_assert_uint_eq(moe_hash_u64(0x1122334455667788ull), moe_hash_keyed(le, 8, pk));
+    ck_assert_uint_eq(moe_hash_u64(0x1122334455667788ull), moe_hash_u64_keyed(0x1122334455667788ull, pk));
+    same = 0;
+    for (uint64_t i = 0; i < 1000; i++) same += moe_hash_u64_keyed(i, &a) == moe_hash_u64_keyed(i, &b);
+    ck_assert_int_eq(same, 0);
     /* the fixed variant is not the process one, and is stable */
     ck_assert_uint_ne(moe_hash_fixed("abc", 3), moe_hash_bytes("abc", 3));
     ck_assert_uint_eq(moe_hash_fixed("abc", 3), moe_hash_fixed("abc", 3));
@@ -88,6 +90,26 @@ START_TEST(process_keys_differ) {
         ck_assert(WIFEXITED(ws) && WEXITSTATUS(ws) == 0);
     }
     ck_assert_uint_ne(h[0], h[1]);
+}
+END_TEST
+
+/* Integer keys that differ only in their high bits (merge pairs (a, b)
+ * with b fixed, say) spread over a table masked to the low bits: linear
+ * probing of 4096 of them into 8192 slots takes ~1.5 probes each, where
+ * the identity (or any hash keeping the low bits) would pile them all into
+ * one run, ~N^2/2 = 8e6 probes. */
+START_TEST(u64_high_bit_keys_spread) {
+    enum { N = 4096, SLOTS = 8192 };
+    static uint64_t table[SLOTS];
+    uint64_t probes = 0;
+    for (uint64_t i = 1; i <= N; i++) {
+        uint64_t key = i << 32 | 7u;
+        uint64_t h = moe_hash_u64(key) & (SLOTS - 1);
+        while (table[h]) h = (h + 1) & (SLOTS - 1), probes++;
+        table[h] = key;
+        probes++;
+    }
+    ck_assert_msg(probes < 3 * N, "%llu probes for %d keys", (unsigned long long)probes, N);
 }
 END_TEST
 
@@ -192,6 +214,7 @@ static Suite *hash_suite(void) {
     tc = tcase_create("seeded");
     tcase_add_test(tc, two_keys_differ);
     tcase_add_test(tc, process_keys_differ);
+    tcase_add_test(tc, u64_high_bit_keys_spread);
     suite_add_tcase(s, tc);
     tc = tcase_create("flood");
     tcase_set_timeout(tc, 60);
