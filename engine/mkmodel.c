@@ -493,8 +493,7 @@ static int build_tensors(const moe_mkmodel_cfg *c, tlist *l) {
 #define A(kind, s, e0, e1, e2)                                                                                     \
     do {                                                                                                           \
         snprintf(n, sizeof n, "blk.%lld.%s", (long long)il, s);                                                   \
-        int rc_ = add(l, kind, n, e0, e1, e2);                                                                     \
-        if (rc_) return rc_;                                                                                       \
+        MOE_TRY(add(l, kind, n, e0, e1, e2));                                                                      \
     } while (0)
     int rc = add(l, K_EMBD, "token_embd.weight", E, hp->n_vocab, 1);
     if (rc) return rc;
