@@ -144,7 +144,7 @@ asan:
 FUZZ_CC ?= clang
 # Each target gets FUZZ_TIME seconds and its own corpus; FUZZ_TARGETS=safetensors runs one.
 FUZZ_TARGETS ?= gguf safetensors
-FUZZ_SRC_gguf := engine/gguf.c engine/types.c engine/status.c
+FUZZ_SRC_gguf := engine/gguf.c engine/types.c engine/status.c engine/hash.c
 FUZZ_SRC_safetensors := engine/safetensors.c engine/status.c
 FUZZ_LIBS_safetensors = $(shell pkg-config --cflags --libs libcjson)
 FUZZ_SEEDS_gguf := tests/fuzz/seeds

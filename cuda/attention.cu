@@ -66,11 +66,11 @@ extern "C" int cuda__kv_store(void *vctx, const moe_kv_view *kv, float *k_cache,
     if (!kv->n_tok) return MOE_OK;
     size_t n = (size_t)kv->n_tok * sizeof(int64_t);
     cuda_stage st;
-    CK_RC(cuda__stage_begin(c, cuda__stage_size(n), &st));
+    MOE_TRY(cuda__stage_begin(c, cuda__stage_size(n), &st));
     int64_t *slots = (int64_t *)(st.seg->host + st.used);
     const int64_t *d_slot = (const int64_t *)cuda__stage_put(&st, NULL, n);
     for (int64_t t = 0; t < kv->n_tok; t++) slots[t] = kv_slot(kv, kv->seq[t], kv->pos[t]);
-    CK_RC(cuda__stage_end(c, &st));
+    MOE_TRY(cuda__stage_end(c, &st));
     dim3 grid(cuda__grid(k_width + v_width, 256), (unsigned)(kv->n_tok < 65535 ? kv->n_tok : 65535));
     CUDA_LAUNCH(k_kv_store, grid, 256, 0, c->stream, d_slot, kv->n_tok, k_cache, v_cache, k_width, v_width, k, v);
     CUDA_LAUNCH_CHECK();
@@ -195,7 +195,7 @@ static int stage_view(cuda_ctx *c, const moe_kv_view *kv, size_t extra, cuda_sta
     int64_t n_bt = kv->block_off[kv->n_seq];
     size_t s_tok = (size_t)kv->n_tok * 4, s_bt = (size_t)(n_bt > 0 ? n_bt : 0) * 4,
            s_off = (size_t)(kv->n_seq + 1) * 8;
-    CK_RC(cuda__stage_begin(c, 2 * cuda__stage_size(s_tok) + cuda__stage_size(s_bt) + cuda__stage_size(s_off) + extra,
+    MOE_TRY(cuda__stage_begin(c, 2 * cuda__stage_size(s_tok) + cuda__stage_size(s_bt) + cuda__stage_size(s_off) + extra,
                             st));
     a->seq = (const int32_t *)cuda__stage_put(st, kv->seq, s_tok);
     a->pos = (const int32_t *)cuda__stage_put(st, kv->pos, s_tok);
@@ -229,8 +229,8 @@ extern "C" int cuda__attention(void *vctx, const moe_kv_view *kv, const float *q
     if (kv->n_tok == 0) return MOE_OK;
     att_args a = {};
     cuda_stage st;
-    CK_RC(stage_view(c, kv, 0, &st, &a));
-    CK_RC(cuda__stage_end(c, &st));
+    MOE_TRY(stage_view(c, kv, 0, &st, &a));
+    MOE_TRY(cuda__stage_end(c, &st));
     a.q1 = q, a.q1_tok = n_head * head_dim, a.q1_head = head_dim, a.n1 = head_dim;
     a.q2 = q, a.q2_tok = 0, a.q2_head = 0, a.n2 = 0;
     a.kc = k_cache, a.k_stride = n_kv_head * head_dim, a.k_head = head_dim;
@@ -261,7 +261,7 @@ extern "C" int cuda__mla_attention(void *vctx, const moe_kv_view *kv, const floa
     size_t s_off = (size_t)(H + 1) * 4, s_idx = (size_t)(n_tok * H) * 4;
     att_args a = {};
     cuda_stage st;
-    CK_RC(stage_view(c, kv, cuda__stage_size(s_off) + cuda__stage_size(s_idx), &st, &a));
+    MOE_TRY(stage_view(c, kv, cuda__stage_size(s_off) + cuda__stage_size(s_idx), &st, &a));
     int32_t *h_off = (int32_t *)(st.seg->host + st.used);
     const int32_t *d_off = (const int32_t *)cuda__stage_put(&st, NULL, s_off);
     int32_t *h_idx = (int32_t *)(st.seg->host + st.used);
@@ -269,7 +269,7 @@ extern "C" int cuda__mla_attention(void *vctx, const moe_kv_view *kv, const floa
     for (int64_t h = 0; h <= H; h++) h_off[h] = (int32_t)(h * n_tok);
     for (int64_t h = 0; h < H; h++)
         for (int64_t t = 0; t < n_tok; t++) h_idx[h * n_tok + t] = (int32_t)(t * H + h);
-    CK_RC(cuda__stage_end(c, &st));
+    MOE_TRY(cuda__stage_end(c, &st));
 
     // q_lat[t][h] = k_b[h] . q_nope[t][h]
     cuda_gmm g = {};
@@ -277,7 +277,7 @@ extern "C" int cuda__mla_attention(void *vctx, const moe_kv_view *kv, const floa
     g.n_in = nope, g.n_out = R, g.n_group = H, g.off = d_off, g.max_rows = n_tok;
     g.x = q, g.x_stride = dq, g.x_rows = d_idx;
     g.y = q_lat, g.y_stride = R, g.y_rows = d_idx;
-    CK_RC(cuda__gmm(c, &g));
+    MOE_TRY(cuda__gmm(c, &g));
 
     a.q1 = q_lat, a.q1_tok = H * R, a.q1_head = R, a.n1 = R;
     a.q2 = q + nope, a.q2_tok = H * dq, a.q2_head = dq, a.n2 = n_rot;
@@ -285,7 +285,7 @@ extern "C" int cuda__mla_attention(void *vctx, const moe_kv_view *kv, const floa
     a.vc = cache, a.v_stride = R + n_rot, a.v_head = 0, a.dv = R;
     a.n_tok = n_tok, a.n_head = H, a.group = H, a.scale = scale;
     a.out = o_lat, a.o_tok = H * R, a.o_head = R;
-    CK_RC(launch_attention(c, &a));
+    MOE_TRY(launch_attention(c, &a));
 
     // out[t][h] = v_b[h] . o_lat[t][h]
     g.type = v_b->type, g.w = v_b->data, g.mat_stride = cuda__mat_stride(v_b);

@@ -335,9 +335,9 @@ extern "C" int cuda__get_rows(void *vctx, const float *x, int64_t x_stride, int6
     for (int64_t i = 0; i < n; i++)
         if (rows[i] < 0) return MOE_EINVAL;
     cuda_stage st;
-    CK_RC(cuda__stage_begin(c, cuda__stage_size((size_t)n * 4), &st));
+    MOE_TRY(cuda__stage_begin(c, cuda__stage_size((size_t)n * 4), &st));
     const int32_t *d_rows = (const int32_t *)cuda__stage_put(&st, rows, (size_t)n * 4);
-    CK_RC(cuda__stage_end(c, &st));
+    MOE_TRY(cuda__stage_end(c, &st));
     dim3 grid(cuda__grid(n_col, EW_THREADS), (unsigned)(n < 65535 ? n : 65535));
     CUDA_LAUNCH(k_get_rows, grid, EW_THREADS, 0, c->stream, x, x_stride, n_col, d_rows, n, out);
     CUDA_LAUNCH_CHECK();
@@ -352,9 +352,9 @@ extern "C" int cuda__embed(void *vctx, const moe_weight *w, const int32_t *ids, 
         if (ids[t] < 0 || ids[t] >= w->n_out) return MOE_EINVAL;
     if (!n) return MOE_OK;
     cuda_stage st;
-    CK_RC(cuda__stage_begin(c, cuda__stage_size((size_t)n * 4), &st));
+    MOE_TRY(cuda__stage_begin(c, cuda__stage_size((size_t)n * 4), &st));
     const int32_t *d_ids = (const int32_t *)cuda__stage_put(&st, ids, (size_t)n * 4);
-    CK_RC(cuda__stage_end(c, &st));
+    MOE_TRY(cuda__stage_end(c, &st));
     return cuda__dequant_rows(c, w, d_ids, n, out);
 }
 

@@ -96,13 +96,6 @@ void cuda__log(const char *what, const char *msg, const char *file, int line);
         }                                                                      \
     } while (0)
 
-// Propagates a moe_status.
-#define CK_RC(expr)                                                            \
-    do {                                                                       \
-        int rc_ = (expr);                                                      \
-        if (rc_) return rc_;                                                   \
-    } while (0)
-
 // ---- staging (host index arrays -> device) ----
 
 typedef struct cuda_stage {

@@ -209,16 +209,16 @@ extern "C" int cuda__moe(void *vctx, const float *h, int64_t n_tok, const float 
     g.n_in = n_embd, g.n_out = n_ff;
     g.x = h, g.x_stride = n_embd, g.x_rows = rows;
     g.y = G_, g.y_stride = n_ff;
-    CK_RC(cuda__gmm(c, &g));
+    MOE_TRY(cuda__gmm(c, &g));
     g.type = up->type, g.w = up->data, g.mat_stride = cuda__mat_stride(up);
     g.y = U_;
-    CK_RC(cuda__gmm(c, &g));
-    CK_RC(cuda__swiglu(c, G_, U_, G_, n_ent * n_ff));
+    MOE_TRY(cuda__gmm(c, &g));
+    MOE_TRY(cuda__swiglu(c, G_, U_, G_, n_ent * n_ff));
     g.type = down->type, g.w = down->data, g.mat_stride = cuda__mat_stride(down);
     g.n_in = n_ff, g.n_out = n_embd;
     g.x = G_, g.x_stride = n_ff, g.x_rows = NULL;
     g.y = D_, g.y_stride = n_embd;
-    CK_RC(cuda__gmm(c, &g));
+    MOE_TRY(cuda__gmm(c, &g));
     CUDA_LAUNCH(k_combine, cuda__grid(n_tok * n_embd, 256), 256, 0, c->stream, D_, wts, ent_of, n_tok, K, n_embd, out);
     CUDA_LAUNCH_CHECK();
     if (ids_out || w_out) {

@@ -71,10 +71,10 @@ extern "C" int cuda__rope(void *vctx, float *x, int64_t n_tok, int64_t tok_strid
     if (!n_tok || !n_head) return MOE_OK;
     int64_t half = p->n_rot / 2;
     cuda_stage st;
-    CK_RC(cuda__stage_begin(c, cuda__stage_size((size_t)n_tok * 4) + cuda__stage_size((size_t)half * 4), &st));
+    MOE_TRY(cuda__stage_begin(c, cuda__stage_size((size_t)n_tok * 4) + cuda__stage_size((size_t)half * 4), &st));
     const int32_t *d_pos = (const int32_t *)cuda__stage_put(&st, pos, (size_t)n_tok * 4);
     const float *d_freq = (const float *)cuda__stage_put(&st, p->inv_freq, (size_t)half * 4);
-    CK_RC(cuda__stage_end(c, &st));
+    MOE_TRY(cuda__stage_end(c, &st));
     CUDA_LAUNCH(k_rope, cuda__grid(n_tok * half, 256), 256, 0, c->stream, x, n_tok, tok_stride, n_head, head_stride, d_pos,
                                                                 d_freq, half, p->style == MOE_ROPE_NEOX,
                                                                 p->attn_factor);

@@ -170,9 +170,9 @@ extern "C" int moe_cuda_sample(const moe_backend *be, const float *logits, int64
     cuda_ctx *c = (cuda_ctx *)be->ctx;
     size_t np = (size_t)n_rows * sizeof(moe_cuda_sample_params);
     cuda_stage st;
-    CK_RC(cuda__stage_begin(c, cuda__stage_size(np), &st));
+    MOE_TRY(cuda__stage_begin(c, cuda__stage_size(np), &st));
     const moe_cuda_sample_params *d_p = (const moe_cuda_sample_params *)cuda__stage_put(&st, params, np);
-    CK_RC(cuda__stage_end(c, &st));
+    MOE_TRY(cuda__stage_end(c, &st));
     int32_t *d_out = (int32_t *)cuda__scratch(c, SCR_SAMPLE, (size_t)n_rows * sizeof(int32_t));
     if (!d_out) return MOE_ENOMEM;
     CUDA_LAUNCH(k_sample, (unsigned)n_rows, SMP_THREADS, 0, c->stream, logits, n_vocab, d_p, d_out);

@@ -19,8 +19,7 @@ _Static_assert(sizeof(struct moe_backend_ops) == sizeof(const char *) + (0 MOE_B
 
 int moe_backend_check(const moe_backend *be, char *err, size_t errsz) {
     if (!be || !be->ops) {
-        if (err && errsz) snprintf(err, errsz, "no backend");
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "no backend");
     }
     const struct moe_backend_ops *o = be->ops;
     const struct {
@@ -33,16 +32,14 @@ int moe_backend_check(const moe_backend *be, char *err, size_t errsz) {
     };
     for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
         if (!ops[i].set) {
-            if (err && errsz) snprintf(err, errsz, "backend '%s' has no '%s' op", o->name ? o->name : "?", ops[i].name);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "backend '%s' has no '%s' op", o->name ? o->name : "?", ops[i].name);
         }
     return MOE_OK;
 }
 
 static int checked(moe_backend *be, const char *what, int rc, char *err, size_t errsz) {
     if (rc) {
-        if (err && errsz) snprintf(err, errsz, "%s backend: %s", what, moe_strerror(rc));
-        return rc;
+        return moe_seterr(err, errsz, rc, "%s backend: %s", what, moe_strerror(rc));
     }
     if ((rc = moe_backend_check(be, err, errsz))) moe_backend_destroy(be);
     return rc;
@@ -55,8 +52,7 @@ int moe_backend_create(const char *device, int n_threads, moe_backend *be, const
     be->ops = NULL;
     be->ctx = NULL;
     if (strcmp(d, "cpu") && strcmp(d, "cuda") && strcmp(d, "auto")) {
-        if (err && errsz) snprintf(err, errsz, "device '%s' is not cpu, cuda or auto", d);
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "device '%s' is not cpu, cuda or auto", d);
     }
 #ifdef MOE_HAVE_CUDA
     /* "auto" takes the GPU when one is usable; "cuda" insists on it. A GPU
@@ -72,19 +68,16 @@ int moe_backend_create(const char *device, int n_threads, moe_backend *be, const
                 cerr);
     if (!strcmp(d, "cuda") || (!strcmp(d, "auto") && n_dev > 0)) {
         if (n_dev <= 0) {
-            if (err && errsz) {
-                if (no_device) snprintf(err, errsz, "CUDA backend: no CUDA device found");
-                else snprintf(err, errsz, "CUDA backend: CUDA cannot use the GPU: %s (CUDA error %d)", why, cerr);
-            }
-            return MOE_EUNSUPPORTED;
+            if (no_device) return moe_seterr(err, errsz, MOE_EUNSUPPORTED, "CUDA backend: no CUDA device found");
+            return moe_seterr(err, errsz, MOE_EUNSUPPORTED, "CUDA backend: CUDA cannot use the GPU: %s (CUDA error %d)",
+                              why, cerr);
         }
         if (name) *name = "cuda";
         return checked(be, "CUDA", moe_cuda_backend_init(be, NULL), err, errsz);
     }
 #else
     if (!strcmp(d, "cuda")) {
-        if (err && errsz) snprintf(err, errsz, "CUDA backend not available in this build (built without CUDA; build with make CUDA=1)");
-        return MOE_EUNSUPPORTED;
+        return moe_seterr(err, errsz, MOE_EUNSUPPORTED, "CUDA backend not available in this build (built without CUDA; build with make CUDA=1)");
     }
 #endif
     if (name) *name = "cpu";

@@ -23,9 +23,10 @@
  * positions actually computed: prefix-cache hits are not, recomputation
  * after preemption is.
  *
- * Defaults: ctx_size is the model's context_length capped at 8192 and at
- * what the KV cache holds (a sequence must always fit alone, or
- * preemption could not guarantee progress); kv_blocks comes from kv_mem_mb
+ * Defaults: ctx_size is the model's context_length capped at
+ * MOE_DEFAULT_CTX_CAP and at what the KV cache holds (a sequence must
+ * always fit alone, or preemption could not guarantee progress);
+ * kv_blocks comes from kv_mem_mb
  * at (k_width + v_width) * n_layer * 4 bytes per position.
  */
 #include "engine.h"
@@ -260,17 +261,17 @@ static int load(moe_engine *e) {
     }
     moe_fwd_set_layer_cb(e->fw, layer_tick, e);
     int64_t n_vocab = moe_fwd_n_vocab(e->fw);
-    int64_t bs = e->o.block_size > 0 ? e->o.block_size : 16;
+    int64_t bs = e->o.block_size > 0 ? e->o.block_size : MOE_DEFAULT_BLOCK_SIZE;
     int64_t ctx = e->o.ctx_size;
     if (ctx <= 0) {
         ctx = moe_fwd_ctx_len(e->fw);
-        if (ctx <= 0 || ctx > 8192) ctx = 8192;
+        if (ctx <= 0 || ctx > MOE_DEFAULT_CTX_CAP) ctx = MOE_DEFAULT_CTX_CAP;
     }
     moe_kv_opts ko;
     moe_fwd_kv_opts(e->fw, bs, 1, &ko);
     int64_t n_blocks = e->o.kv_blocks;
     if (n_blocks <= 0) {
-        int64_t mb = e->o.kv_mem_mb > 0 ? e->o.kv_mem_mb : 1024;
+        int64_t mb = e->o.kv_mem_mb > 0 ? e->o.kv_mem_mb : MOE_DEFAULT_KV_MEM_MB;
         double slot = (double)(ko.k_width + ko.v_width) * (double)ko.n_layer * 4.0;
         double nb = (double)mb * 1048576.0 / (slot * (double)bs);
         n_blocks = nb > (double)INT32_MAX ? INT32_MAX : (int64_t)nb;
@@ -286,8 +287,8 @@ static int load(moe_engine *e) {
                   moe_strerror(st));
         return st;
     }
-    int64_t max_seqs = e->o.max_seqs > 0 ? e->o.max_seqs : 32;
-    int64_t step = e->o.step_tokens > 0 ? e->o.step_tokens : 512;
+    int64_t max_seqs = e->o.max_seqs > 0 ? e->o.max_seqs : MOE_DEFAULT_MAX_SEQS;
+    int64_t step = e->o.step_tokens > 0 ? e->o.step_tokens : MOE_DEFAULT_STEP_TOKENS;
     if (step < max_seqs) step = max_seqs; /* every running decode fits one step */
     e->sched = moe_sched_new(e->kv, &(moe_sched_opts){.max_seqs = max_seqs, .step_tokens = step, .prefix_cache = true});
     /* sampling threads: the backend's count, capped (scratch per thread) */
@@ -554,11 +555,7 @@ static void choice_token(moe_engine *e, eng_choice *c, moe_sched_seq *q, int32_t
 
 /* ---- submit / cancel / state ---- */
 
-#define BAD(code, ...)                                                                                                \
-    do {                                                                                                             \
-        if (err && errsz) snprintf(err, errsz, __VA_ARGS__);                                                         \
-        return (code);                                                                                               \
-    } while (0)
+#define BAD(code, ...) return moe_seterr(err, errsz, (code), __VA_ARGS__)
 
 static int validate(const moe_engine *e, const moe_request *q, char *err, size_t errsz) {
     const moe_engine_info *in = &e->info;
@@ -678,7 +675,7 @@ int moe_engine_submit(moe_engine *e, const moe_request *req, uint64_t *id, char 
     if (rc) return rc;
     eng_req *r = req_new(e, req);
     if (!r) BAD(MOE_ENOMEM, "out of memory for the request");
-    int64_t limit = e->o.queue_limit > 0 ? e->o.queue_limit : 256;
+    int64_t limit = e->o.queue_limit > 0 ? e->o.queue_limit : MOE_DEFAULT_QUEUE_LIMIT;
     pthread_mutex_lock(&e->mu);
     if (atomic_load(&e->state) != MOE_ENGINE_READY || e->quit) {
         pthread_mutex_unlock(&e->mu);
@@ -954,18 +951,18 @@ moe_engine *moe_engine_start(const moe_engine_opts *opts, int *status, char *err
     int st = MOE_EINVAL;
     if (err && errsz) err[0] = 0;
     if (!opts || !opts->model_path || !*opts->model_path) {
-        if (err && errsz) snprintf(err, errsz, "model_path: required");
+        moe_seterr(err, errsz, st, "model_path: required");
         goto fail0;
     }
     const char *d = opts->device;
     if (d && strcmp(d, "cpu") && strcmp(d, "cuda") && strcmp(d, "auto")) {
-        if (err && errsz) snprintf(err, errsz, "device: '%s' is not cpu, cuda or auto", d);
+        moe_seterr(err, errsz, st, "device: '%s' is not cpu, cuda or auto", d);
         goto fail0;
     }
     if (opts->ctx_size < 0 || opts->max_seqs < 0 || opts->kv_blocks < 0 || opts->kv_mem_mb < 0 ||
         opts->block_size < 0 || opts->step_tokens < 0 || opts->queue_limit < 0 || opts->max_seqs > 65536 ||
         opts->block_size > 65536 || opts->step_tokens > (1 << 24) || opts->kv_blocks > INT32_MAX) {
-        if (err && errsz) snprintf(err, errsz, "engine options: a size is negative or too large");
+        moe_seterr(err, errsz, st, "engine options: a size is negative or too large");
         goto fail0;
     }
     moe_energy_opts eo = {.source = opts->energy_source, .idle_watts = opts->energy_idle_watts,
@@ -995,7 +992,7 @@ moe_engine *moe_engine_start(const moe_engine_opts *opts, int *status, char *err
     atomic_init(&e->state, MOE_ENGINE_LOADING);
     e->st.heartbeat_ns = moe_now_ns();
     if (pthread_create(&e->th, NULL, engine_main, e)) {
-        if (err && errsz) snprintf(err, errsz, "cannot start the engine thread");
+        moe_seterr(err, errsz, st, "cannot start the engine thread");
         pthread_mutex_destroy(&e->mu);
         pthread_cond_destroy(&e->cv);
         pthread_cond_destroy(&e->cv_state);

@@ -57,17 +57,28 @@ typedef enum moe_engine_state {
     MOE_ENGINE_STOPPED = 4  /* the engine thread has exited */
 } moe_engine_state;
 
+/* What a 0 in moe_engine_opts means: the one definition of these numbers.
+ * `moed serve --help` prints them (server/config.c stringifies them, so
+ * they stay plain literals) and tests/py/test_docs.py checks that
+ * docs/configuration.md, docs/moed.1 and config/moed.conf quote them. */
+#define MOE_DEFAULT_CTX_CAP 8192     /* ctx_size: the model's context_length, at most this */
+#define MOE_DEFAULT_MAX_SEQS 32      /* max_seqs */
+#define MOE_DEFAULT_KV_MEM_MB 1024   /* kv_mem_mb */
+#define MOE_DEFAULT_BLOCK_SIZE 16    /* block_size */
+#define MOE_DEFAULT_STEP_TOKENS 512  /* step_tokens */
+#define MOE_DEFAULT_QUEUE_LIMIT 256  /* queue_limit */
+
 typedef struct moe_engine_opts {
     const char *model_path; /* GGUF file; required */
     const char *device;     /* "cpu", "cuda" or "auto"/NULL (cuda when a GPU is usable, else cpu) */
     int n_threads;          /* CPU worker threads; <= 0: one per online CPU */
-    int64_t ctx_size;       /* max positions per sequence (prompt + output); 0: the model's context_length, capped at 8192 */
-    int64_t max_seqs;       /* max running sequences (choices) per step; 0: 32 */
+    int64_t ctx_size;       /* max positions per sequence (prompt + output); 0: see MOE_DEFAULT_CTX_CAP */
+    int64_t max_seqs;       /* max running sequences (choices) per step; 0: MOE_DEFAULT_MAX_SEQS */
     int64_t kv_blocks;      /* KV cache blocks; 0: as many as kv_mem_mb holds */
-    int64_t kv_mem_mb;      /* KV cache size in MiB when kv_blocks is 0; 0: 1024 */
-    int64_t block_size;     /* positions per KV block; 0: 16 */
-    int64_t step_tokens;    /* token budget per step (prefill chunking); 0: 512 */
-    int64_t queue_limit;    /* max waiting requests; submit beyond it fails with MOE_EFULL; 0: 256 */
+    int64_t kv_mem_mb;      /* KV cache size in MiB when kv_blocks is 0; 0: MOE_DEFAULT_KV_MEM_MB */
+    int64_t block_size;     /* positions per KV block; 0: MOE_DEFAULT_BLOCK_SIZE */
+    int64_t step_tokens;    /* token budget per step (prefill chunking); 0: MOE_DEFAULT_STEP_TOKENS */
+    int64_t queue_limit;    /* max waiting requests; submit beyond it fails with MOE_EFULL; 0: MOE_DEFAULT_QUEUE_LIMIT */
     int chat_family;        /* force a moe_chat_family; < 0: recognise from the GGUF */
     /* Energy accounting (energy.h): the source ("auto"/NULL, "nvml",
      * "rapl", "estimate", "off") and the estimate's watts. A named source

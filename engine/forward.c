@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "array.h"
 #include "opstats.h"
 #include "qblocks.h"
 #include "quant.h"
@@ -94,22 +95,8 @@ typedef struct fwd_step {
     int64_t n; /* tokens */
 } fwd_step;
 
-static void seterr(char *err, size_t errsz, const char *fmt, ...) {
-    if (!err || !errsz) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errsz, fmt, ap);
-    va_end(ap);
-}
-
 static int remember(moe_fwd *fw, const void *p) {
-    if (fw->n_bound == fw->cap_bound) {
-        int64_t cap = fw->cap_bound ? fw->cap_bound * 2 : 64;
-        const void **nb = realloc(fw->bound, (size_t)cap * sizeof(*nb));
-        if (!nb) return MOE_ENOMEM;
-        fw->bound = nb;
-        fw->cap_bound = cap;
-    }
+    MOE_TRY(moe_array_grow((void **)&fw->bound, &fw->cap_bound, fw->n_bound + 1, 64, sizeof(*fw->bound)));
     fw->bound[fw->n_bound++] = p;
     return MOE_OK;
 }
@@ -130,16 +117,14 @@ static int bind_view(moe_fwd *fw, const moe_tensor_view *v, moe_weight *w, char 
     memset(w, 0, sizeof(*w));
     if (!v->data) return MOE_OK;
     if (v->n_dims > 1 && !fw->be.ops->supports_type(fw->be.ctx, v->type)) {
-        seterr(err, errsz, "tensor '%s': the %s backend cannot compute with type %s", v->name, fw->be.ops->name,
-               moe_type_name(v->type));
-        return MOE_EUNSUPPORTED;
+        return moe_seterr(err, errsz, MOE_EUNSUPPORTED, "tensor '%s': the %s backend cannot compute with type %s", v->name, fw->be.ops->name,
+                          moe_type_name(v->type));
     }
     const void *p = NULL;
     int rc = fw->be.ops->bind_weight(fw->be.ctx, v->data, (size_t)v->nbytes, &p);
     if (!rc && (rc = remember(fw, p))) fw->be.ops->unbind_weight(fw->be.ctx, p);
     if (rc) {
-        seterr(err, errsz, "tensor '%s': binding on the %s backend: %s", v->name, fw->be.ops->name, moe_strerror(rc));
-        return rc;
+        return moe_seterr(err, errsz, rc, "tensor '%s': binding on the %s backend: %s", v->name, fw->be.ops->name, moe_strerror(rc));
     }
     *w = (moe_weight){.type = v->type, .data = p, .n_in = v->ne[0], .n_out = v->ne[1], .n_mat = v->ne[2]};
     return MOE_OK;
@@ -254,8 +239,7 @@ static int bind_layer(moe_fwd *fw, const moe_layer_weights *lw, fwd_layer *L, ch
     if (lw->kv_b.data) { /* the original DeepSeek layout: read at load only, never bound */
         int rc = derive_kv_b(fw, L, &lw->kv_b);
         if (rc) {
-            seterr(err, errsz, "tensor '%s': deriving k_b/v_b: %s", lw->kv_b.name, moe_strerror(rc));
-            return rc;
+            return moe_seterr(err, errsz, rc, "tensor '%s': deriving k_b/v_b: %s", lw->kv_b.name, moe_strerror(rc));
         }
         fw->weight_bytes += wbytes(&L->k_b) + wbytes(&L->v_b);
     }
@@ -268,7 +252,7 @@ moe_fwd *moe_fwd_create(const moe_model *m, const moe_backend *be, int *status, 
     int st = MOE_EINVAL;
     moe_fwd *fw = NULL;
     if (!m || !be) {
-        seterr(err, errsz, "no model or backend");
+        moe_seterr(err, errsz, st, "no model or backend");
         goto fail;
     }
     if ((st = moe_backend_check(be, err, errsz))) goto fail;
@@ -354,12 +338,6 @@ int moe_fwd_kv_opts(const moe_fwd *fw, int64_t block_size, int64_t n_blocks, moe
     return MOE_OK;
 }
 
-#define CK(expr)                                                                                                     \
-    do {                                                                                                             \
-        int rc_ = (expr);                                                                                            \
-        if (rc_) return rc_;                                                                                         \
-    } while (0)
-
 static moe_rope_params rope_params(const moe_fwd *fw) {
     return (moe_rope_params){.style = fw->hp->rope_neox ? MOE_ROPE_NEOX : MOE_ROPE_NORM, .n_rot = fw->hp->n_rot,
                              .inv_freq = fw->inv_freq, .attn_factor = fw->hp->rope_attn_factor};
@@ -374,16 +352,16 @@ static int attn_gqa(moe_fwd *fw, const fwd_step *S, const fwd_layer *L, int64_t 
     const fwd_bufs *B = &fw->B;
     int64_t n = S->n, H = hp->n_head, Hkv = hp->n_head_kv, dk = hp->n_embd_head_k, dv = hp->n_embd_head_v;
     moe_rope_params rp = rope_params(fw);
-    CK(op->matmul(c, &L->wq, B->h, n, has(&L->bq) ? L->bq.data : NULL, B->q));
-    CK(op->matmul(c, &L->wk, B->h, n, has(&L->bk) ? L->bk.data : NULL, B->k));
-    CK(op->matmul(c, &L->wv, B->h, n, has(&L->bv) ? L->bv.data : NULL, B->v));
-    if (has(&L->q_norm)) CK(op->rms_norm(c, B->q, dk, B->q, dk, n * H, dk, L->q_norm.data, hp->rms_eps));
-    if (has(&L->k_norm)) CK(op->rms_norm(c, B->k, dk, B->k, dk, n * Hkv, dk, L->k_norm.data, hp->rms_eps));
-    CK(op->rope(c, B->q, n, H * dk, H, dk, S->pos, &rp));
-    CK(op->rope(c, B->k, n, Hkv * dk, Hkv, dk, S->pos, &rp));
+    MOE_TRY(op->matmul(c, &L->wq, B->h, n, has(&L->bq) ? L->bq.data : NULL, B->q));
+    MOE_TRY(op->matmul(c, &L->wk, B->h, n, has(&L->bk) ? L->bk.data : NULL, B->k));
+    MOE_TRY(op->matmul(c, &L->wv, B->h, n, has(&L->bv) ? L->bv.data : NULL, B->v));
+    if (has(&L->q_norm)) MOE_TRY(op->rms_norm(c, B->q, dk, B->q, dk, n * H, dk, L->q_norm.data, hp->rms_eps));
+    if (has(&L->k_norm)) MOE_TRY(op->rms_norm(c, B->k, dk, B->k, dk, n * Hkv, dk, L->k_norm.data, hp->rms_eps));
+    MOE_TRY(op->rope(c, B->q, n, H * dk, H, dk, S->pos, &rp));
+    MOE_TRY(op->rope(c, B->k, n, Hkv * dk, Hkv, dk, S->pos, &rp));
     float *kc = moe_kv_k(S->cache, il), *vc = moe_kv_v(S->cache, il);
-    CK(op->kv_store(c, S->kv, kc, vc, Hkv * dk, Hkv * dv, B->k, B->v));
-    CK(op->attention(c, S->kv, B->q, kc, vc, H, Hkv, dk, hp->attn_scale, B->att));
+    MOE_TRY(op->kv_store(c, S->kv, kc, vc, Hkv * dk, Hkv * dv, B->k, B->v));
+    MOE_TRY(op->attention(c, S->kv, B->q, kc, vc, H, Hkv, dk, hp->attn_scale, B->att));
     return op->matmul(c, &L->wo, B->att, n, NULL, B->o);
 }
 
@@ -398,30 +376,30 @@ static int attn_mla(moe_fwd *fw, const fwd_step *S, const fwd_layer *L, int64_t 
     int64_t kw = r + hp->n_rot;
     moe_rope_params rp = rope_params(fw);
     if (has(&L->wq)) {
-        CK(op->matmul(c, &L->wq, B->h, n, NULL, B->q));
+        MOE_TRY(op->matmul(c, &L->wq, B->h, n, NULL, B->q));
     } else {
         int64_t ql = L->q_a.n_out;
-        CK(op->matmul(c, &L->q_a, B->h, n, NULL, B->ga));
-        CK(op->rms_norm(c, B->ga, ql, B->ga, ql, n, ql, L->q_a_norm.data, hp->rms_eps));
-        CK(op->matmul(c, &L->q_b, B->ga, n, NULL, B->q));
+        MOE_TRY(op->matmul(c, &L->q_a, B->h, n, NULL, B->ga));
+        MOE_TRY(op->rms_norm(c, B->ga, ql, B->ga, ql, n, ql, L->q_a_norm.data, hp->rms_eps));
+        MOE_TRY(op->matmul(c, &L->q_b, B->ga, n, NULL, B->q));
     }
-    CK(op->matmul(c, &L->kv_a, B->h, n, NULL, B->k));
+    MOE_TRY(op->matmul(c, &L->kv_a, B->h, n, NULL, B->k));
     /* norm the latent only; k_pe (the last n_rot) is roped, not normed */
-    CK(op->rms_norm(c, B->k, kw, B->k, kw, n, r, L->kv_a_norm.data, hp->rms_eps));
-    CK(op->rope(c, B->k + r, n, kw, 1, kw, S->pos, &rp));
-    CK(op->rope(c, B->q + nope, n, H * dk, H, dk, S->pos, &rp));
+    MOE_TRY(op->rms_norm(c, B->k, kw, B->k, kw, n, r, L->kv_a_norm.data, hp->rms_eps));
+    MOE_TRY(op->rope(c, B->k + r, n, kw, 1, kw, S->pos, &rp));
+    MOE_TRY(op->rope(c, B->q + nope, n, H * dk, H, dk, S->pos, &rp));
     float *cache = moe_kv_k(S->cache, il);
-    CK(op->kv_store(c, S->kv, cache, NULL, kw, 0, B->k, NULL));
-    CK(op->mla_attention(c, S->kv, B->q, cache, r, hp->n_rot, nope, &L->k_b, &L->v_b, hp->attn_scale, B->att));
+    MOE_TRY(op->kv_store(c, S->kv, cache, NULL, kw, 0, B->k, NULL));
+    MOE_TRY(op->mla_attention(c, S->kv, B->q, cache, r, hp->n_rot, nope, &L->k_b, &L->v_b, hp->attn_scale, B->att));
     return op->matmul(c, &L->wo, B->att, n, NULL, B->o);
 }
 
 /* y = down(silu(gate x) * up x); ga and ub hold (n, gate->n_out). */
 static int ffn(const fwd_step *S, const moe_weight *gate, const moe_weight *up, const moe_weight *down, const float *x,
                float *ga, float *ub, float *y) {
-    CK(S->op->matmul(S->c, gate, x, S->n, NULL, ga));
-    CK(S->op->matmul(S->c, up, x, S->n, NULL, ub));
-    CK(S->op->swiglu(S->c, ga, ub, ga, S->n * gate->n_out));
+    MOE_TRY(S->op->matmul(S->c, gate, x, S->n, NULL, ga));
+    MOE_TRY(S->op->matmul(S->c, up, x, S->n, NULL, ub));
+    MOE_TRY(S->op->swiglu(S->c, ga, ub, ga, S->n * gate->n_out));
     return S->op->matmul(S->c, down, ga, S->n, NULL, y);
 }
 
@@ -442,14 +420,14 @@ static int ffn_moe(moe_fwd *fw, const fwd_step *S, const fwd_layer *L, int64_t i
                           .n_group = hp->n_expert_group, .n_group_used = hp->n_group_used,
                           .norm = hp->expert_weights_norm, .scale = (float)hp->expert_weights_scale,
                           .bias = has(&L->exp_probs_b) ? L->exp_probs_b.data : NULL};
-    CK(op->matmul(c, &L->gate_inp, B->h, n, NULL, B->ga));
+    MOE_TRY(op->matmul(c, &L->gate_inp, B->h, n, NULL, B->ga));
     int32_t *ids = fw->route_out ? fw->route_out + il * n * hp->n_expert_used : NULL;
-    CK(op->moe(c, B->h, n, B->ga, &r, &L->gate_exps, &L->up_exps, &L->down_exps, B->o, ids, NULL));
+    MOE_TRY(op->moe(c, B->h, n, B->ga, &r, &L->gate_exps, &L->up_exps, &L->down_exps, B->o, ids, NULL));
     if (!has(&L->gate_sh)) return MOE_OK;
-    CK(ffn(S, &L->gate_sh, &L->up_sh, &L->down_sh, B->h, B->ga, B->up, B->sh));
+    MOE_TRY(ffn(S, &L->gate_sh, &L->up_sh, &L->down_sh, B->h, B->ga, B->up, B->sh));
     if (has(&L->gate_inp_sh)) {
-        CK(op->matmul(c, &L->gate_inp_sh, B->h, n, NULL, B->gl));
-        CK(op->sigmoid_scale(c, B->sh, B->gl, n, hp->n_embd));
+        MOE_TRY(op->matmul(c, &L->gate_inp_sh, B->h, n, NULL, B->gl));
+        MOE_TRY(op->sigmoid_scale(c, B->sh, B->gl, n, hp->n_embd));
     }
     return op->add(c, B->o, B->sh, n * hp->n_embd);
 }
@@ -459,21 +437,10 @@ static int output_head(moe_fwd *fw, const fwd_step *S, int64_t n_out, float *log
     const moe_hparams *hp = fw->hp;
     const fwd_bufs *B = &fw->B;
     int64_t E = hp->n_embd;
-    CK(S->op->get_rows(S->c, B->x, E, E, fw->rows, n_out, B->h));
-    CK(S->op->rms_norm(S->c, B->h, E, B->h, E, n_out, E, fw->out_norm.data, hp->rms_eps));
-    CK(S->op->matmul(S->c, &fw->output, B->h, n_out, NULL, fw->lg));
+    MOE_TRY(S->op->get_rows(S->c, B->x, E, E, fw->rows, n_out, B->h));
+    MOE_TRY(S->op->rms_norm(S->c, B->h, E, B->h, E, n_out, E, fw->out_norm.data, hp->rms_eps));
+    MOE_TRY(S->op->matmul(S->c, &fw->output, B->h, n_out, NULL, fw->lg));
     return S->op->download(S->c, logits, fw->lg, (size_t)n_out * hp->n_vocab * sizeof(float));
-}
-
-/* Grows host array *p to n elements of `size` (only when a step is larger
- * than any before). */
-static int grow_host(void **p, int64_t *cap, int64_t n, size_t size) {
-    if (n <= *cap) return MOE_OK;
-    void *np = realloc(*p, (size_t)n * size);
-    if (!np) return MOE_ENOMEM;
-    *p = np;
-    *cap = n;
-    return MOE_OK;
 }
 
 /* Makes the scratch hold a step of n tokens, n_out logits rows and n_bt
@@ -483,8 +450,8 @@ static int reserve(moe_fwd *fw, int64_t n, int64_t n_out, int64_t n_bt, int64_t 
     const struct moe_backend_ops *op = fw->be.ops;
     void *c = fw->be.ctx;
     size_t fs = sizeof(float);
-    CK(grow_host((void **)&fw->bt, &fw->bt_cap, n_bt ? n_bt : 1, sizeof(int32_t)));
-    CK(grow_host((void **)&fw->boff, &fw->boff_cap, n_seq + 1, sizeof(int64_t)));
+    MOE_TRY(moe_array_fit((void **)&fw->bt, &fw->bt_cap, n_bt ? n_bt : 1, sizeof(int32_t)));
+    MOE_TRY(moe_array_fit((void **)&fw->boff, &fw->boff_cap, n_seq + 1, sizeof(int64_t)));
     if (n > fw->cap) {
         free_bufs(fw);
         int64_t E = hp->n_embd, H = hp->n_head, Hkv = hp->n_head_kv;
@@ -543,7 +510,7 @@ static int prepare_step(moe_fwd *fw, const moe_kv_cache *kvc, const moe_batch *b
     *n_out = 0;
     for (int64_t t = 0; t < n; t++) *n_out += !b->want_logits || b->want_logits[t];
     for (int64_t s = 0; s < b->n_seq; s++) n_bt += b->seqs[s].n_blocks;
-    CK(reserve(fw, n, *n_out, n_bt, b->n_seq));
+    MOE_TRY(reserve(fw, n, *n_out, n_bt, b->n_seq));
     for (int64_t t = 0, i = 0; t < n; t++)
         if (!b->want_logits || b->want_logits[t]) fw->rows[i++] = (int32_t)t;
     fw->boff[0] = 0;
@@ -559,11 +526,11 @@ static int prepare_step(moe_fwd *fw, const moe_kv_cache *kvc, const moe_batch *b
 
 int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logits) {
     if (!logits) return MOE_EINVAL;
-    CK(check_batch(fw, kvc, b));
+    MOE_TRY(check_batch(fw, kvc, b));
     const moe_hparams *hp = fw->hp;
     int64_t n = b->n_tok, E = hp->n_embd, n_out;
     moe_kv_view kv;
-    CK(prepare_step(fw, kvc, b, &kv, &n_out));
+    MOE_TRY(prepare_step(fw, kvc, b, &kv, &n_out));
     /* profiling and traffic counting: the same ops through the wrapper */
     bool wrap = fw->prof || fw->count_traffic;
     const moe_backend *be = wrap ? &fw->sbe : &fw->be;
@@ -571,19 +538,19 @@ int moe_fwd_run(moe_fwd *fw, moe_kv_cache *kvc, const moe_batch *b, float *logit
     fwd_step S = {.op = be->ops, .c = be->ctx, .cache = kvc, .kv = &kv, .pos = b->pos, .n = n};
     const fwd_bufs *B = &fw->B;
 
-    CK(S.op->embed(S.c, &fw->tok_embd, b->ids, n, B->x));
+    MOE_TRY(S.op->embed(S.c, &fw->tok_embd, b->ids, n, B->x));
     for (int64_t il = 0; il < hp->n_layer; il++) {
         const fwd_layer *L = &fw->layers[il];
-        CK(S.op->rms_norm(S.c, B->x, E, B->h, E, n, E, L->attn_norm.data, hp->rms_eps));
-        CK(hp->is_mla ? attn_mla(fw, &S, L, il) : attn_gqa(fw, &S, L, il));
-        CK(S.op->add(S.c, B->x, B->o, n * E));
-        CK(S.op->rms_norm(S.c, B->x, E, B->h, E, n, E, L->ffn_norm.data, hp->rms_eps));
-        CK(L->is_moe ? ffn_moe(fw, &S, L, il) : ffn_dense(fw, &S, L));
-        CK(S.op->add(S.c, B->x, B->o, n * E));
-        if (fw->hidden_out) CK(S.op->download(S.c, fw->hidden_out + il * n * E, B->x, (size_t)(n * E) * sizeof(float)));
+        MOE_TRY(S.op->rms_norm(S.c, B->x, E, B->h, E, n, E, L->attn_norm.data, hp->rms_eps));
+        MOE_TRY(hp->is_mla ? attn_mla(fw, &S, L, il) : attn_gqa(fw, &S, L, il));
+        MOE_TRY(S.op->add(S.c, B->x, B->o, n * E));
+        MOE_TRY(S.op->rms_norm(S.c, B->x, E, B->h, E, n, E, L->ffn_norm.data, hp->rms_eps));
+        MOE_TRY(L->is_moe ? ffn_moe(fw, &S, L, il) : ffn_dense(fw, &S, L));
+        MOE_TRY(S.op->add(S.c, B->x, B->o, n * E));
+        if (fw->hidden_out) MOE_TRY(S.op->download(S.c, fw->hidden_out + il * n * E, B->x, (size_t)(n * E) * sizeof(float)));
         if (fw->layer_cb) fw->layer_cb(fw->layer_arg);
     }
-    if (n_out) CK(output_head(fw, &S, n_out, logits));
-    if (fw->count_traffic) CK(moe_opstats_traffic(fw->st, &fw->last));
+    if (n_out) MOE_TRY(output_head(fw, &S, n_out, logits));
+    if (fw->count_traffic) MOE_TRY(moe_opstats_traffic(fw->st, &fw->last));
     return MOE_OK;
 }

@@ -5,10 +5,11 @@
  * the bytes that remain before anything is allocated for it, so the
  * memory used is bounded by a small multiple of the file size whatever the
  * header claims, and all size arithmetic is overflow-checked. Only
- * status.c and types.c are needed besides this file (the fuzz target
- * links exactly those three).
+ * status.c, types.c and hash.c are needed besides this file (the fuzz
+ * target links exactly those four).
  */
 #include "gguf.h"
+#include "hash.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -21,9 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/random.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -72,35 +71,6 @@ static bool vtype_is_int(int t) {
     return t == MOE_GGUF_INT8 || t == MOE_GGUF_INT16 || t == MOE_GGUF_INT32 || t == MOE_GGUF_INT64;
 }
 static bool vtype_is_float(int t) { return t == MOE_GGUF_FLOAT32 || t == MOE_GGUF_FLOAT64; }
-
-/* FNV-1a from a per-index random basis, then the splitmix64 finalizer.
- * Unseeded, the slot (the low bits) of FNV-1a depends only on the low
- * bits of the input, so a hostile file could pack thousands of keys that
- * land in one probe run and make loading quadratic (20k such keys took
- * 1.3 s, 200k would take minutes). With an unknown seed mixed into every
- * bit, such keys cannot be precomputed. */
-static uint64_t name_hash(const char *s, size_t n, uint64_t seed) {
-    uint64_t h = 0xcbf29ce484222325ull ^ seed;
-    for (size_t i = 0; i < n; i++) {
-        h ^= (uint8_t)s[i];
-        h *= 0x100000001b3ull;
-    }
-    h ^= h >> 30;
-    h *= 0xbf58476d1ce4e5b9ull;
-    h ^= h >> 27;
-    h *= 0x94d049bb133111ebull;
-    h ^= h >> 31;
-    return h;
-}
-
-static uint64_t hash_seed(void) {
-    uint64_t s;
-    if (getrandom(&s, sizeof(s), GRND_NONBLOCK) == (ssize_t)sizeof(s))
-        return s;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ((uint64_t)ts.tv_sec << 32 ^ (uint64_t)ts.tv_nsec) * 0x9e3779b97f4a7c15ull ^ (uint64_t)(uintptr_t)&s;
-}
 
 static bool is_pow2(uint64_t x) { return x != 0 && (x & (x - 1)) == 0; }
 
@@ -168,11 +138,12 @@ static void arena_free(arena *a) {
     a->head = NULL;
 }
 
-/* Open-addressing hash of names to index+1 (0 = empty slot). */
+/* Open-addressing hash of names to index+1 (0 = empty slot). The names
+ * come from the file, so the hash is the keyed one (hash.h): a file
+ * packed with names that share a probe run cannot make loading quadratic. */
 typedef struct {
     uint64_t *slots;
     uint64_t mask;
-    uint64_t seed;
 } name_index;
 
 static int index_init(name_index *ix, uint64_t n) {
@@ -181,14 +152,13 @@ static int index_init(name_index *ix, uint64_t n) {
         cap <<= 1;
     ix->slots = calloc(cap, sizeof(uint64_t));
     ix->mask = cap - 1;
-    ix->seed = hash_seed();
     return ix->slots ? MOE_OK : MOE_ENOMEM;
 }
 
 /* Returns the slot holding `name` (found) or the empty slot to fill. */
 static uint64_t *index_slot(const name_index *ix, const char *name, size_t len, const char *(*name_of)(const void *, uint64_t),
                             const void *ctx) {
-    uint64_t h = name_hash(name, len, ix->seed) & ix->mask;
+    uint64_t h = moe_hash_bytes(name, len) & ix->mask;
     for (;;) {
         uint64_t *s = &ix->slots[h];
         if (*s == 0)
@@ -653,9 +623,7 @@ static moe_gguf *open_buf(const uint8_t *buf, size_t size, bool mapped, int *sta
     if (!g) {
         if (mapped && size)
             munmap((void *)buf, size);
-        *status = MOE_ENOMEM;
-        if (err && errsz)
-            snprintf(err, errsz, "out of memory");
+        *status = moe_seterr(err, errsz, MOE_ENOMEM, "out of memory");
         return NULL;
     }
     g->base = buf;
@@ -681,10 +649,9 @@ static moe_gguf *open_buf(const uint8_t *buf, size_t size, bool mapped, int *sta
 
 moe_gguf *moe_gguf_open_memory(const void *buf, size_t size, int *status, char *err, size_t errsz) {
     if (!buf && size) {
+        int st = moe_seterr(err, errsz, MOE_EINVAL, "NULL buffer");
         if (status)
-            *status = MOE_EINVAL;
-        if (err && errsz)
-            snprintf(err, errsz, "NULL buffer");
+            *status = st;
         return NULL;
     }
     return open_buf(buf, size, false, status, err, errsz);
@@ -744,9 +711,7 @@ moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz) 
     if (!status)
         status = &st_dummy;
     if (!path) {
-        *status = MOE_EINVAL;
-        if (err && errsz)
-            snprintf(err, errsz, "NULL path");
+        *status = moe_seterr(err, errsz, MOE_EINVAL, "NULL path");
         return NULL;
     }
     /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
@@ -754,9 +719,7 @@ moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz) 
      * it changes nothing for the regular file we accept. */
     int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
-        *status = MOE_EIO;
-        if (err && errsz)
-            snprintf(err, errsz, "cannot open '%s': %s", path, strerror(errno));
+        *status = moe_seterr(err, errsz, MOE_EIO, "cannot open '%s': %s", path, strerror(errno));
         return NULL;
     }
     struct stat st;
@@ -772,9 +735,7 @@ moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz) 
                                      : "not a regular file";
     if (why) {
         close(fd);
-        *status = MOE_EIO;
-        if (err && errsz)
-            snprintf(err, errsz, "'%s': %s", path, why);
+        *status = moe_seterr(err, errsz, MOE_EIO, "'%s': %s", path, why);
         return NULL;
     }
     size_t size = (size_t)st.st_size;
@@ -784,9 +745,8 @@ moe_gguf *moe_gguf_open(const char *path, int *status, char *err, size_t errsz) 
         if (buf == MAP_FAILED) {
             int e = errno;
             close(fd);
-            *status = e == ENOMEM ? MOE_ENOMEM : MOE_EIO;
-            if (err && errsz)
-                snprintf(err, errsz, "cannot map '%s' (%zu bytes): %s", path, size, strerror(e));
+            *status = moe_seterr(err, errsz, e == ENOMEM ? MOE_ENOMEM : MOE_EIO, "cannot map '%s' (%zu bytes): %s",
+                                 path, size, strerror(e));
             return NULL;
         }
     }

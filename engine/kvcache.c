@@ -5,6 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "array.h"
+#include "hash.h"
+
 struct moe_kv_cache {
     moe_backend be;
     moe_kv_opts o;
@@ -196,14 +199,7 @@ int moe_kv_seq_reserve(moe_kv_cache *kv, moe_kv_seq *s, int64_t n_pos) {
     int64_t need = (n_pos + kv->o.block_size - 1) / kv->o.block_size;
     if (need <= s->n_blocks) return MOE_OK;
     if (need - s->n_blocks > kv->n_free) return MOE_EFULL;
-    if (need > s->cap) {
-        int64_t cap = s->cap ? s->cap : 4;
-        while (cap < need) cap *= 2;
-        int32_t *nb = realloc(s->blocks, (size_t)cap * sizeof(int32_t));
-        if (!nb) return MOE_ENOMEM;
-        s->blocks = nb;
-        s->cap = cap;
-    }
+    MOE_TRY(moe_array_grow((void **)&s->blocks, &s->cap, need, 4, sizeof *s->blocks));
     int rc = moe_kv_alloc(kv, need - s->n_blocks, s->blocks + s->n_blocks);
     if (rc) return rc;
     s->n_blocks = need;
@@ -212,14 +208,7 @@ int moe_kv_seq_reserve(moe_kv_cache *kv, moe_kv_seq *s, int64_t n_pos) {
 
 int moe_kv_seq_share(moe_kv_cache *kv, moe_kv_seq *dst, const moe_kv_seq *src, int64_t n_blocks) {
     if (!kv || !dst || !src || dst->n_blocks || n_blocks < 0 || n_blocks > src->n_blocks) return MOE_EINVAL;
-    if (n_blocks > dst->cap) {
-        int64_t cap = dst->cap ? dst->cap : 4;
-        while (cap < n_blocks) cap *= 2;
-        int32_t *nb = realloc(dst->blocks, (size_t)cap * sizeof(int32_t));
-        if (!nb) return MOE_ENOMEM;
-        dst->blocks = nb;
-        dst->cap = cap;
-    }
+    MOE_TRY(moe_array_grow((void **)&dst->blocks, &dst->cap, n_blocks, 4, sizeof *dst->blocks));
     int rc = moe_kv_ref(kv, src->blocks, n_blocks);
     if (rc) return rc;
     if (n_blocks) memcpy(dst->blocks, src->blocks, (size_t)n_blocks * sizeof(int32_t));
@@ -267,17 +256,13 @@ int moe_kv_prefix_enable(moe_kv_cache *kv) {
     return MOE_OK;
 }
 
+/* The tokens are a client's prompt: the keyed hash (hash.h) keeps a client
+ * from sending prompts whose blocks all share one bucket chain. The parent
+ * goes into the key, which chains the blocks without copying them. */
 uint64_t moe_kv_block_hash(uint64_t parent, const int32_t *toks, int64_t n) {
-    uint64_t h = parent ^ 0x6a09e667f3bcc909ull;
-    for (int64_t i = 0; i < n; i++) {
-        h ^= (uint32_t)toks[i];
-        h *= 0x100000001b3ull; /* FNV-1a over 32-bit units */
-    }
-    h ^= h >> 31; /* splitmix64's finaliser spreads the low bits */
-    h *= 0xbf58476d1ce4e5b9ull;
-    h ^= h >> 27;
-    h *= 0x94d049bb133111ebull;
-    return h ^ (h >> 31);
+    moe_hash_key k = *moe_hash_process_key();
+    k.k0 ^= parent;
+    return moe_hash_keyed(toks, (size_t)n * sizeof *toks, &k);
 }
 
 static bool same_block(const moe_kv_cache *kv, int32_t b, uint64_t parent, uint64_t hash, const int32_t *toks) {

@@ -77,7 +77,8 @@ int32_t moe_kv_refcount(const moe_kv_cache *kv, int32_t block);
 /* Enables the prefix cache. Returns MOE_OK or MOE_ENOMEM. */
 int moe_kv_prefix_enable(moe_kv_cache *kv);
 /* Hash of a block of n token ids following the chain hash `parent` (0 for
- * the first block). */
+ * the first block). Keyed per process (hash.h): never store or compare it
+ * across runs. */
 uint64_t moe_kv_block_hash(uint64_t parent, const int32_t *toks, int64_t n);
 /* The block holding toks[0..block_size) after `parent` with this hash, with
  * a reference taken for the caller; -1 when none (or the cache is off). */

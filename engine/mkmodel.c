@@ -15,14 +15,7 @@
 #include "hash.h"
 #include "qblocks.h"
 #include "quant.h"
-
-static void seterr(char *err, size_t errsz, const char *fmt, ...) {
-    if (!err || !errsz) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errsz, fmt, ap);
-    va_end(ap);
-}
+#include "rng.h"
 
 /* ---- presets ---- */
 
@@ -57,9 +50,8 @@ const char *moe_mkmodel_gguf_arch(const char *arch) {
 int moe_mkmodel_preset(const char *arch, const char *preset, moe_mkmodel_cfg *cfg, char *err, size_t errsz) {
     int ai = arch_index(arch);
     if (ai < 0) {
-        seterr(err, errsz, "unknown --arch '%s' (deepseek2, qwen2moe, qwen3moe, mixtral, llama, qwen2)",
-               arch ? arch : "");
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "unknown --arch '%s' (deepseek2, qwen2moe, qwen3moe, mixtral, llama, qwen2)",
+                          arch ? arch : "");
     }
     memset(cfg, 0, sizeof *cfg);
     snprintf(cfg->arch, sizeof cfg->arch, "%s", arch);
@@ -105,8 +97,7 @@ int moe_mkmodel_preset(const char *arch, const char *preset, moe_mkmodel_cfg *cf
         }
     } else if (preset && strcmp(preset, "v2-lite") == 0) {
         if (hp->arch != MOE_ARCH_DEEPSEEK2) {
-            seterr(err, errsz, "preset v2-lite is a deepseek2 model (--arch deepseek2)");
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "preset v2-lite is a deepseek2 model (--arch deepseek2)");
         }
         /* DeepSeek-V2-Lite's config.json as llama.cpp converts it */
         hp->n_embd = 2048, hp->n_layer = 27, hp->n_head = 16, hp->n_head_kv = 16;
@@ -117,8 +108,7 @@ int moe_mkmodel_preset(const char *arch, const char *preset, moe_mkmodel_cfg *cf
         hp->rope_scaling = MOE_ROPE_SCALING_YARN, hp->rope_scaling_factor = 40, hp->rope_orig_ctx = 4096;
         hp->rope_yarn_log_mul = 0.1 * 0.707; /* 0.1 * mscale_all_dim */
     } else {
-        seterr(err, errsz, "unknown --preset '%s' (tiny, demo, v2-lite)", preset ? preset : "");
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "unknown --preset '%s' (tiny, demo, v2-lite)", preset ? preset : "");
     }
     if (hp->arch == MOE_ARCH_DEEPSEEK2) hp->n_embd_head_k = hp->n_embd_head_qk_nope + hp->n_rot;
     if (hp->rope_scaling == MOE_ROPE_SCALING_NONE) hp->rope_orig_ctx = hp->n_ctx_train;
@@ -503,8 +493,7 @@ static int build_tensors(const moe_mkmodel_cfg *c, tlist *l) {
 #define A(kind, s, e0, e1, e2)                                                                                     \
     do {                                                                                                           \
         snprintf(n, sizeof n, "blk.%lld.%s", (long long)il, s);                                                   \
-        int rc_ = add(l, kind, n, e0, e1, e2);                                                                     \
-        if (rc_) return rc_;                                                                                       \
+        MOE_TRY(add(l, kind, n, e0, e1, e2));                                                                      \
     } while (0)
     int rc = add(l, K_EMBD, "token_embd.weight", E, hp->n_vocab, 1);
     if (rc) return rc;
@@ -563,13 +552,6 @@ static int build_tensors(const moe_mkmodel_cfg *c, tlist *l) {
     return add(l, K_MAT, "output.weight", E, hp->n_vocab, 1);
 }
 
-static uint64_t splitmix(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 /* Rows [r0, r1) of tensor t, generated and encoded into qbuf (row r at
  * (r - base) * rs). Each row has its own stream seeded from (tensor seed,
  * row), so the bytes do not depend on how rows are split over threads. */
@@ -593,11 +575,10 @@ static void *gen_rows(void *arg) {
         if (t->init == I_ONE) {
             for (int64_t i = 0; i < n0; i++) f[i] = 1.0f;
         } else {
-            uint64_t s = j->tseed ^ ((uint64_t)row * 0xD1B54A32D192ED03ull);
-            uint64_t x = splitmix(&s) | 1; /* xorshift64* state, never 0 */
+            moe_rng rng;
+            moe_rng_seed(&rng, j->tseed ^ ((uint64_t)row * 0xD1B54A32D192ED03ull));
             for (int64_t i = 0; i < n0; i++) {
-                x ^= x >> 12, x ^= x << 25, x ^= x >> 27;
-                uint64_t r = x * 0x2545F4914F6CDD1Dull;
+                uint64_t r = moe_rng_next(&rng);
                 f[i] = (float)(int32_t)((r >> 40) - (1u << 23)) * scale; /* uniform in [-amp, amp) */
             }
         }
@@ -610,10 +591,8 @@ static void *gen_rows(void *arg) {
 
 static int write_tensor(moe_gguf_writer *w, const tdesc *t, uint64_t seed, float *fbuf, char *qbuf,
                         int64_t chunk_elems, int n_threads) {
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (const char *p = t->name; *p; p++) h = (h ^ (unsigned char)*p) * 0x100000001b3ull;
-    uint64_t s = seed ^ h;
-    uint64_t tseed = splitmix(&s);
+    uint64_t s = seed ^ moe_hash_fixed(t->name, strlen(t->name)); /* the same weights in every run */
+    uint64_t tseed = moe_splitmix64(&s);
     int64_t n0 = t->ne[0], rows = t->ne[1] * t->ne[2];
     int64_t per = chunk_elems / n0 > 0 ? chunk_elems / n0 : 1;
     size_t rs = moe_row_size(t->type, n0);
@@ -658,30 +637,25 @@ static int validate(moe_mkmodel_cfg *c, char *err, size_t errsz) {
     moe_hparams *hp = &c->hp;
     int ai = arch_index(c->arch);
     if (ai < 0) {
-        seterr(err, errsz, "unknown arch '%s'", c->arch);
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "unknown arch '%s'", c->arch);
     }
     hp->arch = ARCHS[ai].arch;
     if (c->type != MOE_TYPE_F32 && c->type != MOE_TYPE_F16 && c->type != MOE_TYPE_BF16 &&
         c->type != MOE_TYPE_Q8_0 && c->type != MOE_TYPE_Q4_0) {
-        seterr(err, errsz, "--type %s: use F32, F16, BF16, Q8_0 or Q4_0", moe_type_name(c->type));
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "--type %s: use F32, F16, BF16, Q8_0 or Q4_0", moe_type_name(c->type));
     }
     const int64_t M = (int64_t)1 << 20;
 #define RANGE(v, lo, hi, what)                                                                                     \
-    if ((v) < (lo) || (v) > (hi)) {                                                                                \
-        seterr(err, errsz, "%s = %lld is out of range [%lld, %lld]", what, (long long)(v), (long long)(lo),        \
-               (long long)(hi));                                                                                   \
-        return MOE_EINVAL;                                                                                         \
-    }
+    if ((v) < (lo) || (v) > (hi))                                                                                  \
+    return moe_seterr(err, errsz, MOE_EINVAL, "%s = %lld is out of range [%lld, %lld]", what, (long long)(v),      \
+                      (long long)(lo), (long long)(hi))
     RANGE(hp->n_layer, 1, 1024, "layers");
     RANGE(hp->n_embd, 1, M, "embd");
     RANGE(hp->n_head, 1, 4096, "heads");
     RANGE(hp->n_head_kv, 1, hp->n_head, "heads-kv");
     if (hp->n_head % hp->n_head_kv) {
-        seterr(err, errsz, "heads %lld is not a multiple of heads-kv %lld", (long long)hp->n_head,
-               (long long)hp->n_head_kv);
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "heads %lld is not a multiple of heads-kv %lld", (long long)hp->n_head,
+                          (long long)hp->n_head_kv);
     }
     RANGE(hp->n_ctx_train, 1, (int64_t)1 << 30, "ctx");
     int ns = n_specials(ARCHS[ai].family);
@@ -700,8 +674,7 @@ static int validate(moe_mkmodel_cfg *c, char *err, size_t errsz) {
     }
     RANGE(hp->n_embd_head_v, 1, 4096, "v head dim");
     if (hp->n_rot & 1) {
-        seterr(err, errsz, "rope dimension %lld is odd", (long long)hp->n_rot);
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "rope dimension %lld is odd", (long long)hp->n_rot);
     }
     hp->is_moe = ARCHS[ai].moe;
     if (hp->is_moe) {
@@ -717,13 +690,11 @@ static int validate(moe_mkmodel_cfg *c, char *err, size_t errsz) {
             RANGE(hp->n_expert_group, 1, hp->n_expert, "groups");
             RANGE(hp->n_group_used, 1, hp->n_expert_group, "groups-used");
             if (hp->n_expert % hp->n_expert_group) {
-                seterr(err, errsz, "experts %lld is not a multiple of groups %lld", (long long)hp->n_expert,
-                       (long long)hp->n_expert_group);
-                return MOE_EINVAL;
+                return moe_seterr(err, errsz, MOE_EINVAL, "experts %lld is not a multiple of groups %lld", (long long)hp->n_expert,
+                                  (long long)hp->n_expert_group);
             }
             if (!(hp->expert_weights_scale > 0 && hp->expert_weights_scale < 1e3)) {
-                seterr(err, errsz, "routed-scale %g is out of range", hp->expert_weights_scale);
-                return MOE_EINVAL;
+                return moe_seterr(err, errsz, MOE_EINVAL, "routed-scale %g is out of range", hp->expert_weights_scale);
             }
             hp->n_ff_shexp = hp->n_ff_exp * hp->n_expert_shared;
         } else if (hp->arch == MOE_ARCH_QWEN2MOE) {
@@ -871,12 +842,12 @@ int moe_mkmodel_write(const moe_mkmodel_cfg *cfg_in, const char *path, char *err
         qbuf = malloc((size_t)cap * sizeof(float)); /* any type's row is at most 4 bytes an element */
         if (!fbuf || !qbuf) rc = MOE_ENOMEM;
     }
-    if (!rc && (rc = moe_gguf_writer_begin(w, path)) != MOE_OK) seterr(err, errsz, "cannot create '%s'", path);
+    if (!rc && (rc = moe_gguf_writer_begin(w, path)) != MOE_OK) moe_seterr(err, errsz, rc, "cannot create '%s'", path);
     int nt = cfg.n_threads > 0 ? cfg.n_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
     nt = nt < 1 ? 1 : nt > MAX_GEN_THREADS ? MAX_GEN_THREADS : nt;
     for (size_t i = 0; !rc && i < tl.n; i++) rc = write_tensor(w, &tl.t[i], cfg.seed, fbuf, qbuf, CHUNK, nt);
     if (!rc) rc = moe_gguf_writer_finish(w);
-    if (rc && err && errsz && !err[0]) seterr(err, errsz, "writing '%s': %s", path, moe_strerror(rc));
+    if (rc && err && errsz && !err[0]) moe_seterr(err, errsz, rc, "writing '%s': %s", path, moe_strerror(rc));
     moe_gguf_writer_free(w);
     free(fbuf);
     free(qbuf);

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "array.h"
 #include "log_hook.h"
 #include "quant.h"
 
@@ -25,7 +26,7 @@ struct moe_model {
     int64_t n_params, n_active;
     uint64_t n_bytes;
     const moe_gguf_tensor **bound; /* sorted after load: every bound tensor, for the extra-tensor warning */
-    size_t n_bound, cap_bound;
+    int64_t n_bound, cap_bound;
 };
 
 static const char *const ARCH_NAMES[MOE_ARCH_COUNT] = {
@@ -44,14 +45,6 @@ int moe_arch_from_name(const char *name, moe_arch *out) {
             return MOE_OK;
         }
     return MOE_EUNSUPPORTED;
-}
-
-static void seterr(char *err, size_t errsz, const char *fmt, ...) {
-    if (!err || !errsz) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errsz, fmt, ap);
-    va_end(ap);
 }
 
 typedef struct loader {
@@ -74,8 +67,7 @@ static int get_int(loader *L, const char *suffix, bool required, int64_t def, in
     const moe_gguf_kv *kv = moe_gguf_find_kv(L->m->g, key);
     if (!kv) {
         if (required) {
-            seterr(L->err, L->errsz, "missing required key '%s'", key);
-            return MOE_EFORMAT;
+            return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "missing required key '%s'", key);
         }
         *out = def;
         return MOE_OK;
@@ -90,23 +82,20 @@ static int get_int(loader *L, const char *suffix, bool required, int64_t def, in
             int64_t x;
             if (moe_gguf_arr_i64(a, i, &x) != MOE_OK) goto bad;
             if (x != v) {
-                seterr(L->err, L->errsz, "key '%s': per-layer values that differ are not supported", key);
-                return MOE_EUNSUPPORTED;
+                return moe_seterr(L->err, L->errsz, MOE_EUNSUPPORTED, "key '%s': per-layer values that differ are not supported", key);
             }
         }
     } else if (moe_gguf_get_i64(L->m->g, key, &v) != MOE_OK) {
         goto bad;
     }
     if (v < lo || v > hi) {
-        seterr(L->err, L->errsz, "key '%s' = %lld is out of range [%lld, %lld]", key, (long long)v, (long long)lo,
-               (long long)hi);
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "key '%s' = %lld is out of range [%lld, %lld]", key, (long long)v, (long long)lo,
+                          (long long)hi);
     }
     *out = v;
     return MOE_OK;
 bad:
-    seterr(L->err, L->errsz, "key '%s' is not an integer", key);
-    return MOE_EFORMAT;
+    return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "key '%s' is not an integer", key);
 }
 
 static int get_f64(loader *L, const char *suffix, bool required, double def, double *out) {
@@ -118,12 +107,10 @@ static int get_f64(loader *L, const char *suffix, bool required, double def, dou
         return MOE_OK;
     }
     if (rc == MOE_ENOTFOUND) {
-        seterr(L->err, L->errsz, "missing required key '%s'", key);
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "missing required key '%s'", key);
     }
     if (rc != MOE_OK || !(*out == *out)) {
-        seterr(L->err, L->errsz, "key '%s' is not a number", key);
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "key '%s' is not a number", key);
     }
     return MOE_OK;
 }
@@ -137,29 +124,21 @@ static int get_bool(loader *L, const char *suffix, bool def, bool *out) {
         return MOE_OK;
     }
     if (rc != MOE_OK) {
-        seterr(L->err, L->errsz, "key '%s' is not a bool", key);
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "key '%s' is not a bool", key);
     }
     return MOE_OK;
 }
-
-#define TRY(expr)                                                                                                    \
-    do {                                                                                                             \
-        int rc_ = (expr);                                                                                            \
-        if (rc_) return rc_;                                                                                         \
-    } while (0)
 
 /* A float key that must be finite and, when `positive`, > 0: the forward
  * pass divides by or takes the log of these, so 0, NaN and Inf would turn
  * every logit into NaN. MOE_EFORMAT naming the key otherwise. */
 static int get_finite(loader *L, const char *suffix, double def, bool positive, double *out) {
-    TRY(get_f64(L, suffix, false, def, out));
+    MOE_TRY(get_f64(L, suffix, false, def, out));
     /* finite as a float too: the forward pass keeps some of them in floats */
     if (!isfinite(*out) || fabs(*out) > FLT_MAX || (positive && !(*out > 0))) {
         char key[160];
         key_of(L, suffix, key, sizeof key);
-        seterr(L->err, L->errsz, "key '%s' = %g must be %s", key, *out, positive ? "finite and > 0" : "finite");
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "key '%s' = %g must be %s", key, *out, positive ? "finite and > 0" : "finite");
     }
     return MOE_OK;
 }
@@ -168,50 +147,46 @@ static int read_hparams(loader *L) {
     moe_hparams *hp = &L->m->hp;
     moe_arch a = hp->arch;
     const int64_t D = DIM_MAX;
-    TRY(get_int(L, "block_count", true, 0, 1, 4096, &hp->n_layer));
-    TRY(get_int(L, "embedding_length", true, 0, 1, D, &hp->n_embd));
-    TRY(get_int(L, "context_length", true, 0, 1, (int64_t)1 << 40, &hp->n_ctx_train));
-    TRY(get_int(L, "attention.head_count", true, 0, 1, 65536, &hp->n_head));
-    TRY(get_int(L, "attention.head_count_kv", false, hp->n_head, 1, hp->n_head, &hp->n_head_kv));
+    MOE_TRY(get_int(L, "block_count", true, 0, 1, 4096, &hp->n_layer));
+    MOE_TRY(get_int(L, "embedding_length", true, 0, 1, D, &hp->n_embd));
+    MOE_TRY(get_int(L, "context_length", true, 0, 1, (int64_t)1 << 40, &hp->n_ctx_train));
+    MOE_TRY(get_int(L, "attention.head_count", true, 0, 1, 65536, &hp->n_head));
+    MOE_TRY(get_int(L, "attention.head_count_kv", false, hp->n_head, 1, hp->n_head, &hp->n_head_kv));
     if (hp->n_head % hp->n_head_kv) {
-        seterr(L->err, L->errsz, "%s.attention.head_count %lld is not a multiple of head_count_kv %lld", L->m->arch,
-               (long long)hp->n_head, (long long)hp->n_head_kv);
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "%s.attention.head_count %lld is not a multiple of head_count_kv %lld", L->m->arch,
+                          (long long)hp->n_head, (long long)hp->n_head_kv);
     }
-    TRY(get_int(L, "feed_forward_length", false, 0, 0, D, &hp->n_ff));
+    MOE_TRY(get_int(L, "feed_forward_length", false, 0, 0, D, &hp->n_ff));
     double eps;
-    TRY(get_f64(L, "attention.layer_norm_rms_epsilon", true, 0, &eps));
+    MOE_TRY(get_f64(L, "attention.layer_norm_rms_epsilon", true, 0, &eps));
     /* as a float (what the norms add): a tiny eps would round to 0 */
     if (!(eps > 0 && eps < 1) || !((float)eps > 0)) {
-        seterr(L->err, L->errsz, "key '%s.attention.layer_norm_rms_epsilon' = %g is out of range (0, 1)", L->m->arch,
-               eps);
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "key '%s.attention.layer_norm_rms_epsilon' = %g is out of range (0, 1)", L->m->arch,
+                          eps);
     }
     hp->rms_eps = (float)eps;
 
     int64_t dk_mla = 0, dv_mla = 0;
-    TRY(get_int(L, "attention.key_length_mla", false, 0, 0, D, &dk_mla));
-    TRY(get_int(L, "attention.value_length_mla", false, 0, 0, D, &dv_mla));
+    MOE_TRY(get_int(L, "attention.key_length_mla", false, 0, 0, D, &dk_mla));
+    MOE_TRY(get_int(L, "attention.value_length_mla", false, 0, 0, D, &dv_mla));
     if (dk_mla > 0) {
         hp->n_embd_head_k = dk_mla;
         hp->n_embd_head_v = dv_mla > 0 ? dv_mla : dk_mla;
     } else {
         int64_t def = hp->n_embd / hp->n_head;
-        TRY(get_int(L, "attention.key_length", false, def, 1, D, &hp->n_embd_head_k));
-        TRY(get_int(L, "attention.value_length", false, hp->n_embd_head_k, 1, D, &hp->n_embd_head_v));
+        MOE_TRY(get_int(L, "attention.key_length", false, def, 1, D, &hp->n_embd_head_k));
+        MOE_TRY(get_int(L, "attention.value_length", false, hp->n_embd_head_k, 1, D, &hp->n_embd_head_v));
     }
     if (hp->n_embd_head_k < 1) {
-        seterr(L->err, L->errsz, "%s: head size is 0 (embedding_length < head_count and no key_length)", L->m->arch);
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "%s: head size is 0 (embedding_length < head_count and no key_length)", L->m->arch);
     }
-    TRY(get_int(L, "rope.dimension_count", false, hp->n_embd_head_k, 2, hp->n_embd_head_k, &hp->n_rot));
+    MOE_TRY(get_int(L, "rope.dimension_count", false, hp->n_embd_head_k, 2, hp->n_embd_head_k, &hp->n_rot));
     if (hp->n_rot & 1) {
-        seterr(L->err, L->errsz, "%s.rope.dimension_count %lld is odd", L->m->arch, (long long)hp->n_rot);
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "%s.rope.dimension_count %lld is odd", L->m->arch, (long long)hp->n_rot);
     }
-    TRY(get_finite(L, "rope.freq_base", 10000.0, true, &hp->rope_freq_base));
+    MOE_TRY(get_finite(L, "rope.freq_base", 10000.0, true, &hp->rope_freq_base));
     double factor;
-    TRY(get_f64(L, "rope.scaling.factor", false, 1.0, &factor));
+    MOE_TRY(get_f64(L, "rope.scaling.factor", false, 1.0, &factor));
     char key[160];
     key_of(L, "rope.scaling.type", key, sizeof key);
     moe_gguf_str st;
@@ -220,15 +195,13 @@ static int read_hparams(loader *L) {
     /* llama.cpp reads a factor of 0 as none; with a scaling type named the
      * forward pass would divide by it, so there it is an error */
     if (factor == 0 && scaled) {
-        seterr(L->err, L->errsz, "key '%s.rope.scaling.factor' = 0 with rope scaling '%.*s': the factor must be >= 1",
-               L->m->arch, (int)(st.len > 32 ? 32 : st.len), st.ptr);
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "key '%s.rope.scaling.factor' = 0 with rope scaling '%.*s': the factor must be >= 1",
+                          L->m->arch, (int)(st.len > 32 ? 32 : st.len), st.ptr);
     }
     hp->rope_scaling_factor = factor == 0 ? 1.0 : factor;
     if (!(hp->rope_scaling_factor >= 1.0 && hp->rope_scaling_factor < 1e6)) {
-        seterr(L->err, L->errsz, "key '%s.rope.scaling.factor' = %g is out of range [1, 1e6)", L->m->arch,
-               hp->rope_scaling_factor);
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "key '%s.rope.scaling.factor' = %g is out of range [1, 1e6)", L->m->arch,
+                          hp->rope_scaling_factor);
     }
     hp->rope_scaling = hp->rope_scaling_factor > 1.0 ? MOE_ROPE_SCALING_LINEAR : MOE_ROPE_SCALING_NONE;
     if (typed) {
@@ -236,25 +209,23 @@ static int read_hparams(loader *L) {
         else if (st.len == 6 && !memcmp(st.ptr, "linear", 6)) hp->rope_scaling = MOE_ROPE_SCALING_LINEAR;
         else if (st.len == 4 && !memcmp(st.ptr, "yarn", 4)) hp->rope_scaling = MOE_ROPE_SCALING_YARN;
         else {
-            seterr(L->err, L->errsz, "key '%s': rope scaling '%.*s' is not supported", key,
-                   (int)(st.len > 32 ? 32 : st.len), st.ptr);
-            return MOE_EUNSUPPORTED;
+            return moe_seterr(L->err, L->errsz, MOE_EUNSUPPORTED, "key '%s': rope scaling '%.*s' is not supported", key,
+                              (int)(st.len > 32 ? 32 : st.len), st.ptr);
         }
     }
     if (hp->rope_scaling == MOE_ROPE_SCALING_NONE) hp->rope_scaling_factor = 1.0;
-    TRY(get_int(L, "rope.scaling.original_context_length", false, hp->n_ctx_train, 1, (int64_t)1 << 40,
+    MOE_TRY(get_int(L, "rope.scaling.original_context_length", false, hp->n_ctx_train, 1, (int64_t)1 << 40,
                 &hp->rope_orig_ctx));
-    TRY(get_finite(L, "rope.scaling.yarn_log_multiplier", 0.0, false, &hp->rope_yarn_log_mul));
+    MOE_TRY(get_finite(L, "rope.scaling.yarn_log_multiplier", 0.0, false, &hp->rope_yarn_log_mul));
     hp->rope_yarn_beta_fast = 32.0;
     hp->rope_yarn_beta_slow = 1.0;
     if (hp->rope_scaling == MOE_ROPE_SCALING_YARN) {
         /* the YaRN ramp takes log(orig_ctx / (beta * 2 pi)) / log(freq_base) */
-        TRY(get_finite(L, "rope.scaling.yarn_beta_fast", 32.0, true, &hp->rope_yarn_beta_fast));
-        TRY(get_finite(L, "rope.scaling.yarn_beta_slow", 1.0, true, &hp->rope_yarn_beta_slow));
+        MOE_TRY(get_finite(L, "rope.scaling.yarn_beta_fast", 32.0, true, &hp->rope_yarn_beta_fast));
+        MOE_TRY(get_finite(L, "rope.scaling.yarn_beta_slow", 1.0, true, &hp->rope_yarn_beta_slow));
         if (hp->rope_freq_base == 1.0) {
-            seterr(L->err, L->errsz, "key '%s.rope.freq_base' = 1 with YaRN scaling (its ramp divides by log(base))",
-                   L->m->arch);
-            return MOE_EFORMAT;
+            return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "key '%s.rope.freq_base' = 1 with YaRN scaling (its ramp divides by log(base))",
+                              L->m->arch);
         }
     }
     hp->rope_neox = a == MOE_ARCH_QWEN2 || a == MOE_ARCH_QWEN2MOE || a == MOE_ARCH_QWEN3MOE;
@@ -272,83 +243,75 @@ static int read_hparams(loader *L) {
     }
 
     /* MoE */
-    TRY(get_int(L, "expert_count", false, 0, 0, 65536, &hp->n_expert));
+    MOE_TRY(get_int(L, "expert_count", false, 0, 0, 65536, &hp->n_expert));
     hp->is_moe = hp->n_expert > 0;
     if (a == MOE_ARCH_QWEN2MOE || a == MOE_ARCH_QWEN3MOE) {
         if (!hp->is_moe) {
-            seterr(L->err, L->errsz, "missing required key '%s.expert_count'", L->m->arch);
-            return MOE_EFORMAT;
+            return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "missing required key '%s.expert_count'", L->m->arch);
         }
     } else if (a == MOE_ARCH_QWEN2 && hp->is_moe) {
-        seterr(L->err, L->errsz, "qwen2 is a dense architecture but %s.expert_count is %lld", L->m->arch,
-               (long long)hp->n_expert);
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "qwen2 is a dense architecture but %s.expert_count is %lld", L->m->arch,
+                          (long long)hp->n_expert);
     }
     if (hp->is_moe) {
-        TRY(get_int(L, "expert_used_count", true, 0, 1, hp->n_expert, &hp->n_expert_used));
+        MOE_TRY(get_int(L, "expert_used_count", true, 0, 1, hp->n_expert, &hp->n_expert_used));
         int64_t def_ff_exp = a == MOE_ARCH_LLAMA ? hp->n_ff : hp->n_ff / hp->n_expert_used;
-        TRY(get_int(L, "expert_feed_forward_length", a == MOE_ARCH_DEEPSEEK2, def_ff_exp, 1, D, &hp->n_ff_exp));
+        MOE_TRY(get_int(L, "expert_feed_forward_length", a == MOE_ARCH_DEEPSEEK2, def_ff_exp, 1, D, &hp->n_ff_exp));
         if (hp->n_ff_exp < 1) {
-            seterr(L->err, L->errsz, "%s: expert FFN width is 0 (no feed_forward_length)", L->m->arch);
-            return MOE_EFORMAT;
+            return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "%s: expert FFN width is 0 (no feed_forward_length)", L->m->arch);
         }
-        TRY(get_finite(L, "expert_weights_scale", 1.0, false, &hp->expert_weights_scale));
+        MOE_TRY(get_finite(L, "expert_weights_scale", 1.0, false, &hp->expert_weights_scale));
         int64_t gf;
-        TRY(get_int(L, "expert_gating_func", false, MOE_HP_GATING_SOFTMAX, 1, 2, &gf));
+        MOE_TRY(get_int(L, "expert_gating_func", false, MOE_HP_GATING_SOFTMAX, 1, 2, &gf));
         hp->expert_gating_func = (int)gf;
-        TRY(get_int(L, "expert_group_count", false, 1, 1, hp->n_expert, &hp->n_expert_group));
-        TRY(get_int(L, "expert_group_used_count", false, hp->n_expert_group, 1, hp->n_expert_group,
+        MOE_TRY(get_int(L, "expert_group_count", false, 1, 1, hp->n_expert, &hp->n_expert_group));
+        MOE_TRY(get_int(L, "expert_group_used_count", false, hp->n_expert_group, 1, hp->n_expert_group,
                     &hp->n_group_used));
         if (hp->n_expert % hp->n_expert_group) {
-            seterr(L->err, L->errsz, "%s.expert_count %lld is not a multiple of expert_group_count %lld", L->m->arch,
-                   (long long)hp->n_expert, (long long)hp->n_expert_group);
-            return MOE_EFORMAT;
+            return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "%s.expert_count %lld is not a multiple of expert_group_count %lld", L->m->arch,
+                              (long long)hp->n_expert, (long long)hp->n_expert_group);
         }
         /* the kept groups must hold the top-k, or routing has nothing to pick */
         if (hp->n_group_used * (hp->n_expert / hp->n_expert_group) < hp->n_expert_used) {
-            seterr(L->err, L->errsz,
-                   "key '%s.expert_group_used_count' = %lld: %lld group(s) of %lld experts cannot hold "
-                   "expert_used_count %lld",
-                   L->m->arch, (long long)hp->n_group_used, (long long)hp->n_group_used,
-                   (long long)(hp->n_expert / hp->n_expert_group), (long long)hp->n_expert_used);
-            return MOE_EFORMAT;
+            return moe_seterr(L->err, L->errsz, MOE_EFORMAT,
+                              "key '%s.expert_group_used_count' = %lld: %lld group(s) of %lld experts cannot hold "
+                              "expert_used_count %lld",
+                              L->m->arch, (long long)hp->n_group_used, (long long)hp->n_group_used,
+                              (long long)(hp->n_expert / hp->n_expert_group), (long long)hp->n_expert_used);
         }
         if (hp->n_group_used < hp->n_expert_group && hp->n_expert_group > 256) {
-            seterr(L->err, L->errsz, "key '%s.expert_group_count' = %lld: a group limit over more than 256 groups "
-                   "is not supported", L->m->arch, (long long)hp->n_expert_group);
-            return MOE_EUNSUPPORTED;
+            return moe_seterr(L->err, L->errsz, MOE_EUNSUPPORTED, "key '%s.expert_group_count' = %lld: a group limit over more than 256 groups "
+                              "is not supported", L->m->arch, (long long)hp->n_expert_group);
         }
         switch (a) {
         case MOE_ARCH_LLAMA:
         case MOE_ARCH_QWEN3MOE: hp->expert_weights_norm = true; break;
         case MOE_ARCH_QWEN2MOE: hp->expert_weights_norm = false; break;
-        default: TRY(get_bool(L, "expert_weights_norm", false, &hp->expert_weights_norm)); break;
+        default: MOE_TRY(get_bool(L, "expert_weights_norm", false, &hp->expert_weights_norm)); break;
         }
         if (a == MOE_ARCH_DEEPSEEK2) {
-            TRY(get_int(L, "expert_shared_count", false, 0, 0, 4096, &hp->n_expert_shared));
+            MOE_TRY(get_int(L, "expert_shared_count", false, 0, 0, 4096, &hp->n_expert_shared));
             hp->n_ff_shexp = hp->n_ff_exp * hp->n_expert_shared;
-            TRY(get_int(L, "leading_dense_block_count", false, 0, 0, hp->n_layer, &hp->n_layer_dense_lead));
+            MOE_TRY(get_int(L, "leading_dense_block_count", false, 0, 0, hp->n_layer, &hp->n_layer_dense_lead));
         } else if (a == MOE_ARCH_QWEN2MOE) {
-            TRY(get_int(L, "expert_shared_feed_forward_length", false, hp->n_ff, 0, D, &hp->n_ff_shexp));
+            MOE_TRY(get_int(L, "expert_shared_feed_forward_length", false, hp->n_ff, 0, D, &hp->n_ff_shexp));
         }
     }
     if (a == MOE_ARCH_DEEPSEEK2) {
         hp->is_mla = true;
-        TRY(get_int(L, "attention.q_lora_rank", false, 0, 0, D, &hp->q_lora_rank));
+        MOE_TRY(get_int(L, "attention.q_lora_rank", false, 0, 0, D, &hp->q_lora_rank));
         hp->has_q_lora = hp->q_lora_rank > 0;
-        TRY(get_int(L, "attention.kv_lora_rank", true, 0, 1, D, &hp->kv_lora_rank));
+        MOE_TRY(get_int(L, "attention.kv_lora_rank", true, 0, 1, D, &hp->kv_lora_rank));
         hp->n_embd_head_qk_nope = hp->n_embd_head_k - hp->n_rot;
         if (hp->n_embd_head_qk_nope < 1) {
-            seterr(L->err, L->errsz,
-                   "key 'deepseek2.rope.dimension_count' = %lld leaves no non-rope part of key_length %lld",
-                   (long long)hp->n_rot, (long long)hp->n_embd_head_k);
-            return MOE_EFORMAT;
+            return moe_seterr(L->err, L->errsz, MOE_EFORMAT,
+                              "key 'deepseek2.rope.dimension_count' = %lld leaves no non-rope part of key_length %lld",
+                              (long long)hp->n_rot, (long long)hp->n_embd_head_k);
         }
     }
     bool has_dense = !hp->is_moe || hp->n_layer_dense_lead > 0;
     if (has_dense && hp->n_ff < 1) {
-        seterr(L->err, L->errsz, "missing required key '%s.feed_forward_length'", L->m->arch);
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "missing required key '%s.feed_forward_length'", L->m->arch);
     }
     hp->has_qkv_bias = a == MOE_ARCH_QWEN2 || a == MOE_ARCH_QWEN2MOE;
     hp->has_qk_norm = a == MOE_ARCH_QWEN3MOE;
@@ -356,13 +319,7 @@ static int read_hparams(loader *L) {
 }
 
 static int remember(moe_model *m, const moe_gguf_tensor *t) {
-    if (m->n_bound == m->cap_bound) {
-        size_t cap = m->cap_bound ? m->cap_bound * 2 : 256;
-        const moe_gguf_tensor **nb = realloc(m->bound, cap * sizeof(*nb));
-        if (!nb) return MOE_ENOMEM;
-        m->bound = nb;
-        m->cap_bound = cap;
-    }
+    MOE_TRY(moe_array_grow((void **)&m->bound, &m->cap_bound, m->n_bound + 1, 256, sizeof(*m->bound)));
     m->bound[m->n_bound++] = t;
     return MOE_OK;
 }
@@ -385,8 +342,7 @@ static int bind(loader *L, const char *name, bool required, int64_t e0, int64_t 
     const moe_gguf_tensor *t = moe_gguf_find_tensor(L->m->g, name);
     if (!t) {
         if (!required) return MOE_OK;
-        seterr(L->err, L->errsz, "missing tensor '%s'", name);
-        return MOE_EFORMAT;
+        return moe_seterr(L->err, L->errsz, MOE_EFORMAT, "missing tensor '%s'", name);
     }
     int64_t want[4] = {e0, e1, e2, 1};
     int nd_want = e2 > 1 ? 3 : e1 > 1 ? 2 : 1;
@@ -395,15 +351,13 @@ static int bind(loader *L, const char *name, bool required, int64_t e0, int64_t 
         int nd = (int)(t->n_dims > 4 ? 4 : t->n_dims);
         fmt_shape(a, sizeof a, t->ne, nd < 1 ? 1 : nd);
         fmt_shape(b, sizeof b, want, nd_want);
-        seterr(L->err, L->errsz, "tensor '%s' has shape %s, expected %s", name, a, b);
-        return MOE_ESHAPE;
+        return moe_seterr(L->err, L->errsz, MOE_ESHAPE, "tensor '%s' has shape %s, expected %s", name, a, b);
     }
     if (nd_want == 1 ? t->type != MOE_TYPE_F32 : !moe_quant_supported(t->type)) {
-        seterr(L->err, L->errsz, "tensor '%s' has type %s, %s", name, moe_type_name(t->type),
-               nd_want == 1 ? "expected F32 for a 1-D tensor" : "which moed cannot compute with");
-        return MOE_EUNSUPPORTED;
+        return moe_seterr(L->err, L->errsz, MOE_EUNSUPPORTED, "tensor '%s' has type %s, %s", name, moe_type_name(t->type),
+                          nd_want == 1 ? "expected F32 for a 1-D tensor" : "which moed cannot compute with");
     }
-    TRY(remember(L->m, t));
+    MOE_TRY(remember(L->m, t));
     out->name = t->name;
     out->type = t->type;
     out->n_dims = t->n_dims;
@@ -423,58 +377,58 @@ static int bind_layer(loader *L, int64_t il, moe_layer_weights *w) {
                   dv = hp->n_embd_head_v;
     char n[160];
 #define NM(s) (snprintf(n, sizeof n, "blk.%lld.%s", (long long)il, s), n)
-    TRY(bind(L, NM("attn_norm.weight"), true, E, 1, 1, &w->attn_norm));
+    MOE_TRY(bind(L, NM("attn_norm.weight"), true, E, 1, 1, &w->attn_norm));
     if (hp->arch == MOE_ARCH_DEEPSEEK2) {
         const int64_t r = hp->kv_lora_rank, nope = hp->n_embd_head_qk_nope;
         if (hp->has_q_lora) {
-            TRY(bind(L, NM("attn_q_a.weight"), true, E, hp->q_lora_rank, 1, &w->q_a));
-            TRY(bind(L, NM("attn_q_a_norm.weight"), true, hp->q_lora_rank, 1, 1, &w->q_a_norm));
-            TRY(bind(L, NM("attn_q_b.weight"), true, hp->q_lora_rank, H * dk, 1, &w->q_b));
+            MOE_TRY(bind(L, NM("attn_q_a.weight"), true, E, hp->q_lora_rank, 1, &w->q_a));
+            MOE_TRY(bind(L, NM("attn_q_a_norm.weight"), true, hp->q_lora_rank, 1, 1, &w->q_a_norm));
+            MOE_TRY(bind(L, NM("attn_q_b.weight"), true, hp->q_lora_rank, H * dk, 1, &w->q_b));
         } else {
-            TRY(bind(L, NM("attn_q.weight"), true, E, H * dk, 1, &w->wq));
+            MOE_TRY(bind(L, NM("attn_q.weight"), true, E, H * dk, 1, &w->wq));
         }
-        TRY(bind(L, NM("attn_kv_a_mqa.weight"), true, E, r + hp->n_rot, 1, &w->kv_a_mqa));
-        TRY(bind(L, NM("attn_kv_a_norm.weight"), true, r, 1, 1, &w->kv_a_norm));
+        MOE_TRY(bind(L, NM("attn_kv_a_mqa.weight"), true, E, r + hp->n_rot, 1, &w->kv_a_mqa));
+        MOE_TRY(bind(L, NM("attn_kv_a_norm.weight"), true, r, 1, 1, &w->kv_a_norm));
         if (hp->mla_split_kv_b) {
-            TRY(bind(L, NM("attn_k_b.weight"), true, nope, r, H, &w->k_b));
-            TRY(bind(L, NM("attn_v_b.weight"), true, r, dv, H, &w->v_b));
+            MOE_TRY(bind(L, NM("attn_k_b.weight"), true, nope, r, H, &w->k_b));
+            MOE_TRY(bind(L, NM("attn_v_b.weight"), true, r, dv, H, &w->v_b));
         } else {
-            TRY(bind(L, NM("attn_kv_b.weight"), true, r, H * (nope + dv), 1, &w->kv_b));
+            MOE_TRY(bind(L, NM("attn_kv_b.weight"), true, r, H * (nope + dv), 1, &w->kv_b));
         }
     } else {
-        TRY(bind(L, NM("attn_q.weight"), true, E, H * dk, 1, &w->wq));
-        TRY(bind(L, NM("attn_k.weight"), true, E, Hkv * dk, 1, &w->wk));
-        TRY(bind(L, NM("attn_v.weight"), true, E, Hkv * dv, 1, &w->wv));
+        MOE_TRY(bind(L, NM("attn_q.weight"), true, E, H * dk, 1, &w->wq));
+        MOE_TRY(bind(L, NM("attn_k.weight"), true, E, Hkv * dk, 1, &w->wk));
+        MOE_TRY(bind(L, NM("attn_v.weight"), true, E, Hkv * dv, 1, &w->wv));
         if (hp->has_qkv_bias) {
-            TRY(bind(L, NM("attn_q.bias"), true, H * dk, 1, 1, &w->bq));
-            TRY(bind(L, NM("attn_k.bias"), true, Hkv * dk, 1, 1, &w->bk));
-            TRY(bind(L, NM("attn_v.bias"), true, Hkv * dv, 1, 1, &w->bv));
+            MOE_TRY(bind(L, NM("attn_q.bias"), true, H * dk, 1, 1, &w->bq));
+            MOE_TRY(bind(L, NM("attn_k.bias"), true, Hkv * dk, 1, 1, &w->bk));
+            MOE_TRY(bind(L, NM("attn_v.bias"), true, Hkv * dv, 1, 1, &w->bv));
         }
         if (hp->has_qk_norm) {
-            TRY(bind(L, NM("attn_q_norm.weight"), true, dk, 1, 1, &w->q_norm));
-            TRY(bind(L, NM("attn_k_norm.weight"), true, dk, 1, 1, &w->k_norm));
+            MOE_TRY(bind(L, NM("attn_q_norm.weight"), true, dk, 1, 1, &w->q_norm));
+            MOE_TRY(bind(L, NM("attn_k_norm.weight"), true, dk, 1, 1, &w->k_norm));
         }
     }
-    TRY(bind(L, NM("attn_output.weight"), true, H * dv, E, 1, &w->wo));
-    TRY(bind(L, NM("ffn_norm.weight"), true, E, 1, 1, &w->ffn_norm));
+    MOE_TRY(bind(L, NM("attn_output.weight"), true, H * dv, E, 1, &w->wo));
+    MOE_TRY(bind(L, NM("ffn_norm.weight"), true, E, 1, 1, &w->ffn_norm));
     w->is_moe = hp->is_moe && il >= hp->n_layer_dense_lead;
     if (!w->is_moe) {
-        TRY(bind(L, NM("ffn_gate.weight"), true, E, hp->n_ff, 1, &w->ffn_gate));
-        TRY(bind(L, NM("ffn_up.weight"), true, E, hp->n_ff, 1, &w->ffn_up));
-        TRY(bind(L, NM("ffn_down.weight"), true, hp->n_ff, E, 1, &w->ffn_down));
+        MOE_TRY(bind(L, NM("ffn_gate.weight"), true, E, hp->n_ff, 1, &w->ffn_gate));
+        MOE_TRY(bind(L, NM("ffn_up.weight"), true, E, hp->n_ff, 1, &w->ffn_up));
+        MOE_TRY(bind(L, NM("ffn_down.weight"), true, hp->n_ff, E, 1, &w->ffn_down));
         return MOE_OK;
     }
     const int64_t X = hp->n_expert, F = hp->n_ff_exp, S = hp->n_ff_shexp;
-    TRY(bind(L, NM("ffn_gate_inp.weight"), true, E, X, 1, &w->gate_inp));
-    TRY(bind(L, NM("ffn_gate_exps.weight"), true, E, F, X, &w->gate_exps));
-    TRY(bind(L, NM("ffn_up_exps.weight"), true, E, F, X, &w->up_exps));
-    TRY(bind(L, NM("ffn_down_exps.weight"), true, F, E, X, &w->down_exps));
-    if (hp->arch == MOE_ARCH_DEEPSEEK2) TRY(bind(L, NM("exp_probs_b.bias"), false, X, 1, 1, &w->exp_probs_b));
+    MOE_TRY(bind(L, NM("ffn_gate_inp.weight"), true, E, X, 1, &w->gate_inp));
+    MOE_TRY(bind(L, NM("ffn_gate_exps.weight"), true, E, F, X, &w->gate_exps));
+    MOE_TRY(bind(L, NM("ffn_up_exps.weight"), true, E, F, X, &w->up_exps));
+    MOE_TRY(bind(L, NM("ffn_down_exps.weight"), true, F, E, X, &w->down_exps));
+    if (hp->arch == MOE_ARCH_DEEPSEEK2) MOE_TRY(bind(L, NM("exp_probs_b.bias"), false, X, 1, 1, &w->exp_probs_b));
     if (S > 0) {
-        TRY(bind(L, NM("ffn_gate_shexp.weight"), true, E, S, 1, &w->gate_shexp));
-        TRY(bind(L, NM("ffn_up_shexp.weight"), true, E, S, 1, &w->up_shexp));
-        TRY(bind(L, NM("ffn_down_shexp.weight"), true, S, E, 1, &w->down_shexp));
-        if (hp->arch == MOE_ARCH_QWEN2MOE) TRY(bind(L, NM("ffn_gate_inp_shexp.weight"), true, E, 1, 1, &w->gate_inp_shexp));
+        MOE_TRY(bind(L, NM("ffn_gate_shexp.weight"), true, E, S, 1, &w->gate_shexp));
+        MOE_TRY(bind(L, NM("ffn_up_shexp.weight"), true, E, S, 1, &w->up_shexp));
+        MOE_TRY(bind(L, NM("ffn_down_shexp.weight"), true, S, E, 1, &w->down_shexp));
+        if (hp->arch == MOE_ARCH_QWEN2MOE) MOE_TRY(bind(L, NM("ffn_gate_inp_shexp.weight"), true, E, 1, 1, &w->gate_inp_shexp));
     }
 #undef NM
     return MOE_OK;
@@ -516,7 +470,7 @@ static void count_params(moe_model *m) {
     m->n_params = total;
     m->n_active = active;
     uint64_t bytes = 0;
-    for (size_t i = 0; i < m->n_bound; i++) bytes += m->bound[i]->nbytes;
+    for (int64_t i = 0; i < m->n_bound; i++) bytes += m->bound[i]->nbytes;
     m->n_bytes = bytes;
 }
 
@@ -525,8 +479,7 @@ moe_model *moe_model_from_gguf(moe_gguf *g, int *status, char *err, size_t errsz
     moe_model *m = NULL;
     if (err && errsz) err[0] = 0;
     if (!g) {
-        st = MOE_EINVAL;
-        seterr(err, errsz, "no model file");
+        st = moe_seterr(err, errsz, MOE_EINVAL, "no model file");
         goto fail;
     }
     m = calloc(1, sizeof(*m));
@@ -538,24 +491,21 @@ moe_model *moe_model_from_gguf(moe_gguf *g, int *status, char *err, size_t errsz
     loader L = {m, err, errsz};
     moe_gguf_str a;
     if (moe_gguf_get_str(g, "general.architecture", &a) != MOE_OK) {
-        st = MOE_EFORMAT;
-        seterr(err, errsz, "missing required key 'general.architecture'");
+        st = moe_seterr(err, errsz, MOE_EFORMAT, "missing required key 'general.architecture'");
         goto fail;
     }
     if (a.len >= sizeof m->arch || memchr(a.ptr, 0, a.len)) {
-        st = MOE_EUNSUPPORTED;
-        seterr(err, errsz, "architecture of %llu bytes is not supported", (unsigned long long)a.len);
+        st = moe_seterr(err, errsz, MOE_EUNSUPPORTED, "architecture of %llu bytes is not supported", (unsigned long long)a.len);
         goto fail;
     }
     memcpy(m->arch, a.ptr, a.len);
     m->arch[a.len] = 0;
     if (moe_arch_from_name(m->arch, &m->hp.arch) != MOE_OK) {
-        st = MOE_EUNSUPPORTED;
         char shown[sizeof m->arch];
         for (size_t i = 0; i <= a.len; i++) /* no terminal escapes from a hostile file */
             shown[i] = (m->arch[i] && ((unsigned char)m->arch[i] < 0x20 || m->arch[i] == 0x7f)) ? '?' : m->arch[i];
-        seterr(err, errsz, "architecture '%s' is not supported (known: llama, qwen2, qwen2moe, qwen3moe, deepseek2)",
-               shown);
+        st = moe_seterr(err, errsz, MOE_EUNSUPPORTED,
+                        "architecture '%s' is not supported (known: llama, qwen2, qwen2moe, qwen3moe, deepseek2)", shown);
         goto fail;
     }
     if ((st = read_hparams(&L)) != MOE_OK) goto fail;
@@ -567,17 +517,15 @@ moe_model *moe_model_from_gguf(moe_gguf *g, int *status, char *err, size_t errsz
     /* token_embd gives n_vocab; vocab_size, when written, must agree */
     const moe_gguf_tensor *te = moe_gguf_find_tensor(g, "token_embd.weight");
     if (!te) {
-        st = MOE_EFORMAT;
-        seterr(err, errsz, "missing tensor 'token_embd.weight'");
+        st = moe_seterr(err, errsz, MOE_EFORMAT, "missing tensor 'token_embd.weight'");
         goto fail;
     }
     hp->n_vocab = te->ne[1];
     int64_t vs;
     if ((st = get_int(&L, "vocab_size", false, hp->n_vocab, 1, (int64_t)1 << 31, &vs)) != MOE_OK) goto fail;
     if (vs != hp->n_vocab) {
-        st = MOE_ESHAPE;
-        seterr(err, errsz, "tensor 'token_embd.weight' has %lld rows but %s.vocab_size is %lld", (long long)hp->n_vocab,
-               m->arch, (long long)vs);
+        st = moe_seterr(err, errsz, MOE_ESHAPE, "tensor 'token_embd.weight' has %lld rows but %s.vocab_size is %lld", (long long)hp->n_vocab,
+                        m->arch, (long long)vs);
         goto fail;
     }
     moe_model_weights *w = &m->w;
@@ -593,8 +541,7 @@ moe_model *moe_model_from_gguf(moe_gguf *g, int *status, char *err, size_t errsz
         float d;
         memcpy(&d, (const char *)w->rope_freqs.data + i * (int64_t)sizeof d, sizeof d);
         if (!(d > 0 && d < INFINITY)) { /* a divisor of each pair's frequency */
-            st = MOE_EFORMAT;
-            seterr(err, errsz, "tensor 'rope_freqs.weight' holds %g at %lld, expected a positive factor", d, (long long)i);
+            st = moe_seterr(err, errsz, MOE_EFORMAT, "tensor 'rope_freqs.weight' holds %g at %lld, expected a positive factor", d, (long long)i);
             goto fail;
         }
     }
@@ -604,12 +551,12 @@ moe_model *moe_model_from_gguf(moe_gguf *g, int *status, char *err, size_t errsz
     for (int64_t il = 0; il < hp->n_layer; il++)
         if ((st = bind_layer(&L, il, &w->layers[il])) != MOE_OK) goto fail;
 
-    qsort(m->bound, m->n_bound, sizeof(*m->bound), cmp_ptr);
+    qsort(m->bound, (size_t)m->n_bound, sizeof(*m->bound), cmp_ptr);
     uint64_t extra = 0;
     const char *first = NULL;
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
         const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
-        if (!bsearch(&t, m->bound, m->n_bound, sizeof(*m->bound), cmp_ptr)) {
+        if (!bsearch(&t, m->bound, (size_t)m->n_bound, sizeof(*m->bound), cmp_ptr)) {
             if (!first) first = t->name;
             extra++;
         }

@@ -5,6 +5,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "array.h"
 #include "log_hook.h"
 #include "quant.h"
 
@@ -162,17 +163,6 @@ static int w_mla_attention(void *ctx, const moe_kv_view *kv, const float *q, con
     FWD(mla_attention, kv, q, cache, kv_lora, n_rot, nope, k_b, v_b, scale, out);
 }
 
-/* Grows *p to hold n elements of `size` bytes (scratch of counting only:
- * the plain forward pass never gets here). */
-static int grow(void **p, int64_t *cap, int64_t n, size_t size) {
-    if (n <= *cap) return MOE_OK;
-    void *np = realloc(*p, (size_t)n * size);
-    if (!np) return MOE_ENOMEM;
-    *p = np;
-    *cap = n;
-    return MOE_OK;
-}
-
 static int w_moe(void *ctx, const float *h, int64_t n_tok, const float *rl, const moe_route_params *rp,
                  const moe_weight *gate, const moe_weight *up, const moe_weight *down, float *out, int32_t *ids_out,
                  float *w_out) {
@@ -181,13 +171,13 @@ static int w_moe(void *ctx, const float *h, int64_t n_tok, const float *rl, cons
     int64_t n_ids = n_tok * rp->n_used;
     bool count = s->count;
     if (count && !ids) {
-        if (grow((void **)&s->ids, &s->ids_cap, n_ids, sizeof(int32_t))) {
+        if (moe_array_fit((void **)&s->ids, &s->ids_cap, n_ids, sizeof(int32_t))) {
             s->rc_count = MOE_ENOMEM;
             count = false;
         }
         ids = s->ids;
     }
-    if (count && grow((void **)&s->seen, &s->seen_cap, rp->n_expert, 1)) {
+    if (count && moe_array_fit((void **)&s->seen, &s->seen_cap, rp->n_expert, 1)) {
         s->rc_count = MOE_ENOMEM;
         count = false;
     }

@@ -29,23 +29,11 @@
 #include <stdint.h>
 
 #include "engine.h"
+#include "rng.h" /* moe_rng: the caller's generator */
 
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-/* xoshiro256** seeded through splitmix64: the same seed gives the same
- * stream on every platform. */
-typedef struct moe_rng {
-    uint64_t s[4];
-} moe_rng;
-
-void moe_rng_seed(moe_rng *r, uint64_t seed);
-uint64_t moe_rng_next(moe_rng *r);
-/* Uniform in [0, 1) with 53 random bits. */
-double moe_rng_uniform(moe_rng *r);
-/* A seed from the OS (getrandom), falling back to the clock. */
-uint64_t moe_rng_os_seed(void);
 
 typedef struct moe_sampler moe_sampler;
 

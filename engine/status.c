@@ -1,5 +1,8 @@
 #include "status.h"
 
+#include <stdarg.h>
+#include <stdio.h>
+
 const char *moe_strerror(int status) {
     switch (status) {
 #define MOE__STATUS_STR(name, code, msg) \
@@ -20,4 +23,14 @@ const char *moe_status_name(int status) {
 #undef MOE__STATUS_NAME
     }
     return "EUNKNOWN";
+}
+
+int moe_seterr(char *err, size_t errsz, int status, const char *fmt, ...) {
+    if (err && errsz) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errsz, fmt, ap);
+        va_end(ap);
+    }
+    return status;
 }

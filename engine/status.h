@@ -7,6 +7,8 @@
 #ifndef MOE_STATUS_H
 #define MOE_STATUS_H
 
+#include <stddef.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -41,6 +43,27 @@ const char *moe_status_name(int status);
 
 /* Size of the detail-message buffers that fallible loaders fill. */
 #define MOE_ERR_MAX 256
+
+/* The one formatter of those detail messages: printf-formats into
+ * err[0..errsz) (nothing when err is NULL or errsz is 0; truncated to fit)
+ * and returns `status`, so a failure is one statement:
+ *     return moe_seterr(err, errsz, MOE_EFORMAT, "key '%s' is missing", k);
+ * Any thread (it touches only err). */
+#if defined(__GNUC__)
+__attribute__((format(printf, 4, 5)))
+#endif
+int moe_seterr(char *err, size_t errsz, int status, const char *fmt, ...);
+
+/* Propagates a failure: evaluates `expr` (an int status) once and returns
+ * it from the enclosing function when it is not MOE_OK. For functions
+ * that own nothing yet; code that must free on failure uses
+ * `if ((st = f())) goto fail;` instead. */
+#define MOE_TRY(expr)              \
+    do {                           \
+        int moe_try_rc_ = (expr);  \
+        if (moe_try_rc_)           \
+            return moe_try_rc_;    \
+    } while (0)
 
 #ifdef __cplusplus
 }

@@ -22,6 +22,7 @@
 
 #include "hash.h"
 #include "log_hook.h"
+#include "utf8.h"
 
 #define MAX_SPLITS 8
 
@@ -87,6 +88,7 @@ struct moe_tok {
     float *scores; /* SPM only */
     int32_t *hash;  /* vocab string -> id, size hash_mask + 1, -1 empty */
     uint64_t hash_mask;
+    moe_hash_key hkey; /* the process key (hash.h), copied: looked up per token */
     pair_slot *pairs; /* BPE merges */
     uint64_t pairs_mask;
     int32_t byte_tok[256]; /* initial symbol / byte-fallback id of each byte, -1 none */
@@ -105,18 +107,6 @@ struct moe_tok {
     int n_re;
 };
 
-static uint64_t hash_u64(uint64_t x) {
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ull;
-    return x ^ (x >> 33);
-}
-
-static void seterr(char *err, size_t errsz, const char *fmt, const char *a) {
-    if (err && errsz) snprintf(err, errsz, fmt, a);
-}
-
 const char *moe_tok_text(const moe_tok *t, int32_t id, size_t *len) {
     if (!t || id < 0 || id >= t->n_vocab) return NULL;
     if (len) *len = (size_t)(t->text_off[id + 1] - t->text_off[id] - 1);
@@ -130,7 +120,7 @@ const char *moe_tok_piece(const moe_tok *t, int32_t id, size_t *len) {
 }
 
 int32_t moe_tok_find(const moe_tok *t, const char *s, size_t len) {
-    uint64_t h = moe_hash_bytes(s, len) & t->hash_mask;
+    uint64_t h = moe_hash_keyed(s, len, &t->hkey) & t->hash_mask;
     for (;;) {
         int32_t id = t->hash[h];
         if (id < 0) return -1;
@@ -143,61 +133,13 @@ int32_t moe_tok_find(const moe_tok *t, const char *s, size_t len) {
 
 static const pair_slot *pair_find(const moe_tok *t, int32_t a, int32_t b) {
     uint64_t key = (((uint64_t)(uint32_t)a << 32) | (uint32_t)b) + 1;
-    uint64_t h = hash_u64(key) & t->pairs_mask;
+    uint64_t h = moe_hash_u64_keyed(key, &t->hkey) & t->pairs_mask;
     for (;;) {
         const pair_slot *s = &t->pairs[h];
         if (s->key == 0) return NULL;
         if (s->key == key) return s;
         h = (h + 1) & t->pairs_mask;
     }
-}
-
-int moe_utf8_next(const unsigned char *p, size_t n) {
-    unsigned c = p[0];
-    if (c < 0x80) return 1;
-    int need;
-    unsigned lo = 0x80, hi = 0xBF;
-    if (c >= 0xC2 && c <= 0xDF) need = 1;
-    else if (c == 0xE0) need = 2, lo = 0xA0;
-    else if (c >= 0xE1 && c <= 0xEC) need = 2;
-    else if (c == 0xED) need = 2, hi = 0x9F;
-    else if (c >= 0xEE && c <= 0xEF) need = 2;
-    else if (c == 0xF0) need = 3, lo = 0x90;
-    else if (c >= 0xF1 && c <= 0xF3) need = 3;
-    else if (c == 0xF4) need = 3, hi = 0x8F;
-    else return -1;
-    for (int i = 1; i <= need; i++) {
-        if ((size_t)i >= n) return 0;
-        unsigned d = p[i];
-        if (d < lo || d > hi) return -i;
-        lo = 0x80, hi = 0xBF;
-    }
-    return need + 1;
-}
-
-/* Appends src with ill-formed subparts (and, when `final`, a dangling
- * prefix) replaced by U+FFFD - one per maximal subpart, or one per byte
- * when per_byte (what sentencepiece's and HF's byte-fallback decoders
- * print); returns bytes consumed from src (less than n only when !final
- * and src ends inside a character). dst must hold 3*n. */
-static size_t utf8_sanitize(const unsigned char *src, size_t n, bool final, bool per_byte, char *dst,
-                            size_t *dlen) {
-    size_t i = 0, o = *dlen;
-    while (i < n) {
-        int k = moe_utf8_next(src + i, n - i);
-        if (k > 0) {
-            memcpy(dst + o, src + i, (size_t)k);
-            o += (size_t)k, i += (size_t)k;
-        } else if (k == 0 && !final) {
-            break;
-        } else {
-            size_t bad = k == 0 ? n - i : (size_t)-k;
-            for (size_t r = per_byte ? bad : 1; r > 0; r--, o += 3) memcpy(dst + o, "\xEF\xBF\xBD", 3);
-            i += bad;
-        }
-    }
-    *dlen = o;
-    return i;
 }
 
 /* GPT-2's reversible byte <-> printable-codepoint table. */
@@ -207,28 +149,6 @@ static uint32_t byte_to_cp(int b) {
     for (int x = 0; x < b; x++)
         if (!((x >= 0x21 && x <= 0x7E) || (x >= 0xA1 && x <= 0xAC) || (x >= 0xAE && x <= 0xFF))) n++;
     return 256u + (uint32_t)n;
-}
-
-static int put_utf8(uint32_t cp, char *o) {
-    if (cp < 0x80) return o[0] = (char)cp, 1;
-    if (cp < 0x800) return o[0] = (char)(0xC0 | (cp >> 6)), o[1] = (char)(0x80 | (cp & 63)), 2;
-    if (cp < 0x10000)
-        return o[0] = (char)(0xE0 | (cp >> 12)), o[1] = (char)(0x80 | ((cp >> 6) & 63)),
-               o[2] = (char)(0x80 | (cp & 63)), 3;
-    o[0] = (char)(0xF0 | (cp >> 18)), o[1] = (char)(0x80 | ((cp >> 12) & 63));
-    o[2] = (char)(0x80 | ((cp >> 6) & 63)), o[3] = (char)(0x80 | (cp & 63));
-    return 4;
-}
-
-static int decode_cp(const unsigned char *p, size_t n, uint32_t *cp) {
-    int k = moe_utf8_next(p, n);
-    if (k <= 0) return -1;
-    uint32_t c = p[0];
-    if (k == 1) *cp = c;
-    else if (k == 2) *cp = ((c & 31) << 6) | (p[1] & 63);
-    else if (k == 3) *cp = ((c & 15) << 12) | ((uint32_t)(p[1] & 63) << 6) | (p[2] & 63);
-    else *cp = ((c & 7) << 18) | ((uint32_t)(p[1] & 63) << 12) | ((uint32_t)(p[2] & 63) << 6) | (p[3] & 63);
-    return k;
 }
 
 void moe_tok_free(moe_tok *t) {
@@ -291,7 +211,7 @@ static size_t make_piece(const moe_tok *t, int32_t i, const int16_t *cp_to_byte,
     size_t n = 0;
     for (size_t j = 0; j < len;) {
         uint32_t cp;
-        int k = decode_cp((const unsigned char *)s + j, len - j, &cp);
+        int k = moe_utf8_decode((const unsigned char *)s + j, len - j, &cp);
         if (k < 0 || cp >= 324 || cp_to_byte[cp] < 0) {
             memcpy(o, s, len);
             return len;
@@ -323,8 +243,7 @@ static int compile_pre(moe_tok *t, char *err, size_t errsz) {
         pcre2_code *re = pcre2_compile((PCRE2_SPTR)def->re[i], PCRE2_ZERO_TERMINATED,
                                        PCRE2_UTF | PCRE2_UCP | PCRE2_MULTILINE, &ec, &eo, NULL);
         if (!re) {
-            seterr(err, errsz, "tokenizer: cannot compile pre-tokenizer regex of '%s'", t->pre);
-            return MOE_EUNSUPPORTED;
+            return moe_seterr(err, errsz, MOE_EUNSUPPORTED, "tokenizer: cannot compile pre-tokenizer regex of '%s'", t->pre);
         }
         pcre2_jit_compile(re, PCRE2_JIT_COMPLETE); /* optional: interpreter otherwise */
         t->re[t->n_re++] = re;
@@ -342,8 +261,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     if (err && errsz) err[0] = 0;
     moe_gguf_str s;
     if (moe_gguf_get_str(g, "tokenizer.ggml.model", &s) != MOE_OK) {
-        seterr(err, errsz, "tokenizer: %s missing", "tokenizer.ggml.model");
-        st = MOE_ENOTFOUND;
+        st = moe_seterr(err, errsz, MOE_ENOTFOUND, "tokenizer: %s missing", "tokenizer.ggml.model");
         goto fail;
     }
     if (s.len == 4 && memcmp(s.ptr, "gpt2", 4) == 0) t->kind = MOE_TOK_BPE;
@@ -351,8 +269,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     else {
         char m[32];
         snprintf(m, sizeof m, "%.*s", (int)(s.len < 31 ? s.len : 31), s.ptr);
-        seterr(err, errsz, "tokenizer: unsupported tokenizer.ggml.model '%s'", m);
-        st = MOE_EUNSUPPORTED;
+        st = moe_seterr(err, errsz, MOE_EUNSUPPORTED, "tokenizer: unsupported tokenizer.ggml.model '%s'", m);
         goto fail;
     }
     strcpy(t->pre, "default");
@@ -363,12 +280,11 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
 
     const moe_gguf_array *toks = moe_gguf_get_arr(g, "tokenizer.ggml.tokens");
     if (!toks) {
-        seterr(err, errsz, "tokenizer: %s missing", "tokenizer.ggml.tokens");
-        st = MOE_ENOTFOUND;
+        st = moe_seterr(err, errsz, MOE_ENOTFOUND, "tokenizer: %s missing", "tokenizer.ggml.tokens");
         goto fail;
     }
     if (toks->etype != MOE_GGUF_STRING || toks->n == 0 || toks->n > INT32_MAX / 2) {
-        seterr(err, errsz, "tokenizer: %s is not a non-empty string array", "tokenizer.ggml.tokens");
+        moe_seterr(err, errsz, st, "tokenizer: %s is not a non-empty string array", "tokenizer.ggml.tokens");
         goto fail;
     }
     int32_t n = t->n_vocab = (int32_t)toks->n;
@@ -383,6 +299,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     t->eog = calloc((size_t)n, 1);
     uint64_t hsize = 1;
     while (hsize < (uint64_t)n * 2) hsize <<= 1;
+    t->hkey = *moe_hash_process_key();
     t->hash = malloc(hsize * sizeof *t->hash);
     t->hash_mask = hsize - 1;
     if (!t->text_arena || !t->text_off || !t->piece_arena || !t->piece_off || !t->types || !t->eog || !t->hash)
@@ -403,7 +320,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     for (int32_t i = 0; i < n; i++) {
         uint64_t ty = MOE_TOKTYPE_NORMAL;
         if (types && (types->n != (uint64_t)n || moe_gguf_arr_u64(types, (uint64_t)i, &ty) != MOE_OK)) {
-            seterr(err, errsz, "tokenizer: %s does not match the token count", "tokenizer.ggml.token_type");
+            moe_seterr(err, errsz, st, "tokenizer: %s does not match the token count", "tokenizer.ggml.token_type");
             goto fail;
         }
         t->types[i] = (uint8_t)(ty <= 6 ? ty : MOE_TOKTYPE_NORMAL);
@@ -412,7 +329,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     for (int32_t i = 0; i < n; i++) {
         size_t len;
         const char *x = moe_tok_text(t, i, &len);
-        uint64_t h = moe_hash_bytes(x, len) & t->hash_mask;
+        uint64_t h = moe_hash_keyed(x, len, &t->hkey) & t->hash_mask;
         bool dup = false;
         while (t->hash[h] >= 0) {
             size_t l2;
@@ -435,7 +352,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
         }
         if (sc) {
             if (sc->n != (uint64_t)n) {
-                seterr(err, errsz, "tokenizer: %s does not match the token count", "tokenizer.ggml.scores");
+                moe_seterr(err, errsz, st, "tokenizer: %s does not match the token count", "tokenizer.ggml.scores");
                 goto fail;
             }
             for (int32_t i = 0; i < n; i++) {
@@ -468,7 +385,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
             uint32_t cp = byte_to_cp(b);
             char buf[4];
             cp_to_byte[cp] = (int16_t)b;
-            t->byte_tok[b] = moe_tok_find(t, buf, (size_t)put_utf8(cp, buf));
+            t->byte_tok[b] = moe_tok_find(t, buf, (size_t)moe_utf8_encode(cp, buf));
         }
         const moe_gguf_array *mg = moe_gguf_get_arr(g, "tokenizer.ggml.merges");
         uint64_t nm = mg && mg->etype == MOE_GGUF_STRING ? mg->n : 0;
@@ -493,7 +410,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
             int32_t ab = moe_tok_find(t, cat, la + lb);
             if (a < 0 || b < 0 || ab < 0) continue; /* HF refuses such files; skipping is harmless */
             uint64_t key = (((uint64_t)(uint32_t)a << 32) | (uint32_t)b) + 1;
-            uint64_t h = hash_u64(key) & t->pairs_mask;
+            uint64_t h = moe_hash_u64_keyed(key, &t->hkey) & t->pairs_mask;
             while (t->pairs[h].key && t->pairs[h].key != key) h = (h + 1) & t->pairs_mask;
             if (!t->pairs[h].key) t->pairs[h] = (pair_slot){key, (int32_t)r, ab};
         }
@@ -566,7 +483,7 @@ moe_tok *moe_tok_load(const moe_gguf *g, int *status, char *err, size_t errsz) {
     return t;
 fail:
     if (status) *status = st;
-    if (err && errsz && !err[0]) snprintf(err, errsz, "tokenizer: %s", moe_strerror(st));
+    if (err && errsz && !err[0]) moe_seterr(err, errsz, st, "tokenizer: %s", moe_strerror(st));
     moe_tok_free(t);
     return NULL;
 }
@@ -676,7 +593,7 @@ static int bpe_piece(enc *e, const unsigned char *p, size_t n) {
     if (t->ignore_merges && n <= 256) {
         char buf[1024];
         size_t l = 0;
-        for (size_t i = 0; i < n; i++) l += (size_t)put_utf8(byte_to_cp(p[i]), buf + l);
+        for (size_t i = 0; i < n; i++) l += (size_t)moe_utf8_encode(byte_to_cp(p[i]), buf + l);
         int32_t id = moe_tok_find(t, buf, l);
         if (id >= 0) return push_id(e, id);
     }
@@ -971,7 +888,7 @@ static int clean_text(const moe_tok *t, const char *s, size_t len, char **out, s
     if (i < len) {
         if (!(clean = malloc(len * 3 + 1))) return MOE_ENOMEM;
         size_t cl = 0;
-        utf8_sanitize((const unsigned char *)s, len, true, false, clean, &cl);
+        moe_utf8_sanitize((const unsigned char *)s, len, true, false, clean, &cl);
         s = clean, len = cl;
     }
     if (t->nfc) {
@@ -1182,7 +1099,7 @@ static int stream_add(moe_tok_stream *s, const char *p, size_t n, size_t *olen, 
         src = b;
     }
     if (sn == 0) return MOE_OK;
-    size_t used = utf8_sanitize(src, sn, final, s->t->kind == MOE_TOK_SPM, s->out, olen);
+    size_t used = moe_utf8_sanitize(src, sn, final, s->t->kind == MOE_TOK_SPM, s->out, olen);
     s->n_pend = sn - used;
     memcpy(s->pend, src + used, s->n_pend);
     free(heap);
@@ -1256,7 +1173,7 @@ int moe_tok_decode(const moe_tok *t, const int32_t *ids, size_t n, bool render_s
         const char *p = moe_tok_piece(t, ids[i], &pl);
         if (t->types[ids[i]] == MOE_TOKTYPE_CONTROL && !render_special) {
             if (spm) { /* as in the stream: bytes do not join across it */
-                utf8_sanitize((const unsigned char *)raw + seg, m - seg, true, spm, res, &ol);
+                moe_utf8_sanitize((const unsigned char *)raw + seg, m - seg, true, spm, res, &ol);
                 seg = m;
             }
             continue;
@@ -1268,7 +1185,7 @@ int moe_tok_decode(const moe_tok *t, const int32_t *ids, size_t n, bool render_s
         memcpy(raw + m, p, pl);
         m += pl;
     }
-    utf8_sanitize((const unsigned char *)raw + seg, m - seg, true, spm, res, &ol);
+    moe_utf8_sanitize((const unsigned char *)raw + seg, m - seg, true, spm, res, &ol);
     res[ol] = 0;
     free(raw);
     *out = res;

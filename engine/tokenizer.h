@@ -36,6 +36,7 @@
 
 #include "gguf.h"
 #include "status.h"
+#include "utf8.h" /* moe_utf8_next, shared with the chat code */
 
 #ifdef __cplusplus
 extern "C" {
@@ -156,12 +157,6 @@ void moe_tok_stream_free(moe_tok_stream *s);
 int moe_tok_stream_feed(moe_tok_stream *s, int32_t id, const char **delta, size_t *delta_len);
 /* Emits whatever is pending (as U+FFFD) and resets s for a new sequence. */
 int moe_tok_stream_flush(moe_tok_stream *s, const char **delta, size_t *delta_len);
-
-/* UTF-8 helper shared with the chat code: the length of the well-formed
- * character at p[0..n) (1..4); 0 when p holds a proper prefix of one that
- * ends at n; or -k when the first k bytes are a maximal ill-formed subpart
- * (Unicode 3.9, "U+FFFD substitution of maximal subparts"). n > 0. */
-int moe_utf8_next(const unsigned char *p, size_t n);
 
 #ifdef __cplusplus
 }

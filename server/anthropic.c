@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "status.h"
+#include "utf8.h"
 
 static int bad(srv_oai_err *err, const char *param, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static int bad(srv_oai_err *err, const char *param, const char *fmt, ...) {
@@ -263,7 +264,7 @@ static cJSON *err_object(const srv_oai_err *e) {
     /* Anthropic's messages start with the field ("max_tokens: Field required"). */
     if (pl && strncmp(e->message, e->param, pl)) snprintf(msg, sizeof msg, "%s: %s", e->param, e->message);
     else snprintf(msg, sizeof msg, "%s", e->message);
-    char *clean = srv_oai_utf8_clean(msg, strlen(msg));
+    char *clean = moe_utf8_clean(msg, strlen(msg));
     cJSON_AddStringToObject(o, "message", clean ? clean : "");
     free(clean);
     return root;
@@ -285,7 +286,7 @@ const char *srv_anth_stop_reason(moe_finish f, int32_t stop_index) {
 
 static void add_str_or_null(cJSON *o, const char *key, const char *s) {
     if (s) {
-        char *c = srv_oai_utf8_clean(s, strlen(s));
+        char *c = moe_utf8_clean(s, strlen(s));
         cJSON_AddStringToObject(o, key, c ? c : "");
         free(c);
     } else cJSON_AddNullToObject(o, key);
@@ -294,7 +295,7 @@ static void add_str_or_null(cJSON *o, const char *key, const char *s) {
 static cJSON *text_block(const char *text, size_t len) {
     cJSON *b = cJSON_CreateObject();
     cJSON_AddStringToObject(b, "type", "text");
-    char *c = srv_oai_utf8_clean(text ? text : "", text ? len : 0);
+    char *c = moe_utf8_clean(text ? text : "", text ? len : 0);
     cJSON_AddStringToObject(b, "text", c ? c : "");
     free(c);
     return b;

@@ -24,6 +24,5 @@ int srv_cmd_detokenize(int argc, char **argv); /* server/cmd_tokenize.c */
 
 /* Helpers for the subcommands (server/cli.c). Any thread. */
 double srv_cli_now_s(void);             /* CLOCK_MONOTONIC, in seconds */
-uint64_t srv_cli_rng_next(uint64_t *s); /* splitmix64 step of state *s */
 
 #endif

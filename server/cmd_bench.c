@@ -57,6 +57,7 @@
 #include "kvcache.h"
 #include "metrics.h"
 #include "model.h"
+#include "rng.h"
 #include "threadpool.h"
 #ifdef MOE_HAVE_CUDA
 #include "cuda_backend.h"
@@ -165,7 +166,7 @@ typedef struct bench {
     moe_kv_cache *kv;
     moe_kv_seq prompt; /* the prefilled prompt, shared by every decode sequence */
     int64_t n_prompt, n_vocab, n_moe_layers;
-    uint64_t rng;
+    moe_rng rng;
     float *logits;
     moe_energy_meter *em; /* NULL: energy off */
 } bench;
@@ -232,7 +233,7 @@ static int set_open(bench *bn, dec_set *d, long nb, int64_t steps) {
     for (long s = 0; s < nb; s++)
         for (int64_t i = 0; i < rest; i++) {
             int64_t k = s * rest + i;
-            d->ids[k] = (int32_t)(srv_cli_rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
+            d->ids[k] = (int32_t)(moe_rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
             d->pos[k] = (int32_t)(shared * BLOCK + i);
             d->sq[k] = (int32_t)s;
         }
@@ -245,7 +246,7 @@ static int set_open(bench *bn, dec_set *d, long nb, int64_t steps) {
  * cold caches). */
 static int set_step(bench *bn, dec_set *d, int64_t step) {
     for (long s = 0; s < d->nb; s++) {
-        d->ids[s] = (int32_t)(srv_cli_rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
+        d->ids[s] = (int32_t)(moe_rng_next(&bn->rng) % (uint64_t)bn->n_vocab);
         d->pos[s] = (int32_t)(bn->n_prompt + step);
         d->sq[s] = (int32_t)s;
     }
@@ -444,7 +445,7 @@ int srv_cmd_bench(int argc, char **argv) {
     moe_fwd_set_count_traffic(bn.fw, true);
     bn.n_prompt = n_prompt;
     bn.n_vocab = moe_fwd_n_vocab(bn.fw);
-    bn.rng = 0x5eed;
+    moe_rng_seed(&bn.rng, 0x5eed);
     long max_b = 1, sum_b = 0;
     for (int i = 0; i < n_batches; i++) {
         max_b = batches[i] > max_b ? batches[i] : max_b;
@@ -485,7 +486,7 @@ int srv_cmd_bench(int argc, char **argv) {
         }
     }
     for (int64_t i = 0; i < n_prompt; i++) {
-        ids[i] = (int32_t)(srv_cli_rng_next(&bn.rng) % (uint64_t)bn.n_vocab);
+        ids[i] = (int32_t)(moe_rng_next(&bn.rng) % (uint64_t)bn.n_vocab);
         pos[i] = (int32_t)i;
     }
     want[n_prompt - 1] = 1;

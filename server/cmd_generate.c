@@ -30,6 +30,7 @@
 #include "gguf.h"
 #include "kvcache.h"
 #include "model.h"
+#include "rng.h"
 #include "tokenizer.h"
 
 static void usage(FILE *f) {
@@ -43,14 +44,14 @@ static void usage(FILE *f) {
                "  -t, --threads N     CPU threads (default: all)\n");
 }
 
-static int32_t sample(const float *logits, int64_t n, float temp, uint64_t *rng) {
+static int32_t sample(const float *logits, int64_t n, float temp, moe_rng *rng) {
     int64_t best = 0;
     for (int64_t i = 1; i < n; i++)
         if (logits[i] > logits[best]) best = i;
     if (temp <= 0) return (int32_t)best;
     double sum = 0;
     for (int64_t i = 0; i < n; i++) sum += exp(((double)logits[i] - logits[best]) / temp);
-    double u = (double)(srv_cli_rng_next(rng) >> 11) * 0x1.0p-53 * sum, acc = 0;
+    double u = moe_rng_uniform(rng) * sum, acc = 0;
     for (int64_t i = 0; i < n; i++) {
         acc += exp(((double)logits[i] - logits[best]) / temp);
         if (u < acc) return (int32_t)i;
@@ -227,7 +228,8 @@ int srv_cmd_generate(int argc, char **argv) {
     }
     if (!logits_finite(logits, n_vocab, n_prompt - 1)) goto out;
     double t1 = srv_cli_now_s();
-    uint64_t rng = seed;
+    moe_rng rng;
+    moe_rng_seed(&rng, seed);
     long n_gen = 0;
     for (int64_t i = 0; i < n_predict; i++) {
         int32_t id = sample(logits, n_vocab, (float)temp, &rng);

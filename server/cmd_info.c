@@ -1,6 +1,7 @@
 /* cmd_info.c - `moed info MODEL.gguf`: what a model file holds, as the
  * loader sees it (engine/model.h); `moed info --check MODEL.gguf`: every
  * tensor decoded and searched for NaN/Inf. */
+#include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
@@ -145,28 +146,44 @@ static int check_tensors(const char *path) {
     return n_bad ? 1 : 0;
 }
 
+static void usage(FILE *f) {
+    fprintf(f, "usage: moed info [--no-tensors] [-m] MODEL.gguf\n"
+               "       moed info --check [-m] MODEL.gguf\n"
+               "  Prints the file header, architecture, hyper-parameters, parameter counts,\n"
+               "  tensors, bytes by type, tokenizer summary and the other metadata keys.\n"
+               "  -m, --model FILE  the model (or give it as the one positional argument)\n"
+               "      --no-tensors  leave out the tensor list\n"
+               "      --check       decode every tensor instead and name each one holding NaN or Inf\n"
+               "                    (its first such element); exit status 1 when any does, 0 when\n"
+               "                    all are finite\n"
+               "  -h, --help        this help\n");
+}
+
+enum { OPT_NO_TENSORS = 256, OPT_CHECK };
+
 int srv_cmd_info(int argc, char **argv) {
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"no-tensors", no_argument, 0, OPT_NO_TENSORS},
+                                         {"check", no_argument, 0, OPT_CHECK},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     const char *path = NULL;
     bool tensors = true, check = false;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
-            printf("usage: moed info [--no-tensors] MODEL.gguf\n"
-                   "       moed info --check MODEL.gguf\n"
-                   "  Prints the file header, architecture, hyper-parameters, parameter counts,\n"
-                   "  tensors, bytes by type, tokenizer summary and the other metadata keys.\n"
-                   "  --check decodes every tensor instead and names each one holding NaN or Inf\n"
-                   "  (its first such element); exit status 1 when any does, 0 when all are finite.\n");
-            return 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "m:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': path = optarg; break;
+        case OPT_NO_TENSORS: tensors = false; break;
+        case OPT_CHECK: check = true; break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
         }
-        if (!strcmp(argv[i], "--no-tensors")) tensors = false;
-        else if (!strcmp(argv[i], "--check")) check = true;
-        else if (argv[i][0] == '-') {
-            fprintf(stderr, "moed info: unknown option '%s'\n", argv[i]);
-            return 2;
-        } else path = argv[i];
     }
-    if (!path) {
-        fprintf(stderr, "usage: moed info [--no-tensors] MODEL.gguf | moed info --check MODEL.gguf\n");
+    /* `moed info M` and `moed info -m M` alike, as `moed serve` takes both */
+    if (optind < argc && !path) path = argv[optind++];
+    if (!path || optind != argc) {
+        usage(stderr);
         return 2;
     }
     if (check) return check_tensors(path);

@@ -1,6 +1,7 @@
 /* cmd_mkmodel.c - `moed mkmodel`: write a random-weight model of a real
  * architecture (engine/mkmodel.h) for tests and the demo. */
 #include <errno.h>
+#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,20 +39,60 @@ static int parse_i64(const char *opt, const char *s, long long *out) {
     return 0;
 }
 
+/* Long options at or above this value are the shape overrides, indexes
+ * into ov[] below. */
+enum { OPT_ARCH = 256, OPT_PRESET, OPT_TYPE, OPT_SEED, OPT_THREADS, OPT_ROPE_BASE, OPT_GATING, OPT_NORM_TOPK,
+       OPT_ROUTED_SCALE, OPT_HEAD_DIM, OPT_OV };
+
+static int positive(const char *opt, const char *s, double *out) {
+    char *end;
+    double d = strtod(s, &end);
+    if (end == s || *end || !(d > 0) || d > 1e30) {
+        fprintf(stderr, "moed mkmodel: %s wants a positive number, got '%s'\n", opt, s);
+        return -1;
+    }
+    *out = d;
+    return 0;
+}
+
 int srv_cmd_mkmodel(int argc, char **argv) {
+    static const char *const OV[] = {"layers",  "embd",    "vocab",      "ctx",    "heads",   "heads-kv",
+                                     "ff",      "experts", "experts-used", "ff-exp", "ff-shexp", "shared",
+                                     "dense-lead", "q-lora", "kv-lora",  "qk-nope", "qk-rope", "v-head",
+                                     "groups",  "groups-used"};
+    enum { N_OV = sizeof OV / sizeof *OV };
+    struct option opts[OPT_OV - OPT_ARCH + N_OV + 3] = {
+        {"arch", required_argument, 0, OPT_ARCH},           {"preset", required_argument, 0, OPT_PRESET},
+        {"type", required_argument, 0, OPT_TYPE},           {"seed", required_argument, 0, OPT_SEED},
+        {"threads", required_argument, 0, OPT_THREADS},     {"rope-base", required_argument, 0, OPT_ROPE_BASE},
+        {"gating", required_argument, 0, OPT_GATING},       {"norm-topk", required_argument, 0, OPT_NORM_TOPK},
+        {"routed-scale", required_argument, 0, OPT_ROUTED_SCALE}, {"head-dim", required_argument, 0, OPT_HEAD_DIM},
+    };
+    int no = OPT_OV - OPT_ARCH;
+    for (int k = 0; k < N_OV; k++) opts[no++] = (struct option){OV[k], required_argument, 0, OPT_OV + k};
+    opts[no++] = (struct option){"output", required_argument, 0, 'o'};
+    opts[no++] = (struct option){"help", no_argument, 0, 'h'};
+    opts[no] = (struct option){0, 0, 0, 0};
+
+    /* Pass 1: what the preset depends on; the rest waits for the preset. */
     const char *arch = NULL, *preset = "tiny", *out = NULL, *type = "Q8_0";
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            usage(stdout);
-            return 0;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+        switch (c) {
+        case OPT_ARCH: arch = optarg; break;
+        case OPT_PRESET: preset = optarg; break;
+        case OPT_TYPE: type = optarg; break;
+        case 'o': out = optarg; break;
+        case 'h': usage(stdout); return 0;
+        case '?': usage(stderr); return 2;
+        default: break;
         }
-        if (i + 1 >= argc) break;
-        if (!strcmp(a, "--arch")) arch = argv[++i];
-        else if (!strcmp(a, "--preset")) preset = argv[++i];
-        else if (!strcmp(a, "-o") || !strcmp(a, "--output")) out = argv[++i];
-        else if (!strcmp(a, "--type")) type = argv[++i];
-        else i++; /* overrides: applied after the preset below */
+    }
+    if (optind != argc) {
+        fprintf(stderr, "moed mkmodel: unexpected argument '%s'\n", argv[optind]);
+        usage(stderr);
+        return 2;
     }
     if (!arch || !out) {
         fprintf(stderr, "moed mkmodel: --arch and -o are required\n");
@@ -71,95 +112,61 @@ int srv_cmd_mkmodel(int argc, char **argv) {
     }
     cfg.type = t;
     moe_hparams *hp = &cfg.hp;
-    struct {
-        const char *opt;
-        int64_t *field;
-    } ov[] = {
-        {"--layers", &hp->n_layer},         {"--embd", &hp->n_embd},
-        {"--vocab", &hp->n_vocab},          {"--ctx", &hp->n_ctx_train},
-        {"--heads", &hp->n_head},           {"--heads-kv", &hp->n_head_kv},
-        {"--ff", &hp->n_ff},                {"--experts", &hp->n_expert},
-        {"--experts-used", &hp->n_expert_used}, {"--ff-exp", &hp->n_ff_exp},
-        {"--ff-shexp", &hp->n_ff_shexp},    {"--shared", &hp->n_expert_shared},
-        {"--dense-lead", &hp->n_layer_dense_lead}, {"--q-lora", &hp->q_lora_rank},
-        {"--kv-lora", &hp->kv_lora_rank},   {"--qk-nope", &hp->n_embd_head_qk_nope},
-        {"--qk-rope", &hp->n_rot},          {"--v-head", &hp->n_embd_head_v},
-        {"--groups", &hp->n_expert_group},  {"--groups-used", &hp->n_group_used},
-    };
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--arch") || !strcmp(a, "--preset") || !strcmp(a, "-o") || !strcmp(a, "--output") ||
-            !strcmp(a, "--type")) {
-            i++;
-            continue;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "moed mkmodel: %s needs a value\n", a);
-            return 2;
-        }
+    int64_t *const ov[N_OV] = {&hp->n_layer,         &hp->n_embd,          &hp->n_vocab,           &hp->n_ctx_train,
+                               &hp->n_head,          &hp->n_head_kv,       &hp->n_ff,              &hp->n_expert,
+                               &hp->n_expert_used,   &hp->n_ff_exp,        &hp->n_ff_shexp,        &hp->n_expert_shared,
+                               &hp->n_layer_dense_lead, &hp->q_lora_rank,  &hp->kv_lora_rank,      &hp->n_embd_head_qk_nope,
+                               &hp->n_rot,           &hp->n_embd_head_v,   &hp->n_expert_group,    &hp->n_group_used};
+    /* Pass 2: the overrides, in order, on top of the preset. */
+    optind = 1;
+    int li = -1;
+    while ((c = getopt_long(argc, argv, "o:h", opts, &li)) != -1) {
+        const char *name = li >= 0 ? opts[li].name : "?";
+        char flag[40];
+        snprintf(flag, sizeof flag, "--%s", name);
         long long v;
-        if (!strcmp(a, "--seed")) {
-            if (parse_i64(a, argv[++i], &v)) return 2;
+        double d;
+        li = -1;
+        switch (c) {
+        case OPT_SEED:
+            if (parse_i64(flag, optarg, &v)) return 2;
             cfg.seed = (uint64_t)v;
-            continue;
-        }
-        if (!strcmp(a, "--threads")) {
-            if (parse_i64(a, argv[++i], &v)) return 2;
+            break;
+        case OPT_THREADS:
+            if (parse_i64(flag, optarg, &v)) return 2;
             cfg.n_threads = (int)(v > 256 ? 256 : v);
-            continue;
-        }
-        if (!strcmp(a, "--rope-base")) {
-            char *end;
-            double d = strtod(argv[++i], &end);
-            if (*end || !(d > 0)) {
-                fprintf(stderr, "moed mkmodel: --rope-base wants a positive number\n");
-                return 2;
-            }
+            break;
+        case OPT_ROPE_BASE:
+            if (positive(flag, optarg, &d)) return 2;
             hp->rope_freq_base = d;
-            continue;
-        }
-        if (!strcmp(a, "--gating")) {
-            const char *g = argv[++i];
-            if (!strcmp(g, "softmax")) hp->expert_gating_func = MOE_HP_GATING_SOFTMAX;
-            else if (!strcmp(g, "sigmoid")) hp->expert_gating_func = MOE_HP_GATING_SIGMOID;
+            break;
+        case OPT_GATING:
+            if (!strcmp(optarg, "softmax")) hp->expert_gating_func = MOE_HP_GATING_SOFTMAX;
+            else if (!strcmp(optarg, "sigmoid")) hp->expert_gating_func = MOE_HP_GATING_SIGMOID;
             else {
                 fprintf(stderr, "moed mkmodel: --gating softmax|sigmoid\n");
                 return 2;
             }
-            continue;
-        }
-        if (!strcmp(a, "--norm-topk")) {
-            if (parse_i64(a, argv[++i], &v) || v > 1) return 2;
+            break;
+        case OPT_NORM_TOPK:
+            if (parse_i64(flag, optarg, &v) || v > 1) return 2;
             hp->expert_weights_norm = v == 1;
-            continue;
-        }
-        if (!strcmp(a, "--routed-scale")) {
-            char *end;
-            double d = strtod(argv[++i], &end);
-            if (*end || !(d > 0)) {
-                fprintf(stderr, "moed mkmodel: --routed-scale wants a positive number\n");
-                return 2;
-            }
+            break;
+        case OPT_ROUTED_SCALE:
+            if (positive(flag, optarg, &d)) return 2;
             hp->expert_weights_scale = d;
-            continue;
-        }
-        if (!strcmp(a, "--head-dim")) {
-            if (parse_i64(a, argv[++i], &v)) return 2;
+            break;
+        case OPT_HEAD_DIM:
+            if (parse_i64(flag, optarg, &v)) return 2;
             hp->n_embd_head_k = hp->n_embd_head_v = hp->n_rot = v;
-            continue;
+            break;
+        default:
+            if (c < OPT_OV) break; /* pass 1's */
+            if (parse_i64(flag, optarg, &v)) return 2;
+            *ov[c - OPT_OV] = v;
+            /* fewer layers than the preset's leading dense ones: keep it valid */
+            if (ov[c - OPT_OV] == &hp->n_layer && hp->n_layer_dense_lead > v) hp->n_layer_dense_lead = v;
         }
-        size_t k;
-        for (k = 0; k < sizeof ov / sizeof *ov; k++)
-            if (!strcmp(a, ov[k].opt)) break;
-        if (k == sizeof ov / sizeof *ov) {
-            fprintf(stderr, "moed mkmodel: unknown option '%s'\n", a);
-            usage(stderr);
-            return 2;
-        }
-        if (parse_i64(a, argv[++i], &v)) return 2;
-        *ov[k].field = v;
-        /* fewer layers than the preset's leading dense ones: keep it valid */
-        if (ov[k].field == &hp->n_layer && hp->n_layer_dense_lead > v) hp->n_layer_dense_lead = v;
     }
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);

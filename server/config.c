@@ -5,12 +5,14 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <getopt.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine.h" /* MOE_DEFAULT_*: what 0 means for the engine options */
 #include "status.h"
 
 extern char **environ;
@@ -24,25 +26,27 @@ typedef struct {
     size_t off;      /* offsetof in srv_config */
     size_t count_off;/* OPT_LIST: offset of the size_t count */
     double min, max; /* OPT_INT / OPT_DBL range */
-    const char *def; /* default, as shown by --help */
+    const char *def; /* the default: a value srv_config_init applies, or "(what unset means)" */
     const char *help;
 } opt_desc;
 
 #define OFF(f) offsetof(srv_config, f)
+#define S_(x) #x
+#define S(x) S_(x) /* an engine default (engine.h) into a help string */
 
 static const opt_desc opts[] = {
     {"model", 'm', OPT_STR, OFF(model), 0, 0, 0, "(required)", "GGUF model file to serve"},
     {"host", 0, OPT_STR, OFF(host), 0, 0, 0, "127.0.0.1", "address to listen on (0.0.0.0 = all)"},
     {"port", 'p', OPT_INT, OFF(port), 0, 0, 65535, "8080", "TCP port (0 = any free port)"},
-    {"served_model_name", 0, OPT_LIST, OFF(served_model_name), OFF(n_served_model_name), 0, 0, "file name", "model ids the API accepts, comma-separated; the first is the one it reports"},
-    {"api_key", 0, OPT_LIST, OFF(api_keys), OFF(n_api_keys), 0, 0, "none", "accepted Bearer keys, comma-separated (none = open)"},
+    {"served_model_name", 0, OPT_LIST, OFF(served_model_name), OFF(n_served_model_name), 0, 0, "(file name)", "model ids the API accepts, comma-separated; the first is the one it reports"},
+    {"api_key", 0, OPT_LIST, OFF(api_keys), OFF(n_api_keys), 0, 0, "(none)", "accepted Bearer keys, comma-separated (none = open)"},
     {"threads", 't', OPT_INT, OFF(threads), 0, 0, 4096, "0", "CPU engine threads (0 = all cores)"},
-    {"ctx_size", 'c', OPT_INT, OFF(ctx_size), 0, 0, 1 << 24, "0", "positions per sequence (0 = model's, capped at 8192)"},
-    {"max_seqs", 0, OPT_INT, OFF(max_seqs), 0, 0, 4096, "0", "max concurrently running sequences (0 = 32)"},
-    {"kv_cache_mb", 0, OPT_INT, OFF(kv_cache_mb), 0, 0, 1 << 30, "0", "KV cache size in MiB (0 = 1024)"},
-    {"kv_blocks", 0, OPT_INT, OFF(kv_blocks), 0, 0, 1 << 30, "0", "KV cache blocks, overrides kv_cache_mb (0 = from kv_cache_mb)"},
-    {"step_tokens", 0, OPT_INT, OFF(step_tokens), 0, 0, 1 << 20, "0", "token budget per engine step (0 = 512)"},
-    {"queue_limit", 0, OPT_INT, OFF(queue_limit), 0, 0, 1 << 24, "0", "waiting requests before 429 (0 = 256)"},
+    {"ctx_size", 'c', OPT_INT, OFF(ctx_size), 0, 0, 1 << 24, "0", "positions per sequence (0 = model's, capped at " S(MOE_DEFAULT_CTX_CAP) ")"},
+    {"max_seqs", 0, OPT_INT, OFF(max_seqs), 0, 0, 4096, "0", "max concurrently running sequences (0 = " S(MOE_DEFAULT_MAX_SEQS) ")"},
+    {"kv_cache_mb", 0, OPT_INT, OFF(kv_cache_mb), 0, 0, 1 << 30, "0", "KV cache size in MiB (0 = " S(MOE_DEFAULT_KV_MEM_MB) ")"},
+    {"kv_blocks", 0, OPT_INT, OFF(kv_blocks), 0, 0, 1 << 30, "0", "KV cache blocks of " S(MOE_DEFAULT_BLOCK_SIZE) " positions, overrides kv_cache_mb (0 = from kv_cache_mb)"},
+    {"step_tokens", 0, OPT_INT, OFF(step_tokens), 0, 0, 1 << 20, "0", "token budget per engine step (0 = " S(MOE_DEFAULT_STEP_TOKENS) ")"},
+    {"queue_limit", 0, OPT_INT, OFF(queue_limit), 0, 0, 1 << 24, "0", "waiting requests before 429 (0 = " S(MOE_DEFAULT_QUEUE_LIMIT) ")"},
     {"max_body", 0, OPT_INT, OFF(max_body), 0, 1024, 1LL << 32, "4194304", "largest request body in bytes (413 above)"},
     {"max_json_depth", 0, OPT_INT, OFF(max_json_depth), 0, 4, 1000, "64", "deepest JSON nesting accepted (400 above)"},
     {"request_timeout", 0, OPT_DBL, OFF(request_timeout), 0, 0, 1e7, "600", "seconds a request may run before it is cancelled (0 = none)"},
@@ -54,12 +58,12 @@ static const opt_desc opts[] = {
     {"sse_keepalive", 0, OPT_DBL, OFF(sse_keepalive), 0, 0, 1e6, "5", "seconds of silence before a stream gets a ': keep-alive' comment (0 = off)"},
     {"drain_timeout", 0, OPT_DBL, OFF(drain_timeout), 0, 0, 1e6, "30", "seconds in-flight requests get to finish after SIGTERM"},
     {"heartbeat_timeout", 0, OPT_DBL, OFF(heartbeat_timeout), 0, 0.01, 1e6, "30", "/health fails when the engine loop is older than this"},
-    {"cors_origins", 0, OPT_LIST, OFF(cors_origins), OFF(n_cors_origins), 0, 0, "none", "allowed CORS origins, comma-separated (* = any)"},
+    {"cors_origins", 0, OPT_LIST, OFF(cors_origins), OFF(n_cors_origins), 0, 0, "(none)", "allowed CORS origins, comma-separated (* = any)"},
     {"log_format", 0, OPT_FMT, OFF(log_format), 0, 0, 0, "text", "log line format: text or json"},
     {"log_level", 0, OPT_LEVEL, OFF(log_level), 0, 0, 0, "info", "error, warn, info or debug"},
     {"log_prompts", 0, OPT_BOOL, OFF(log_prompts), 0, 0, 0, "false", "also log each request's prompt text (one line per request)"},
     {"device", 0, OPT_STR, OFF(device), 0, 0, 0, "auto", "engine device: auto, cpu or cuda"},
-    {"chat_template", 0, OPT_STR, OFF(chat_template), 0, 0, 0, "from model", "chat format override: chatml, deepseek2, deepseek3, mistral, mistral-v3, llama3"},
+    {"chat_template", 0, OPT_STR, OFF(chat_template), 0, 0, 0, "(from the model)", "chat format override: chatml, deepseek2, deepseek3, mistral, mistral-v3, llama3"},
     {"chat_parse_special", 0, OPT_BOOL, OFF(chat_parse_special), 0, 0, 0, "false", "control-token text in chat message content becomes control tokens (lets clients forge turns)"},
     {"energy_source", 0, OPT_STR, OFF(energy_source), 0, 0, 0, "auto", "energy per request from: auto, nvml, rapl, estimate or off"},
     {"energy_idle_watts", 0, OPT_DBL, OFF(energy_idle_watts), 0, 0, 1e6, "50", "energy_source estimate: watts while the engine waits"},
@@ -69,15 +73,6 @@ static const opt_desc opts[] = {
 };
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
 
-static void errf(char *err, size_t errsz, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void errf(char *err, size_t errsz, const char *fmt, ...) {
-    if (!err || !errsz) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errsz, fmt, ap);
-    va_end(ap);
-}
-
 static void free_list(char ***list, size_t *n) {
     for (size_t i = 0; i < *n; i++) free((*list)[i]);
     free(*list);
@@ -85,27 +80,17 @@ static void free_list(char ***list, size_t *n) {
     *n = 0;
 }
 
+static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *err, size_t errsz);
+
+/* A "(...)" default describes what unset means; anything else is a value. */
+static bool has_default(const opt_desc *o) { return o->def[0] != '('; }
+
 void srv_config_init(srv_config *c) {
     memset(c, 0, sizeof *c);
-    c->host = strdup("127.0.0.1");
-    c->port = 8080;
-    c->max_body = 4 << 20;
-    c->max_json_depth = 64;
-    c->request_timeout = 600;
-    c->idle_timeout = 60;
-    c->header_timeout = 10;
-    c->body_timeout = 60;
-    c->max_connections = 1024;
-    c->max_connections_per_ip = 256;
-    c->drain_timeout = 30;
-    c->sse_keepalive = 5;
-    c->heartbeat_timeout = 30;
-    c->log_format = SRV_LOG_TEXT;
-    c->log_level = SRV_LOG_INFO;
-    c->device = strdup("auto");
-    c->energy_source = strdup("auto");
-    c->energy_idle_watts = 50;
-    c->energy_busy_watts = 150;
+    /* The table's defaults are the only ones; they parse (check_config
+     * tests it), so the status is not looked at. */
+    for (size_t i = 0; i < N_OPTS; i++)
+        if (has_default(&opts[i])) (void)set_opt(c, &opts[i], opts[i].def, NULL, 0);
 }
 
 void srv_config_free(srv_config *c) {
@@ -158,13 +143,11 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
         if (!dup) return MOE_ENOMEM;
         char **p = (char **)(base + o->off);
         free(*p);
-        /* An empty value resets optional strings (chat_template = ). */
+        /* An empty value resets a string to its default (served_model_name = ). */
         if (!*dup) {
             free(dup);
-            dup = NULL;
-            if (!strcmp(o->key, "host")) dup = strdup("127.0.0.1");
-            else if (!strcmp(o->key, "device")) dup = strdup("auto");
-            else if (!strcmp(o->key, "energy_source")) dup = strdup("auto");
+            dup = has_default(o) ? strdup(o->def) : NULL;
+            if (has_default(o) && !dup) return MOE_ENOMEM;
         }
         *p = dup;
         return 0;
@@ -175,12 +158,10 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
         long long x = strtoll(value, &end, 10);
         while (isspace((unsigned char)*end)) end++;
         if (end == value || *end || errno) {
-            errf(err, errsz, "%s: '%s' is not an integer", o->key, value);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "%s: '%s' is not an integer", o->key, value);
         }
         if ((double)x < o->min || (double)x > o->max) {
-            errf(err, errsz, "%s: %lld is out of range [%.0f, %.0f]", o->key, x, o->min, o->max);
-            return MOE_ERANGE;
+            return moe_seterr(err, errsz, MOE_ERANGE, "%s: %lld is out of range [%.0f, %.0f]", o->key, x, o->min, o->max);
         }
         *(int64_t *)(base + o->off) = x;
         return 0;
@@ -191,12 +172,10 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
         double x = strtod(value, &end);
         while (isspace((unsigned char)*end)) end++;
         if (end == value || *end || errno || !isfinite(x)) {
-            errf(err, errsz, "%s: '%s' is not a number", o->key, value);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "%s: '%s' is not a number", o->key, value);
         }
         if (x < o->min || x > o->max) {
-            errf(err, errsz, "%s: %g is out of range [%g, %g]", o->key, x, o->min, o->max);
-            return MOE_ERANGE;
+            return moe_seterr(err, errsz, MOE_ERANGE, "%s: %g is out of range [%g, %g]", o->key, x, o->min, o->max);
         }
         *(double *)(base + o->off) = x;
         return 0;
@@ -204,8 +183,7 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
     case OPT_BOOL: {
         bool b;
         if (parse_bool(value, &b)) {
-            errf(err, errsz, "%s: '%s' is not a boolean (true/false)", o->key, value);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "%s: '%s' is not a boolean (true/false)", o->key, value);
         }
         *(bool *)(base + o->off) = b;
         return 0;
@@ -241,9 +219,8 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
             /* A key list that was meant to be set but holds no key (an
              * empty secret, a stray comma) must not start an open server. */
             if (o->off == OFF(api_keys)) {
-                errf(err, errsz, "%s: '%.40s' holds no key; leave %s unset to run without authentication", o->key,
-                     value, o->key);
-                return MOE_EINVAL;
+                return moe_seterr(err, errsz, MOE_EINVAL, "%s: '%.40s' holds no key; leave %s unset to run without authentication", o->key,
+                                  value, o->key);
             }
         }
         free_list(list, n);
@@ -255,8 +232,7 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
         if (!strcasecmp(value, "text")) c->log_format = SRV_LOG_TEXT;
         else if (!strcasecmp(value, "json")) c->log_format = SRV_LOG_JSON;
         else {
-            errf(err, errsz, "%s: '%s' is not text or json", o->key, value);
-            return MOE_EINVAL;
+            return moe_seterr(err, errsz, MOE_EINVAL, "%s: '%s' is not text or json", o->key, value);
         }
         return 0;
     case OPT_LEVEL:
@@ -269,8 +245,7 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
             c->log_level = SRV_LOG_WARN;
             return 0;
         }
-        errf(err, errsz, "%s: '%s' is not error, warn, info or debug", o->key, value);
-        return MOE_EINVAL;
+        return moe_seterr(err, errsz, MOE_EINVAL, "%s: '%s' is not error, warn, info or debug", o->key, value);
     }
     return MOE_EINVAL;
 }
@@ -278,8 +253,7 @@ static int set_opt(srv_config *c, const opt_desc *o, const char *value, char *er
 int srv_config_set(srv_config *c, const char *key, const char *value, char *err, size_t errsz) {
     const opt_desc *o = find_opt(key, strlen(key));
     if (!o) {
-        errf(err, errsz, "unknown option '%s'", key);
-        return MOE_ENOTFOUND;
+        return moe_seterr(err, errsz, MOE_ENOTFOUND, "unknown option '%s'", key);
     }
     return set_opt(c, o, value, err, errsz);
 }
@@ -287,16 +261,14 @@ int srv_config_set(srv_config *c, const char *key, const char *value, char *err,
 int srv_config_load_file(srv_config *c, const char *path, char *err, size_t errsz) {
     FILE *f = fopen(path, "r");
     if (!f) {
-        errf(err, errsz, "%s: %s", path, strerror(errno));
-        return MOE_EIO;
+        return moe_seterr(err, errsz, MOE_EIO, "%s: %s", path, strerror(errno));
     }
     char line[8192], sub[MOE_ERR_MAX];
     int lineno = 0, rc = 0;
     while (fgets(line, sizeof line, f)) {
         lineno++;
         if (!strchr(line, '\n') && !feof(f)) {
-            errf(err, errsz, "%s:%d: line too long", path, lineno);
-            rc = MOE_EINVAL;
+            rc = moe_seterr(err, errsz, MOE_EINVAL, "%s:%d: line too long", path, lineno);
             break;
         }
         /* A '#' starts a comment unless it is inside a quoted value. */
@@ -312,8 +284,7 @@ int srv_config_load_file(srv_config *c, const char *path, char *err, size_t errs
         if (!*s) continue;
         char *eq = strchr(s, '=');
         if (!eq) {
-            errf(err, errsz, "%s:%d: expected 'key = value'", path, lineno);
-            rc = MOE_EINVAL;
+            rc = moe_seterr(err, errsz, MOE_EINVAL, "%s:%d: expected 'key = value'", path, lineno);
             break;
         }
         *eq = 0;
@@ -327,14 +298,12 @@ int srv_config_load_file(srv_config *c, const char *path, char *err, size_t errs
             if (*p == '-') *p = '_';
         int st = srv_config_set(c, key, val, sub, sizeof sub);
         if (st) {
-            errf(err, errsz, "%s:%d: %s", path, lineno, sub);
-            rc = st;
+            rc = moe_seterr(err, errsz, st, "%s:%d: %s", path, lineno, sub);
             break;
         }
     }
     if (!rc && ferror(f)) {
-        errf(err, errsz, "%s: read error", path);
-        rc = MOE_EIO;
+        rc = moe_seterr(err, errsz, MOE_EIO, "%s: read error", path);
     }
     fclose(f);
     if (!rc) {
@@ -363,8 +332,7 @@ int srv_config_load_env(srv_config *c, char *const *envp, char *err, size_t errs
         if (!o) continue;
         int st = set_opt(c, o, eq + 1, sub, sizeof sub);
         if (st) {
-            errf(err, errsz, "environment %.*s: %s", (int)(eq - *e), *e, sub);
-            return st;
+            return moe_seterr(err, errsz, st, "environment %.*s: %s", (int)(eq - *e), *e, sub);
         }
     }
     return 0;
@@ -412,14 +380,6 @@ static const char *nearest_key(const char *name, size_t len) {
     return best;
 }
 
-static void unknown_flag(const char *a, const char *name, char *err, size_t errsz) {
-    const char *near = name ? nearest_key(name, strlen(name)) : NULL;
-    char flag[64] = "";
-    for (size_t k = 0; near && near[k] && k < sizeof flag - 1; k++) flag[k] = near[k] == '_' ? '-' : near[k], flag[k + 1] = 0;
-    if (near) errf(err, errsz, "unknown option '%s' (did you mean --%s?)", a, flag);
-    else errf(err, errsz, "unknown option '%s'", a);
-}
-
 size_t srv_config_env_unknown(char *const *envp, char *out, size_t outsz) {
     if (!envp) envp = environ;
     if (out && outsz) out[0] = 0;
@@ -447,122 +407,172 @@ size_t srv_config_env_unknown(char *const *envp, char *out, size_t outsz) {
     return n;
 }
 
-/* Other servers' flags that mean exactly what one of ours does. */
+/* Other servers' flags that mean exactly what one of ours does; long
+ * options of the getopt table like the keys themselves. */
 static const struct {
-    const char *name; /* as after "--", dashes as underscores; "np" is llama-server's single-dash -np */
+    const char *name; /* as after "--" */
     const char *key;
 } flag_aliases[] = {
-    {"np", "max_seqs"},             /* llama-server -np */
-    {"parallel", "max_seqs"},       /* llama-server --parallel */
-    {"max_num_seqs", "max_seqs"},   /* vLLM */
+    {"parallel", "max_seqs"},       /* llama-server --parallel (and -np, see next_opt) */
+    {"max-num-seqs", "max_seqs"},   /* vLLM */
+    {"max_num_seqs", "max_seqs"},
     {"alias", "served_model_name"}, /* llama-server */
-    {"max_model_len", "ctx_size"},  /* vLLM */
+    {"max-model-len", "ctx_size"},  /* vLLM */
+    {"max_model_len", "ctx_size"},
 };
+#define N_ALIASES (sizeof flag_aliases / sizeof flag_aliases[0])
 
-static const opt_desc *alias_opt(const char *name) {
-    for (size_t i = 0; i < sizeof flag_aliases / sizeof flag_aliases[0]; i++)
-        if (!strcmp(name, flag_aliases[i].name)) return find_opt(flag_aliases[i].key, strlen(flag_aliases[i].key));
-    return NULL;
+/* The option an error names in argv[idx]: the long name without dashes and
+ * value ("--ctx-sise=9" -> "ctx_sise"), or a single-dash word ("-ctx-size",
+ * a likely slip) without its dash; NULL for a lone short flag. */
+static const char *slip_name(const char *arg, char *buf, size_t bufsz) {
+    const char *body = arg[0] == '-' && arg[1] == '-' ? arg + 2 : arg[0] == '-' && arg[1] && arg[2] ? arg + 1 : NULL;
+    if (!body) return NULL;
+    size_t n = 0;
+    for (; body[n] && body[n] != '=' && n + 1 < bufsz; n++) buf[n] = body[n] == '-' ? '_' : body[n];
+    buf[n] = 0;
+    return n ? buf : NULL;
 }
 
-/* Resolves argv[i] to an option and its value; advances *i past a
- * separate value argument. Returns 0, 1 for --config (value in *val),
- * 2 for --help, 3 for a positional, 4 for --version, or MOE_EINVAL. */
-static int cli_opt(int argc, char **argv, int *i, const opt_desc **o, const char **val, char *err, size_t errsz) {
-    const char *a = argv[*i];
+static int unknown_flag(const char *arg, char *err, size_t errsz) {
+    char name[64];
+    const char *nm = slip_name(arg, name, sizeof name);
+    const char *near = nm ? nearest_key(nm, strlen(nm)) : NULL;
+    if (!near) return moe_seterr(err, errsz, MOE_EINVAL, "unknown option '%s'", arg);
+    char flag[64] = "";
+    for (size_t k = 0; near[k] && k < sizeof flag - 1; k++) flag[k] = near[k] == '_' ? '-' : near[k], flag[k + 1] = 0;
+    return moe_seterr(err, errsz, MOE_EINVAL, "unknown option '%s' (did you mean --%s?)", arg, flag);
+}
+
+/* getopt_long over the table, as every subcommand parses its flags. The
+ * long names are the keys with dashes, and with underscores too (both have
+ * always worked); val = OPT_BASE + the table index. */
+enum { OPT_BASE = 256, OPT_CONFIG = OPT_BASE + 1000, OPT_VERSION = OPT_BASE + 1001, OPT_POSITIONAL = 1 };
+
+typedef struct {
+    struct option lo[2 * N_OPTS + N_ALIASES + 4];
+    char names[N_OPTS][48];
+    char shorts[2 + 2 * N_OPTS + 2];
+} getopt_table;
+
+static void getopt_table_build(getopt_table *t) {
+    size_t n = 0, k = 0;
+    t->shorts[k++] = '-'; /* positionals come back in order (as OPT_POSITIONAL); argv is not permuted */
+    t->shorts[k++] = ':'; /* a missing value comes back as ':', not as a message on stderr */
+    for (size_t i = 0; i < N_OPTS; i++) {
+        int has = opts[i].type == OPT_BOOL ? optional_argument : required_argument; /* --log-prompts alone: true */
+        size_t j = 0;
+        for (; opts[i].key[j] && j + 1 < sizeof t->names[i]; j++)
+            t->names[i][j] = opts[i].key[j] == '_' ? '-' : opts[i].key[j];
+        t->names[i][j] = 0;
+        t->lo[n++] = (struct option){t->names[i], has, NULL, OPT_BASE + (int)i};
+        if (strchr(opts[i].key, '_')) t->lo[n++] = (struct option){opts[i].key, has, NULL, OPT_BASE + (int)i};
+        if (opts[i].short_flag) {
+            t->shorts[k++] = opts[i].short_flag;
+            if (has == required_argument) t->shorts[k++] = ':';
+        }
+    }
+    t->shorts[k++] = 'h';
+    t->shorts[k] = 0;
+    t->lo[n++] = (struct option){"config", required_argument, NULL, OPT_CONFIG};
+    t->lo[n++] = (struct option){"help", no_argument, NULL, 'h'};
+    t->lo[n++] = (struct option){"version", no_argument, NULL, OPT_VERSION};
+    for (size_t i = 0; i < N_ALIASES; i++) {
+        const opt_desc *o = find_opt(flag_aliases[i].key, strlen(flag_aliases[i].key));
+        t->lo[n++] = (struct option){flag_aliases[i].name, required_argument, NULL, OPT_BASE + (int)(o - opts)};
+    }
+    t->lo[n] = (struct option){0, 0, 0, 0};
+}
+
+/* The next option of argv: its table entry in *o (NULL for --config and
+ * positionals) and value in *val. Returns 0 at the end, 'h', OPT_VERSION,
+ * OPT_CONFIG, OPT_POSITIONAL, OPT_BASE (an option), or MOE_EINVAL with a
+ * message ("did you mean" for a near miss). */
+static int next_opt(const getopt_table *t, int argc, char **argv, const opt_desc **o, const char **val, char *err,
+                    size_t errsz) {
     *o = NULL;
     *val = NULL;
-    if (!strcmp(a, "-h") || !strcmp(a, "--help")) return 2;
-    if (!strcmp(a, "--version")) return 4;
-    if (a[0] != '-' || !a[1]) {
-        *val = a;
-        return 3;
+    /* glibc's optind names the element being parsed (it moves on only when
+     * one is done), so argv[cur] is what an error is about. */
+    int cur = optind ? optind : 1;
+    if (cur < argc && !strcmp(argv[cur], "-np")) { /* llama-server's one-dash, two-letter flag */
+        if (cur + 1 >= argc) return moe_seterr(err, errsz, MOE_EINVAL, "option '-np' needs a value");
+        *o = find_opt("max_seqs", 8);
+        *val = argv[cur + 1];
+        optind = cur + 2;
+        return OPT_BASE;
     }
-    char name[64];
-    const char *inl = NULL;
-    if (a[1] != '-') {
-        if (!strcmp(a, "-np")) *o = alias_opt("np");
-        for (size_t k = 0; !a[2] && k < N_OPTS; k++)
-            if (opts[k].short_flag == a[1]) *o = &opts[k];
-        if (!*o) {
-            /* "-ctx-size": a long option with one dash is a likely slip */
-            unknown_flag(a, a[2] ? a + 1 : NULL, err, errsz);
-            return MOE_EINVAL;
-        }
+    int li = -1;
+    int c = getopt_long(argc, argv, t->shorts, t->lo, &li);
+    const char *a = cur < argc ? argv[cur] : "?";
+    if (li >= 0 && a[0] == '-' && a[1] == '-') {
+        /* getopt_long takes any unambiguous prefix ("--max-seq"); ours are
+         * exact, so that a new option never changes what an old prefix meant */
+        size_t n = strcspn(a + 2, "=");
+        if (strlen(t->lo[li].name) != n || strncmp(a + 2, t->lo[li].name, n)) return unknown_flag(a, err, errsz);
+    }
+    switch (c) {
+    case -1: return 0;
+    case 'h': return 'h';
+    case OPT_VERSION: return OPT_VERSION;
+    case OPT_POSITIONAL: *val = optarg; return OPT_POSITIONAL;
+    case OPT_CONFIG: *val = optarg; return OPT_CONFIG;
+    case ':': return moe_seterr(err, errsz, MOE_EINVAL, "option '%s' needs a value", a);
+    case '?': return unknown_flag(a, err, errsz);
+    }
+    if (c < OPT_BASE) { /* a short flag */
+        for (size_t k = 0; k < N_OPTS; k++)
+            if (opts[k].short_flag == c) *o = &opts[k];
     } else {
-        const char *body = a + 2;
-        inl = strchr(body, '=');
-        size_t len = inl ? (size_t)(inl - body) : strlen(body);
-        if (len >= sizeof name) len = sizeof name - 1;
-        for (size_t k = 0; k < len; k++) name[k] = body[k] == '-' ? '_' : body[k];
-        name[len] = 0;
-        if (inl) inl++;
-        if (!strcmp(name, "config")) {
-            if (!inl) {
-                if (*i + 1 >= argc) {
-                    errf(err, errsz, "option '--config' needs a value");
-                    return MOE_EINVAL;
-                }
-                inl = argv[++*i];
-            }
-            *val = inl;
-            return 1;
-        }
-        *o = find_opt(name, strlen(name));
-        if (!*o) *o = alias_opt(name);
-        if (!*o) {
-            unknown_flag(a, name, err, errsz);
-            return MOE_EINVAL;
-        }
+        *o = &opts[c - OPT_BASE];
     }
-    if (inl) *val = inl;
-    else if ((*o)->type == OPT_BOOL) *val = "true"; /* --log-prompts alone turns it on */
-    else {
-        if (*i + 1 >= argc) {
-            errf(err, errsz, "option '%s' needs a value", a);
-            return MOE_EINVAL;
-        }
-        *val = argv[++*i];
-    }
-    return 0;
+    if (!*o) return unknown_flag(a, err, errsz);
+    *val = optarg ? optarg : "true"; /* only a bool may have none */
+    return OPT_BASE;
+}
+
+/* Runs getopt from the start (optind = 0 also resets glibc's state
+ * between the two passes and a later SIGHUP reload) without messages. */
+static void getopt_restart(void) {
+    optind = 0;
+    opterr = 0;
 }
 
 int srv_config_from_args(srv_config *c, int argc, char **argv, char *const *envp, char *err, size_t errsz) {
     const char *config = env_get(envp, "MOED_CONFIG");
     const char *positional = NULL;
+    getopt_table t;
+    getopt_table_build(&t);
+    const opt_desc *o;
+    const char *v;
+    int r;
     /* Pass 1: --help, --config and syntax; nothing is applied yet. */
-    for (int i = 1; i < argc; i++) {
-        const opt_desc *o;
-        const char *v;
-        int r = cli_opt(argc, argv, &i, &o, &v, err, errsz);
-        if (r < 0) return r;
-        if (r == 2) return 1;
-        if (r == 4) return 2;
-        if (r == 1) config = v;
-        if (r == 3) {
-            if (positional) {
-                errf(err, errsz, "unexpected argument '%s'", v);
-                return MOE_EINVAL;
-            }
+    getopt_restart();
+    while ((r = next_opt(&t, argc, argv, &o, &v, err, errsz)) > 0) {
+        if (r == 'h') return 1;
+        if (r == OPT_VERSION) return 2;
+        if (r == OPT_CONFIG) config = v;
+        if (r == OPT_POSITIONAL) {
+            if (positional) return moe_seterr(err, errsz, MOE_EINVAL, "unexpected argument '%s'", v);
             positional = v;
         }
+    }
+    if (r < 0) return r;
+    for (; optind < argc; optind++) { /* after "--": positionals only */
+        if (positional) return moe_seterr(err, errsz, MOE_EINVAL, "unexpected argument '%s'", argv[optind]);
+        positional = argv[optind];
     }
     int st;
     if (config && *config && (st = srv_config_load_file(c, config, err, errsz))) return st;
     if ((st = srv_config_load_env(c, envp, err, errsz))) return st;
     if (positional && (st = srv_config_set(c, "model", positional, err, errsz))) return st;
+    /* Pass 2: the flags, over file, environment and positional. */
     char sub[MOE_ERR_MAX];
-    for (int i = 1; i < argc; i++) {
-        const opt_desc *o;
-        const char *v;
-        int r = cli_opt(argc, argv, &i, &o, &v, err, errsz);
-        if (r != 0) continue;
-        if ((st = set_opt(c, o, v, sub, sizeof sub))) {
-            errf(err, errsz, "%s", sub);
-            return st;
-        }
-    }
-    return 0;
+    getopt_restart();
+    while ((r = next_opt(&t, argc, argv, &o, &v, err, errsz)) > 0)
+        if (r == OPT_BASE && (st = set_opt(c, o, v, sub, sizeof sub)))
+            return moe_seterr(err, errsz, st, "%s", sub);
+    return r;
 }
 
 static const char *const live_keys[] = {"api_key", "cors_origins", "log_format", "log_level", "log_prompts"};
@@ -672,8 +682,10 @@ void srv_config_usage(FILE *f) {
         char lhs[96];
         if (opts[i].short_flag) snprintf(lhs, sizeof lhs, "  -%c, --%s%s", opts[i].short_flag, flag, arg);
         else snprintf(lhs, sizeof lhs, "      --%s%s", flag, arg);
-        if (opts[i].def[0] == '(') fprintf(f, "%-34s %s %s\n", lhs, opts[i].help, opts[i].def);
-        else fprintf(f, "%-34s %s (default: %s)\n", lhs, opts[i].help, opts[i].def);
+        const char *d = opts[i].def;
+        if (!strcmp(d, "(required)")) fprintf(f, "%-34s %s %s\n", lhs, opts[i].help, d);
+        else if (has_default(&opts[i])) fprintf(f, "%-34s %s (default: %s)\n", lhs, opts[i].help, d);
+        else fprintf(f, "%-34s %s (default: %.*s)\n", lhs, opts[i].help, (int)strlen(d) - 2, d + 1);
         fprintf(f, "%-34s [key %s, env MOED_%s]\n", "", opts[i].key, env);
     }
     fprintf(f, "  -h, --help                       this help\n"

@@ -12,6 +12,9 @@
  * that holds no key ("", ",", spaces) is an error, not an open server. Durations are in
  * seconds (fractions allowed). Sizes are plain integers.
  *
+ * Defaults live in one place, config.c's option table (engine ones in
+ * engine.h's MOE_DEFAULT_*); `moed serve --help` prints them.
+ *
  * Threads: not thread-safe; build the config on the main thread, then
  * treat it as read-only.
  */
@@ -27,8 +30,8 @@ typedef enum srv_log_format { SRV_LOG_TEXT = 0, SRV_LOG_JSON = 1 } srv_log_forma
 typedef enum srv_log_level { SRV_LOG_ERROR = 0, SRV_LOG_WARN = 1, SRV_LOG_INFO = 2, SRV_LOG_DEBUG = 3 } srv_log_level;
 
 typedef struct srv_config {
-    char *host;               /* listen address; default "127.0.0.1" */
-    int64_t port;             /* default 8080; 0 = any free port (printed) */
+    char *host;               /* listen address */
+    int64_t port;             /* 0 = any free port (printed) */
     char *model;              /* GGUF path; required */
     char **served_model_name; /* (n_served_model_name) ids accepted for the model; the first is the one
                                  /v1/models reports; none = the file name without .gguf */
@@ -36,29 +39,29 @@ typedef struct srv_config {
     char **api_keys;          /* (n_api_keys) accepted Bearer tokens; none = open */
     size_t n_api_keys;
     int64_t threads;          /* CPU engine threads; 0 = all cores */
-    int64_t ctx_size;         /* positions per sequence; 0 = model's, capped at 8192 */
-    int64_t max_seqs;         /* max running sequences; 0 = engine default (32) */
-    int64_t kv_cache_mb;      /* KV cache MiB; 0 = engine default (1024) */
+    int64_t ctx_size;         /* positions per sequence; 0 = model's, capped at MOE_DEFAULT_CTX_CAP */
+    int64_t max_seqs;         /* max running sequences; 0 = the engine default (MOE_DEFAULT_*) */
+    int64_t kv_cache_mb;      /* KV cache MiB; 0 = the engine default (MOE_DEFAULT_*) */
     int64_t kv_blocks;        /* KV cache blocks (overrides kv_cache_mb); 0 = from kv_cache_mb */
-    int64_t step_tokens;      /* token budget per engine step; 0 = engine default (512) */
-    int64_t queue_limit;      /* waiting requests before 429; 0 = engine default (256) */
-    int64_t max_body;         /* largest request body in bytes (413 above); default 4 MiB */
-    int64_t max_json_depth;   /* deepest JSON nesting accepted; default 64 */
-    double request_timeout;   /* seconds a request may run before it is cancelled; 0 = none; default 600 */
-    double idle_timeout;      /* seconds a connection may stay idle / not read; default 60 */
-    double header_timeout;    /* seconds to send a whole request head; 0 = none; default 10 */
-    double body_timeout;      /* seconds to send a whole request body after its head; 0 = none; default 60 */
-    int64_t max_connections;  /* open connections before a new one displaces a waiting one; default 1024 */
-    int64_t max_connections_per_ip; /* connections one client address may hold; 0 = no cap; default 256 */
-    double drain_timeout;     /* seconds in-flight requests get after SIGTERM; default 30 */
-    double sse_keepalive;     /* seconds of silence before a stream gets a ": keep-alive" comment; 0 = off; default 5 */
-    double heartbeat_timeout; /* /health is 503 when the engine loop is older than this; default 30 */
+    int64_t step_tokens;      /* token budget per engine step; 0 = the engine default (MOE_DEFAULT_*) */
+    int64_t queue_limit;      /* waiting requests before 429; 0 = the engine default (MOE_DEFAULT_*) */
+    int64_t max_body;         /* largest request body in bytes (413 above) */
+    int64_t max_json_depth;   /* deepest JSON nesting accepted */
+    double request_timeout;   /* seconds a request may run before it is cancelled; 0 = none */
+    double idle_timeout;      /* seconds a connection may stay idle / not read */
+    double header_timeout;    /* seconds to send a whole request head; 0 = none */
+    double body_timeout;      /* seconds to send a whole request body after its head; 0 = none */
+    int64_t max_connections;  /* open connections before a new one displaces a waiting one */
+    int64_t max_connections_per_ip; /* connections one client address may hold; 0 = no cap */
+    double drain_timeout;     /* seconds in-flight requests get after SIGTERM */
+    double sse_keepalive;     /* seconds of silence before a stream gets a ": keep-alive" comment; 0 = off */
+    double heartbeat_timeout; /* /health is 503 when the engine loop is older than this */
     char **cors_origins;      /* (n_cors_origins) allowed Origins; "*" = any; none = no CORS headers */
     size_t n_cors_origins;
     srv_log_format log_format;
     srv_log_level log_level;
     bool log_prompts;         /* also log each request's prompt text (info level) */
-    char *device;             /* "auto", "cpu", "cuda"; default "auto" */
+    char *device;             /* "auto", "cpu", "cuda" */
     char *chat_template;      /* family override ("chatml", "deepseek3", ...); NULL = from the model */
     bool chat_parse_special;  /* control-token text in chat message content becomes control tokens */
     char *energy_source;      /* "auto", "nvml", "rapl", "estimate", "off"; default "auto" (docs/cost.md) */

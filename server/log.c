@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "log_hook.h"
+#include "utf8.h"
 
 /* Atomic: a SIGHUP reload changes them on the loop thread while the
  * engine thread logs its load progress. */
@@ -40,36 +41,14 @@ void srv_log_setup(srv_log_format fmt, srv_log_level level, bool log_prompts) {
 
 bool srv_log_enabled(srv_log_level level) { return (int)level <= atomic_load(&g_level); }
 
-/* Length (1-4) of the well-formed UTF-8 sequence at s[0..n), with its code
- * point in *cp, or 0 when s[0] does not start one (RFC 3629: no overlong
- * forms, no surrogates, nothing above U+10FFFF). */
-static size_t utf8_seq(const unsigned char *s, size_t n, uint32_t *cp) {
-    unsigned char c = s[0];
-    if (c < 0x80) return *cp = c, 1;
-    size_t k;
-    uint32_t v, min;
-    if (c >= 0xC2 && c <= 0xDF) k = 2, v = c & 0x1F, min = 0x80;
-    else if (c >= 0xE0 && c <= 0xEF) k = 3, v = c & 0x0F, min = 0x800;
-    else if (c >= 0xF0 && c <= 0xF4) k = 4, v = c & 0x07, min = 0x10000;
-    else return 0;
-    if (n < k) return 0;
-    for (size_t i = 1; i < k; i++) {
-        if ((s[i] & 0xC0) != 0x80) return 0;
-        v = v << 6 | (s[i] & 0x3F);
-    }
-    if (v < min || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF)) return 0;
-    *cp = v;
-    return k;
-}
-
 static const char HEX[] = "0123456789abcdef";
 
 /* The escaped form of one input unit (a byte or a UTF-8 sequence) into
  * out (>= 8 bytes); returns its length. */
 static size_t esc_unit(const unsigned char *s, size_t n, size_t *used, bool json, bool quoting, char *out) {
     uint32_t cp;
-    size_t k = utf8_seq(s, n, &cp);
-    if (!k) { /* ill-formed: the one byte, as text "\xNN" */
+    int dk = moe_utf8_decode(s, n, &cp);
+    if (dk < 0) { /* ill-formed: the one byte, as text "\xNN" */
         *used = 1;
         size_t o = 0;
         out[o++] = '\\';
@@ -79,6 +58,7 @@ static size_t esc_unit(const unsigned char *s, size_t n, size_t *used, bool json
         out[o++] = HEX[s[0] & 15];
         return o;
     }
+    size_t k = (size_t)dk;
     *used = k;
     if (cp == '\\') return memcpy(out, "\\\\", 2), 2;
     if (cp == '"' && (json || quoting)) return memcpy(out, "\\\"", 2), 2;

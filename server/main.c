@@ -43,8 +43,13 @@ int main(int argc, char **argv) {
         return srv_cmd_serve(argc, argv);
     }
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-        if (!strcmp(argv[1], commands[i].name))
+        if (!strcmp(argv[1], commands[i].name)) {
+            /* getopt_long names argv[0] in its messages: "moed info: unrecognized option" */
+            static char name[32];
+            snprintf(name, sizeof name, "moed %s", commands[i].name);
+            argv[1] = name;
             return commands[i].fn(argc - 1, argv + 1);
+        }
     if (!strcmp(argv[1], "help")) {
         /* `moed help serve` is `moed serve --help` */
         for (size_t i = 0; argc >= 3 && i < sizeof(commands) / sizeof(commands[0]); i++)

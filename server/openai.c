@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "status.h"
+#include "utf8.h"
 
 void srv_oai_err_set(srv_oai_err *e, int http, const char *param, const char *fmt, ...) {
     e->http = http;
@@ -27,31 +28,9 @@ static const char *err_type(int http) {
     return "invalid_request_error";
 }
 
-char *srv_oai_utf8_clean(const char *s, size_t n) {
-    char *out = malloc(n * 3 + 1); /* every bad byte may become 3 bytes */
-    if (!out) return NULL;
-    size_t k = 0;
-    const unsigned char *p = (const unsigned char *)s;
-    while (n) {
-        int l = moe_utf8_next(p, n);
-        if (l > 0) {
-            memcpy(out + k, p, (size_t)l);
-            k += (size_t)l;
-        } else {
-            l = l < 0 ? -l : (int)n; /* 0: a truncated character at the end */
-            memcpy(out + k, "\xEF\xBF\xBD", 3);
-            k += 3;
-        }
-        p += l;
-        n -= (size_t)l;
-    }
-    out[k] = 0;
-    return out;
-}
-
 char *srv_oai_err_json(const srv_oai_err *e) {
     cJSON *root = cJSON_CreateObject(), *o = cJSON_AddObjectToObject(root, "error");
-    char *msg = srv_oai_utf8_clean(e->message, strlen(e->message));
+    char *msg = moe_utf8_clean(e->message, strlen(e->message));
     char *out = NULL;
     if (!o || !msg) goto done;
     cJSON_AddStringToObject(o, "message", msg);
@@ -728,7 +707,7 @@ static void add_finish(cJSON *o, moe_finish f) {
 }
 
 static void add_text(cJSON *o, const char *key, const char *text, size_t len) {
-    char *t = srv_oai_utf8_clean(text ? text : "", text ? len : 0);
+    char *t = moe_utf8_clean(text ? text : "", text ? len : 0);
     cJSON_AddStringToObject(o, key, t ? t : "");
     free(t);
 }
@@ -751,7 +730,7 @@ static cJSON *token_bytes(const moe_tok *tok, int32_t id) {
 static char *token_text(const moe_tok *tok, int32_t id) {
     size_t len = 0;
     const char *p = tok ? moe_tok_piece(tok, id, &len) : NULL;
-    return srv_oai_utf8_clean(p ? p : "", p ? len : 0);
+    return moe_utf8_clean(p ? p : "", p ? len : 0);
 }
 
 /* chat: {"content": [{"token","logprob","bytes","top_logprobs":[...]}], "refusal": null} */

@@ -156,7 +156,5 @@ char *srv_oai_render_usage_chunk(const srv_oai_ctx *c, int64_t prompt_tokens, in
 /* "stop" / "length" / NULL (none, cancelled). */
 const char *srv_oai_finish_name(moe_finish f);
 
-/* Copies s[0..n) replacing ill-formed UTF-8 by U+FFFD; malloc'd, NUL-terminated. */
-char *srv_oai_utf8_clean(const char *s, size_t n);
 
 #endif

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "status.h"
+#include "utf8.h"
 
 static int bad(srv_oai_err *err, const char *param, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static int bad(srv_oai_err *err, const char *param, const char *fmt, ...) {
@@ -264,7 +265,7 @@ static char *print(cJSON *o) {
 }
 
 static void add_text(cJSON *o, const char *key, const char *text, size_t len) {
-    char *c = srv_oai_utf8_clean(text ? text : "", text ? len : 0);
+    char *c = moe_utf8_clean(text ? text : "", text ? len : 0);
     cJSON_AddStringToObject(o, key, c ? c : "");
     free(c);
 }
@@ -428,7 +429,7 @@ char *srv_resp_sse_error(int64_t *seq, const srv_oai_err *e) {
     cJSON *ev = typed("error");
     if (e->code[0]) cJSON_AddStringToObject(ev, "code", e->code);
     else cJSON_AddNullToObject(ev, "code");
-    char *m = srv_oai_utf8_clean(e->message, strlen(e->message));
+    char *m = moe_utf8_clean(e->message, strlen(e->message));
     cJSON_AddStringToObject(ev, "message", m ? m : "");
     free(m);
     if (e->param[0]) cJSON_AddStringToObject(ev, "param", e->param);

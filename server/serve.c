@@ -23,7 +23,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/random.h>
 #include <time.h>
 
 #include <cJSON.h>
@@ -39,7 +38,9 @@
 #include "notify.h"
 #include "openai.h"
 #include "responses.h"
+#include "rng.h"
 #include "status.h"
+#include "utf8.h"
 
 typedef struct server server;
 typedef struct srv_gen srv_gen;
@@ -588,8 +589,8 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
 static void stream_free_cb(void *cls) { gen_release(cls); }
 
 static const char *make_id(server *s, const char *prefix, char *buf, size_t n) {
-    uint64_t x = s->id_base + s->id_next++ * 0x9e3779b97f4a7c15ull;
-    x ^= x >> 31;
+    uint64_t st = s->id_base + s->id_next++;
+    uint64_t x = moe_splitmix64(&st);
     snprintf(buf, n, "%s%016" PRIx64 "%08" PRIx64, prefix, x, s->id_next);
     return buf;
 }
@@ -956,7 +957,7 @@ static char *detokenize_body(server *s, const char *body, size_t len, srv_oai_er
         srv_oai_err_set(e, 500, NULL, "%s", moe_strerror(st));
         goto done;
     }
-    char *clean = srv_oai_utf8_clean(text, tl);
+    char *clean = moe_utf8_clean(text, tl);
     free(text);
     cJSON *r = cJSON_CreateObject();
     cJSON_AddStringToObject(r, "content", clean ? clean : "");
@@ -1588,7 +1589,7 @@ int srv_cmd_serve(int argc, char **argv) {
         s->model_ids[s->n_model_ids++] = cfg.served_model_name[i];
     if (s->model_file_name) s->model_ids[s->n_model_ids++] = s->model_file_name;
     s->started_unix = (int64_t)time(NULL);
-    if (getrandom(&s->id_base, sizeof s->id_base, 0) != sizeof s->id_base) s->id_base = moe_now_ns() ^ (uint64_t)getpid();
+    s->id_base = moe_rng_os_seed();
     srv_metrics_init(&s->metrics);
     s->metrics.cost_per_hour = cfg.cost_per_hour;
     s->metrics.energy_price = cfg.energy_price;

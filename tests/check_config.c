@@ -38,6 +38,25 @@ START_TEST(test_defaults) {
     ck_assert_double_eq(c.body_timeout, 60);
     ck_assert_int_eq(c.max_connections, 1024);
     ck_assert_int_eq(c.max_connections_per_ip, 256);
+    ck_assert_int_eq(c.max_json_depth, 64);
+    ck_assert_double_eq(c.request_timeout, 600);
+    ck_assert_double_eq(c.idle_timeout, 60);
+    ck_assert_double_eq(c.heartbeat_timeout, 30);
+    ck_assert_int_eq(c.threads, 0);
+    ck_assert_int_eq(c.max_seqs, 0); /* 0: the engine's MOE_DEFAULT_MAX_SEQS */
+    ck_assert_ptr_null(c.served_model_name);
+    ck_assert_ptr_null(c.chat_template);
+    ck_assert_int_eq(c.n_cors_origins, 0);
+    /* an empty value puts a string back to its default (the same table) */
+    char err[256];
+    ck_assert_int_eq(srv_config_set(&c, "host", "0.0.0.0", err, sizeof err), 0);
+    ck_assert_int_eq(srv_config_set(&c, "host", "", err, sizeof err), 0);
+    ck_assert_str_eq(c.host, "127.0.0.1");
+    ck_assert_int_eq(srv_config_set(&c, "device", "", err, sizeof err), 0);
+    ck_assert_str_eq(c.device, "auto");
+    ck_assert_int_eq(srv_config_set(&c, "served_model_name", "x", err, sizeof err), 0);
+    ck_assert_int_eq(srv_config_set(&c, "served_model_name", "", err, sizeof err), 0);
+    ck_assert_ptr_null(c.served_model_name);
     srv_config_free(&c);
 }
 END_TEST
@@ -205,6 +224,14 @@ START_TEST(test_precedence) {
     ck_assert_str_eq(c.model, "pos.gguf");
     ck_assert_int_eq(c.log_format, SRV_LOG_JSON);
     ck_assert(c.log_prompts);
+    srv_config_free(&c);
+
+    /* after "--" a dash-led name is the model, not an option */
+    srv_config_init(&c);
+    char *argv4[] = {"serve", "-p", "9", "--", "-odd.gguf", NULL};
+    ck_assert_int_eq(srv_config_from_args(&c, 5, argv4, env, err, sizeof err), 0);
+    ck_assert_str_eq(c.model, "-odd.gguf");
+    ck_assert_int_eq(c.port, 9);
     srv_config_free(&c);
 
     /* -m beats the positional, which beats the file. */

@@ -23,6 +23,7 @@
 #include "backend.h"
 #include "convert.h"
 #include "forward.h"
+#include "model.h"
 #include "gguf.h"
 #include "kvcache.h"
 #include "quant.h"
@@ -96,11 +97,11 @@ static double rel_err(const float *got, const float *want, size_t n) {
 static double run_model(const char *path, const ref *r, int *argmax_ok) {
     char err[256] = "";
     int st = 0;
-    moe_gguf *g = moe_gguf_open(path, &st, err, sizeof err);
-    ck_assert_msg(g != NULL, "%s: %s", path, err);
+    moe_model *m = moe_model_load(path, &st, err, sizeof err);
+    ck_assert_msg(m != NULL, "%s: %s", path, err);
     moe_backend be;
     ck_assert_int_eq(moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = 1}), MOE_OK);
-    moe_fwd *fw = moe_fwd_create(g, &be, &st, err, sizeof err);
+    moe_fwd *fw = moe_fwd_create(m, &be, &st, err, sizeof err);
     ck_assert_msg(fw != NULL, "%s: %s (%s)", path, err, moe_strerror(st));
     ck_assert_int_eq(moe_fwd_n_vocab(fw), r->n_vocab);
     moe_kv_opts ko;
@@ -128,7 +129,7 @@ static double run_model(const char *path, const ref *r, int *argmax_ok) {
     moe_kv_destroy(kv);
     moe_fwd_free(fw);
     moe_backend_destroy(&be);
-    moe_gguf_close(g);
+    moe_model_free(m);
     return e;
 }
 

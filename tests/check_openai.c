@@ -410,10 +410,10 @@ START_TEST(test_many_stops_and_deep) {
 END_TEST
 
 START_TEST(test_utf8_clean) {
-    char *s = srv_oai_utf8_clean("a\xffz\xe2\x82", 5);
+    char *s = moe_utf8_clean("a\xffz\xe2\x82", 5);
     ck_assert_str_eq(s, "a\xEF\xBF\xBDz\xEF\xBF\xBD");
     free(s);
-    s = srv_oai_utf8_clean("h\xc3\xa9", 3);
+    s = moe_utf8_clean("h\xc3\xa9", 3);
     ck_assert_str_eq(s, "h\xc3\xa9");
     free(s);
 }
@@ -454,7 +454,7 @@ START_TEST(test_render_chat) {
     ck_assert_int_eq(get(o, "choices.1.index")->valueint, 1);
     size_t pl;
     const char *piece = moe_tok_piece(tok, 70, &pl);
-    char *clean = srv_oai_utf8_clean(piece, pl);
+    char *clean = moe_utf8_clean(piece, pl);
     ck_assert_str_eq(get(o, "choices.0.logprobs.content.0.token")->valuestring, clean);
     ck_assert_int_eq(cJSON_GetArraySize(get(o, "choices.0.logprobs.content.0.bytes")), (int)pl);
     ck_assert_double_eq_tol(get(o, "choices.0.logprobs.content.0.logprob")->valuedouble, -0.25, 1e-6);

@@ -129,3 +129,63 @@ def test_every_serve_option_is_documented(moed_bin):
         flag = "--" + k.replace("_", "-")
         assert f"| `{k}` | " in conf and f"`{flag}`" in conf, f"{k} missing from docs/configuration.md"
         assert re.search(rf"\.BI? \"?(-\w, )?{re.escape(flag)}\b", man), f"{flag} missing from docs/moed.1"
+
+
+def serve_help_options(moed_bin):
+    """{key: (flag, default or None when unset, [numbers of its "0 = ..."])}
+    from `moed serve --help`, which server/config.c generates from its one
+    table (defaults) and engine/engine.h's MOE_DEFAULT_* (what 0 means)."""
+    usage = subprocess.run([str(moed_bin), "serve", "--help"], capture_output=True, text=True, timeout=30).stdout
+    opts = {}
+    for m in re.finditer(r"^ +(?:-\w, )?(--[\w-]+)[^\n]*? (\(default: ([^\n]*)\)|\(required\))\n +\[key (\w+),", usage,
+                         re.M):
+        flag, default, key = m.group(1), m.group(3), m.group(4)
+        line = usage[m.start():m.end()]
+        zero = re.search(r"\(0 = ([^)]*)\)", line)
+        opts[key] = (flag, default, re.findall(r"\d+", zero.group(1)) if zero else [])
+    assert len(opts) >= 20 and len(opts) == len(re.findall(r"\[key \w+,", usage)), usage
+    return opts
+
+
+# Values of the table's defaults; the others ("none", "file name") say what unset means.
+UNSET = {"none", "file name", "from the model", None}
+
+
+def test_defaults_agree_with_serve_help(moed_bin):
+    # One fact, one place: each default is defined in server/config.c's table
+    # or engine/engine.h; docs/configuration.md, docs/moed.1 and
+    # config/moed.conf must quote the same values.
+    opts = serve_help_options(moed_bin)
+    conf_md = (ROOT / "docs" / "configuration.md").read_text()
+    man = (ROOT / "docs" / "moed.1").read_text().replace("\\-", "-").replace("\\fB", "").replace("\\fR", "")
+    conf = (ROOT / "config" / "moed.conf").read_text()
+    checked = 0
+    for key, (flag, default, zero) in opts.items():
+        row = re.search(rf"^\| `{key}` \| [^|]* \| ([^|]*) \| (.*) \|$", conf_md, re.M)
+        assert row, f"{key}: no row in docs/configuration.md"
+        doc_default, meaning = row.group(1).replace("`", "").strip(), row.group(2)
+        if default in UNSET:
+            assert (default or "(required)") in doc_default, (key, default, doc_default)
+        else:
+            assert doc_default == default, f"{key}: docs/configuration.md says {doc_default}, the table {default}"
+        for n in zero:  # what 0 means, from the engine's constants
+            assert re.search(rf"\b{n}\b", meaning), f"{key}: docs/configuration.md lacks the engine default {n}"
+
+        entry = re.search(rf'^\.BI? "?(?:-\w, )?{re.escape(flag)}\b[^\n]*\n(.*?)(?=^\.(?:TP|SH|PP))', man, re.M | re.S)
+        assert entry, f"{flag} missing from docs/moed.1"
+        shown = re.search(r"\(default ([^;:)\s]+)", entry.group(1))
+        if shown and default not in UNSET:
+            assert shown.group(1) == default, f"{flag}: docs/moed.1 says default {shown.group(1)}, the table {default}"
+        for n in zero:
+            assert re.search(rf"\b{n}\b", entry.group(1)), f"{flag}: docs/moed.1 lacks the engine default {n}"
+
+        line = re.search(rf"^#?{key} = ?(.*)$", conf, re.M)
+        if line is None:
+            continue
+        if default not in UNSET:
+            assert line.group(1).strip() == default, f"{key}: config/moed.conf shows {line.group(1)!r}, the default is {default}"
+        block = conf[:line.start()].rsplit("\n\n", 1)[-1]  # the comment above the key
+        for n in zero:
+            assert re.search(rf"\b{n}\b", block), f"{key}: config/moed.conf's comment lacks the engine default {n}"
+        checked += 1
+    assert checked >= 24, checked
