@@ -502,6 +502,14 @@ static int next_opt(const getopt_table *t, int argc, char **argv, const opt_desc
         optind = cur + 2;
         return OPT_BASE;
     }
+    if (cur < argc && argv[cur][0] == '-' && argv[cur][1] && argv[cur][1] != '-' && argv[cur][2]) {
+        /* "-ctx-size 9": a long option with one dash, which getopt would
+         * read as -c with the value "tx-size"; refused with the hint when
+         * the word is (nearly) one of our keys ("-p8080" is not) */
+        char name[64];
+        const char *nm = slip_name(argv[cur], name, sizeof name);
+        if (nm && strlen(nm) > 2 && nearest_key(nm, strlen(nm))) return unknown_flag(argv[cur], err, errsz);
+    }
     int li = -1;
     int c = getopt_long(argc, argv, t->shorts, t->lo, &li);
     const char *a = cur < argc ? argv[cur] : "?";
