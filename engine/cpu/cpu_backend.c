@@ -335,11 +335,21 @@ static int cpu_attention(void *vctx, const moe_kv_view *kv, const float *q, cons
 }
 
 /* MLA attention over the latent cache. Every head of a token reads the
- * same cached row (latent c and k_pe), so a task covers all heads of one
- * token over a range of positions and reads each row once, not once per
- * head (128 heads on V3). Decode has few tokens, so a token's positions are
- * split into chunks across threads (flash-decoding): each chunk keeps its
- * own max, sum and weighted latent sum per head, merged afterwards. */
+ * same cached row (latent c and k_pe), so one pass covers all heads of a
+ * token and reads each row once, not once per head (128 heads on V3).
+ *
+ * A token's positions are cut into chunks of MLA_CHUNK at fixed offsets
+ * (0, MLA_CHUNK, 2 MLA_CHUNK, ...); each chunk yields a partial softmax
+ * state per head (max, sum, weighted latent sum), and the partials are
+ * merged in chunk order by mla_merge. The cut points depend on nothing but
+ * the position, so a token's bits are the same whatever else shares its
+ * step, however it was chunked into steps and on any thread count
+ * (issue 20). Only the schedule varies: with few tokens (decode) the
+ * chunks run as separate tasks across threads (flash-decoding) and are
+ * merged afterwards; with many, one task walks a token's chunks and merges
+ * as it goes. Both run the same two functions in the same order. */
+#define MLA_CHUNK 64
+
 typedef struct mla_job {
     const moe_kv_view *kv;
     const float *q;     /* (n_tok, H, dq): q_pe at offset nope of each head */
@@ -347,17 +357,23 @@ typedef struct mla_job {
     int64_t H, R, n_rot, dq, nope;
     float scale;
     const float *cache; /* slots of R + n_rot */
-    const int64_t *tok, *p0, *p1; /* per task: token and position range */
+    float *o_lat;       /* (n_tok, H, R) result */
+    /* split schedule */
+    const int64_t *first; /* (n_tok + 1) token t's chunks are tasks [first[t], first[t + 1]) */
+    const int64_t *tok;   /* (n_task) token of each chunk task */
     float *part_m, *part_l; /* (n_task, H) */
     float *part_o;          /* (n_task, H, R) */
-    float *scratch;         /* per thread: H * max_chunk scores */
-    int64_t max_chunk;
+    /* per-thread scratch: scores (H, MLA_CHUNK); for the token schedule
+     * also one partial (m, l: H each; o: H * R) and the running max and sum */
+    float *scratch;
+    size_t scratch_floats; /* per thread, even */
+    size_t sum_off;        /* floats from a thread's scratch to its running sums (doubles; even) */
 } mla_job;
 
-static void mla_task(void *vctx, int64_t k, int thread) {
-    mla_job *j = vctx;
-    int64_t t = j->tok[k], p0 = j->p0[k], n = j->p1[k] - p0, H = j->H, R = j->R, W = R + j->n_rot;
-    float *sc = j->scratch + (int64_t)thread * H * j->max_chunk; /* (H, n) */
+/* Partial state of token t over positions [p0, p1) (at most MLA_CHUNK):
+ * m[h] = max score, l[h] = sum exp(score - m), o[h] = sum exp(score - m) c. */
+static void mla_chunk(const mla_job *j, int64_t t, int64_t p0, int64_t p1, float *sc, float *m, float *l, float *o) {
+    int64_t n = p1 - p0, H = j->H, R = j->R, W = R + j->n_rot;
     for (int64_t p = 0; p < n; p++) {
         const float *c = j->cache + kv_slot(j->kv, j->kv->seq[t], p0 + p) * W;
         for (int64_t h = 0; h < H; h++) {
@@ -366,7 +382,6 @@ static void mla_task(void *vctx, int64_t k, int thread) {
             sc[h * n + p] = (dotf(ql, c, R) + dotf(qp, c + R, j->n_rot)) * j->scale;
         }
     }
-    float *m = j->part_m + k * H, *l = j->part_l + k * H, *o = j->part_o + k * H * R;
     for (int64_t h = 0; h < H; h++) {
         float mx = -INFINITY;
         for (int64_t p = 0; p < n; p++) mx = sc[h * n + p] > mx ? sc[h * n + p] : mx;
@@ -384,73 +399,115 @@ static void mla_task(void *vctx, int64_t k, int thread) {
     }
 }
 
+/* Folds one partial (m, l, o) into the running state (M, L, O) of a token,
+ * which starts at (-inf, 0, 0). The one merge formula of both schedules. */
+static void mla_merge(int64_t H, int64_t R, const float *m, const float *l, const float *o, float *M, double *L,
+                      float *O) {
+    for (int64_t h = 0; h < H; h++) {
+        float mx = m[h] > M[h] ? m[h] : M[h];
+        if (mx == -INFINITY) continue; /* nothing finite yet (not reached with finite scores) */
+        float a = M[h] == -INFINITY ? 0.0f : expf(M[h] - mx), b = expf(m[h] - mx);
+        L[h] = L[h] * (double)a + (double)l[h] * (double)b;
+        float *Oh = O + h * R;
+        const float *oh = o + h * R;
+        for (int64_t i = 0; i < R; i++) Oh[i] = Oh[i] * a + oh[i] * b;
+        M[h] = mx;
+    }
+}
+
+static void mla_finish(int64_t H, int64_t R, const double *L, float *O) {
+    for (int64_t h = 0; h < H; h++) {
+        float inv = (float)(1.0 / L[h]);
+        for (int64_t i = 0; i < R; i++) O[h * R + i] *= inv;
+    }
+}
+
+/* Token schedule: one task per token, its chunks in order. */
+static void mla_token_task(void *vctx, int64_t t, int thread) {
+    const mla_job *j = vctx;
+    int64_t H = j->H, R = j->R, len = (int64_t)j->kv->pos[t] + 1;
+    float *sc = j->scratch + (size_t)thread * j->scratch_floats;
+    float *m = sc + H * MLA_CHUNK, *l = m + H, *o = l + H, *M = o + H * R;
+    double *L = (double *)(void *)(sc + j->sum_off);
+    float *O = j->o_lat + t * H * R;
+    for (int64_t h = 0; h < H; h++) M[h] = -INFINITY, L[h] = 0;
+    memset(O, 0, (size_t)H * (size_t)R * sizeof(float));
+    for (int64_t p0 = 0; p0 < len; p0 += MLA_CHUNK) {
+        mla_chunk(j, t, p0, p0 + MLA_CHUNK < len ? p0 + MLA_CHUNK : len, sc, m, l, o);
+        mla_merge(H, R, m, l, o, M, L, O);
+    }
+    mla_finish(H, R, L, O);
+}
+
+/* Split schedule, first pass: one task per chunk. */
+static void mla_chunk_task(void *vctx, int64_t k, int thread) {
+    const mla_job *j = vctx;
+    int64_t t = j->tok[k], H = j->H, R = j->R, len = (int64_t)j->kv->pos[t] + 1;
+    int64_t p0 = (k - j->first[t]) * MLA_CHUNK;
+    float *sc = j->scratch + (size_t)thread * j->scratch_floats;
+    mla_chunk(j, t, p0, p0 + MLA_CHUNK < len ? p0 + MLA_CHUNK : len, sc, j->part_m + k * H, j->part_l + k * H,
+              j->part_o + k * H * R);
+}
+
+/* Split schedule, second pass: one task per token merges its chunks in order. */
+static void mla_merge_task(void *vctx, int64_t t, int thread) {
+    const mla_job *j = vctx;
+    int64_t H = j->H, R = j->R;
+    float *M = j->scratch + (size_t)thread * j->scratch_floats;
+    double *L = (double *)(void *)(M + j->sum_off); /* the scores' room, unused in this pass */
+    float *O = j->o_lat + t * H * R;
+    for (int64_t h = 0; h < H; h++) M[h] = -INFINITY, L[h] = 0;
+    memset(O, 0, (size_t)H * (size_t)R * sizeof(float));
+    for (int64_t k = j->first[t]; k < j->first[t + 1]; k++)
+        mla_merge(H, R, j->part_m + k * H, j->part_l + k * H, j->part_o + k * H * R, M, L, O);
+    mla_finish(H, R, L, O);
+}
+
+/* Bytes of partial state the split schedule may hold at once. */
+#define MLA_SPLIT_MAX_BYTES ((size_t)64 << 20)
+
 /* o_lat (n_tok, H, R) = softmax-weighted latent sums, per head. */
 static int mla_latent_attention(cpu_ctx *c, mla_job *j, float *o_lat) {
     const moe_kv_view *kv = j->kv;
-    int64_t n_tok = kv->n_tok, H = j->H, R = j->R;
-    /* enough tasks to feed every thread; never chunks under 32 positions */
-    int64_t want = 4 * (int64_t)cpu_pool_size(c->pool);
-    int64_t per_tok = n_tok >= want ? 1 : (want + n_tok - 1) / n_tok;
-    int64_t n_task = 0, max_chunk = 1;
-    for (int64_t t = 0; t < n_tok; t++) {
-        int64_t len = (int64_t)kv->pos[t] + 1, nch = (len + 31) / 32;
-        nch = nch < per_tok ? nch : per_tok;
-        int64_t ch = (len + nch - 1) / nch;
-        max_chunk = ch > max_chunk ? ch : max_chunk;
-        n_task += (len + ch - 1) / ch;
-    }
-    size_t b_tok = al64((size_t)n_task * 3 * sizeof(int64_t)), b_pm = al64((size_t)n_task * (size_t)H * 2 * sizeof(float));
+    int64_t n_tok = kv->n_tok, H = j->H, R = j->R, n_thr = cpu_pool_size(c->pool), n_task = 0;
+    for (int64_t t = 0; t < n_tok; t++) n_task += ((int64_t)kv->pos[t] + MLA_CHUNK) / MLA_CHUNK;
+    j->o_lat = o_lat;
+    /* per thread: scores, one partial and the running max, then the
+     * running sums as doubles at an even (8-byte aligned) offset */
+    size_t sum_off = (size_t)(H * MLA_CHUNK + 2 * H + H * R + H);
+    sum_off += sum_off & 1;
+    size_t per = sum_off + 2 * (size_t)H;
+    j->sum_off = sum_off;
+    j->scratch_floats = per;
+    size_t b_scr = al64((size_t)n_thr * per * sizeof(float));
+    size_t b_first = al64(((size_t)n_tok + 1) * sizeof(int64_t)), b_tok = al64((size_t)n_task * sizeof(int64_t));
+    size_t b_pm = al64((size_t)n_task * (size_t)H * 2 * sizeof(float));
     size_t b_po = al64((size_t)n_task * (size_t)H * (size_t)R * sizeof(float));
-    size_t b_scr = (size_t)cpu_pool_size(c->pool) * (size_t)H * (size_t)max_chunk * sizeof(float);
-    char *base = cpu_pool_scratch(c->pool, CPU_SCRATCH_MLA_LATENT, b_tok + b_pm + b_po + b_scr);
-    int rc = base ? MOE_OK : MOE_ENOMEM;
-    int64_t *tok = (int64_t *)(void *)base;
-    float *pm = (float *)(void *)(base + b_tok), *po = (float *)(void *)(base + b_tok + b_pm);
-    float *scr = (float *)(void *)(base + b_tok + b_pm + b_po);
-    if (!rc) {
-        int64_t *p0 = tok + n_task, *p1 = tok + 2 * n_task, k = 0;
-        for (int64_t t = 0; t < n_tok; t++) {
-            int64_t len = (int64_t)kv->pos[t] + 1, nch = (len + 31) / 32;
-            nch = nch < per_tok ? nch : per_tok;
-            int64_t ch = (len + nch - 1) / nch;
-            for (int64_t a = 0; a < len; a += ch, k++) {
-                tok[k] = t;
-                p0[k] = a;
-                p1[k] = a + ch < len ? a + ch : len;
-            }
-        }
-        j->tok = tok;
-        j->p0 = p0;
-        j->p1 = p1;
-        j->part_m = pm;
-        j->part_l = pm + n_task * H;
-        j->part_o = po;
-        j->scratch = scr;
-        j->max_chunk = max_chunk;
-        cpu_pool_run(c->pool, mla_task, j, n_task);
-        /* merge the chunks of each token (tasks of a token are consecutive) */
-        for (int64_t a = 0; a < n_task;) {
-            int64_t b = a, t = tok[a];
-            while (b < n_task && tok[b] == t) b++;
-            for (int64_t h = 0; h < H; h++) {
-                float mx = -INFINITY;
-                for (int64_t q = a; q < b; q++) mx = j->part_m[q * H + h] > mx ? j->part_m[q * H + h] : mx;
-                double sum = 0;
-                float *out = o_lat + (t * H + h) * R;
-                memset(out, 0, (size_t)R * sizeof(float));
-                for (int64_t q = a; q < b; q++) {
-                    float f = expf(j->part_m[q * H + h] - mx);
-                    sum += (double)f * j->part_l[q * H + h];
-                    const float *oq = po + (q * H + h) * R;
-                    for (int64_t i = 0; i < R; i++) out[i] += f * oq[i];
-                }
-                float inv = (float)(1.0 / sum);
-                for (int64_t i = 0; i < R; i++) out[i] *= inv;
-            }
-            a = b;
-        }
+    /* split only when the tokens alone would leave threads idle, and only
+     * within a memory bound; the results are the same either way */
+    bool split = n_tok < 4 * n_thr && n_task > n_tok && b_po <= MLA_SPLIT_MAX_BYTES;
+    size_t need = b_scr + (split ? b_first + b_tok + b_pm + b_po : 0);
+    char *base = cpu_pool_scratch(c->pool, CPU_SCRATCH_MLA_LATENT, need);
+    if (!base) return MOE_ENOMEM;
+    j->scratch = (float *)(void *)base;
+    if (!split) {
+        cpu_pool_run(c->pool, mla_token_task, j, n_tok);
+        return MOE_OK;
     }
-    return rc;
+    int64_t *first = (int64_t *)(void *)(base + b_scr), *tok = (int64_t *)(void *)(base + b_scr + b_first);
+    first[0] = 0;
+    for (int64_t t = 0; t < n_tok; t++) {
+        first[t + 1] = first[t] + ((int64_t)kv->pos[t] + MLA_CHUNK) / MLA_CHUNK;
+        for (int64_t k = first[t]; k < first[t + 1]; k++) tok[k] = t;
+    }
+    j->first = first;
+    j->tok = tok;
+    j->part_m = (float *)(void *)(base + b_scr + b_first + b_tok);
+    j->part_l = j->part_m + n_task * H;
+    j->part_o = (float *)(void *)(base + b_scr + b_first + b_tok + b_pm);
+    cpu_pool_run(c->pool, mla_chunk_task, j, n_task);
+    cpu_pool_run(c->pool, mla_merge_task, j, n_tok);
+    return MOE_OK;
 }
 
 /* Per-head products: y[t][h] (w->n_out) = W_h . x[t][h][0 .. w->n_in), where
