@@ -258,6 +258,259 @@ END_TEST
 START_TEST(forward_dense_f32) { forward_case("llama", MOE_TYPE_F32, "llama_f32"); }
 END_TEST
 
+
+/* ---- engine level ---- */
+
+enum { NPR = 50, NREQ = 2 * NPR, GEN = 12, NTOP = 2, PLEN_MAX = 150 };
+
+/* One request's stream: tokens, their logprobs and top alternatives. */
+typedef struct stream {
+    int32_t tok[GEN];
+    float lp[GEN];
+    int32_t top[GEN][NTOP];
+    float top_lp[GEN][NTOP];
+    int n, n_done, n_error;
+} stream;
+
+typedef struct runset {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    stream s[NREQ];
+    int n_done;
+} runset;
+
+typedef struct req_ctx {
+    runset *rs;
+    int idx;
+} req_ctx;
+
+static void on_event(void *user, const moe_event *ev) {
+    req_ctx *rc = user;
+    runset *rs = rc->rs;
+    pthread_mutex_lock(&rs->mu);
+    stream *st = &rs->s[rc->idx];
+    if (ev->kind == MOE_EV_TOKEN && st->n < GEN) {
+        st->tok[st->n] = ev->token;
+        st->lp[st->n] = ev->logprob;
+        for (int k = 0; k < NTOP && k < ev->n_top; k++) {
+            st->top[st->n][k] = ev->top[k].id;
+            st->top_lp[st->n][k] = ev->top[k].logprob;
+        }
+        st->n++;
+    } else if (ev->kind == MOE_EV_ERROR) {
+        st->n_error++;
+    } else if (ev->kind == MOE_EV_DONE) {
+        st->n_done++;
+        rs->n_done++;
+        pthread_cond_broadcast(&rs->cv);
+    }
+    pthread_mutex_unlock(&rs->mu);
+}
+
+typedef struct workload {
+    int32_t ids[NPR][PLEN_MAX];
+    int64_t len[NPR];
+    int64_t total_prompt; /* over all NREQ requests */
+} workload;
+
+/* 50 prompts in 10 families: a family's prompts share a leading run of
+ * 16-80 tokens (whole KV blocks or not), so later ones can hit the prefix
+ * cache when earlier ones published it. */
+static void make_workload(workload *w) {
+    rng_state = 0x2545f4914f6cdd1dull;
+    int32_t fam[10][80];
+    int64_t fam_len[10];
+    for (int f = 0; f < 10; f++) {
+        fam_len[f] = rnd_in(16, 80);
+        for (int64_t t = 0; t < fam_len[f]; t++) fam[f][t] = (int32_t)rnd_in(0, 315);
+    }
+    w->total_prompt = 0;
+    for (int i = 0; i < NPR; i++) {
+        int f = i % 10;
+        int64_t shared = i < 10 ? 0 : fam_len[f]; /* the first of each family has its own start */
+        w->len[i] = shared + rnd_in(1, PLEN_MAX - 80);
+        memcpy(w->ids[i], fam[f], (size_t)shared * sizeof(int32_t));
+        for (int64_t t = shared; t < w->len[i]; t++) w->ids[i][t] = (int32_t)rnd_in(0, 315);
+        w->total_prompt += 2 * w->len[i];
+    }
+}
+
+/* Request r: prompt r / 2, greedy when r is even, else seeded sampling. */
+static moe_request make_req(const workload *w, int r, req_ctx *ctx) {
+    int i = r / 2;
+    moe_request q = {.prompt = w->ids[i], .n_prompt = w->len[i], .max_tokens = GEN, .n = 1, .logprobs = true,
+                     .top_logprobs = NTOP, .ignore_eos = true, .on_event = on_event, .user = ctx};
+    moe_sampling_defaults(&q.sampling);
+    if (r % 2 == 0) {
+        q.sampling.temperature = 0;
+    } else {
+        q.sampling.temperature = 0.9f;
+        q.sampling.top_p = 0.95f;
+        q.sampling.has_seed = true;
+        q.sampling.seed = 5000u + (uint64_t)i;
+    }
+    return q;
+}
+
+static moe_engine *eng_start(const char *model, moe_engine_opts o) {
+    o.model_path = model;
+    o.chat_family = -1;
+    int st = 0;
+    char err[256];
+    moe_engine *e = moe_engine_start(&o, &st, err, sizeof err);
+    ck_assert_msg(e != NULL, "start: %s", err);
+    ck_assert_int_eq(moe_engine_wait_ready(e, 20000), MOE_ENGINE_READY);
+    return e;
+}
+
+static void submit(moe_engine *e, const workload *w, runset *rs, req_ctx *ctx, int r) {
+    ctx[r] = (req_ctx){rs, r};
+    moe_request q = make_req(w, r, &ctx[r]);
+    char err[256];
+    ck_assert_msg(moe_engine_submit(e, &q, NULL, err, sizeof err) == MOE_OK, "submit %d: %s", r, err);
+}
+
+static void wait_done(runset *rs, int n) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += 120;
+    pthread_mutex_lock(&rs->mu);
+    while (rs->n_done < n)
+        if (pthread_cond_timedwait(&rs->cv, &rs->mu, &ts)) break;
+    int got = rs->n_done;
+    pthread_mutex_unlock(&rs->mu);
+    ck_assert_int_eq(got, n);
+}
+
+static runset *runset_new(void) {
+    runset *rs = calloc(1, sizeof *rs);
+    pthread_mutex_init(&rs->mu, NULL);
+    pthread_cond_init(&rs->cv, NULL);
+    return rs;
+}
+
+static void runset_free(runset *rs) {
+    pthread_mutex_destroy(&rs->mu);
+    pthread_cond_destroy(&rs->cv);
+    free(rs);
+}
+
+/* The reference: every request alone in an engine of its own (so no
+ * prefix-cache hit either), on one thread, whole prompts in one step. */
+static void reference(const char *model, const workload *w, runset *ref) {
+    req_ctx ctx[NREQ];
+    for (int r = 0; r < NREQ; r++) {
+        moe_engine *e = eng_start(model, (moe_engine_opts){.n_threads = 1, .kv_blocks = 64});
+        submit(e, w, ref, ctx, r);
+        wait_done(ref, r + 1);
+        moe_engine_destroy(e, 1000);
+    }
+}
+
+static void same_streams(const runset *ref, const runset *got, const char *what) {
+    for (int r = 0; r < NREQ; r++) {
+        const stream *a = &ref->s[r], *b = &got->s[r];
+        ck_assert_msg(a->n_error == 0 && b->n_error == 0 && a->n == GEN && b->n == GEN, "%s: request %d incomplete",
+                      what, r);
+        for (int t = 0; t < GEN; t++) {
+            ck_assert_msg(a->tok[t] == b->tok[t], "%s: request %d (%s) token %d: %d alone, %d here", what, r,
+                          r % 2 ? "sampled" : "greedy", t, a->tok[t], b->tok[t]);
+            /* bitwise: a logprob is a float function of the raw logits row */
+            ck_assert_msg(!memcmp(&a->lp[t], &b->lp[t], sizeof(float)) &&
+                              !memcmp(a->top[t], b->top[t], sizeof a->top[t]) &&
+                              !memcmp(a->top_lp[t], b->top_lp[t], sizeof a->top_lp[t]),
+                          "%s: request %d token %d: logprob %.9g alone, %.9g here", what, r, t, a->lp[t], b->lp[t]);
+        }
+    }
+}
+
+typedef enum { ALL_AT_ONCE, BURSTS, TWICE } pattern;
+
+/* Runs the workload on an engine with options o in the given pattern and
+ * compares it with the reference; returns the engine's stats. */
+static moe_engine_stats scenario(const char *model, const workload *w, const runset *ref, moe_engine_opts o,
+                                 pattern pat, const char *what) {
+    moe_engine *e = eng_start(model, o);
+    runset *rs = runset_new();
+    req_ctx ctx[NREQ];
+    int order[NREQ];
+    for (int r = 0; r < NREQ; r++) order[r] = r;
+    for (int k = NREQ - 1; k > 0; k--) {
+        int j = (int)rnd_in(0, k), tmp = order[k];
+        order[k] = order[j];
+        order[j] = tmp;
+    }
+    if (pat == BURSTS) {
+        /* groups of 1-32 requests, each group finished before the next:
+         * every request runs beside 0-31 others */
+        for (int r = 0; r < NREQ;) {
+            int n = (int)rnd_in(1, 32);
+            for (int k = 0; k < n && r < NREQ; k++, r++) submit(e, w, rs, ctx, order[r]);
+            wait_done(rs, r);
+        }
+    } else {
+        for (int r = 0; r < NREQ; r++) submit(e, w, rs, ctx, order[r]);
+        wait_done(rs, NREQ);
+    }
+    same_streams(ref, rs, what);
+    if (pat == TWICE) {
+        /* the same requests again: their prompts are in the prefix cache now */
+        runset *again = runset_new();
+        for (int r = 0; r < NREQ; r++) submit(e, w, again, ctx, order[r]);
+        wait_done(again, NREQ);
+        same_streams(ref, again, what);
+        runset_free(again);
+    }
+    moe_engine_stats st;
+    moe_engine_get_stats(e, &st);
+    moe_engine_destroy(e, 1000);
+    runset_free(rs);
+    return st;
+}
+
+static void engine_case(const char *arch, const char *name) {
+    char path[128];
+    make_model(arch, MOE_TYPE_Q8_0, name, path, sizeof path);
+    workload *w = calloc(1, sizeof *w);
+    make_workload(w);
+    runset *ref = runset_new();
+    reference(path, w, ref);
+    moe_engine_stats st;
+    /* random batches: all at once (batches of up to 32, arriving as others finish) and in bursts */
+    st = scenario(path, w, ref, (moe_engine_opts){.n_threads = 2, .kv_blocks = 512, .max_seqs = 32}, ALL_AT_ONCE,
+                  "all at once, 32 slots");
+    ck_assert_int_ge(st.batch_hist[5] + st.batch_hist[6], 1); /* some step ran 17-32 sequences */
+    /* prefix-cache hits: families share prefixes within one run */
+    ck_assert_uint_lt(st.prompt_tokens_total, (uint64_t)w->total_prompt);
+    scenario(path, w, ref, (moe_engine_opts){.n_threads = 3, .kv_blocks = 512, .max_seqs = 32}, BURSTS,
+             "bursts of 1-32");
+    /* preemption and recompute: 40 blocks of 16 hold two long sequences at most */
+    st = scenario(path, w, ref, (moe_engine_opts){.n_threads = 2, .kv_blocks = 40, .max_seqs = 16}, ALL_AT_ONCE,
+                  "tiny KV cache");
+    ck_assert_uint_gt(st.preemptions_total, 0);
+    /* chunked prefill at three step budgets */
+    static const int64_t steps[] = {16, 64, 512};
+    for (size_t k = 0; k < 3; k++) {
+        char what[64];
+        snprintf(what, sizeof what, "step_tokens %lld", (long long)steps[k]);
+        scenario(path, w, ref,
+                 (moe_engine_opts){.n_threads = 1, .kv_blocks = 512, .max_seqs = 16, .step_tokens = steps[k]},
+                 ALL_AT_ONCE, what);
+    }
+    /* every prompt a full prefix-cache hit the second time */
+    st = scenario(path, w, ref, (moe_engine_opts){.n_threads = 2, .kv_blocks = 1024, .max_seqs = 8}, TWICE,
+                  "prefix cache warm");
+    ck_assert_uint_lt(st.prompt_tokens_total, (uint64_t)w->total_prompt * 2 * 3 / 4);
+    runset_free(ref);
+    free(w);
+    rm_model(path);
+}
+
+START_TEST(engine_mla) { engine_case("deepseek2", "ds2_engine"); }
+END_TEST
+START_TEST(engine_gqa) { engine_case("qwen3moe", "q3_engine"); }
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("determinism");
     TCase *tf = tcase_create("forward");
@@ -268,6 +521,11 @@ int main(void) {
     tcase_add_test(tf, forward_shared_expert_bf16);
     tcase_add_test(tf, forward_dense_f32);
     suite_add_tcase(s, tf);
+    TCase *te = tcase_create("engine");
+    tcase_set_timeout(te, 240);
+    tcase_add_test(te, engine_mla);
+    tcase_add_test(te, engine_gqa);
+    suite_add_tcase(s, te);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
     int nf = srunner_ntests_failed(sr);
