@@ -335,20 +335,28 @@ static int cpu_attention(void *vctx, const moe_kv_view *kv, const float *q, cons
 }
 
 /* MLA attention over the latent cache. Every head of a token reads the
- * same cached row (latent c and k_pe), so one pass covers all heads of a
- * token and reads each row once, not once per head (128 heads on V3).
+ * same cached row (latent c and k_pe), so the loops run over positions
+ * outside and heads inside, reading each row once for all heads (128 on
+ * V3), not once per head.
  *
- * A token's positions are cut into chunks of MLA_CHUNK at fixed offsets
- * (0, MLA_CHUNK, 2 MLA_CHUNK, ...); each chunk yields a partial softmax
- * state per head (max, sum, weighted latent sum), and the partials are
- * merged in chunk order by mla_merge. The cut points depend on nothing but
- * the position, so a token's bits are the same whatever else shares its
- * step, however it was chunked into steps and on any thread count
- * (issue 20). Only the schedule varies: with few tokens (decode) the
- * chunks run as separate tasks across threads (flash-decoding) and are
- * merged afterwards; with many, one task walks a token's chunks and merges
- * as it goes. Both run the same two functions in the same order. */
-#define MLA_CHUNK 64
+ * The softmax is two-pass (all scores, then max, exponentials and sum,
+ * then the weighted sum of the rows), and every sum runs over positions in
+ * order: score s[h][p] is one dot product, the sum of exponentials and
+ * each output element o[h][i] = sum_p w[h][p] c_p[i] are sequential over
+ * p. So a token's bits are a function of its own query and cache rows
+ * only: the same in decode or in a prefill chunk, beside any other
+ * sequences and on any thread count (issue 20). An online softmax split
+ * over position chunks whose count followed the step's size (the earlier
+ * flash-decoding) gave different bits per step shape.
+ *
+ * The work is spread without touching that order: scores by (token,
+ * position block, head group), the softmax by (token, head), the weighted
+ * sums by (token, output slice, head group). With many tokens one task per
+ * token does all three passes itself, cutting the columns at the same
+ * multiples of MLA_SLICE (axpyf's vector body and scalar tail must fall on
+ * the same elements in both schedules). */
+#define MLA_SLICE 64 /* output columns per weighted-sum pass (keeps H x 64 outputs in L1/L2) */
+#define MLA_PBLK 64  /* positions per score task */
 
 typedef struct mla_job {
     const moe_kv_view *kv;
@@ -358,155 +366,158 @@ typedef struct mla_job {
     float scale;
     const float *cache; /* slots of R + n_rot */
     float *o_lat;       /* (n_tok, H, R) result */
-    /* split schedule */
-    const int64_t *first; /* (n_tok + 1) token t's chunks are tasks [first[t], first[t + 1]) */
-    const int64_t *tok;   /* (n_task) token of each chunk task */
-    float *part_m, *part_l; /* (n_task, H) */
-    float *part_o;          /* (n_task, H, R) */
-    /* per-thread scratch: scores (H, MLA_CHUNK); for the token schedule
-     * also one partial (m, l: H each; o: H * R) and the running max and sum */
+    /* spread schedule */
+    const int64_t *soff; /* (n_tok) token t's scores (H, pos[t] + 1) start at s + soff[t] */
+    float *s;            /* scores, then weights; token t's (H, pos[t] + 1) at soff[t] */
+    float *inv;          /* (n_tok, H) 1 / sum of exponentials */
+    const int32_t *task; /* (n_task, 5): token, range start, range end, first head, end head */
+    /* token schedule: per thread H * max_len scores and H inverses */
     float *scratch;
-    size_t scratch_floats; /* per thread, even */
-    size_t sum_off;        /* floats from a thread's scratch to its running sums (doubles; even) */
+    int64_t max_len; /* the longest token's length rounded up to MLA_PBLK */
 } mla_job;
 
-/* Partial state of token t over positions [p0, p1) (at most MLA_CHUNK):
- * m[h] = max score, l[h] = sum exp(score - m), o[h] = sum exp(score - m) c. */
-static void mla_chunk(const mla_job *j, int64_t t, int64_t p0, int64_t p1, float *sc, float *m, float *l, float *o) {
-    int64_t n = p1 - p0, H = j->H, R = j->R, W = R + j->n_rot;
-    for (int64_t p = 0; p < n; p++) {
-        const float *c = j->cache + kv_slot(j->kv, j->kv->seq[t], p0 + p) * W;
-        for (int64_t h = 0; h < H; h++) {
+static int64_t mla_len(const mla_job *j, int64_t t) { return (int64_t)j->kv->pos[t] + 1; }
+
+/* s[h * len + p] for heads [h0, h1), positions [p0, p1) of token t. */
+static void mla_scores(const mla_job *j, int64_t t, int64_t p0, int64_t p1, int64_t h0, int64_t h1, float *s) {
+    int64_t H = j->H, R = j->R, W = R + j->n_rot, len = mla_len(j, t);
+    for (int64_t p = p0; p < p1; p++) {
+        const float *c = j->cache + kv_slot(j->kv, j->kv->seq[t], p) * W;
+        for (int64_t h = h0; h < h1; h++) {
             const float *ql = j->q_lat + (t * H + h) * R;
             const float *qp = j->q + (t * H + h) * j->dq + j->nope;
-            sc[h * n + p] = (dotf(ql, c, R) + dotf(qp, c + R, j->n_rot)) * j->scale;
-        }
-    }
-    for (int64_t h = 0; h < H; h++) {
-        float mx = -INFINITY;
-        for (int64_t p = 0; p < n; p++) mx = sc[h * n + p] > mx ? sc[h * n + p] : mx;
-        m[h] = mx;
-        l[h] = 0;
-    }
-    memset(o, 0, (size_t)H * (size_t)R * sizeof(float));
-    for (int64_t p = 0; p < n; p++) {
-        const float *c = j->cache + kv_slot(j->kv, j->kv->seq[t], p0 + p) * W;
-        for (int64_t h = 0; h < H; h++) {
-            float w = expf(sc[h * n + p] - m[h]);
-            l[h] += w;
-            axpyf(o + h * R, w, c, R);
+            s[h * len + p] = (dotf(ql, c, R) + dotf(qp, c + R, j->n_rot)) * j->scale;
         }
     }
 }
 
-/* Folds one partial (m, l, o) into the running state (M, L, O) of a token,
- * which starts at (-inf, 0, 0). The one merge formula of both schedules. */
-static void mla_merge(int64_t H, int64_t R, const float *m, const float *l, const float *o, float *M, double *L,
-                      float *O) {
-    for (int64_t h = 0; h < H; h++) {
-        float mx = m[h] > M[h] ? m[h] : M[h];
-        if (mx == -INFINITY) continue; /* nothing finite yet (not reached with finite scores) */
-        float a = M[h] == -INFINITY ? 0.0f : expf(M[h] - mx), b = expf(m[h] - mx);
-        L[h] = L[h] * (double)a + (double)l[h] * (double)b;
-        float *Oh = O + h * R;
-        const float *oh = o + h * R;
-        for (int64_t i = 0; i < R; i++) Oh[i] = Oh[i] * a + oh[i] * b;
-        M[h] = mx;
+/* Head h's scores of token t (len of them) become exp(s - max) in place;
+ * *inv = 1 / their sum. */
+static void mla_softmax(float *s, int64_t len, float *inv) {
+    float mx = -INFINITY;
+    for (int64_t p = 0; p < len; p++) mx = s[p] > mx ? s[p] : mx;
+    double sum = 0;
+    for (int64_t p = 0; p < len; p++) {
+        s[p] = expf(s[p] - mx);
+        sum += s[p];
+    }
+    *inv = (float)(1.0 / sum);
+}
+
+/* o[h][r0, r1) = sum_p (w[h][p] * inv[h]) c_p[r0, r1) for heads [h0, h1)
+ * of token t, p in order; o is the token's (H, R) output. */
+static void mla_wsum(const mla_job *j, int64_t t, int64_t r0, int64_t r1, int64_t h0, int64_t h1, const float *w,
+                     const float *inv, float *o) {
+    int64_t R = j->R, W = R + j->n_rot, len = mla_len(j, t);
+    for (int64_t h = h0; h < h1; h++) memset(o + h * R + r0, 0, (size_t)(r1 - r0) * sizeof(float));
+    for (int64_t p = 0; p < len; p++) {
+        const float *c = j->cache + kv_slot(j->kv, j->kv->seq[t], p) * W;
+        for (int64_t h = h0; h < h1; h++) axpyf(o + h * R + r0, w[h * len + p] * inv[h], c + r0, r1 - r0);
     }
 }
 
-static void mla_finish(int64_t H, int64_t R, const double *L, float *O) {
-    for (int64_t h = 0; h < H; h++) {
-        float inv = (float)(1.0 / L[h]);
-        for (int64_t i = 0; i < R; i++) O[h * R + i] *= inv;
-    }
-}
-
-/* Token schedule: one task per token, its chunks in order. */
+/* Token schedule: all three passes of one token. */
 static void mla_token_task(void *vctx, int64_t t, int thread) {
     const mla_job *j = vctx;
-    int64_t H = j->H, R = j->R, len = (int64_t)j->kv->pos[t] + 1;
-    float *sc = j->scratch + (size_t)thread * j->scratch_floats;
-    float *m = sc + H * MLA_CHUNK, *l = m + H, *o = l + H, *M = o + H * R;
-    double *L = (double *)(void *)(sc + j->sum_off);
-    float *O = j->o_lat + t * H * R;
-    for (int64_t h = 0; h < H; h++) M[h] = -INFINITY, L[h] = 0;
-    memset(O, 0, (size_t)H * (size_t)R * sizeof(float));
-    for (int64_t p0 = 0; p0 < len; p0 += MLA_CHUNK) {
-        mla_chunk(j, t, p0, p0 + MLA_CHUNK < len ? p0 + MLA_CHUNK : len, sc, m, l, o);
-        mla_merge(H, R, m, l, o, M, L, O);
+    int64_t H = j->H, R = j->R, len = mla_len(j, t);
+    float *s = j->scratch + (size_t)thread * (size_t)(H * j->max_len + H), *inv = s + H * j->max_len;
+    mla_scores(j, t, 0, len, 0, H, s);
+    for (int64_t h = 0; h < H; h++) mla_softmax(s + h * len, len, &inv[h]);
+    for (int64_t r0 = 0; r0 < R; r0 += MLA_SLICE)
+        mla_wsum(j, t, r0, r0 + MLA_SLICE < R ? r0 + MLA_SLICE : R, 0, H, s, inv, j->o_lat + t * H * R);
+}
+
+static void mla_scores_task(void *vctx, int64_t k, int thread) {
+    (void)thread;
+    const mla_job *j = vctx;
+    const int32_t *tk = j->task + 5 * k;
+    mla_scores(j, tk[0], tk[1], tk[2], tk[3], tk[4], j->s + j->soff[tk[0]]);
+}
+
+static void mla_softmax_task(void *vctx, int64_t k, int thread) {
+    (void)thread;
+    const mla_job *j = vctx;
+    int64_t t = k / j->H, h = k % j->H, len = mla_len(j, t);
+    mla_softmax(j->s + j->soff[t] + h * len, len, &j->inv[k]);
+}
+
+static void mla_wsum_task(void *vctx, int64_t k, int thread) {
+    (void)thread;
+    const mla_job *j = vctx;
+    const int32_t *tk = j->task + 5 * k;
+    int64_t t = tk[0];
+    mla_wsum(j, t, tk[1], tk[2], tk[3], tk[4], j->s + j->soff[t], j->inv + t * j->H, j->o_lat + t * j->H * j->R);
+}
+
+/* Fills the task list: for each token, its range [0, n(t)) cut into
+ * blocks of blk, each block's heads cut into n_hg groups. Returns the count. */
+static int64_t mla_tasks(const mla_job *j, int32_t *task, bool positions, int64_t blk, int64_t n_hg) {
+    int64_t n = 0, H = j->H;
+    for (int64_t t = 0; t < j->kv->n_tok; t++) {
+        int64_t end = positions ? mla_len(j, t) : j->R;
+        for (int64_t a = 0; a < end; a += blk)
+            for (int64_t g = 0; g < n_hg; g++, n++) {
+                int32_t *tk = task + 5 * n;
+                tk[0] = (int32_t)t;
+                tk[1] = (int32_t)a;
+                tk[2] = (int32_t)(a + blk < end ? a + blk : end);
+                tk[3] = (int32_t)(H * g / n_hg);
+                tk[4] = (int32_t)(H * (g + 1) / n_hg);
+            }
     }
-    mla_finish(H, R, L, O);
+    return n;
 }
 
-/* Split schedule, first pass: one task per chunk. */
-static void mla_chunk_task(void *vctx, int64_t k, int thread) {
-    const mla_job *j = vctx;
-    int64_t t = j->tok[k], H = j->H, R = j->R, len = (int64_t)j->kv->pos[t] + 1;
-    int64_t p0 = (k - j->first[t]) * MLA_CHUNK;
-    float *sc = j->scratch + (size_t)thread * j->scratch_floats;
-    mla_chunk(j, t, p0, p0 + MLA_CHUNK < len ? p0 + MLA_CHUNK : len, sc, j->part_m + k * H, j->part_l + k * H,
-              j->part_o + k * H * R);
-}
-
-/* Split schedule, second pass: one task per token merges its chunks in order. */
-static void mla_merge_task(void *vctx, int64_t t, int thread) {
-    const mla_job *j = vctx;
-    int64_t H = j->H, R = j->R;
-    float *M = j->scratch + (size_t)thread * j->scratch_floats;
-    double *L = (double *)(void *)(M + j->sum_off); /* the scores' room, unused in this pass */
-    float *O = j->o_lat + t * H * R;
-    for (int64_t h = 0; h < H; h++) M[h] = -INFINITY, L[h] = 0;
-    memset(O, 0, (size_t)H * (size_t)R * sizeof(float));
-    for (int64_t k = j->first[t]; k < j->first[t + 1]; k++)
-        mla_merge(H, R, j->part_m + k * H, j->part_l + k * H, j->part_o + k * H * R, M, L, O);
-    mla_finish(H, R, L, O);
-}
-
-/* Bytes of partial state the split schedule may hold at once. */
-#define MLA_SPLIT_MAX_BYTES ((size_t)64 << 20)
+/* Scores and weights the spread schedule may hold at once. */
+#define MLA_SPREAD_MAX_BYTES ((size_t)256 << 20)
 
 /* o_lat (n_tok, H, R) = softmax-weighted latent sums, per head. */
 static int mla_latent_attention(cpu_ctx *c, mla_job *j, float *o_lat) {
     const moe_kv_view *kv = j->kv;
-    int64_t n_tok = kv->n_tok, H = j->H, R = j->R, n_thr = cpu_pool_size(c->pool), n_task = 0;
-    for (int64_t t = 0; t < n_tok; t++) n_task += ((int64_t)kv->pos[t] + MLA_CHUNK) / MLA_CHUNK;
+    int64_t n_tok = kv->n_tok, H = j->H, R = j->R, n_thr = cpu_pool_size(c->pool), want = 4 * n_thr;
+    /* the score room of a token is its length rounded up to MLA_PBLK, so a
+     * decode step needs more scratch only every MLA_PBLK positions (and
+     * the pool's margin absorbs most of those) */
+    int64_t n_s = 0, max_len = 1, n_pblk = 0, n_rs = (R + MLA_SLICE - 1) / MLA_SLICE;
+    for (int64_t t = 0; t < n_tok; t++) {
+        int64_t len = (int64_t)kv->pos[t] + 1, nb = (len + MLA_PBLK - 1) / MLA_PBLK;
+        n_s += H * nb * MLA_PBLK;
+        n_pblk += nb;
+        max_len = nb * MLA_PBLK > max_len ? nb * MLA_PBLK : max_len;
+    }
     j->o_lat = o_lat;
-    /* per thread: scores, one partial and the running max, then the
-     * running sums as doubles at an even (8-byte aligned) offset */
-    size_t sum_off = (size_t)(H * MLA_CHUNK + 2 * H + H * R + H);
-    sum_off += sum_off & 1;
-    size_t per = sum_off + 2 * (size_t)H;
-    j->sum_off = sum_off;
-    j->scratch_floats = per;
-    size_t b_scr = al64((size_t)n_thr * per * sizeof(float));
-    size_t b_first = al64(((size_t)n_tok + 1) * sizeof(int64_t)), b_tok = al64((size_t)n_task * sizeof(int64_t));
-    size_t b_pm = al64((size_t)n_task * (size_t)H * 2 * sizeof(float));
-    size_t b_po = al64((size_t)n_task * (size_t)H * (size_t)R * sizeof(float));
-    /* split only when the tokens alone would leave threads idle, and only
-     * within a memory bound; the results are the same either way */
-    bool split = n_tok < 4 * n_thr && n_task > n_tok && b_po <= MLA_SPLIT_MAX_BYTES;
-    size_t need = b_scr + (split ? b_first + b_tok + b_pm + b_po : 0);
-    char *base = cpu_pool_scratch(c->pool, CPU_SCRATCH_MLA_LATENT, need);
-    if (!base) return MOE_ENOMEM;
-    j->scratch = (float *)(void *)base;
-    if (!split) {
+    j->max_len = max_len;
+    size_t b_s = al64((size_t)n_s * sizeof(float)), b_inv = al64((size_t)(n_tok * H) * sizeof(float));
+    /* the tokens alone keep every thread busy, or the scores would not fit:
+     * a task per token (the results are the same either way) */
+    if (n_tok >= want || b_s > MLA_SPREAD_MAX_BYTES) {
+        j->scratch = cpu_pool_scratch(c->pool, CPU_SCRATCH_MLA_LATENT,
+                                      (size_t)n_thr * (size_t)(H * max_len + H) * sizeof(float));
+        if (!j->scratch) return MOE_ENOMEM;
         cpu_pool_run(c->pool, mla_token_task, j, n_tok);
         return MOE_OK;
     }
-    int64_t *first = (int64_t *)(void *)(base + b_scr), *tok = (int64_t *)(void *)(base + b_scr + b_first);
-    first[0] = 0;
-    for (int64_t t = 0; t < n_tok; t++) {
-        first[t + 1] = first[t] + ((int64_t)kv->pos[t] + MLA_CHUNK) / MLA_CHUNK;
-        for (int64_t k = first[t]; k < first[t + 1]; k++) tok[k] = t;
+    /* head groups so that each pass has about `want` tasks */
+    int64_t hg_s = (want + n_pblk - 1) / n_pblk, hg_w = (want + n_tok * n_rs - 1) / (n_tok * n_rs);
+    hg_s = hg_s > H ? H : hg_s;
+    hg_w = hg_w > H ? H : hg_w;
+    int64_t n_task_max = (n_pblk * hg_s > n_tok * n_rs * hg_w ? n_pblk * hg_s : n_tok * n_rs * hg_w);
+    size_t b_soff = al64((size_t)n_tok * sizeof(int64_t)), b_task = al64((size_t)n_task_max * 5 * sizeof(int32_t));
+    char *base = cpu_pool_scratch(c->pool, CPU_SCRATCH_MLA_LATENT, b_s + b_inv + b_soff + b_task);
+    if (!base) return MOE_ENOMEM;
+    j->s = (float *)(void *)base;
+    j->inv = (float *)(void *)(base + b_s);
+    int64_t *soff = (int64_t *)(void *)(base + b_s + b_inv);
+    int32_t *task = (int32_t *)(void *)(base + b_s + b_inv + b_soff);
+    for (int64_t t = 0, o = 0; t < n_tok; t++) {
+        soff[t] = o;
+        o += H * (((int64_t)kv->pos[t] + MLA_PBLK) / MLA_PBLK) * MLA_PBLK;
     }
-    j->first = first;
-    j->tok = tok;
-    j->part_m = (float *)(void *)(base + b_scr + b_first + b_tok);
-    j->part_l = j->part_m + n_task * H;
-    j->part_o = (float *)(void *)(base + b_scr + b_first + b_tok + b_pm);
-    cpu_pool_run(c->pool, mla_chunk_task, j, n_task);
-    cpu_pool_run(c->pool, mla_merge_task, j, n_tok);
+    j->soff = soff;
+    j->task = task;
+    cpu_pool_run(c->pool, mla_scores_task, j, mla_tasks(j, task, true, MLA_PBLK, hg_s));
+    cpu_pool_run(c->pool, mla_softmax_task, j, n_tok * H);
+    cpu_pool_run(c->pool, mla_wsum_task, j, mla_tasks(j, task, false, MLA_SLICE, hg_w));
     return MOE_OK;
 }
 
