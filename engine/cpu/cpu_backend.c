@@ -232,6 +232,24 @@ static void axpyf_generic(float *restrict y, float w, const float *restrict x, i
     for (int64_t i = 0; i < n; i++) y[i] += w * x[i];
 }
 
+/* Weighted row sums for MLA: for heads [h0, h1) and columns [r0, r1),
+ * o[h * o_stride + i] += w[h * w_stride + p] * rows[p][i] for p = 0 .. np - 1,
+ * one position after another. Each element's chain is fixed: the AVX2
+ * version uses FMA on the elements of whole 8-column groups counted from
+ * r0 and a multiply-add on the rest, so callers that cut the columns at
+ * multiples of 8 get the same bits however they cut them. Accumulating in
+ * registers across positions reads each row once per head instead of also
+ * reading and writing o every position (axpyf). */
+static void wsumf_generic(float *o, int64_t o_stride, const float *w, int64_t w_stride, const float *const *rows,
+                          int64_t np, int64_t h0, int64_t h1, int64_t r0, int64_t r1) {
+    for (int64_t h = h0; h < h1; h++)
+        for (int64_t i = r0; i < r1; i++) {
+            float acc = o[h * o_stride + i];
+            for (int64_t p = 0; p < np; p++) acc += w[h * w_stride + p] * rows[p][i];
+            o[h * o_stride + i] = acc;
+        }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 /* AVX2 versions, compiled per function (the build has no -march) and
@@ -260,10 +278,48 @@ __attribute__((target("avx2,fma"))) static void axpyf_avx2(float *restrict y, fl
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += w * x[i];
 }
+
+__attribute__((target("avx2,fma"))) static void wsumf_avx2(float *o, int64_t o_stride, const float *w, int64_t w_stride,
+                                                            const float *const *rows, int64_t np, int64_t h0, int64_t h1,
+                                                            int64_t r0, int64_t r1) {
+    for (int64_t h = h0; h < h1; h++) {
+        float *oh = o + h * o_stride;
+        const float *wh = w + h * w_stride;
+        int64_t i = r0;
+        for (; i + 32 <= r1; i += 32) {
+            __m256 a0 = _mm256_loadu_ps(oh + i), a1 = _mm256_loadu_ps(oh + i + 8);
+            __m256 a2 = _mm256_loadu_ps(oh + i + 16), a3 = _mm256_loadu_ps(oh + i + 24);
+            for (int64_t p = 0; p < np; p++) {
+                __m256 vw = _mm256_broadcast_ss(wh + p);
+                const float *c = rows[p] + i;
+                a0 = _mm256_fmadd_ps(vw, _mm256_loadu_ps(c), a0);
+                a1 = _mm256_fmadd_ps(vw, _mm256_loadu_ps(c + 8), a1);
+                a2 = _mm256_fmadd_ps(vw, _mm256_loadu_ps(c + 16), a2);
+                a3 = _mm256_fmadd_ps(vw, _mm256_loadu_ps(c + 24), a3);
+            }
+            _mm256_storeu_ps(oh + i, a0);
+            _mm256_storeu_ps(oh + i + 8, a1);
+            _mm256_storeu_ps(oh + i + 16, a2);
+            _mm256_storeu_ps(oh + i + 24, a3);
+        }
+        for (; i + 8 <= r1; i += 8) {
+            __m256 a0 = _mm256_loadu_ps(oh + i);
+            for (int64_t p = 0; p < np; p++) a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(wh + p), _mm256_loadu_ps(rows[p] + i), a0);
+            _mm256_storeu_ps(oh + i, a0);
+        }
+        for (; i < r1; i++) {
+            float acc = oh[i];
+            for (int64_t p = 0; p < np; p++) acc += wh[p] * rows[p][i];
+            oh[i] = acc;
+        }
+    }
+}
 #endif
 
 static float (*dotf)(const float *, const float *, int64_t) = dotf_generic;
 static void (*axpyf)(float *restrict, float, const float *restrict, int64_t) = axpyf_generic;
+static void (*wsumf)(float *, int64_t, const float *, int64_t, const float *const *, int64_t, int64_t, int64_t, int64_t,
+                     int64_t) = wsumf_generic;
 
 /* Chooses the vector helpers for the ISA the matmul kernels use. */
 static void pick_simd(void) {
@@ -271,11 +327,13 @@ static void pick_simd(void) {
     if (cpu_isa_get() >= CPU_ISA_AVX2) {
         dotf = dotf_avx2;
         axpyf = axpyf_avx2;
+        wsumf = wsumf_avx2;
         return;
     }
 #endif
     dotf = dotf_generic;
     axpyf = axpyf_generic;
+    wsumf = wsumf_generic;
 }
 
 static void attn_task(void *vctx, int64_t task, int thread) {
@@ -339,23 +397,22 @@ static int cpu_attention(void *vctx, const moe_kv_view *kv, const float *q, cons
  * outside and heads inside, reading each row once for all heads (128 on
  * V3), not once per head.
  *
- * The softmax is two-pass (all scores, then max, exponentials and sum,
- * then the weighted sum of the rows), and every sum runs over positions in
- * order: score s[h][p] is one dot product, the sum of exponentials and
- * each output element o[h][i] = sum_p w[h][p] c_p[i] are sequential over
- * p. So a token's bits are a function of its own query and cache rows
- * only: the same in decode or in a prefill chunk, beside any other
- * sequences and on any thread count (issue 20). An online softmax split
- * over position chunks whose count followed the step's size (the earlier
- * flash-decoding) gave different bits per step shape.
+ * The softmax is two-pass (all scores, then max, exponentials, sum and
+ * weights, then the weighted sum of the rows), and every sum runs over
+ * positions in order: score s[h][p] is one dot product, the sum of
+ * exponentials and each output element o[h][i] = sum_p w[h][p] c_p[i] are
+ * sequential over p. So a token's bits are a function of its own query and
+ * cache rows only: the same in decode or in a prefill chunk, beside any
+ * other sequences and on any thread count (issue 20). The earlier online
+ * softmax over position chunks, whose count followed the step's size
+ * (flash-decoding), gave different bits per step shape.
  *
  * The work is spread without touching that order: scores by (token,
  * position block, head group), the softmax by (token, head), the weighted
- * sums by (token, output slice, head group). With many tokens one task per
- * token does all three passes itself, cutting the columns at the same
- * multiples of MLA_SLICE (axpyf's vector body and scalar tail must fall on
- * the same elements in both schedules). */
-#define MLA_SLICE 64 /* output columns per weighted-sum pass (keeps H x 64 outputs in L1/L2) */
+ * sums by (token, column slice, head group; slices start at multiples of
+ * MLA_SLICE, see wsumf). With many tokens one task per token does all
+ * three passes itself over all columns at once. */
+#define MLA_SLICE 64 /* output columns per weighted-sum task (a multiple of 8: wsumf) */
 #define MLA_PBLK 64  /* positions per score task */
 
 typedef struct mla_job {
@@ -369,9 +426,8 @@ typedef struct mla_job {
     /* spread schedule */
     const int64_t *soff; /* (n_tok) token t's scores (H, pos[t] + 1) start at s + soff[t] */
     float *s;            /* scores, then weights; token t's (H, pos[t] + 1) at soff[t] */
-    float *inv;          /* (n_tok, H) 1 / sum of exponentials */
     const int32_t *task; /* (n_task, 5): token, range start, range end, first head, end head */
-    /* token schedule: per thread H * max_len scores and H inverses */
+    /* token schedule: per thread H * max_len scores */
     float *scratch;
     int64_t max_len; /* the longest token's length rounded up to MLA_PBLK */
 } mla_job;
@@ -391,9 +447,9 @@ static void mla_scores(const mla_job *j, int64_t t, int64_t p0, int64_t p1, int6
     }
 }
 
-/* Head h's scores of token t (len of them) become exp(s - max) in place;
- * *inv = 1 / their sum. */
-static void mla_softmax(float *s, int64_t len, float *inv) {
+/* One head's scores of a token (len of them) become its softmax weights
+ * in place: exp(s - max) summed in position order, then scaled by 1/sum. */
+static void mla_softmax(float *s, int64_t len) {
     float mx = -INFINITY;
     for (int64_t p = 0; p < len; p++) mx = s[p] > mx ? s[p] : mx;
     double sum = 0;
@@ -401,18 +457,23 @@ static void mla_softmax(float *s, int64_t len, float *inv) {
         s[p] = expf(s[p] - mx);
         sum += s[p];
     }
-    *inv = (float)(1.0 / sum);
+    float inv = (float)(1.0 / sum);
+    for (int64_t p = 0; p < len; p++) s[p] *= inv;
 }
 
-/* o[h][r0, r1) = sum_p (w[h][p] * inv[h]) c_p[r0, r1) for heads [h0, h1)
- * of token t, p in order; o is the token's (H, R) output. */
+/* o[h][r0, r1) = sum_p w[h][p] c_p[r0, r1) for heads [h0, h1) of token t,
+ * p in order (r0 a multiple of 8: wsumf); o is the token's (H, R) output.
+ * Rows go by in blocks of MLA_PBLK, which stay in cache while every head
+ * of the range passes over them. */
 static void mla_wsum(const mla_job *j, int64_t t, int64_t r0, int64_t r1, int64_t h0, int64_t h1, const float *w,
-                     const float *inv, float *o) {
+                     float *o) {
     int64_t R = j->R, W = R + j->n_rot, len = mla_len(j, t);
+    const float *rows[MLA_PBLK];
     for (int64_t h = h0; h < h1; h++) memset(o + h * R + r0, 0, (size_t)(r1 - r0) * sizeof(float));
-    for (int64_t p = 0; p < len; p++) {
-        const float *c = j->cache + kv_slot(j->kv, j->kv->seq[t], p) * W;
-        for (int64_t h = h0; h < h1; h++) axpyf(o + h * R + r0, w[h * len + p] * inv[h], c + r0, r1 - r0);
+    for (int64_t p0 = 0; p0 < len; p0 += MLA_PBLK) {
+        int64_t np = p0 + MLA_PBLK < len ? MLA_PBLK : len - p0;
+        for (int64_t p = 0; p < np; p++) rows[p] = j->cache + kv_slot(j->kv, j->kv->seq[t], p0 + p) * W;
+        wsumf(o, R, w + p0, len, rows, np, h0, h1, r0, r1);
     }
 }
 
@@ -420,11 +481,10 @@ static void mla_wsum(const mla_job *j, int64_t t, int64_t r0, int64_t r1, int64_
 static void mla_token_task(void *vctx, int64_t t, int thread) {
     const mla_job *j = vctx;
     int64_t H = j->H, R = j->R, len = mla_len(j, t);
-    float *s = j->scratch + (size_t)thread * (size_t)(H * j->max_len + H), *inv = s + H * j->max_len;
+    float *s = j->scratch + (size_t)thread * (size_t)(H * j->max_len);
     mla_scores(j, t, 0, len, 0, H, s);
-    for (int64_t h = 0; h < H; h++) mla_softmax(s + h * len, len, &inv[h]);
-    for (int64_t r0 = 0; r0 < R; r0 += MLA_SLICE)
-        mla_wsum(j, t, r0, r0 + MLA_SLICE < R ? r0 + MLA_SLICE : R, 0, H, s, inv, j->o_lat + t * H * R);
+    for (int64_t h = 0; h < H; h++) mla_softmax(s + h * len, len);
+    mla_wsum(j, t, 0, R, 0, H, s, j->o_lat + t * H * R);
 }
 
 static void mla_scores_task(void *vctx, int64_t k, int thread) {
@@ -438,7 +498,7 @@ static void mla_softmax_task(void *vctx, int64_t k, int thread) {
     (void)thread;
     const mla_job *j = vctx;
     int64_t t = k / j->H, h = k % j->H, len = mla_len(j, t);
-    mla_softmax(j->s + j->soff[t] + h * len, len, &j->inv[k]);
+    mla_softmax(j->s + j->soff[t] + h * len, len);
 }
 
 static void mla_wsum_task(void *vctx, int64_t k, int thread) {
@@ -446,7 +506,7 @@ static void mla_wsum_task(void *vctx, int64_t k, int thread) {
     const mla_job *j = vctx;
     const int32_t *tk = j->task + 5 * k;
     int64_t t = tk[0];
-    mla_wsum(j, t, tk[1], tk[2], tk[3], tk[4], j->s + j->soff[t], j->inv + t * j->H, j->o_lat + t * j->H * j->R);
+    mla_wsum(j, t, tk[1], tk[2], tk[3], tk[4], j->s + j->soff[t], j->o_lat + t * j->H * j->R);
 }
 
 /* Fills the task list: for each token, its range [0, n(t)) cut into
@@ -487,12 +547,12 @@ static int mla_latent_attention(cpu_ctx *c, mla_job *j, float *o_lat) {
     }
     j->o_lat = o_lat;
     j->max_len = max_len;
-    size_t b_s = al64((size_t)n_s * sizeof(float)), b_inv = al64((size_t)(n_tok * H) * sizeof(float));
+    size_t b_s = al64((size_t)n_s * sizeof(float));
     /* the tokens alone keep every thread busy, or the scores would not fit:
      * a task per token (the results are the same either way) */
     if (n_tok >= want || b_s > MLA_SPREAD_MAX_BYTES) {
         j->scratch = cpu_pool_scratch(c->pool, CPU_SCRATCH_MLA_LATENT,
-                                      (size_t)n_thr * (size_t)(H * max_len + H) * sizeof(float));
+                                      (size_t)n_thr * (size_t)(H * max_len) * sizeof(float));
         if (!j->scratch) return MOE_ENOMEM;
         cpu_pool_run(c->pool, mla_token_task, j, n_tok);
         return MOE_OK;
@@ -503,12 +563,11 @@ static int mla_latent_attention(cpu_ctx *c, mla_job *j, float *o_lat) {
     hg_w = hg_w > H ? H : hg_w;
     int64_t n_task_max = (n_pblk * hg_s > n_tok * n_rs * hg_w ? n_pblk * hg_s : n_tok * n_rs * hg_w);
     size_t b_soff = al64((size_t)n_tok * sizeof(int64_t)), b_task = al64((size_t)n_task_max * 5 * sizeof(int32_t));
-    char *base = cpu_pool_scratch(c->pool, CPU_SCRATCH_MLA_LATENT, b_s + b_inv + b_soff + b_task);
+    char *base = cpu_pool_scratch(c->pool, CPU_SCRATCH_MLA_LATENT, b_s + b_soff + b_task);
     if (!base) return MOE_ENOMEM;
     j->s = (float *)(void *)base;
-    j->inv = (float *)(void *)(base + b_s);
-    int64_t *soff = (int64_t *)(void *)(base + b_s + b_inv);
-    int32_t *task = (int32_t *)(void *)(base + b_s + b_inv + b_soff);
+    int64_t *soff = (int64_t *)(void *)(base + b_s);
+    int32_t *task = (int32_t *)(void *)(base + b_s + b_soff);
     for (int64_t t = 0, o = 0; t < n_tok; t++) {
         soff[t] = o;
         o += H * (((int64_t)kv->pos[t] + MLA_PBLK) / MLA_PBLK) * MLA_PBLK;
