@@ -408,7 +408,8 @@ static int cpu_attention(void *vctx, const moe_kv_view *kv, const float *q, cons
  * (flash-decoding), gave different bits per step shape.
  *
  * The work is spread without touching that order: scores by (token,
- * position block, head group), the softmax by (token, head), the weighted
+ * position block, head group), the softmax by (token, head) (both by
+ * (token, head group) in one dispatch when the rows are short), the weighted
  * sums by (token, column slice, head group; slices start at multiples of
  * MLA_SLICE, see wsumf). With many tokens one task per token does all
  * three passes itself over all columns at once. */
@@ -494,6 +495,19 @@ static void mla_scores_task(void *vctx, int64_t k, int thread) {
     mla_scores(j, tk[0], tk[1], tk[2], tk[3], tk[4], j->s + j->soff[tk[0]]);
 }
 
+/* Scores of every position for a head group, then those heads' softmax:
+ * the first two passes in one dispatch, when re-reading the rows once per
+ * group is cheap (short contexts). */
+static void mla_scores_softmax_task(void *vctx, int64_t k, int thread) {
+    (void)thread;
+    const mla_job *j = vctx;
+    const int32_t *tk = j->task + 5 * k;
+    int64_t t = tk[0], len = mla_len(j, t);
+    float *s = j->s + j->soff[t];
+    mla_scores(j, t, 0, len, tk[3], tk[4], s);
+    for (int64_t h = tk[3]; h < tk[4]; h++) mla_softmax(s + h * len, len);
+}
+
 static void mla_softmax_task(void *vctx, int64_t k, int thread) {
     (void)thread;
     const mla_job *j = vctx;
@@ -528,6 +542,10 @@ static int64_t mla_tasks(const mla_job *j, int32_t *task, bool positions, int64_
     return n;
 }
 
+/* Cache rows (all tokens of the step) up to which the spread schedule
+ * reads them once per head group to fuse scores and softmax. */
+#define MLA_FUSED_MAX_ROW_BYTES ((int64_t)512 << 10)
+
 /* Scores and weights the spread schedule may hold at once. */
 #define MLA_SPREAD_MAX_BYTES ((size_t)256 << 20)
 
@@ -557,8 +575,16 @@ static int mla_latent_attention(cpu_ctx *c, mla_job *j, float *o_lat) {
         cpu_pool_run(c->pool, mla_token_task, j, n_tok);
         return MOE_OK;
     }
-    /* head groups so that each pass has about `want` tasks */
-    int64_t hg_s = (want + n_pblk - 1) / n_pblk, hg_w = (want + n_tok * n_rs - 1) / (n_tok * n_rs);
+    /* Rows short enough to read once per head group from cache: scores and
+     * softmax by (token, head group) in one dispatch, which matters at
+     * small sizes where the dispatches cost more than the work. Else
+     * scores by position block, then the softmax. Head groups so that each
+     * pass has about `want` tasks. */
+    int64_t rows_bytes = 0;
+    for (int64_t t = 0; t < n_tok; t++) rows_bytes += ((int64_t)kv->pos[t] + 1) * (R + j->n_rot) * (int64_t)sizeof(float);
+    bool fused = rows_bytes <= MLA_FUSED_MAX_ROW_BYTES;
+    int64_t hg_s = fused ? (want + n_tok - 1) / n_tok : (want + n_pblk - 1) / n_pblk;
+    int64_t hg_w = (want + n_tok * n_rs - 1) / (n_tok * n_rs);
     hg_s = hg_s > H ? H : hg_s;
     hg_w = hg_w > H ? H : hg_w;
     int64_t n_task_max = (n_pblk * hg_s > n_tok * n_rs * hg_w ? n_pblk * hg_s : n_tok * n_rs * hg_w);
@@ -574,8 +600,12 @@ static int mla_latent_attention(cpu_ctx *c, mla_job *j, float *o_lat) {
     }
     j->soff = soff;
     j->task = task;
-    cpu_pool_run(c->pool, mla_scores_task, j, mla_tasks(j, task, true, MLA_PBLK, hg_s));
-    cpu_pool_run(c->pool, mla_softmax_task, j, n_tok * H);
+    if (fused) {
+        cpu_pool_run(c->pool, mla_scores_softmax_task, j, mla_tasks(j, task, true, INT32_MAX, hg_s));
+    } else {
+        cpu_pool_run(c->pool, mla_scores_task, j, mla_tasks(j, task, true, MLA_PBLK, hg_s));
+        cpu_pool_run(c->pool, mla_softmax_task, j, n_tok * H);
+    }
     cpu_pool_run(c->pool, mla_wsum_task, j, mla_tasks(j, task, false, MLA_SLICE, hg_w));
     return MOE_OK;
 }
