@@ -425,7 +425,7 @@ typedef struct mla_job {
     const float *cache; /* slots of R + n_rot */
     float *o_lat;       /* (n_tok, H, R) result */
     /* spread schedule */
-    const int64_t *soff; /* (n_tok) token t's scores (H, pos[t] + 1) start at s + soff[t] */
+    const int64_t *soff; /* (n_tok) offsets into s */
     float *s;            /* scores, then weights; token t's (H, pos[t] + 1) at soff[t] */
     const int32_t *task; /* (n_task, 5): token, range start, range end, first head, end head */
     /* token schedule: per thread H * max_len scores */
