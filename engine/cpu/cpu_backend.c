@@ -232,6 +232,24 @@ static void axpyf_generic(float *restrict y, float w, const float *restrict x, i
     for (int64_t i = 0; i < n; i++) y[i] += w * x[i];
 }
 
+/* Weighted row sums for MLA: for heads [h0, h1) and columns [r0, r1),
+ * o[h * o_stride + i] += w[h * w_stride + p] * rows[p][i] for p = 0 .. np - 1,
+ * one position after another. Each element's chain is fixed: the AVX2
+ * version uses FMA on the elements of whole 8-column groups counted from
+ * r0 and a multiply-add on the rest, so callers that cut the columns at
+ * multiples of 8 get the same bits however they cut them. Accumulating in
+ * registers across positions reads each row once per head instead of also
+ * reading and writing o every position (axpyf). */
+static void wsumf_generic(float *o, int64_t o_stride, const float *w, int64_t w_stride, const float *const *rows,
+                          int64_t np, int64_t h0, int64_t h1, int64_t r0, int64_t r1) {
+    for (int64_t h = h0; h < h1; h++)
+        for (int64_t i = r0; i < r1; i++) {
+            float acc = o[h * o_stride + i];
+            for (int64_t p = 0; p < np; p++) acc += w[h * w_stride + p] * rows[p][i];
+            o[h * o_stride + i] = acc;
+        }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 /* AVX2 versions, compiled per function (the build has no -march) and
@@ -260,10 +278,48 @@ __attribute__((target("avx2,fma"))) static void axpyf_avx2(float *restrict y, fl
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += w * x[i];
 }
+
+__attribute__((target("avx2,fma"))) static void wsumf_avx2(float *o, int64_t o_stride, const float *w, int64_t w_stride,
+                                                            const float *const *rows, int64_t np, int64_t h0, int64_t h1,
+                                                            int64_t r0, int64_t r1) {
+    for (int64_t h = h0; h < h1; h++) {
+        float *oh = o + h * o_stride;
+        const float *wh = w + h * w_stride;
+        int64_t i = r0;
+        for (; i + 32 <= r1; i += 32) {
+            __m256 a0 = _mm256_loadu_ps(oh + i), a1 = _mm256_loadu_ps(oh + i + 8);
+            __m256 a2 = _mm256_loadu_ps(oh + i + 16), a3 = _mm256_loadu_ps(oh + i + 24);
+            for (int64_t p = 0; p < np; p++) {
+                __m256 vw = _mm256_broadcast_ss(wh + p);
+                const float *c = rows[p] + i;
+                a0 = _mm256_fmadd_ps(vw, _mm256_loadu_ps(c), a0);
+                a1 = _mm256_fmadd_ps(vw, _mm256_loadu_ps(c + 8), a1);
+                a2 = _mm256_fmadd_ps(vw, _mm256_loadu_ps(c + 16), a2);
+                a3 = _mm256_fmadd_ps(vw, _mm256_loadu_ps(c + 24), a3);
+            }
+            _mm256_storeu_ps(oh + i, a0);
+            _mm256_storeu_ps(oh + i + 8, a1);
+            _mm256_storeu_ps(oh + i + 16, a2);
+            _mm256_storeu_ps(oh + i + 24, a3);
+        }
+        for (; i + 8 <= r1; i += 8) {
+            __m256 a0 = _mm256_loadu_ps(oh + i);
+            for (int64_t p = 0; p < np; p++) a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(wh + p), _mm256_loadu_ps(rows[p] + i), a0);
+            _mm256_storeu_ps(oh + i, a0);
+        }
+        for (; i < r1; i++) {
+            float acc = oh[i];
+            for (int64_t p = 0; p < np; p++) acc += wh[p] * rows[p][i];
+            oh[i] = acc;
+        }
+    }
+}
 #endif
 
 static float (*dotf)(const float *, const float *, int64_t) = dotf_generic;
 static void (*axpyf)(float *restrict, float, const float *restrict, int64_t) = axpyf_generic;
+static void (*wsumf)(float *, int64_t, const float *, int64_t, const float *const *, int64_t, int64_t, int64_t, int64_t,
+                     int64_t) = wsumf_generic;
 
 /* Chooses the vector helpers for the ISA the matmul kernels use. */
 static void pick_simd(void) {
@@ -271,11 +327,13 @@ static void pick_simd(void) {
     if (cpu_isa_get() >= CPU_ISA_AVX2) {
         dotf = dotf_avx2;
         axpyf = axpyf_avx2;
+        wsumf = wsumf_avx2;
         return;
     }
 #endif
     dotf = dotf_generic;
     axpyf = axpyf_generic;
+    wsumf = wsumf_generic;
 }
 
 static void attn_task(void *vctx, int64_t task, int thread) {
@@ -335,11 +393,29 @@ static int cpu_attention(void *vctx, const moe_kv_view *kv, const float *q, cons
 }
 
 /* MLA attention over the latent cache. Every head of a token reads the
- * same cached row (latent c and k_pe), so a task covers all heads of one
- * token over a range of positions and reads each row once, not once per
- * head (128 heads on V3). Decode has few tokens, so a token's positions are
- * split into chunks across threads (flash-decoding): each chunk keeps its
- * own max, sum and weighted latent sum per head, merged afterwards. */
+ * same cached row (latent c and k_pe), so the loops run over positions
+ * outside and heads inside, reading each row once for all heads (128 on
+ * V3), not once per head.
+ *
+ * The softmax is two-pass (all scores, then max, exponentials, sum and
+ * weights, then the weighted sum of the rows), and every sum runs over
+ * positions in order: score s[h][p] is one dot product, the sum of
+ * exponentials and each output element o[h][i] = sum_p w[h][p] c_p[i] are
+ * sequential over p. So a token's bits are a function of its own query and
+ * cache rows only: the same in decode or in a prefill chunk, beside any
+ * other sequences and on any thread count (issue 20). The earlier online
+ * softmax over position chunks, whose count followed the step's size
+ * (flash-decoding), gave different bits per step shape.
+ *
+ * The work is spread without touching that order: scores by (token,
+ * position block, head group), the softmax by (token, head) (both by
+ * (token, head group) in one dispatch when the rows are short), the weighted
+ * sums by (token, column slice, head group; slices start at multiples of
+ * MLA_SLICE, see wsumf). With many tokens one task per token does all
+ * three passes itself over all columns at once. */
+#define MLA_SLICE 64 /* output columns per weighted-sum task (a multiple of 8: wsumf) */
+#define MLA_PBLK 64  /* positions per score task */
+
 typedef struct mla_job {
     const moe_kv_view *kv;
     const float *q;     /* (n_tok, H, dq): q_pe at offset nope of each head */
@@ -347,110 +423,191 @@ typedef struct mla_job {
     int64_t H, R, n_rot, dq, nope;
     float scale;
     const float *cache; /* slots of R + n_rot */
-    const int64_t *tok, *p0, *p1; /* per task: token and position range */
-    float *part_m, *part_l; /* (n_task, H) */
-    float *part_o;          /* (n_task, H, R) */
-    float *scratch;         /* per thread: H * max_chunk scores */
-    int64_t max_chunk;
+    float *o_lat;       /* (n_tok, H, R) result */
+    /* spread schedule */
+    const int64_t *soff; /* (n_tok) offsets into s */
+    float *s;            /* scores, then weights; token t's (H, pos[t] + 1) at soff[t] */
+    const int32_t *task; /* (n_task, 5): token, range start, range end, first head, end head */
+    /* token schedule: per thread H * max_len scores */
+    float *scratch;
+    int64_t max_len; /* the longest token's length rounded up to MLA_PBLK */
 } mla_job;
 
-static void mla_task(void *vctx, int64_t k, int thread) {
-    mla_job *j = vctx;
-    int64_t t = j->tok[k], p0 = j->p0[k], n = j->p1[k] - p0, H = j->H, R = j->R, W = R + j->n_rot;
-    float *sc = j->scratch + (int64_t)thread * H * j->max_chunk; /* (H, n) */
-    for (int64_t p = 0; p < n; p++) {
-        const float *c = j->cache + kv_slot(j->kv, j->kv->seq[t], p0 + p) * W;
-        for (int64_t h = 0; h < H; h++) {
+static int64_t mla_len(const mla_job *j, int64_t t) { return (int64_t)j->kv->pos[t] + 1; }
+
+/* s[h * len + p] for heads [h0, h1), positions [p0, p1) of token t. */
+static void mla_scores(const mla_job *j, int64_t t, int64_t p0, int64_t p1, int64_t h0, int64_t h1, float *s) {
+    int64_t H = j->H, R = j->R, W = R + j->n_rot, len = mla_len(j, t);
+    for (int64_t p = p0; p < p1; p++) {
+        const float *c = j->cache + kv_slot(j->kv, j->kv->seq[t], p) * W;
+        for (int64_t h = h0; h < h1; h++) {
             const float *ql = j->q_lat + (t * H + h) * R;
             const float *qp = j->q + (t * H + h) * j->dq + j->nope;
-            sc[h * n + p] = (dotf(ql, c, R) + dotf(qp, c + R, j->n_rot)) * j->scale;
-        }
-    }
-    float *m = j->part_m + k * H, *l = j->part_l + k * H, *o = j->part_o + k * H * R;
-    for (int64_t h = 0; h < H; h++) {
-        float mx = -INFINITY;
-        for (int64_t p = 0; p < n; p++) mx = sc[h * n + p] > mx ? sc[h * n + p] : mx;
-        m[h] = mx;
-        l[h] = 0;
-    }
-    memset(o, 0, (size_t)H * (size_t)R * sizeof(float));
-    for (int64_t p = 0; p < n; p++) {
-        const float *c = j->cache + kv_slot(j->kv, j->kv->seq[t], p0 + p) * W;
-        for (int64_t h = 0; h < H; h++) {
-            float w = expf(sc[h * n + p] - m[h]);
-            l[h] += w;
-            axpyf(o + h * R, w, c, R);
+            s[h * len + p] = (dotf(ql, c, R) + dotf(qp, c + R, j->n_rot)) * j->scale;
         }
     }
 }
 
+/* One head's scores of a token (len of them) become its softmax weights
+ * in place: exp(s - max) summed in position order, then scaled by 1/sum. */
+static void mla_softmax(float *s, int64_t len) {
+    float mx = -INFINITY;
+    for (int64_t p = 0; p < len; p++) mx = s[p] > mx ? s[p] : mx;
+    double sum = 0;
+    for (int64_t p = 0; p < len; p++) {
+        s[p] = expf(s[p] - mx);
+        sum += s[p];
+    }
+    float inv = (float)(1.0 / sum);
+    for (int64_t p = 0; p < len; p++) s[p] *= inv;
+}
+
+/* o[h][r0, r1) = sum_p w[h][p] c_p[r0, r1) for heads [h0, h1) of token t,
+ * p in order (r0 a multiple of 8: wsumf); o is the token's (H, R) output.
+ * Rows go by in blocks of MLA_PBLK, which stay in cache while every head
+ * of the range passes over them. */
+static void mla_wsum(const mla_job *j, int64_t t, int64_t r0, int64_t r1, int64_t h0, int64_t h1, const float *w,
+                     float *o) {
+    int64_t R = j->R, W = R + j->n_rot, len = mla_len(j, t);
+    const float *rows[MLA_PBLK];
+    for (int64_t h = h0; h < h1; h++) memset(o + h * R + r0, 0, (size_t)(r1 - r0) * sizeof(float));
+    for (int64_t p0 = 0; p0 < len; p0 += MLA_PBLK) {
+        int64_t np = p0 + MLA_PBLK < len ? MLA_PBLK : len - p0;
+        for (int64_t p = 0; p < np; p++) rows[p] = j->cache + kv_slot(j->kv, j->kv->seq[t], p0 + p) * W;
+        wsumf(o, R, w + p0, len, rows, np, h0, h1, r0, r1);
+    }
+}
+
+/* Token schedule: all three passes of one token. */
+static void mla_token_task(void *vctx, int64_t t, int thread) {
+    const mla_job *j = vctx;
+    int64_t H = j->H, R = j->R, len = mla_len(j, t);
+    float *s = j->scratch + (size_t)thread * (size_t)(H * j->max_len);
+    mla_scores(j, t, 0, len, 0, H, s);
+    for (int64_t h = 0; h < H; h++) mla_softmax(s + h * len, len);
+    mla_wsum(j, t, 0, R, 0, H, s, j->o_lat + t * H * R);
+}
+
+static void mla_scores_task(void *vctx, int64_t k, int thread) {
+    (void)thread;
+    const mla_job *j = vctx;
+    const int32_t *tk = j->task + 5 * k;
+    mla_scores(j, tk[0], tk[1], tk[2], tk[3], tk[4], j->s + j->soff[tk[0]]);
+}
+
+/* Scores of every position for a head group, then those heads' softmax:
+ * the first two passes in one dispatch, when re-reading the rows once per
+ * group is cheap (short contexts). */
+static void mla_scores_softmax_task(void *vctx, int64_t k, int thread) {
+    (void)thread;
+    const mla_job *j = vctx;
+    const int32_t *tk = j->task + 5 * k;
+    int64_t t = tk[0], len = mla_len(j, t);
+    float *s = j->s + j->soff[t];
+    mla_scores(j, t, 0, len, tk[3], tk[4], s);
+    for (int64_t h = tk[3]; h < tk[4]; h++) mla_softmax(s + h * len, len);
+}
+
+static void mla_softmax_task(void *vctx, int64_t k, int thread) {
+    (void)thread;
+    const mla_job *j = vctx;
+    int64_t t = k / j->H, h = k % j->H, len = mla_len(j, t);
+    mla_softmax(j->s + j->soff[t] + h * len, len);
+}
+
+static void mla_wsum_task(void *vctx, int64_t k, int thread) {
+    (void)thread;
+    const mla_job *j = vctx;
+    const int32_t *tk = j->task + 5 * k;
+    int64_t t = tk[0];
+    mla_wsum(j, t, tk[1], tk[2], tk[3], tk[4], j->s + j->soff[t], j->o_lat + t * j->H * j->R);
+}
+
+/* Fills the task list: for each token, its range [0, n(t)) cut into
+ * blocks of blk, each block's heads cut into n_hg groups. Returns the count. */
+static int64_t mla_tasks(const mla_job *j, int32_t *task, bool positions, int64_t blk, int64_t n_hg) {
+    int64_t n = 0, H = j->H;
+    for (int64_t t = 0; t < j->kv->n_tok; t++) {
+        int64_t end = positions ? mla_len(j, t) : j->R;
+        for (int64_t a = 0; a < end; a += blk)
+            for (int64_t g = 0; g < n_hg; g++, n++) {
+                int32_t *tk = task + 5 * n;
+                tk[0] = (int32_t)t;
+                tk[1] = (int32_t)a;
+                tk[2] = (int32_t)(a + blk < end ? a + blk : end);
+                tk[3] = (int32_t)(H * g / n_hg);
+                tk[4] = (int32_t)(H * (g + 1) / n_hg);
+            }
+    }
+    return n;
+}
+
+/* Cache rows (all tokens of the step) up to which the spread schedule
+ * reads them once per head group to fuse scores and softmax. */
+#define MLA_FUSED_MAX_ROW_BYTES ((int64_t)512 << 10)
+
+/* Scores and weights the spread schedule may hold at once. */
+#define MLA_SPREAD_MAX_BYTES ((size_t)256 << 20)
+
 /* o_lat (n_tok, H, R) = softmax-weighted latent sums, per head. */
 static int mla_latent_attention(cpu_ctx *c, mla_job *j, float *o_lat) {
     const moe_kv_view *kv = j->kv;
-    int64_t n_tok = kv->n_tok, H = j->H, R = j->R;
-    /* enough tasks to feed every thread; never chunks under 32 positions */
-    int64_t want = 4 * (int64_t)cpu_pool_size(c->pool);
-    int64_t per_tok = n_tok >= want ? 1 : (want + n_tok - 1) / n_tok;
-    int64_t n_task = 0, max_chunk = 1;
+    int64_t n_tok = kv->n_tok, H = j->H, R = j->R, n_thr = cpu_pool_size(c->pool), want = 4 * n_thr;
+    /* the score room of a token is its length rounded up to MLA_PBLK, so a
+     * decode step needs more scratch only every MLA_PBLK positions (and
+     * the pool's margin absorbs most of those) */
+    int64_t n_s = 0, max_len = 1, n_pblk = 0, n_rs = (R + MLA_SLICE - 1) / MLA_SLICE;
     for (int64_t t = 0; t < n_tok; t++) {
-        int64_t len = (int64_t)kv->pos[t] + 1, nch = (len + 31) / 32;
-        nch = nch < per_tok ? nch : per_tok;
-        int64_t ch = (len + nch - 1) / nch;
-        max_chunk = ch > max_chunk ? ch : max_chunk;
-        n_task += (len + ch - 1) / ch;
+        int64_t len = (int64_t)kv->pos[t] + 1, nb = (len + MLA_PBLK - 1) / MLA_PBLK;
+        n_s += H * nb * MLA_PBLK;
+        n_pblk += nb;
+        max_len = nb * MLA_PBLK > max_len ? nb * MLA_PBLK : max_len;
     }
-    size_t b_tok = al64((size_t)n_task * 3 * sizeof(int64_t)), b_pm = al64((size_t)n_task * (size_t)H * 2 * sizeof(float));
-    size_t b_po = al64((size_t)n_task * (size_t)H * (size_t)R * sizeof(float));
-    size_t b_scr = (size_t)cpu_pool_size(c->pool) * (size_t)H * (size_t)max_chunk * sizeof(float);
-    char *base = cpu_pool_scratch(c->pool, CPU_SCRATCH_MLA_LATENT, b_tok + b_pm + b_po + b_scr);
-    int rc = base ? MOE_OK : MOE_ENOMEM;
-    int64_t *tok = (int64_t *)(void *)base;
-    float *pm = (float *)(void *)(base + b_tok), *po = (float *)(void *)(base + b_tok + b_pm);
-    float *scr = (float *)(void *)(base + b_tok + b_pm + b_po);
-    if (!rc) {
-        int64_t *p0 = tok + n_task, *p1 = tok + 2 * n_task, k = 0;
-        for (int64_t t = 0; t < n_tok; t++) {
-            int64_t len = (int64_t)kv->pos[t] + 1, nch = (len + 31) / 32;
-            nch = nch < per_tok ? nch : per_tok;
-            int64_t ch = (len + nch - 1) / nch;
-            for (int64_t a = 0; a < len; a += ch, k++) {
-                tok[k] = t;
-                p0[k] = a;
-                p1[k] = a + ch < len ? a + ch : len;
-            }
-        }
-        j->tok = tok;
-        j->p0 = p0;
-        j->p1 = p1;
-        j->part_m = pm;
-        j->part_l = pm + n_task * H;
-        j->part_o = po;
-        j->scratch = scr;
-        j->max_chunk = max_chunk;
-        cpu_pool_run(c->pool, mla_task, j, n_task);
-        /* merge the chunks of each token (tasks of a token are consecutive) */
-        for (int64_t a = 0; a < n_task;) {
-            int64_t b = a, t = tok[a];
-            while (b < n_task && tok[b] == t) b++;
-            for (int64_t h = 0; h < H; h++) {
-                float mx = -INFINITY;
-                for (int64_t q = a; q < b; q++) mx = j->part_m[q * H + h] > mx ? j->part_m[q * H + h] : mx;
-                double sum = 0;
-                float *out = o_lat + (t * H + h) * R;
-                memset(out, 0, (size_t)R * sizeof(float));
-                for (int64_t q = a; q < b; q++) {
-                    float f = expf(j->part_m[q * H + h] - mx);
-                    sum += (double)f * j->part_l[q * H + h];
-                    const float *oq = po + (q * H + h) * R;
-                    for (int64_t i = 0; i < R; i++) out[i] += f * oq[i];
-                }
-                float inv = (float)(1.0 / sum);
-                for (int64_t i = 0; i < R; i++) out[i] *= inv;
-            }
-            a = b;
-        }
+    j->o_lat = o_lat;
+    j->max_len = max_len;
+    size_t b_s = al64((size_t)n_s * sizeof(float));
+    /* the tokens alone keep every thread busy, or the scores would not fit:
+     * a task per token (the results are the same either way) */
+    if (n_tok >= want || b_s > MLA_SPREAD_MAX_BYTES) {
+        j->scratch = cpu_pool_scratch(c->pool, CPU_SCRATCH_MLA_LATENT,
+                                      (size_t)n_thr * (size_t)(H * max_len) * sizeof(float));
+        if (!j->scratch) return MOE_ENOMEM;
+        cpu_pool_run(c->pool, mla_token_task, j, n_tok);
+        return MOE_OK;
     }
-    return rc;
+    /* Rows short enough to read once per head group from cache: scores and
+     * softmax by (token, head group) in one dispatch, which matters at
+     * small sizes where the dispatches cost more than the work. Else
+     * scores by position block, then the softmax. Head groups so that each
+     * pass has about `want` tasks. */
+    int64_t rows_bytes = 0;
+    for (int64_t t = 0; t < n_tok; t++) rows_bytes += ((int64_t)kv->pos[t] + 1) * (R + j->n_rot) * (int64_t)sizeof(float);
+    bool fused = rows_bytes <= MLA_FUSED_MAX_ROW_BYTES;
+    int64_t hg_s = fused ? (want + n_tok - 1) / n_tok : (want + n_pblk - 1) / n_pblk;
+    int64_t hg_w = (want + n_tok * n_rs - 1) / (n_tok * n_rs);
+    hg_s = hg_s > H ? H : hg_s;
+    hg_w = hg_w > H ? H : hg_w;
+    int64_t n_task_max = (n_pblk * hg_s > n_tok * n_rs * hg_w ? n_pblk * hg_s : n_tok * n_rs * hg_w);
+    size_t b_soff = al64((size_t)n_tok * sizeof(int64_t)), b_task = al64((size_t)n_task_max * 5 * sizeof(int32_t));
+    char *base = cpu_pool_scratch(c->pool, CPU_SCRATCH_MLA_LATENT, b_s + b_soff + b_task);
+    if (!base) return MOE_ENOMEM;
+    j->s = (float *)(void *)base;
+    int64_t *soff = (int64_t *)(void *)(base + b_s);
+    int32_t *task = (int32_t *)(void *)(base + b_s + b_soff);
+    for (int64_t t = 0, o = 0; t < n_tok; t++) {
+        soff[t] = o;
+        o += H * (((int64_t)kv->pos[t] + MLA_PBLK) / MLA_PBLK) * MLA_PBLK;
+    }
+    j->soff = soff;
+    j->task = task;
+    if (fused) {
+        cpu_pool_run(c->pool, mla_scores_softmax_task, j, mla_tasks(j, task, true, INT32_MAX, hg_s));
+    } else {
+        cpu_pool_run(c->pool, mla_scores_task, j, mla_tasks(j, task, true, MLA_PBLK, hg_s));
+        cpu_pool_run(c->pool, mla_softmax_task, j, n_tok * H);
+    }
+    cpu_pool_run(c->pool, mla_wsum_task, j, mla_tasks(j, task, false, MLA_SLICE, hg_w));
+    return MOE_OK;
 }
 
 /* Per-head products: y[t][h] (w->n_out) = W_h . x[t][h][0 .. w->n_in), where

@@ -23,7 +23,13 @@
  * else portable scalar); the build needs no -march flag. MOE_CPU_ISA=
  * scalar|avx2|avx512 in the environment caps the choice, cpu_isa_set()
  * forces it (tests). Every output is computed by exactly one thread with
- * the same code, so results do not depend on the number of threads.
+ * the same code, so results do not depend on the number of threads; and
+ * it is the same dot product for any n_tok or routing (activations are
+ * quantized per row, the 4-token kernels give the 1-token bits, a widened
+ * F16/BF16 row gives the narrow kernel's bits), so a token's outputs do not
+ * depend on what else is in the call. The engine's deterministic output
+ * (docs/api.md) rests on this: a new kernel path must keep it, and
+ * tests/check_determinism.c checks it.
  *
  * Threads: all functions may be called from any thread, but calls that
  * share a cpu_pool must be serialized (see threadpool.h).

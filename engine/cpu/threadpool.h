@@ -54,7 +54,7 @@ enum {
     CPU_SCRATCH_MATMUL = 0, /* cpu_matmul*: active experts, per-thread rows, quantized activations */
     CPU_SCRATCH_ATTN,       /* attention: per-thread scores */
     CPU_SCRATCH_MLA,        /* MLA: absorbed queries and latent outputs */
-    CPU_SCRATCH_MLA_LATENT, /* MLA: per-chunk partial softmax state */
+    CPU_SCRATCH_MLA_LATENT, /* MLA: scores, softmax sums, task list */
     CPU_SCRATCH_HEADS,      /* per-head products: gathered inputs and outputs */
     CPU_SCRATCH_MOE,        /* moe: routing and expert activations */
     CPU_SCRATCH_COUNT
