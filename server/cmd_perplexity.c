@@ -46,7 +46,7 @@
 #define BLOCK 16
 #define LOGITS_MAGIC "MOEPPLK1"
 #define TOPK_DEFAULT 32
-#define TOPK_MAX 256
+#define TOPK_MAX 1024
 
 static void usage(FILE *f) {
     fprintf(f, "usage: moed perplexity -m MODEL.gguf -f TEXT [--ctx N] [--chunks N] [--batch N] [--threads N]\n"
@@ -56,7 +56,7 @@ static void usage(FILE *f) {
                "  --batch N        tokens per forward step; ctx-sized windows are packed into it (default 2048)\n"
                "  --threads N      CPU threads (default: one per online CPU)\n"
                "  --save-logits F  store each scored token's top-K log-probs for later --kl-base runs\n"
-               "  --top-k K        how many log-probs --save-logits keeps per token (default 32, max 256)\n"
+               "  --top-k K        how many log-probs --save-logits keeps per token (default 32, max 1024)\n"
                "  --kl-base F      report KL divergence and top-1 agreement against a --save-logits file\n");
 }
 

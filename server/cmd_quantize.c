@@ -389,9 +389,10 @@ int srv_cmd_quantize(int argc, char **argv) {
     }
     if (requant)
         fprintf(stderr,
-                "moed quantize: warning: %s is already quantized (%s is %s); its weights are decoded to F32 and "
-                "quantized again, so the new file carries both rounding errors\n",
-                in, requant->name, moe_type_name(requant->type));
+                "moed quantize: warning: %s is already quantized (%s is %s); its weights are decoded to F32 first%s\n",
+                in, requant->name, moe_type_name(requant->type),
+                mode->base == MOE_TYPE_F32 ? " (exactly: F32 output adds no error)"
+                                           : ", so the new file carries the old rounding error plus the new one");
 
     for (uint64_t i = 0; i < moe_gguf_n_kv(g); i++) {
         const moe_gguf_kv *kv = moe_gguf_kv_at(g, i);
