@@ -87,6 +87,19 @@ static int cmp_double(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+/* log of the total probability of the tokens not marked, summed from the
+ * log-probs themselves (1 - top mass would cancel catastrophically);
+ * -inf when every token is marked. */
+static double log_rest(const double *lp, const uint8_t *mark, int64_t n_vocab) {
+    double mx = -INFINITY, sum = 0;
+    for (int64_t v = 0; v < n_vocab; v++)
+        if (!mark[v] && lp[v] > mx) mx = lp[v];
+    if (!isfinite(mx)) return -INFINITY;
+    for (int64_t v = 0; v < n_vocab; v++)
+        if (!mark[v]) sum += exp(lp[v] - mx);
+    return mx + log(sum);
+}
+
 int srv_cmd_perplexity(int argc, char **argv) {
     const char *model = NULL, *text_path = NULL, *save = NULL, *kl_base = NULL, *device = "cpu";
     long ctx = 512, chunks = 0, batch = 2048, threads = 0, top_k = TOPK_DEFAULT;
@@ -162,6 +175,7 @@ int srv_cmd_perplexity(int argc, char **argv) {
     char *save_tmp = NULL;
     int64_t n_seq_max = 0;
     float *btop = NULL;
+    uint8_t *mark = NULL; /* (n_vocab) scratch: tokens already counted */
 
     /* the text */
     {
@@ -326,7 +340,8 @@ int srv_cmd_perplexity(int argc, char **argv) {
     int64_t count = 0, n_kl = 0, n_top1 = 0;
     int32_t *topi = malloc((size_t)top_k * sizeof(int32_t));
     double *lp = malloc((size_t)n_vocab * sizeof(double));
-    if (!topi || !lp) {
+    mark = calloc((size_t)n_vocab, 1);
+    if (!topi || !lp || !mark) {
         free(topi);
         free(lp);
         fprintf(stderr, "moed perplexity: out of memory\n");
@@ -390,13 +405,13 @@ int srv_cmd_perplexity(int argc, char **argv) {
                         }
                         topi[i] = (int32_t)v;
                     }
-                    double top_mass = 0;
                     for (int i = 0; i < k; i++) {
                         float f = (float)lp[topi[i]];
-                        top_mass += exp((double)f);
+                        mark[topi[i]] = 1;
                         if (fwrite(&topi[i], 4, 1, fsave) != 1 || fwrite(&f, 4, 1, fsave) != 1) st = MOE_EIO;
                     }
-                    float rest = (float)(top_mass >= 1 ? -INFINITY : log1p(-top_mass));
+                    float rest = (float)log_rest(lp, mark, n_vocab);
+                    for (int i = 0; i < k; i++) mark[topi[i]] = 0;
                     if (fwrite(&rest, 4, 1, fsave) != 1) st = MOE_EIO;
                     if (st) {
                         fprintf(stderr, "moed perplexity: --save-logits %s: %s\n", save, strerror(errno));
@@ -417,24 +432,27 @@ int srv_cmd_perplexity(int argc, char **argv) {
                     /* KL(P || Q) over the base's top-K tokens plus "the rest";
                      * Q's log-probs are rounded to float as P's were stored, so
                      * a run against its own file gives exactly 0. */
-                    double kl = 0, q_top = 0;
+                    double kl = 0;
                     int32_t b_arg = -1;
                     for (uint32_t i = 0; i < bh.top_k; i++) {
                         int32_t id;
                         float lpb;
                         memcpy(&id, (char *)btop + i * 8, 4);
                         memcpy(&lpb, (char *)btop + i * 8 + 4, 4);
-                        if (id < 0 || id >= n_vocab) continue;
+                        if (id < 0 || id >= n_vocab || mark[id]) continue;
+                        mark[id] = 1;
                         if (i == 0) b_arg = id;
                         double lq = (double)(float)lp[id];
-                        q_top += exp(lq);
                         if (isfinite(lpb)) kl += exp((double)lpb) * ((double)lpb - lq);
                     }
                     float rest;
                     memcpy(&rest, (char *)btop + bh.top_k * 8, 4);
-                    if (isfinite(rest)) {
-                        double lq_rest = (double)(float)(q_top >= 1 ? -INFINITY : log1p(-q_top));
-                        kl += exp((double)rest) * ((double)rest - lq_rest);
+                    double lq_rest = (double)(float)log_rest(lp, mark, n_vocab);
+                    if (isfinite(rest)) kl += exp((double)rest) * ((double)rest - lq_rest);
+                    for (uint32_t i = 0; i < bh.top_k; i++) {
+                        int32_t id;
+                        memcpy(&id, (char *)btop + i * 8, 4);
+                        if (id >= 0 && id < n_vocab) mark[id] = 0;
                     }
                     kls[n_kl++] = kl;
                     n_top1 += b_arg == arg;
@@ -484,6 +502,7 @@ out:
     free(save_tmp);
     if (fbase) fclose(fbase);
     free(btop);
+    free(mark);
     free(kls);
     for (int64_t s = 0; seqs && kv && s < n_seq_max; s++) moe_kv_seq_release(kv, &seqs[s]);
     free(seqs);
