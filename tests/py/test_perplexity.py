@@ -131,6 +131,24 @@ def test_kl_self_is_zero_and_quantized_copy_is_not(moed_bin, text, tmp_path):
     assert p99 == pytest.approx(kl[int(np.ceil(0.99 * len(kl))) - 1], rel=1e-4, abs=1e-6)
     assert top1 == pytest.approx(100.0 * agree / len(kl), abs=1e-3)
 
+    # with the default top-32 the KL is over the 32 tokens plus "the rest"
+    base32 = tmp_path / "base32.kl"
+    run(moed_bin, "perplexity", "-m", LLAMA, "-f", text, "--ctx", 64, "--save-logits", base32)
+    mean32, _, _ = kl_of(run(moed_bin, "perplexity", "-m", q4, "-f", text, "--ctx", 64, "--kl-base", base32).stdout)
+    kl32 = []
+    for a, b in zip(p, q):
+        lp = np.full(nv, -np.inf)
+        lq = np.full(nv, -np.inf)
+        lp[a["pairs"]["id"]] = a["pairs"]["lp"]
+        lq[b["pairs"]["id"]] = b["pairs"]["lp"]
+        top = np.argsort(-lp, kind="stable")[:32]
+        rest = np.ones(nv, bool)
+        rest[top] = False
+        pr, qr = np.exp(lp[rest]).sum(), np.exp(lq[rest]).sum()
+        kl32.append(float(np.sum(np.exp(lp[top]) * (lp[top] - lq[top])) + pr * np.log(pr / qr)))
+    assert mean32 == pytest.approx(np.mean(kl32), rel=1e-3)
+    assert mean32 < mean  # coarse-graining can only lose divergence
+
 
 @pytest.mark.parametrize("args,code,msg", [
     (["-f", "TEXT"], 2, "-m MODEL and -f TEXT are required"),
