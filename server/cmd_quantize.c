@@ -210,11 +210,17 @@ static moe_type fallback(moe_type want, int64_t ne0) {
     return fb;
 }
 
-static moe_type choose(plan *p, const moe_gguf_tensor *t) {
+/* The type of tensor t in the output; *fell_back is set when the row
+ * length forced a fallback (it is left alone otherwise). */
+static moe_type choose(plan *p, const moe_gguf_tensor *t, bool *fell_back) {
     if (!convertible(t)) return t->type;
     moe_type nt = p->mode->base;
     if (is_quantized(nt) && !p->pure) nt = mix_type(p, t);
-    if (is_quantized(nt)) nt = fallback(nt, t->ne[0]);
+    if (is_quantized(nt)) {
+        moe_type fb = fallback(nt, t->ne[0]);
+        if (fb != nt) *fell_back = true;
+        nt = fb;
+    }
     return nt;
 }
 
@@ -406,12 +412,14 @@ int srv_cmd_quantize(int argc, char **argv) {
     if (is_quantized(mode->base)) moe_gguf_writer_set_u32(w, "general.quantization_version", 2);
 
     uint64_t in_bytes = 0, out_bytes = 0;
-    int n_fallback = 0;
+    int n_fallback = 0, n_conv = 0;
+    uint64_t fb_first = 0;
     for (uint64_t i = 0; i < nt; i++) {
         const moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
-        types[i] = choose(&p, t);
-        if (convertible(t) && is_quantized(mode->base) && types[i] != mode->base && !is_quantized(types[i]))
-            n_fallback++;
+        bool fell = false;
+        types[i] = choose(&p, t, &fell);
+        n_conv += convertible(t);
+        if (fell && !n_fallback++) fb_first = i;
         if ((st = moe_gguf_writer_add_tensor(w, t->name, types[i], t->n_dims, t->ne))) {
             fprintf(stderr, "moed quantize: tensor '%s' as %s: %s\n", t->name, moe_type_name(types[i]),
                     moe_strerror(st));
@@ -422,9 +430,14 @@ int srv_cmd_quantize(int argc, char **argv) {
         for (int d = 1; d < MOE_GGUF_MAX_DIMS; d++) rows *= t->ne[d];
         out_bytes += types[i] == t->type ? t->nbytes : moe_row_size(types[i], t->ne[0]) * (uint64_t)rows;
     }
+    /* llama.cpp warns per tensor; one line says the same: a model whose
+     * width is not a multiple of 256 gets few K-quant blocks at all. */
     if (n_fallback)
-        fprintf(stderr, "moed quantize: warning: %d tensors have rows no block size divides and stay F16\n",
-                n_fallback);
+        fprintf(stderr,
+                "moed quantize: warning: %d of %d matrices have rows whose length the chosen block size does not "
+                "divide (first: %s, %lld wide, stored as %s): they take llama.cpp's fallback type\n",
+                n_fallback, n_conv, moe_gguf_tensor_at(g, fb_first)->name,
+                (long long)moe_gguf_tensor_at(g, fb_first)->ne[0], moe_type_name(types[fb_first]));
 
     sprintf(tmp, "%s.tmp%ld", out, (long)getpid());
     if ((st = moe_gguf_writer_begin(w, tmp))) {
