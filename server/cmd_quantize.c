@@ -26,6 +26,7 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -289,6 +290,17 @@ static int parse_threads(const char *s, int *out) {
     return 0;
 }
 
+/* The temporary file being written, removed if SIGINT/SIGTERM/SIGHUP ends
+ * the run (a multi-GB conversion is often interrupted on purpose). */
+static const char *volatile g_tmp_path;
+
+static void cleanup_cb(int sig) {
+    const char *p = g_tmp_path;
+    if (p) unlink(p); /* async-signal-safe */
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
 /* Output chunk size: bounds memory for multi-GB tensors. */
 #define CHUNK_BYTES ((size_t)64 << 20)
 
@@ -440,6 +452,10 @@ int srv_cmd_quantize(int argc, char **argv) {
                 (long long)moe_gguf_tensor_at(g, fb_first)->ne[0], moe_type_name(types[fb_first]));
 
     sprintf(tmp, "%s.tmp%ld", out, (long)getpid());
+    g_tmp_path = tmp;
+    signal(SIGINT, cleanup_cb);
+    signal(SIGTERM, cleanup_cb);
+    signal(SIGHUP, cleanup_cb);
     if ((st = moe_gguf_writer_begin(w, tmp))) {
         fprintf(stderr, "moed quantize: cannot create '%s': %s\n", tmp, strerror(errno));
         unlink(tmp);
@@ -499,6 +515,7 @@ write_failed:
 done:
     moe_gguf_writer_free(w);
     if (created) unlink(tmp);
+    g_tmp_path = NULL;
     free(buf);
     free(tmp);
     free(types);
