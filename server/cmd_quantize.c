@@ -11,7 +11,7 @@
  *     Q6_K unless the base type is Q8_0;
  *   - attn_v (attn_qkv, attn_kv_b) and ffn_down get Q6_K in the first and
  *     last eighth of the layers and every third layer between for the _M
- *     mixes; 8-expert models (Mixtral) get Q8_0 attn_v/attn_k and Q5_K
+ *     mixes (attn_v counted in llama.cpp's tensor order: by layer number); 8-expert models (Mixtral) get Q8_0 attn_v/attn_k and Q5_K
  *     attn_output;
  *   - a row length that is not a multiple of the chosen block size falls
  *     back (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, else F16).
@@ -141,17 +141,40 @@ static bool convertible(const moe_gguf_tensor *t) {
 }
 
 typedef struct {
+    const moe_gguf *g;
     const qmode *mode;
     bool pure;
     int64_t n_layer;
     int64_t n_expert;
     bool is_70b; /* llama with 80 layers: llama.cpp's LLM_TYPE_70B bump for attn_v */
     bool tied;   /* no output.weight: token_embd is the output head too */
-    int n_attn_v, i_attn_v, i_ffn_down;
+    int n_attn_v, i_ffn_down;
 } plan;
 
 /* llama.cpp's use_more_bits(): the first and last eighth and every third layer between. */
 static bool more_bits(int64_t i, int64_t n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; }
+
+/* llama.cpp quantizes tensors in the order of its loader's map: by layer
+ * number ("blk.N.", none first), then by name; its attn_v counter follows
+ * that order, not the file's (files are often sorted by name, blk.10
+ * before blk.2). */
+static int llama_order_cmp(const char *a, const char *b) {
+    int la = -1, lb = -1;
+    sscanf(a, "blk.%d.", &la);
+    sscanf(b, "blk.%d.", &lb);
+    if (la != lb) return la < lb ? -1 : 1;
+    return strcmp(a, b);
+}
+
+/* The index of attn_v-like tensor t among all of them in llama.cpp's order. */
+static int attn_v_rank(const moe_gguf *g, const moe_gguf_tensor *t) {
+    int rank = 0;
+    for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
+        const moe_gguf_tensor *u = moe_gguf_tensor_at(g, i);
+        if (category_of(u->name) == CAT_ATTN_V && llama_order_cmp(u->name, t->name) < 0) rank++;
+    }
+    return rank;
+}
 
 static int64_t layer_of(const char *name, int64_t counter) {
     int il;
@@ -170,13 +193,14 @@ static moe_type mix_type(plan *p, const moe_gguf_tensor *t) {
         return nt == MOE_TYPE_Q8_0 ? nt : MOE_TYPE_Q6_K;
     }
     switch (c) {
-    case CAT_ATTN_V:
-        if ((ft == FT_Q4_K_M || ft == FT_Q5_K_M) && more_bits(p->i_attn_v, p->n_attn_v)) nt = MOE_TYPE_Q6_K;
-        else if (ft == FT_Q4_K_S && p->i_attn_v < 4) nt = MOE_TYPE_Q5_K;
+    case CAT_ATTN_V: {
+        int iv = attn_v_rank(p->g, t);
+        if ((ft == FT_Q4_K_M || ft == FT_Q5_K_M) && more_bits(iv, p->n_attn_v)) nt = MOE_TYPE_Q6_K;
+        else if (ft == FT_Q4_K_S && iv < 4) nt = MOE_TYPE_Q5_K;
         if (p->is_70b && nt == MOE_TYPE_Q4_K) nt = MOE_TYPE_Q5_K;
         if (p->n_expert == 8) nt = MOE_TYPE_Q8_0;
-        p->i_attn_v++;
         break;
+    }
     case CAT_ATTN_K:
         if (p->n_expert == 8) nt = MOE_TYPE_Q8_0;
         break;
@@ -373,7 +397,7 @@ int srv_cmd_quantize(int argc, char **argv) {
         return 2;
     }
 
-    plan p = {.mode = mode, .pure = pure, .tied = true};
+    plan p = {.g = g, .mode = mode, .pure = pure, .tied = true};
     moe_gguf_str arch = {0};
     char key[256];
     if (moe_gguf_get_str(g, "general.architecture", &arch) == MOE_OK && arch.len < 100) {

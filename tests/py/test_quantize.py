@@ -227,3 +227,31 @@ def test_bad_arguments_write_nothing(moed_bin, l8, tmp_path, args, code, msg):
     assert want in r.stderr, r.stderr
     assert sorted(os.listdir(tmp_path)) == ["dir", "text.txt"]
     assert l8.read_bytes() == before
+
+
+def test_attn_v_counted_in_layer_order_not_file_order(moed_bin, tmp_path):
+    """Files are often sorted by name (blk.10 before blk.2). llama.cpp counts
+    attn_v tensors by layer number, so Q4_K_M's Q6_K attn_v layers are
+    use_more_bits(layer, 12): 0, 3, 6, 9, 11 - whatever the file order."""
+    import gguf
+    path = tmp_path / "sorted.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(12)
+    rng = np.random.default_rng(5)
+    names = [f"blk.{i}.attn_v.weight" for i in range(12)] + [f"blk.{i}.ffn_down.weight" for i in range(12)]
+    for n in sorted(names):
+        w.add_tensor(n, rng.standard_normal((32, 256)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    order = [t.name for t in GGUFReader(str(path)).tensors if "attn_v" in t.name]
+    assert order[:3] == ["blk.0.attn_v.weight", "blk.1.attn_v.weight", "blk.10.attn_v.weight"]
+    out = tmp_path / "q.gguf"
+    quantize(moed_bin, path, out, "Q4_K_M")
+    got = types(out)
+    more = {0, 3, 6, 9, 11}  # i < 12/8 or i >= 7*12/8 (=10) or (i - 1) % 3 == 2
+    for i in range(12):
+        want = "Q6_K" if i in more or i >= 10 else "Q4_K"
+        assert got[f"blk.{i}.attn_v.weight"] == want, i
+        assert got[f"blk.{i}.ffn_down.weight"] == want, i
