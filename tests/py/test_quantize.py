@@ -255,3 +255,20 @@ def test_attn_v_counted_in_layer_order_not_file_order(moed_bin, tmp_path):
         want = "Q6_K" if i in more or i >= 10 else "Q4_K"
         assert got[f"blk.{i}.attn_v.weight"] == want, i
         assert got[f"blk.{i}.ffn_down.weight"] == want, i
+
+
+@pytest.mark.parametrize("src_type", ["F16", "BF16"])
+def test_half_precision_sources(moed_bin, l8, tmp_path, src_type):
+    """An F16/BF16 file is decoded exactly and quantized like F32: blocks
+    equal gguf-py's quantizer applied to the decoded values."""
+    half = tmp_path / "half.gguf"
+    quantize(moed_bin, l8, half, src_type)
+    out = tmp_path / "q8.gguf"
+    r = quantize(moed_bin, half, out, "Q8_0", "--pure")
+    assert "already quantized" not in r.stderr
+    src, dst = tensors(half), tensors(out)
+    name = "blk.3.ffn_up.weight"
+    assert src[name].tensor_type == T[src_type]
+    x = quants.dequantize(np.asarray(src[name].data), T[src_type]).astype(np.float32)
+    x = x.reshape(-1, int(src[name].shape[0]))
+    assert raw_bytes(dst[name]) == quants.quantize(x, T.Q8_0).tobytes()
