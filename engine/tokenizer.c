@@ -64,6 +64,11 @@ static const pre_def PRE_DEFS[] = {
       "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
       NULL},
      true},
+    /* SmolLM, StarCoder, Refact: GPT-2's split after every digit is cut off
+     * on its own (llama.cpp's list for these names). */
+    {{"smollm", "starcoder", "refact", NULL},
+     {"\\p{N}", "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+", NULL},
+     false},
     {{"default", "gpt2", "gpt-2", NULL},
      {"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+", NULL},
      false},

@@ -21,6 +21,8 @@ int srv_cmd_mkmodel(int argc, char **argv);    /* server/cmd_mkmodel.c */
 int srv_cmd_convert(int argc, char **argv);    /* server/cmd_convert.c */
 int srv_cmd_tokenize(int argc, char **argv);   /* server/cmd_tokenize.c */
 int srv_cmd_detokenize(int argc, char **argv); /* server/cmd_tokenize.c */
+int srv_cmd_quantize(int argc, char **argv);   /* server/cmd_quantize.c */
+int srv_cmd_perplexity(int argc, char **argv); /* server/cmd_perplexity.c */
 
 /* Helpers for the subcommands (server/cli.c). Any thread. */
 double srv_cli_now_s(void);             /* CLOCK_MONOTONIC, in seconds */

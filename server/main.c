@@ -19,6 +19,8 @@ static const command commands[] = {
     {"tokenize", srv_cmd_tokenize, "print the token ids of a text"},
     {"detokenize", srv_cmd_detokenize, "print the text of token ids"},
     {"bench", srv_cmd_bench, "measure prefill/decode speed against memory bandwidth"},
+    {"quantize", srv_cmd_quantize, "write a copy of a model with quantized weights"},
+    {"perplexity", srv_cmd_perplexity, "measure perplexity (and KL vs a reference run) on a text"},
 };
 
 static void usage(FILE *f) {

@@ -552,7 +552,7 @@ END_TEST
 /* Other names of the pre-tokenizers pick the intended regexes: with the
  * tokens 1, 2, 12 and the merge "1 2", "12" stays one token where digits
  * are pre-tokenized in runs (GPT-2, Llama-3) and splits where they are
- * isolated (Qwen2, DeepSeek). */
+ * isolated (Qwen2, DeepSeek, SmolLM/StarCoder/Refact). */
 static const char *pre_name;
 static void b_digits(moe_gguf_writer *w) {
     static const char *toks[] = {"1", "2", "12", "x"};
@@ -571,7 +571,8 @@ START_TEST(test_pre_aliases) {
     } want[] = {{"gpt-2", 1, false},          {"gpt2", 1, false},         {"default", 1, false},
                 {"llama-v3", 1, true},        {"llama3", 1, true},        {"llama-bpe", 1, true},
                 {"deepseek-r1-qwen", 2, false}, {"qwen2", 2, false},      {"deepseek-coder", 2, false},
-                {"deepseek-llm", 2, false},   {"deepseek-v3", 1, false}};
+                {"deepseek-llm", 2, false},   {"deepseek-v3", 1, false},  {"smollm", 2, false},
+                {"starcoder", 2, false},      {"refact", 2, false}};
     for (size_t i = 0; i < sizeof want / sizeof *want; i++) {
         int st;
         moe_gguf *g;
