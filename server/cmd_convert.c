@@ -1,5 +1,6 @@
 /* cmd_convert.c - `moed convert`: a Hugging Face checkpoint directory to
  * GGUF (engine/convert.h). */
+#include <getopt.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -21,23 +22,28 @@ int srv_cmd_convert(int argc, char **argv) {
     const char *pos[2] = {NULL, NULL}, *type = "F16";
     int n_pos = 0;
     bool quiet = false;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            usage(stdout);
-            return 0;
+    enum { OPT_TYPE = 256, OPT_QUIET };
+    static const struct option opts[] = {{"type", required_argument, 0, OPT_TYPE},
+                                         {"quiet", no_argument, 0, OPT_QUIET},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (c) {
+        case OPT_TYPE: type = optarg; break;
+        case OPT_QUIET: quiet = true; break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
         }
-        if (!strcmp(a, "--type") && i + 1 < argc) {
-            type = argv[++i];
-        } else if (!strcmp(a, "--quiet")) {
-            quiet = true;
-        } else if (a[0] == '-' || n_pos == 2) {
-            fprintf(stderr, "moed convert: unexpected argument '%s'\n", a);
+    }
+    for (; optind < argc; optind++) {
+        if (n_pos == 2) {
+            fprintf(stderr, "moed convert: unexpected argument '%s'\n", argv[optind]);
             usage(stderr);
             return 2;
-        } else {
-            pos[n_pos++] = a;
         }
+        pos[n_pos++] = argv[optind];
     }
     if (n_pos != 2) {
         fprintf(stderr, "moed convert: HF_DIR and OUT.gguf are required\n");

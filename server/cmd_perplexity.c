@@ -22,6 +22,7 @@
  * runs' most likely token agree.
  */
 #include <errno.h>
+#include <getopt.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdbool.h>
@@ -103,32 +104,39 @@ static double log_rest(const double *lp, const uint8_t *mark, int64_t n_vocab) {
 int srv_cmd_perplexity(int argc, char **argv) {
     const char *model = NULL, *text_path = NULL, *save = NULL, *kl_base = NULL, *device = "cpu";
     long ctx = 512, chunks = 0, batch = 2048, threads = 0, top_k = TOPK_DEFAULT;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            usage(stdout);
-            return 0;
+    enum { OPT_SAVE = 256, OPT_KL, OPT_DEVICE, OPT_CHUNKS, OPT_TOPK };
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},    {"file", required_argument, 0, 'f'},
+                                         {"ctx", required_argument, 0, 'c'},      {"batch", required_argument, 0, 'b'},
+                                         {"threads", required_argument, 0, 't'},  {"chunks", required_argument, 0, OPT_CHUNKS},
+                                         {"top-k", required_argument, 0, OPT_TOPK}, {"save-logits", required_argument, 0, OPT_SAVE},
+                                         {"kl-base", required_argument, 0, OPT_KL}, {"device", required_argument, 0, OPT_DEVICE},
+                                         {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
+    int c, li = -1;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "m:f:c:b:t:h", opts, &li)) != -1) {
+        char o[32]; /* the flag as typed, for messages */
+        if (li >= 0) snprintf(o, sizeof o, "--%s", opts[li].name);
+        else snprintf(o, sizeof o, "-%c", c);
+        li = -1;
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 'f': text_path = optarg; break;
+        case OPT_SAVE: save = optarg; break;
+        case OPT_KL: kl_base = optarg; break;
+        case OPT_DEVICE: device = optarg; break;
+        case 'c': if (parse_pos(o, optarg, &ctx)) return 2; break;
+        case 'b': if (parse_pos(o, optarg, &batch)) return 2; break;
+        case 't': if (parse_pos(o, optarg, &threads)) return 2; break;
+        case OPT_CHUNKS: if (parse_pos(o, optarg, &chunks)) return 2; break;
+        case OPT_TOPK: if (parse_pos(o, optarg, &top_k)) return 2; break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
         }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "moed perplexity: %s wants a value\n", a);
-            return 2;
-        }
-        const char *v = argv[++i];
-        if (!strcmp(a, "-m") || !strcmp(a, "--model")) model = v;
-        else if (!strcmp(a, "-f") || !strcmp(a, "--file")) text_path = v;
-        else if (!strcmp(a, "--save-logits")) save = v;
-        else if (!strcmp(a, "--kl-base")) kl_base = v;
-        else if (!strcmp(a, "--device")) device = v;
-        else if (!strcmp(a, "--ctx") || !strcmp(a, "-c")) { if (parse_pos(a, v, &ctx)) return 2; }
-        else if (!strcmp(a, "--chunks")) { if (parse_pos(a, v, &chunks)) return 2; }
-        else if (!strcmp(a, "--batch") || !strcmp(a, "-b")) { if (parse_pos(a, v, &batch)) return 2; }
-        else if (!strcmp(a, "--threads") || !strcmp(a, "-t")) { if (parse_pos(a, v, &threads)) return 2; }
-        else if (!strcmp(a, "--top-k")) { if (parse_pos(a, v, &top_k)) return 2; }
-        else {
-            fprintf(stderr, "moed perplexity: unknown option '%s'\n", a);
-            usage(stderr);
-            return 2;
-        }
+    }
+    if (optind != argc) {
+        fprintf(stderr, "moed perplexity: unexpected argument '%s'\n", argv[optind]);
+        usage(stderr);
+        return 2;
     }
     if (!model || !text_path) {
         fprintf(stderr, "moed perplexity: -m MODEL and -f TEXT are required\n");
@@ -275,19 +283,11 @@ int srv_cmd_perplexity(int argc, char **argv) {
     }
 
     /* the forward pass */
-#ifdef MOE_HAVE_CUDA
-    if (!strcmp(device, "cuda")) {
-        if ((st = moe_cuda_backend_init(&be, NULL))) {
-            fprintf(stderr, "moed perplexity: CUDA backend: %s\n", moe_strerror(st));
-            goto out;
-        }
-    } else
-#endif
-    if ((st = moe_cpu_backend_init(&be, &(moe_cpu_backend_opts){.n_threads = (int)threads}))) {
-        fprintf(stderr, "moed perplexity: CPU backend: %s\n", moe_strerror(st));
+    if ((st = moe_backend_create(device, (int)threads, &be, NULL, err, sizeof err))) {
+        fprintf(stderr, "moed perplexity: %s\n", err);
         goto out;
     }
-    fw = moe_fwd_create(moe_model_gguf(m), &be, &st, err, sizeof err);
+    fw = moe_fwd_create(m, &be, &st, err, sizeof err);
     if (!fw) {
         fprintf(stderr, "moed perplexity: %s: %s (%s)\n", model, err, moe_strerror(st));
         goto out;

@@ -25,6 +25,7 @@
  * file or untouched.
  */
 #include <errno.h>
+#include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -332,30 +333,32 @@ int srv_cmd_quantize(int argc, char **argv) {
     const char *pos[3] = {0};
     int n_pos = 0, n_threads = 0;
     bool pure = false;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            usage(stdout);
-            return 0;
-        } else if (!strcmp(a, "--threads") || !strcmp(a, "-t")) {
-            if (i + 1 >= argc || parse_threads(argv[i + 1], &n_threads)) {
-                fprintf(stderr, "moed quantize: --threads wants an integer 1..256, got '%s'\n",
-                        i + 1 < argc ? argv[i + 1] : "");
+    enum { OPT_PURE = 256 };
+    static const struct option opts[] = {{"threads", required_argument, 0, 't'},
+                                         {"pure", no_argument, 0, OPT_PURE},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "t:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 't':
+            if (parse_threads(optarg, &n_threads)) {
+                fprintf(stderr, "moed quantize: --threads wants an integer 1..256, got '%s'\n", optarg);
                 return 2;
             }
-            i++;
-        } else if (!strcmp(a, "--pure")) {
-            pure = true;
-        } else if (a[0] == '-' && a[1]) {
-            fprintf(stderr, "moed quantize: unknown option '%s'\n", a);
-            usage(stderr);
-            return 2;
-        } else if (n_pos < 3) {
-            pos[n_pos++] = a;
-        } else {
-            fprintf(stderr, "moed quantize: unexpected argument '%s'\n", a);
+            break;
+        case OPT_PURE: pure = true; break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    for (; optind < argc; optind++) {
+        if (n_pos == 3) {
+            fprintf(stderr, "moed quantize: unexpected argument '%s'\n", argv[optind]);
             return 2;
         }
+        pos[n_pos++] = argv[optind];
     }
     if (n_pos != 3) {
         fprintf(stderr, "moed quantize: want IN.gguf OUT.gguf TYPE\n");

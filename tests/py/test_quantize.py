@@ -207,7 +207,7 @@ def test_requantizing_warns(moed_bin, l8, tmp_path):
     (["IN", "OUT", "Q3_Z"], 2, "unknown TYPE 'Q3_Z'"),
     (["IN", "OUT"], 2, "want IN.gguf OUT.gguf TYPE"),
     (["IN", "OUT", "Q4_0", "--threads", "0"], 2, "--threads wants an integer"),
-    (["IN", "OUT", "Q4_0", "--bogus"], 2, "unknown option '--bogus'"),
+    (["IN", "OUT", "Q4_0", "--bogus"], 2, "unrecognized option '--bogus'"),
     (["MISSING", "OUT", "Q4_0"], 1, "MISSING"),
     (["TEXT", "OUT", "Q4_0"], 1, "TEXT"),
     (["IN", "DIR", "Q4_0"], 2, "not a regular file"),
