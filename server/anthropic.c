@@ -8,20 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "sse_events.h"
 #include "status.h"
 #include "utf8.h"
 
-static int bad(srv_oai_err *err, const char *param, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int bad(srv_oai_err *err, const char *param, const char *fmt, ...) {
-    err->http = 400;
-    snprintf(err->param, sizeof err->param, "%s", param ? param : "");
-    err->code[0] = 0;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err->message, sizeof err->message, fmt, ap);
-    va_end(ap);
-    return MOE_EINVAL;
-}
 
 static bool absent(const cJSON *v) { return !v || cJSON_IsNull(v); }
 
@@ -31,9 +21,9 @@ static int copy_num(const cJSON *root, cJSON *chat, const char *name, double lo,
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, name);
     if (absent(v)) return 0;
     if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || (integral && v->valuedouble != floor(v->valuedouble)))
-        return bad(err, name, "%s: must be %s", name, integral ? "an integer" : "a number");
+        return srv_oai_bad(err, name, "%s: must be %s", name, integral ? "an integer" : "a number");
     if (v->valuedouble < lo || v->valuedouble > hi)
-        return bad(err, name, "%s: must be between %g and %g (got %g)", name, lo, hi, v->valuedouble);
+        return srv_oai_bad(err, name, "%s: must be between %g and %g (got %g)", name, lo, hi, v->valuedouble);
     cJSON_AddNumberToObject(chat, name, v->valuedouble);
     return 0;
 }
@@ -49,19 +39,19 @@ static int text_blocks(const cJSON *c, const char *path, bool system, cJSON *par
         cJSON_AddItemToArray(parts, t);
         return 0;
     }
-    if (!cJSON_IsArray(c)) return bad(err, path, "%s: must be a string or an array of content blocks", path);
+    if (!cJSON_IsArray(c)) return srv_oai_bad(err, path, "%s: must be a string or an array of content blocks", path);
     size_t j = 0;
     for (const cJSON *b = c->child; b; b = b->next, j++) {
         snprintf(p, sizeof p, "%s.%zu", path, j);
         const cJSON *type = cJSON_GetObjectItemCaseSensitive(b, "type");
         if (!cJSON_IsObject(b) || !cJSON_IsString(type))
-            return bad(err, p, "%s: must be an object with a string 'type'", p);
+            return srv_oai_bad(err, p, "%s: must be an object with a string 'type'", p);
         const char *ty = type->valuestring;
         if (!strcmp(ty, "text")) {
             const cJSON *text = cJSON_GetObjectItemCaseSensitive(b, "text");
             if (!cJSON_IsString(text)) {
                 snprintf(p, sizeof p, "%s.%zu.text", path, j);
-                return bad(err, p, "%s: must be a string", p);
+                return srv_oai_bad(err, p, "%s: must be a string", p);
             }
             cJSON *t = cJSON_CreateObject();
             cJSON_AddStringToObject(t, "type", "text");
@@ -72,8 +62,8 @@ static int text_blocks(const cJSON *c, const char *path, bool system, cJSON *par
         if (!system && (!strcmp(ty, "thinking") || !strcmp(ty, "redacted_thinking"))) continue;
         snprintf(p, sizeof p, "%s.%zu.type", path, j);
         if (!strcmp(ty, "tool_use") || !strcmp(ty, "tool_result") || !strcmp(ty, "server_tool_use"))
-            return bad(err, p, "%s: '%s' blocks are not supported: this server does not do tool use yet", p, ty);
-        return bad(err, p, "%s: content block type '%.40s' is not supported (only 'text'%s)", p, ty,
+            return srv_oai_bad(err, p, "%s: '%s' blocks are not supported: this server does not do tool use yet", p, ty);
+        return srv_oai_bad(err, p, "%s: content block type '%.40s' is not supported (only 'text'%s)", p, ty,
                    system ? "" : " and, ignored, 'thinking'");
     }
     return 0;
@@ -82,16 +72,16 @@ static int text_blocks(const cJSON *c, const char *path, bool system, cJSON *par
 /* The Messages body -> a chat-completions body (the caller frees it). */
 static int translate(const cJSON *root, bool count_only, cJSON *chat, srv_oai_err *err) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, "model");
-    if (absent(v)) return bad(err, "model", "model: Field required");
-    if (!cJSON_IsString(v)) return bad(err, "model", "model: must be a string");
+    if (absent(v)) return srv_oai_bad(err, "model", "model: Field required");
+    if (!cJSON_IsString(v)) return srv_oai_bad(err, "model", "model: must be a string");
     cJSON_AddStringToObject(chat, "model", v->valuestring);
 
     v = cJSON_GetObjectItemCaseSensitive(root, "max_tokens");
-    if (absent(v) && !count_only) return bad(err, "max_tokens", "max_tokens: Field required");
+    if (absent(v) && !count_only) return srv_oai_bad(err, "max_tokens", "max_tokens: Field required");
     if (!absent(v)) {
         if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || !isfinite(v->valuedouble))
-            return bad(err, "max_tokens", "max_tokens: must be an integer");
-        if (v->valuedouble < 1) return bad(err, "max_tokens", "max_tokens: must be at least 1 (got %g)", v->valuedouble);
+            return srv_oai_bad(err, "max_tokens", "max_tokens: must be an integer");
+        if (v->valuedouble < 1) return srv_oai_bad(err, "max_tokens", "max_tokens: must be at least 1 (got %g)", v->valuedouble);
         if (!count_only) cJSON_AddNumberToObject(chat, "max_tokens", v->valuedouble);
     }
     int st;
@@ -100,31 +90,31 @@ static int translate(const cJSON *root, bool count_only, cJSON *chat, srv_oai_er
     if ((st = copy_num(root, chat, "top_k", 0, 1e9, true, err))) return st;
     v = cJSON_GetObjectItemCaseSensitive(root, "stream");
     if (!absent(v)) {
-        if (!cJSON_IsBool(v)) return bad(err, "stream", "stream: must be a boolean");
+        if (!cJSON_IsBool(v)) return srv_oai_bad(err, "stream", "stream: must be a boolean");
         if (!count_only) cJSON_AddBoolToObject(chat, "stream", cJSON_IsTrue(v));
     }
     v = cJSON_GetObjectItemCaseSensitive(root, "ignore_eos"); /* moed extension, as on the OpenAI endpoints */
     if (!absent(v)) {
-        if (!cJSON_IsBool(v)) return bad(err, "ignore_eos", "ignore_eos: must be a boolean");
+        if (!cJSON_IsBool(v)) return srv_oai_bad(err, "ignore_eos", "ignore_eos: must be a boolean");
         cJSON_AddBoolToObject(chat, "ignore_eos", cJSON_IsTrue(v));
     }
     v = cJSON_GetObjectItemCaseSensitive(root, "metadata");
-    if (!absent(v) && !cJSON_IsObject(v)) return bad(err, "metadata", "metadata: must be an object");
+    if (!absent(v) && !cJSON_IsObject(v)) return srv_oai_bad(err, "metadata", "metadata: must be an object");
     v = cJSON_GetObjectItemCaseSensitive(root, "stop_sequences");
     if (!absent(v)) {
-        if (!cJSON_IsArray(v)) return bad(err, "stop_sequences", "stop_sequences: must be an array of strings");
+        if (!cJSON_IsArray(v)) return srv_oai_bad(err, "stop_sequences", "stop_sequences: must be an array of strings");
         int n = cJSON_GetArraySize(v);
         if (n > MOE_MAX_STOP)
-            return bad(err, "stop_sequences", "stop_sequences: %d strings; at most %d are allowed", n, MOE_MAX_STOP);
+            return srv_oai_bad(err, "stop_sequences", "stop_sequences: %d strings; at most %d are allowed", n, MOE_MAX_STOP);
         cJSON *stop = cJSON_AddArrayToObject(chat, "stop");
         int i = 0;
         for (const cJSON *x = v->child; x; x = x->next, i++) {
             char p[48];
             snprintf(p, sizeof p, "stop_sequences.%d", i);
-            if (!cJSON_IsString(x)) return bad(err, p, "%s: must be a string", p);
+            if (!cJSON_IsString(x)) return srv_oai_bad(err, p, "%s: must be a string", p);
             size_t l = strlen(x->valuestring);
-            if (!l) return bad(err, p, "%s: must not be empty", p);
-            if (l > MOE_MAX_STOP_LEN) return bad(err, p, "%s: longer than %d bytes", p, MOE_MAX_STOP_LEN);
+            if (!l) return srv_oai_bad(err, p, "%s: must not be empty", p);
+            if (l > MOE_MAX_STOP_LEN) return srv_oai_bad(err, p, "%s: longer than %d bytes", p, MOE_MAX_STOP_LEN);
             cJSON_AddItemToArray(stop, cJSON_CreateString(x->valuestring));
         }
         if (!n) cJSON_DeleteItemFromObject(chat, "stop");
@@ -133,19 +123,19 @@ static int translate(const cJSON *root, bool count_only, cJSON *chat, srv_oai_er
      * the tools were not there. An empty list is the same as none. */
     v = cJSON_GetObjectItemCaseSensitive(root, "tools");
     if (!absent(v) && !(cJSON_IsArray(v) && !v->child))
-        return bad(err, "tools", "tools: tool use is not supported by this server yet");
+        return srv_oai_bad(err, "tools", "tools: tool use is not supported by this server yet");
     v = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
     if (!absent(v)) {
         const cJSON *t = cJSON_GetObjectItemCaseSensitive(v, "type");
         if (!cJSON_IsString(t) || strcmp(t->valuestring, "none"))
-            return bad(err, "tool_choice", "tool_choice: only {\"type\": \"none\"} is supported (no tool use yet)");
+            return srv_oai_bad(err, "tool_choice", "tool_choice: only {\"type\": \"none\"} is supported (no tool use yet)");
     }
     /* output_config.effort only tunes a reasoning model: accepted, no effect. */
     v = cJSON_GetObjectItemCaseSensitive(root, "output_config");
     if (!absent(v)) {
-        if (!cJSON_IsObject(v)) return bad(err, "output_config", "output_config: must be an object");
+        if (!cJSON_IsObject(v)) return srv_oai_bad(err, "output_config", "output_config: must be an object");
         if (!absent(cJSON_GetObjectItemCaseSensitive(v, "format")))
-            return bad(err, "output_config.format",
+            return srv_oai_bad(err, "output_config.format",
                        "output_config.format: structured output needs grammar-constrained sampling, which this "
                        "server does not have yet");
     }
@@ -153,7 +143,7 @@ static int translate(const cJSON *root, bool count_only, cJSON *chat, srv_oai_er
     if (!absent(v)) {
         const cJSON *t = cJSON_GetObjectItemCaseSensitive(v, "type");
         if (!cJSON_IsString(t) || strcmp(t->valuestring, "disabled"))
-            return bad(err, "thinking", "thinking: extended thinking is not supported; only {\"type\": \"disabled\"}");
+            return srv_oai_bad(err, "thinking", "thinking: extended thinking is not supported; only {\"type\": \"disabled\"}");
     }
 
     cJSON *msgs = cJSON_AddArrayToObject(chat, "messages");
@@ -165,23 +155,23 @@ static int translate(const cJSON *root, bool count_only, cJSON *chat, srv_oai_er
         if ((st = text_blocks(v, "system", true, cJSON_AddArrayToObject(m, "content"), err))) return st;
     }
     const cJSON *ms = cJSON_GetObjectItemCaseSensitive(root, "messages");
-    if (absent(ms)) return bad(err, "messages", "messages: Field required");
-    if (!cJSON_IsArray(ms)) return bad(err, "messages", "messages: must be an array");
-    if (!ms->child) return bad(err, "messages", "messages: at least one message is required");
+    if (absent(ms)) return srv_oai_bad(err, "messages", "messages: Field required");
+    if (!cJSON_IsArray(ms)) return srv_oai_bad(err, "messages", "messages: must be an array");
+    if (!ms->child) return srv_oai_bad(err, "messages", "messages: at least one message is required");
     size_t i = 0;
     const cJSON *last_role = NULL;
     for (const cJSON *m = ms->child; m; m = m->next, i++) {
         char p[64];
         snprintf(p, sizeof p, "messages.%zu", i);
-        if (!cJSON_IsObject(m)) return bad(err, p, "%s: must be an object", p);
+        if (!cJSON_IsObject(m)) return srv_oai_bad(err, p, "%s: must be an object", p);
         const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
         snprintf(p, sizeof p, "messages.%zu.role", i);
         if (!cJSON_IsString(role) || (strcmp(role->valuestring, "user") && strcmp(role->valuestring, "assistant")))
-            return bad(err, p, "%s: must be 'user' or 'assistant'", p);
+            return srv_oai_bad(err, p, "%s: must be 'user' or 'assistant'", p);
         last_role = role;
         const cJSON *c = cJSON_GetObjectItemCaseSensitive(m, "content");
         snprintf(p, sizeof p, "messages.%zu.content", i);
-        if (absent(c)) return bad(err, p, "%s: Field required", p);
+        if (absent(c)) return srv_oai_bad(err, p, "%s: Field required", p);
         cJSON *out = cJSON_CreateObject();
         cJSON_AddItemToArray(msgs, out);
         cJSON_AddStringToObject(out, "role", role->valuestring);
@@ -193,7 +183,7 @@ static int translate(const cJSON *root, bool count_only, cJSON *chat, srv_oai_er
     if (last_role && !strcmp(last_role->valuestring, "assistant")) {
         char p[64];
         snprintf(p, sizeof p, "messages.%zu.role", i - 1);
-        return bad(err, p, "%s: the last message must be from the user (assistant prefill is not supported)", p);
+        return srv_oai_bad(err, p, "%s: the last message must be from the user (assistant prefill is not supported)", p);
     }
     return 0;
 }
@@ -211,7 +201,7 @@ int srv_anth_parse(const char *body, size_t len, const srv_oai_limits *lim, bool
         if (*q != ' ' && *q != '\n' && *q != '\r' && *q != '\t') trailing = true;
     if (!root || trailing || !cJSON_IsObject(root)) {
         cJSON_Delete(root);
-        return bad(err, NULL, "the request body must be one JSON object");
+        return srv_oai_bad(err, NULL, "the request body must be one JSON object");
     }
     cJSON *chat = cJSON_CreateObject();
     if (!chat) {
@@ -325,75 +315,44 @@ char *srv_anth_render_message(const char *id, const char *model, const char *tex
     return print(o);
 }
 
-/* Builds the events' text; each object is named by its own "type". */
-static char *events(cJSON **objs, size_t n) {
-    size_t cap = 1, len = 0;
-    char **parts = calloc(n, sizeof *parts);
-    char *out = NULL;
-    if (!parts) goto done;
-    for (size_t i = 0; i < n; i++) {
-        if (!objs[i]) goto done;
-        parts[i] = cJSON_PrintUnformatted(objs[i]);
-        if (!parts[i]) goto done;
-        cap += strlen(parts[i]) + strlen(cJSON_GetObjectItemCaseSensitive(objs[i], "type")->valuestring) + 16;
-    }
-    if (!(out = malloc(cap))) goto done;
-    for (size_t i = 0; i < n; i++)
-        len += (size_t)sprintf(out + len, "event: %s\ndata: %s\n\n",
-                               cJSON_GetObjectItemCaseSensitive(objs[i], "type")->valuestring, parts[i]);
-done:
-    for (size_t i = 0; i < n; i++) {
-        if (parts) free(parts[i]);
-        cJSON_Delete(objs[i]);
-    }
-    free(parts);
-    return out;
-}
-
-static cJSON *typed(const char *type) {
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "type", type);
-    return o;
-}
-
 char *srv_anth_sse_start(const char *id, const char *model, int64_t input_tokens) {
     cJSON *ev[3];
-    ev[0] = typed("message_start");
+    ev[0] = srv_sse_typed("message_start");
     cJSON_AddItemToObject(ev[0], "message", message_object(id, model, MOE_FINISH_NONE, NULL, input_tokens, 0));
-    ev[1] = typed("content_block_start");
+    ev[1] = srv_sse_typed("content_block_start");
     cJSON_AddNumberToObject(ev[1], "index", 0);
     cJSON_AddItemToObject(ev[1], "content_block", text_block("", 0));
-    ev[2] = typed("ping");
-    return events(ev, 3);
+    ev[2] = srv_sse_typed("ping");
+    return srv_sse_events(ev, 3, NULL);
 }
 
 char *srv_anth_sse_delta(const char *text, size_t len) {
-    cJSON *ev = typed("content_block_delta");
+    cJSON *ev = srv_sse_typed("content_block_delta");
     cJSON_AddNumberToObject(ev, "index", 0);
     cJSON *d = text_block(text, len);
     cJSON_ReplaceItemInObjectCaseSensitive(d, "type", cJSON_CreateString("text_delta"));
     cJSON_AddItemToObject(ev, "delta", d);
-    return events(&ev, 1);
+    return srv_sse_events(&ev, 1, NULL);
 }
 
 char *srv_anth_sse_end(moe_finish finish, const char *stop_sequence, int64_t output_tokens) {
     cJSON *ev[3];
-    ev[0] = typed("content_block_stop");
+    ev[0] = srv_sse_typed("content_block_stop");
     cJSON_AddNumberToObject(ev[0], "index", 0);
-    ev[1] = typed("message_delta");
+    ev[1] = srv_sse_typed("message_delta");
     cJSON *d = cJSON_AddObjectToObject(ev[1], "delta");
     const char *reason = srv_anth_stop_reason(finish, stop_sequence ? 0 : -1);
     add_str_or_null(d, "stop_reason", reason);
     add_str_or_null(d, "stop_sequence", reason && !strcmp(reason, "stop_sequence") ? stop_sequence : NULL);
     cJSON *u = cJSON_AddObjectToObject(ev[1], "usage");
     cJSON_AddNumberToObject(u, "output_tokens", (double)output_tokens);
-    ev[2] = typed("message_stop");
-    return events(ev, 3);
+    ev[2] = srv_sse_typed("message_stop");
+    return srv_sse_events(ev, 3, NULL);
 }
 
 char *srv_anth_sse_error(const srv_oai_err *e) {
     cJSON *o = err_object(e);
-    return events(&o, 1);
+    return srv_sse_events(&o, 1, NULL);
 }
 
 char *srv_anth_render_count(int64_t input_tokens) {

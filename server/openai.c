@@ -11,15 +11,28 @@
 #include "status.h"
 #include "utf8.h"
 
-void srv_oai_err_set(srv_oai_err *e, int http, const char *param, const char *fmt, ...) {
+static void err_vset(srv_oai_err *e, int http, const char *param, const char *fmt, va_list ap) {
     e->http = http;
     snprintf(e->param, sizeof e->param, "%s", param ? param : "");
     e->code[0] = 0;
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+}
+
+void srv_oai_err_set(srv_oai_err *e, int http, const char *param, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    err_vset(e, http, param, fmt, ap);
     va_end(ap);
 }
+
+int srv_oai_bad(srv_oai_err *e, const char *param, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    err_vset(e, 400, param, fmt, ap);
+    va_end(ap);
+    return MOE_EINVAL;
+}
+
 
 static const char *err_type(int http) {
     if (http == 401) return "authentication_error";
@@ -160,52 +173,40 @@ int srv_oai_precheck(const char *body, size_t len, int max_depth, srv_oai_err *e
 
 /* --- parsing helpers: each returns 0 or fills err and returns MOE_EINVAL --- */
 
-static int bad(srv_oai_err *err, const char *param, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int bad(srv_oai_err *err, const char *param, const char *fmt, ...) {
-    err->http = 400;
-    snprintf(err->param, sizeof err->param, "%s", param);
-    err->code[0] = 0;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err->message, sizeof err->message, fmt, ap);
-    va_end(ap);
-    return MOE_EINVAL;
-}
-
 static bool is_null(const cJSON *v) { return !v || cJSON_IsNull(v); }
 
 /* An integral JSON number in [lo, hi]. */
 static int get_int(const cJSON *v, const char *name, int64_t lo, int64_t hi, int64_t *out, srv_oai_err *err) {
-    if (!cJSON_IsNumber(v)) return bad(err, name, "'%s' must be an integer", name);
+    if (!cJSON_IsNumber(v)) return srv_oai_bad(err, name, "'%s' must be an integer", name);
     double d = v->valuedouble;
-    if (!isfinite(d) || d != floor(d)) return bad(err, name, "'%s' must be an integer", name);
+    if (!isfinite(d) || d != floor(d)) return srv_oai_bad(err, name, "'%s' must be an integer", name);
     if (d < (double)lo || d > (double)hi)
-        return bad(err, name, "'%s' must be between %lld and %lld (got %.17g)", name, (long long)lo, (long long)hi, d);
+        return srv_oai_bad(err, name, "'%s' must be between %lld and %lld (got %.17g)", name, (long long)lo, (long long)hi, d);
     *out = (int64_t)d;
     return 0;
 }
 
 static int get_num(const cJSON *v, const char *name, double lo, double hi, bool lo_open, double *out,
                    srv_oai_err *err) {
-    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble)) return bad(err, name, "'%s' must be a number", name);
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble)) return srv_oai_bad(err, name, "'%s' must be a number", name);
     double d = v->valuedouble;
     if (d < lo || d > hi || (lo_open && d <= lo))
-        return bad(err, name, "'%s' must be %s %g and <= %g (got %g)", name, lo_open ? ">" : ">=", lo, hi, d);
+        return srv_oai_bad(err, name, "'%s' must be %s %g and <= %g (got %g)", name, lo_open ? ">" : ">=", lo, hi, d);
     *out = d;
     return 0;
 }
 
 static int get_bool(const cJSON *v, const char *name, bool *out, srv_oai_err *err) {
-    if (!cJSON_IsBool(v)) return bad(err, name, "'%s' must be a boolean", name);
+    if (!cJSON_IsBool(v)) return srv_oai_bad(err, name, "'%s' must be a boolean", name);
     *out = cJSON_IsTrue(v);
     return 0;
 }
 
 static int check_token(const cJSON *v, const char *param, int64_t n_vocab, int32_t *out, srv_oai_err *err) {
     if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble))
-        return bad(err, param, "'%s' token ids must be integers", param);
+        return srv_oai_bad(err, param, "'%s' token ids must be integers", param);
     if (v->valuedouble < 0 || v->valuedouble >= (double)n_vocab)
-        return bad(err, param, "'%s': token id %.17g is out of the vocabulary [0, %lld)", param, v->valuedouble,
+        return srv_oai_bad(err, param, "'%s': token id %.17g is out of the vocabulary [0, %lld)", param, v->valuedouble,
                    (long long)n_vocab);
     *out = (int32_t)v->valuedouble;
     return 0;
@@ -222,7 +223,7 @@ static int is_token_array(const cJSON *a) {
 static int tokens_from_array(const cJSON *a, const char *param, const srv_oai_limits *lim, srv_oai_prompt *p,
                              srv_oai_err *err) {
     int n = cJSON_GetArraySize(a);
-    if (n <= 0) return bad(err, param, "'%s' must not be empty", param);
+    if (n <= 0) return srv_oai_bad(err, param, "'%s' must not be empty", param);
     p->ids = malloc((size_t)n * sizeof(int32_t));
     if (!p->ids) return MOE_ENOMEM;
     p->n = 0;
@@ -245,7 +246,7 @@ static int tokens_from_array(const cJSON *a, const char *param, const srv_oai_li
 static int tokens_from_text(const char *s, size_t len, bool chat, const moe_tok_seg *segs, size_t n_segs,
                             bool parse_special, const srv_oai_limits *lim, const char *param, srv_oai_prompt *p,
                             srv_oai_err *err) {
-    if (!lim->tok) return bad(err, param, "text prompts need a tokenizer");
+    if (!lim->tok) return srv_oai_bad(err, param, "text prompts need a tokenizer");
     size_t n = 0;
     /* Rendered chat text already holds BOS where the template puts it; a
      * completion prompt gets BOS as the model asks. */
@@ -256,7 +257,7 @@ static int tokens_from_text(const char *s, size_t len, bool chat, const moe_tok_
                                                  &p->ids, &n);
     if (st) return st;
     p->n = (int64_t)n;
-    if (!chat && n == 0) return bad(err, param, "'%s' is empty", param);
+    if (!chat && n == 0) return srv_oai_bad(err, param, "'%s' is empty", param);
     if (!(p->text = malloc(len + 1))) return MOE_ENOMEM;
     memcpy(p->text, s, len);
     p->text[len] = 0;
@@ -265,15 +266,15 @@ static int tokens_from_text(const char *s, size_t len, bool chat, const moe_tok_
 }
 
 static int parse_prompts(const cJSON *pr, const srv_oai_limits *lim, srv_oai_req *r, srv_oai_err *err) {
-    if (is_null(pr)) return bad(err, "prompt", "'prompt' is required");
+    if (is_null(pr)) return srv_oai_bad(err, "prompt", "'prompt' is required");
     size_t count;
     if (cJSON_IsString(pr) || is_token_array(pr)) count = 1;
     else if (cJSON_IsArray(pr)) {
         count = (size_t)cJSON_GetArraySize(pr);
-        if (!count) return bad(err, "prompt", "'prompt' must not be empty");
-        if (count > 1024) return bad(err, "prompt", "'prompt' holds more than 1024 prompts");
+        if (!count) return srv_oai_bad(err, "prompt", "'prompt' must not be empty");
+        if (count > 1024) return srv_oai_bad(err, "prompt", "'prompt' holds more than 1024 prompts");
     } else
-        return bad(err, "prompt", "'prompt' must be a string, an array of strings, or an array of token ids");
+        return srv_oai_bad(err, "prompt", "'prompt' must be a string, an array of strings, or an array of token ids");
     r->prompts = calloc(count, sizeof *r->prompts);
     if (!r->prompts) return MOE_ENOMEM;
     r->n_prompts = count;
@@ -291,18 +292,18 @@ static int parse_prompts(const cJSON *pr, const srv_oai_limits *lim, srv_oai_req
         if (cJSON_IsString(x)) st = tokens_from_text(x->valuestring, strlen(x->valuestring), false, NULL, 0,
                                                      r->parse_special, lim, param, &r->prompts[i], err);
         else if (cJSON_IsArray(x)) st = tokens_from_array(x, param, lim, &r->prompts[i], err);
-        else st = bad(err, param, "'%s' must be a string or an array of token ids", param);
+        else st = srv_oai_bad(err, param, "'%s' must be a string or an array of token ids", param);
         if (st) return st;
     }
     return 0;
 }
 
 static int parse_messages(const cJSON *ms, const srv_oai_limits *lim, srv_oai_req *r, srv_oai_err *err) {
-    if (is_null(ms)) return bad(err, "messages", "'messages' is required");
-    if (!cJSON_IsArray(ms)) return bad(err, "messages", "'messages' must be an array");
+    if (is_null(ms)) return srv_oai_bad(err, "messages", "'messages' is required");
+    if (!cJSON_IsArray(ms)) return srv_oai_bad(err, "messages", "'messages' must be an array");
     size_t n = (size_t)cJSON_GetArraySize(ms);
-    if (!n) return bad(err, "messages", "'messages' must not be empty");
-    if (!lim->chat) return bad(err, "messages", "this model has no chat template");
+    if (!n) return srv_oai_bad(err, "messages", "'messages' must not be empty");
+    if (!lim->chat) return srv_oai_bad(err, "messages", "this model has no chat template");
     moe_chat_msg *msgs = calloc(n, sizeof *msgs);
     size_t n_parts_total = 0;
     for (const cJSON *m = ms->child; m; m = m->next) {
@@ -320,19 +321,19 @@ static int parse_messages(const cJSON *ms, const srv_oai_limits *lim, srv_oai_re
         char param[64];
         if (!cJSON_IsObject(m)) {
             snprintf(param, sizeof param, "messages[%zu]", i);
-            st = bad(err, param, "'%s' must be an object", param);
+            st = srv_oai_bad(err, param, "'%s' must be an object", param);
             goto out;
         }
         const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
         snprintf(param, sizeof param, "messages[%zu].role", i);
         if (!cJSON_IsString(role)) {
-            st = bad(err, param, "'%s' is required and must be a string", param);
+            st = srv_oai_bad(err, param, "'%s' is required and must be a string", param);
             goto out;
         }
         const char *rs = role->valuestring;
         if (!strcmp(rs, "developer")) rs = "system";
         if (strcmp(rs, "system") && strcmp(rs, "user") && strcmp(rs, "assistant") && strcmp(rs, "tool")) {
-            st = bad(err, param, "'%s' must be one of system, user, assistant, tool (got '%.40s')", param, rs);
+            st = srv_oai_bad(err, param, "'%s' must be one of system, user, assistant, tool (got '%.40s')", param, rs);
             goto out;
         }
         msgs[i].role = rs;
@@ -351,16 +352,16 @@ static int parse_messages(const cJSON *ms, const srv_oai_limits *lim, srv_oai_re
                 const cJSON *type = cJSON_GetObjectItemCaseSensitive(p, "type");
                 const cJSON *text = cJSON_GetObjectItemCaseSensitive(p, "text");
                 if (!cJSON_IsObject(p) || !cJSON_IsString(type)) {
-                    st = bad(err, param, "'%s' must be an object with a 'type'", param);
+                    st = srv_oai_bad(err, param, "'%s' must be an object with a 'type'", param);
                     goto out;
                 }
                 if (strcmp(type->valuestring, "text")) {
-                    st = bad(err, param, "'%s': content type '%.40s' is not supported (only 'text')", param,
+                    st = srv_oai_bad(err, param, "'%s': content type '%.40s' is not supported (only 'text')", param,
                              type->valuestring);
                     goto out;
                 }
                 if (!cJSON_IsString(text)) {
-                    st = bad(err, param, "'%s.text' must be a string", param);
+                    st = srv_oai_bad(err, param, "'%s.text' must be a string", param);
                     goto out;
                 }
                 parts[pk].text = text->valuestring;
@@ -370,7 +371,7 @@ static int parse_messages(const cJSON *ms, const srv_oai_limits *lim, srv_oai_re
             msgs[i].n_parts = j;
             if (!j) msgs[i].parts = NULL, msgs[i].content = "";
         } else {
-            st = bad(err, param, "'%s' must be a string or an array of text parts", param);
+            st = srv_oai_bad(err, param, "'%s' must be a string or an array of text parts", param);
             goto out;
         }
     }
@@ -400,16 +401,16 @@ static int parse_stop(const cJSON *v, srv_oai_req *r, srv_oai_err *err) {
     int n;
     if (cJSON_IsString(v)) n = 1;
     else if (cJSON_IsArray(v)) n = cJSON_GetArraySize(v);
-    else return bad(err, "stop", "'stop' must be a string or an array of strings");
-    if (n > MOE_MAX_STOP) return bad(err, "stop", "'stop' holds %d strings; at most %d are allowed", n, MOE_MAX_STOP);
+    else return srv_oai_bad(err, "stop", "'stop' must be a string or an array of strings");
+    if (n > MOE_MAX_STOP) return srv_oai_bad(err, "stop", "'stop' holds %d strings; at most %d are allowed", n, MOE_MAX_STOP);
     r->stop = calloc((size_t)n + 1, sizeof *r->stop);
     if (!r->stop) return MOE_ENOMEM;
     const cJSON *x = cJSON_IsString(v) ? v : v->child;
     for (int i = 0; i < n; i++, x = x->next) {
-        if (!cJSON_IsString(x)) return bad(err, "stop", "'stop' entries must be strings");
+        if (!cJSON_IsString(x)) return srv_oai_bad(err, "stop", "'stop' entries must be strings");
         size_t l = strlen(x->valuestring);
-        if (!l) return bad(err, "stop", "'stop' strings must not be empty");
-        if (l > MOE_MAX_STOP_LEN) return bad(err, "stop", "'stop' strings are limited to %d bytes", MOE_MAX_STOP_LEN);
+        if (!l) return srv_oai_bad(err, "stop", "'stop' strings must not be empty");
+        if (l > MOE_MAX_STOP_LEN) return srv_oai_bad(err, "stop", "'stop' strings are limited to %d bytes", MOE_MAX_STOP_LEN);
         if (!(r->stop[i] = strdup(x->valuestring))) return MOE_ENOMEM;
         r->n_stop++;
     }
@@ -418,9 +419,9 @@ static int parse_stop(const cJSON *v, srv_oai_req *r, srv_oai_err *err) {
 
 static int parse_logit_bias(const cJSON *v, const srv_oai_limits *lim, srv_oai_req *r, srv_oai_err *err) {
     if (is_null(v)) return 0;
-    if (!cJSON_IsObject(v)) return bad(err, "logit_bias", "'logit_bias' must be an object of \"token id\": bias");
+    if (!cJSON_IsObject(v)) return srv_oai_bad(err, "logit_bias", "'logit_bias' must be an object of \"token id\": bias");
     int n = cJSON_GetArraySize(v);
-    if (n > 1024) return bad(err, "logit_bias", "'logit_bias' holds more than 1024 entries");
+    if (n > 1024) return srv_oai_bad(err, "logit_bias", "'logit_bias' holds more than 1024 entries");
     r->bias_ids = malloc(((size_t)n + 1) * sizeof(int32_t));
     r->bias = malloc(((size_t)n + 1) * sizeof(float));
     if (!r->bias_ids || !r->bias) return MOE_ENOMEM;
@@ -430,10 +431,10 @@ static int parse_logit_bias(const cJSON *v, const srv_oai_limits *lim, srv_oai_r
         char *end;
         long long id = strtoll(key, &end, 10);
         if (!*key || *end || id < 0 || id >= lim->n_vocab)
-            return bad(err, "logit_bias", "'logit_bias' key '%.40s' is not a token id in [0, %lld)", key,
+            return srv_oai_bad(err, "logit_bias", "'logit_bias' key '%.40s' is not a token id in [0, %lld)", key,
                        (long long)lim->n_vocab);
         if (!cJSON_IsNumber(x) || !isfinite(x->valuedouble) || x->valuedouble < -100 || x->valuedouble > 100)
-            return bad(err, "logit_bias", "'logit_bias' values must be numbers in [-100, 100]");
+            return srv_oai_bad(err, "logit_bias", "'logit_bias' values must be numbers in [-100, 100]");
         r->bias_ids[k] = (int32_t)id;
         r->bias[k] = (float)x->valuedouble;
         k++;
@@ -458,12 +459,12 @@ static int parse_fields(srv_oai_kind kind, const cJSON *root, const srv_oai_limi
     const cJSON *v;
 #define FIELD(name) (v = cJSON_GetObjectItemCaseSensitive(root, name), !is_null(v))
     if (FIELD("model")) {
-        if (!cJSON_IsString(v)) return bad(err, "model", "'model' must be a string");
+        if (!cJSON_IsString(v)) return srv_oai_bad(err, "model", "'model' must be a string");
         if (!(r->model = strdup(v->valuestring))) return MOE_ENOMEM;
     }
     if (FIELD("stream") && (st = get_bool(v, "stream", &r->stream, err))) return st;
     if (FIELD("stream_options")) {
-        if (!cJSON_IsObject(v)) return bad(err, "stream_options", "'stream_options' must be an object");
+        if (!cJSON_IsObject(v)) return srv_oai_bad(err, "stream_options", "'stream_options' must be an object");
         const cJSON *iu = cJSON_GetObjectItemCaseSensitive(v, "include_usage");
         if (!is_null(iu) && (st = get_bool(iu, "stream_options.include_usage", &r->include_usage, err))) return st;
     }
@@ -522,13 +523,13 @@ static int parse_fields(srv_oai_kind kind, const cJSON *root, const srv_oai_limi
     }
     if (FIELD("best_of")) {
         if ((st = get_int(v, "best_of", 1, INT32_MAX, &x, err))) return st;
-        if (x != r->n) return bad(err, "best_of", "'best_of' other than n is not supported");
+        if (x != r->n) return srv_oai_bad(err, "best_of", "'best_of' other than n is not supported");
     }
     if (kind == SRV_OAI_CHAT) {
         if (FIELD("logprobs") && (st = get_bool(v, "logprobs", &r->logprobs, err))) return st;
         if (FIELD("top_logprobs")) {
             if ((st = get_int(v, "top_logprobs", 0, MOE_MAX_TOP_LOGPROBS, &x, err))) return st;
-            if (!r->logprobs && x > 0) return bad(err, "top_logprobs", "'top_logprobs' requires 'logprobs': true");
+            if (!r->logprobs && x > 0) return srv_oai_bad(err, "top_logprobs", "'top_logprobs' requires 'logprobs': true");
             r->top_logprobs = (int32_t)x;
         }
     } else {
@@ -538,7 +539,7 @@ static int parse_fields(srv_oai_kind kind, const cJSON *root, const srv_oai_limi
             r->top_logprobs = (int32_t)x;
         }
         if (FIELD("echo") && (st = get_bool(v, "echo", &r->echo, err))) return st;
-        if (FIELD("suffix")) return bad(err, "suffix", "'suffix' is not supported");
+        if (FIELD("suffix")) return srv_oai_bad(err, "suffix", "'suffix' is not supported");
     }
     if (FIELD("ignore_eos") && (st = get_bool(v, "ignore_eos", &r->ignore_eos, err))) return st;
     /* Chat content is plain text unless the server or the request opts in
@@ -547,18 +548,18 @@ static int parse_fields(srv_oai_kind kind, const cJSON *root, const srv_oai_limi
     r->parse_special = kind == SRV_OAI_CHAT ? lim->chat_parse_special : true;
     if (FIELD("parse_special") && (st = get_bool(v, "parse_special", &r->parse_special, err))) return st;
     if (FIELD("user")) {
-        if (!cJSON_IsString(v)) return bad(err, "user", "'user' must be a string");
+        if (!cJSON_IsString(v)) return srv_oai_bad(err, "user", "'user' must be a string");
         if (!(r->user = strdup(v->valuestring))) return MOE_ENOMEM;
     }
     if (FIELD("tools") || FIELD("tool_choice") || FIELD("functions")) {
         /* Accepted and ignored only when empty / "none": the model cannot call tools yet. */
         if (!(cJSON_IsArray(v) && !v->child) && !(cJSON_IsString(v) && !strcmp(v->valuestring, "none")))
-            return bad(err, v->string, "'%s' (tool calling) is not supported", v->string);
+            return srv_oai_bad(err, v->string, "'%s' (tool calling) is not supported", v->string);
     }
     if (FIELD("response_format")) {
         const cJSON *t = cJSON_GetObjectItemCaseSensitive(v, "type");
         if (!cJSON_IsString(t) || strcmp(t->valuestring, "text"))
-            return bad(err, "response_format", "only 'response_format': {\"type\": \"text\"} is supported");
+            return srv_oai_bad(err, "response_format", "only 'response_format': {\"type\": \"text\"} is supported");
     }
 #undef FIELD
     /* The prompt last: the most expensive check runs on valid fields only. */
@@ -569,14 +570,14 @@ static int parse_fields(srv_oai_kind kind, const cJSON *root, const srv_oai_limi
     for (size_t i = 0; i < r->n_prompts; i++)
         if (r->prompts[i].n > longest) longest = r->prompts[i].n;
     const char *pp = kind == SRV_OAI_CHAT ? "messages" : "prompt";
-    if (longest < 1) return bad(err, pp, "'%s' gives an empty prompt", pp);
+    if (longest < 1) return srv_oai_bad(err, pp, "'%s' gives an empty prompt", pp);
     if (longest >= lim->ctx_size)
-        return bad(err, pp, "the prompt is %lld tokens; the context size is %lld (room for at least one more token needed)",
+        return srv_oai_bad(err, pp, "the prompt is %lld tokens; the context size is %lld (room for at least one more token needed)",
                    (long long)longest, (long long)lim->ctx_size);
     int64_t room = lim->ctx_size - longest;
     if (r->max_tokens < 0) r->max_tokens = kind == SRV_OAI_COMPLETION ? (room < 16 ? room : 16) : room;
     else if (r->max_tokens > room)
-        return bad(err, kind == SRV_OAI_CHAT && cJSON_GetObjectItemCaseSensitive(root, "max_completion_tokens")
+        return srv_oai_bad(err, kind == SRV_OAI_CHAT && cJSON_GetObjectItemCaseSensitive(root, "max_completion_tokens")
                             ? "max_completion_tokens"
                             : "max_tokens",
                    "prompt (%lld tokens) + max_tokens (%lld) exceeds the context size %lld", (long long)longest,

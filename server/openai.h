@@ -46,6 +46,10 @@ typedef struct srv_oai_err {
 /* Fills e (http, param may be NULL, printf message). */
 void srv_oai_err_set(srv_oai_err *e, int http, const char *param, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+
+/* srv_oai_err_set(e, 400, param, ...) and returns MOE_EINVAL: the one way
+ * the request parsers (chat, Anthropic, Responses) refuse a field. */
+int srv_oai_bad(srv_oai_err *e, const char *param, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* {"error":{"message","type","param","code"}}; malloc'd, caller frees; NULL on ENOMEM.
  * type is invalid_request_error (4xx), authentication_error (401),
  * rate_limit_error (429) or server_error (5xx). */

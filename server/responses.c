@@ -8,20 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "sse_events.h"
 #include "status.h"
 #include "utf8.h"
 
-static int bad(srv_oai_err *err, const char *param, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int bad(srv_oai_err *err, const char *param, const char *fmt, ...) {
-    err->http = 400;
-    snprintf(err->param, sizeof err->param, "%s", param ? param : "");
-    err->code[0] = 0;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err->message, sizeof err->message, fmt, ap);
-    va_end(ap);
-    return MOE_EINVAL;
-}
 
 static bool absent(const cJSON *v) { return !v || cJSON_IsNull(v); }
 
@@ -41,14 +31,14 @@ static int item_content(const cJSON *c, const char *path, bool assistant, cJSON 
         cJSON_AddItemToArray(parts, t);
         return 0;
     }
-    if (!cJSON_IsArray(c)) return bad(err, path, "'%s' must be a string or an array of content parts", path);
+    if (!cJSON_IsArray(c)) return srv_oai_bad(err, path, "'%s' must be a string or an array of content parts", path);
     size_t j = 0;
     char p[96];
     for (const cJSON *x = c->child; x; x = x->next, j++) {
         snprintf(p, sizeof p, "%s[%zu]", path, j);
         const cJSON *type = cJSON_GetObjectItemCaseSensitive(x, "type");
         if (!cJSON_IsObject(x) || !cJSON_IsString(type))
-            return bad(err, p, "'%s' must be an object with a string 'type'", p);
+            return srv_oai_bad(err, p, "'%s' must be an object with a string 'type'", p);
         const char *ty = type->valuestring;
         /* An earlier answer passed back as input holds output_text. */
         if (!strcmp(ty, "input_text") || !strcmp(ty, "output_text") || (assistant && !strcmp(ty, "refusal"))) {
@@ -56,7 +46,7 @@ static int item_content(const cJSON *c, const char *path, bool assistant, cJSON 
             const cJSON *text = cJSON_GetObjectItemCaseSensitive(x, key);
             if (!cJSON_IsString(text)) {
                 snprintf(p, sizeof p, "%s[%zu].%s", path, j, key);
-                return bad(err, p, "'%s' must be a string", p);
+                return srv_oai_bad(err, p, "'%s' must be a string", p);
             }
             cJSON *t = cJSON_CreateObject();
             cJSON_AddStringToObject(t, "type", "text");
@@ -65,7 +55,7 @@ static int item_content(const cJSON *c, const char *path, bool assistant, cJSON 
             continue;
         }
         snprintf(p, sizeof p, "%s[%zu].type", path, j);
-        return bad(err, p, "'%s': content type '%.40s' is not supported (only input_text and output_text)", p, ty);
+        return srv_oai_bad(err, p, "'%s': content type '%.40s' is not supported (only input_text and output_text)", p, ty);
     }
     return 0;
 }
@@ -78,33 +68,33 @@ static int input_items(const cJSON *in, cJSON *msgs, srv_oai_err *err) {
         cJSON_AddStringToObject(m, "content", in->valuestring);
         return 0;
     }
-    if (!cJSON_IsArray(in)) return bad(err, "input", "'input' must be a string or an array of input items");
-    if (!in->child) return bad(err, "input", "'input' must not be empty");
+    if (!cJSON_IsArray(in)) return srv_oai_bad(err, "input", "'input' must be a string or an array of input items");
+    if (!in->child) return srv_oai_bad(err, "input", "'input' must not be empty");
     size_t i = 0;
     char p[64];
     for (const cJSON *it = in->child; it; it = it->next, i++) {
         snprintf(p, sizeof p, "input[%zu]", i);
-        if (!cJSON_IsObject(it)) return bad(err, p, "'%s' must be an object", p);
+        if (!cJSON_IsObject(it)) return srv_oai_bad(err, p, "'%s' must be an object", p);
         const cJSON *type = cJSON_GetObjectItemCaseSensitive(it, "type");
         if (!absent(type)) {
             snprintf(p, sizeof p, "input[%zu].type", i);
-            if (!cJSON_IsString(type)) return bad(err, p, "'%s' must be a string", p);
+            if (!cJSON_IsString(type)) return srv_oai_bad(err, p, "'%s' must be a string", p);
             if (!strcmp(type->valuestring, "reasoning")) continue;
             if (strcmp(type->valuestring, "message")) {
                 bool tool = strstr(type->valuestring, "call") != NULL;
-                return bad(err, p, "'%s': item type '%.40s' is not supported%s", p, type->valuestring,
+                return srv_oai_bad(err, p, "'%s': item type '%.40s' is not supported%s", p, type->valuestring,
                            tool ? " (no tool calling yet)" : " (only message items)");
             }
         }
         const cJSON *role = cJSON_GetObjectItemCaseSensitive(it, "role");
         snprintf(p, sizeof p, "input[%zu].role", i);
-        if (!cJSON_IsString(role)) return bad(err, p, "'%s' is required and must be a string", p);
+        if (!cJSON_IsString(role)) return srv_oai_bad(err, p, "'%s' is required and must be a string", p);
         const char *r = role->valuestring;
         if (strcmp(r, "user") && strcmp(r, "assistant") && strcmp(r, "system") && strcmp(r, "developer"))
-            return bad(err, p, "'%s' must be one of user, assistant, system, developer (got '%.40s')", p, r);
+            return srv_oai_bad(err, p, "'%s' must be one of user, assistant, system, developer (got '%.40s')", p, r);
         const cJSON *c = cJSON_GetObjectItemCaseSensitive(it, "content");
         snprintf(p, sizeof p, "input[%zu].content", i);
-        if (absent(c)) return bad(err, p, "'%s' is required", p);
+        if (absent(c)) return srv_oai_bad(err, p, "'%s' is required", p);
         cJSON *m = cJSON_CreateObject();
         cJSON_AddItemToArray(msgs, m);
         cJSON_AddStringToObject(m, "role", strcmp(r, "developer") ? r : "system");
@@ -117,9 +107,9 @@ static int input_items(const cJSON *in, cJSON *msgs, srv_oai_err *err) {
 static int num(const cJSON *root, cJSON *chat, const char *name, double lo, double hi, double *out, srv_oai_err *err) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, name);
     if (absent(v)) return 0;
-    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble)) return bad(err, name, "'%s' must be a number", name);
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble)) return srv_oai_bad(err, name, "'%s' must be a number", name);
     if (v->valuedouble < lo || v->valuedouble > hi)
-        return bad(err, name, "'%s' must be between %g and %g (got %g)", name, lo, hi, v->valuedouble);
+        return srv_oai_bad(err, name, "'%s' must be between %g and %g (got %g)", name, lo, hi, v->valuedouble);
     cJSON_AddNumberToObject(chat, name, v->valuedouble);
     *out = v->valuedouble;
     return 0;
@@ -128,37 +118,37 @@ static int num(const cJSON *root, cJSON *chat, const char *name, double lo, doub
 static int translate(const cJSON *root, cJSON *chat, srv_resp_echo *echo, srv_oai_err *err) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, "model");
     if (!absent(v)) {
-        if (!cJSON_IsString(v)) return bad(err, "model", "'model' must be a string");
+        if (!cJSON_IsString(v)) return srv_oai_bad(err, "model", "'model' must be a string");
         cJSON_AddStringToObject(chat, "model", v->valuestring);
     }
     /* Nothing is stored, so nothing can be continued or fetched later. */
     v = cJSON_GetObjectItemCaseSensitive(root, "previous_response_id");
     if (!absent(v))
-        return bad(err, "previous_response_id",
+        return srv_oai_bad(err, "previous_response_id",
                    "'previous_response_id' is not supported: this server is stateless; send the whole conversation "
                    "as 'input'");
     v = cJSON_GetObjectItemCaseSensitive(root, "conversation");
-    if (!absent(v)) return bad(err, "conversation", "'conversation' is not supported: this server is stateless");
+    if (!absent(v)) return srv_oai_bad(err, "conversation", "'conversation' is not supported: this server is stateless");
     v = cJSON_GetObjectItemCaseSensitive(root, "store");
     if (!absent(v)) {
-        if (!cJSON_IsBool(v)) return bad(err, "store", "'store' must be a boolean");
+        if (!cJSON_IsBool(v)) return srv_oai_bad(err, "store", "'store' must be a boolean");
         if (cJSON_IsTrue(v))
-            return bad(err, "store", "'store': true is not supported: this server keeps no responses (send false)");
+            return srv_oai_bad(err, "store", "'store': true is not supported: this server keeps no responses (send false)");
     }
     v = cJSON_GetObjectItemCaseSensitive(root, "background");
     if (!absent(v) && !cJSON_IsFalse(v))
-        return bad(err, "background", "'background' must be false: responses are not stored to be polled");
+        return srv_oai_bad(err, "background", "'background' must be false: responses are not stored to be polled");
     v = cJSON_GetObjectItemCaseSensitive(root, "stream");
     if (!absent(v)) {
-        if (!cJSON_IsBool(v)) return bad(err, "stream", "'stream' must be a boolean");
+        if (!cJSON_IsBool(v)) return srv_oai_bad(err, "stream", "'stream' must be a boolean");
         cJSON_AddBoolToObject(chat, "stream", cJSON_IsTrue(v));
     }
     v = cJSON_GetObjectItemCaseSensitive(root, "max_output_tokens");
     if (!absent(v)) {
         if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || !isfinite(v->valuedouble))
-            return bad(err, "max_output_tokens", "'max_output_tokens' must be an integer");
+            return srv_oai_bad(err, "max_output_tokens", "'max_output_tokens' must be an integer");
         if (v->valuedouble < 1 || v->valuedouble > 1e15)
-            return bad(err, "max_output_tokens", "'max_output_tokens' must be at least 1 (got %g)", v->valuedouble);
+            return srv_oai_bad(err, "max_output_tokens", "'max_output_tokens' must be at least 1 (got %g)", v->valuedouble);
         cJSON_AddNumberToObject(chat, "max_tokens", v->valuedouble);
         echo->max_output_tokens = (int64_t)v->valuedouble;
     }
@@ -167,23 +157,23 @@ static int translate(const cJSON *root, cJSON *chat, srv_resp_echo *echo, srv_oa
     if ((st = num(root, chat, "top_p", 0, 1, &echo->top_p, err))) return st;
     v = cJSON_GetObjectItemCaseSensitive(root, "ignore_eos"); /* moed extension, as on the other endpoints */
     if (!absent(v)) {
-        if (!cJSON_IsBool(v)) return bad(err, "ignore_eos", "'ignore_eos' must be a boolean");
+        if (!cJSON_IsBool(v)) return srv_oai_bad(err, "ignore_eos", "'ignore_eos' must be a boolean");
         cJSON_AddBoolToObject(chat, "ignore_eos", cJSON_IsTrue(v));
     }
     v = cJSON_GetObjectItemCaseSensitive(root, "metadata");
     if (!absent(v)) {
-        if (!cJSON_IsObject(v)) return bad(err, "metadata", "'metadata' must be an object");
+        if (!cJSON_IsObject(v)) return srv_oai_bad(err, "metadata", "'metadata' must be an object");
         if (!(echo->metadata = cJSON_PrintUnformatted(v))) return MOE_ENOMEM;
     }
     v = cJSON_GetObjectItemCaseSensitive(root, "text");
     if (!absent(v)) {
-        if (!cJSON_IsObject(v)) return bad(err, "text", "'text' must be an object");
+        if (!cJSON_IsObject(v)) return srv_oai_bad(err, "text", "'text' must be an object");
         const cJSON *f = cJSON_GetObjectItemCaseSensitive(v, "format");
         if (!absent(f)) {
             const cJSON *t = cJSON_GetObjectItemCaseSensitive(f, "type");
-            if (!cJSON_IsString(t)) return bad(err, "text.format.type", "'text.format.type' must be a string");
+            if (!cJSON_IsString(t)) return srv_oai_bad(err, "text.format.type", "'text.format.type' must be a string");
             if (strcmp(t->valuestring, "text"))
-                return bad(err, "text.format",
+                return srv_oai_bad(err, "text.format",
                            "'text.format' type '%.40s' is not supported: structured output needs grammar-constrained "
                            "sampling, which this server does not have yet (only {\"type\": \"text\"})",
                            t->valuestring);
@@ -191,15 +181,15 @@ static int translate(const cJSON *root, cJSON *chat, srv_resp_echo *echo, srv_oa
     }
     v = cJSON_GetObjectItemCaseSensitive(root, "tools");
     if (!absent(v) && !(cJSON_IsArray(v) && !v->child))
-        return bad(err, "tools", "'tools' (tool calling) is not supported by this server yet");
+        return srv_oai_bad(err, "tools", "'tools' (tool calling) is not supported by this server yet");
     v = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
     if (!absent(v) && !(cJSON_IsString(v) && (!strcmp(v->valuestring, "none") || !strcmp(v->valuestring, "auto"))))
-        return bad(err, "tool_choice", "'tool_choice' must be \"none\" or \"auto\" (no tool calling yet)");
+        return srv_oai_bad(err, "tool_choice", "'tool_choice' must be \"none\" or \"auto\" (no tool calling yet)");
 
     cJSON *msgs = cJSON_AddArrayToObject(chat, "messages");
     v = cJSON_GetObjectItemCaseSensitive(root, "instructions");
     if (!absent(v)) {
-        if (!cJSON_IsString(v)) return bad(err, "instructions", "'instructions' must be a string");
+        if (!cJSON_IsString(v)) return srv_oai_bad(err, "instructions", "'instructions' must be a string");
         cJSON *m = cJSON_CreateObject();
         cJSON_AddItemToArray(msgs, m);
         cJSON_AddStringToObject(m, "role", "system");
@@ -207,7 +197,7 @@ static int translate(const cJSON *root, cJSON *chat, srv_resp_echo *echo, srv_oa
         if (!(echo->instructions = strdup(v->valuestring))) return MOE_ENOMEM;
     }
     v = cJSON_GetObjectItemCaseSensitive(root, "input");
-    if (absent(v)) return bad(err, "input", "'input' is required");
+    if (absent(v)) return srv_oai_bad(err, "input", "'input' is required");
     return input_items(v, msgs, err);
 }
 
@@ -228,7 +218,7 @@ int srv_resp_parse(const char *body, size_t len, const srv_oai_limits *lim, srv_
         if (*q != ' ' && *q != '\n' && *q != '\r' && *q != '\t') trailing = true;
     if (!root || trailing || !cJSON_IsObject(root)) {
         cJSON_Delete(root);
-        return bad(err, NULL, "the request body must be one JSON object");
+        return srv_oai_bad(err, NULL, "the request body must be one JSON object");
     }
     cJSON *chat = cJSON_CreateObject();
     st = chat ? translate(root, chat, echo, err) : MOE_ENOMEM;
@@ -345,42 +335,9 @@ char *srv_resp_render(const srv_resp_ctx *c, const char *text, size_t len, moe_f
     return print(response_object(c, final_status(finish), text, len, input_tokens, output_tokens));
 }
 
-/* The SSE text of objs[0..n) (taken), each named by its "type" and
- * numbered from *seq. */
-static char *events(int64_t *seq, cJSON **objs, size_t n) {
-    size_t cap = 1, len = 0;
-    char **parts = calloc(n, sizeof *parts);
-    char *out = NULL;
-    if (!parts) goto done;
-    for (size_t i = 0; i < n; i++) {
-        if (!objs[i]) goto done;
-        cJSON_AddNumberToObject(objs[i], "sequence_number", (double)(*seq + (int64_t)i));
-        if (!(parts[i] = cJSON_PrintUnformatted(objs[i]))) goto done;
-        cap += strlen(parts[i]) + strlen(cJSON_GetObjectItemCaseSensitive(objs[i], "type")->valuestring) + 16;
-    }
-    if (!(out = malloc(cap))) goto done;
-    for (size_t i = 0; i < n; i++)
-        len += (size_t)sprintf(out + len, "event: %s\ndata: %s\n\n",
-                               cJSON_GetObjectItemCaseSensitive(objs[i], "type")->valuestring, parts[i]);
-    *seq += (int64_t)n;
-done:
-    for (size_t i = 0; i < n; i++) {
-        if (parts) free(parts[i]);
-        cJSON_Delete(objs[i]);
-    }
-    free(parts);
-    return out;
-}
-
-static cJSON *typed(const char *type) {
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "type", type);
-    return o;
-}
-
 /* The fields that place an event in the output message's only text part. */
 static cJSON *part_event(const srv_resp_ctx *c, const char *type) {
-    cJSON *o = typed(type);
+    cJSON *o = srv_sse_typed(type);
     cJSON_AddStringToObject(o, "item_id", c->item_id);
     cJSON_AddNumberToObject(o, "output_index", 0);
     cJSON_AddNumberToObject(o, "content_index", 0);
@@ -389,23 +346,23 @@ static cJSON *part_event(const srv_resp_ctx *c, const char *type) {
 
 char *srv_resp_sse_start(const srv_resp_ctx *c, int64_t *seq) {
     cJSON *ev[4];
-    ev[0] = typed("response.created");
+    ev[0] = srv_sse_typed("response.created");
     cJSON_AddItemToObject(ev[0], "response", response_object(c, "in_progress", NULL, 0, 0, 0));
-    ev[1] = typed("response.in_progress");
+    ev[1] = srv_sse_typed("response.in_progress");
     cJSON_AddItemToObject(ev[1], "response", response_object(c, "in_progress", NULL, 0, 0, 0));
-    ev[2] = typed("response.output_item.added");
+    ev[2] = srv_sse_typed("response.output_item.added");
     cJSON_AddNumberToObject(ev[2], "output_index", 0);
     cJSON_AddItemToObject(ev[2], "item", message_item(c, "in_progress", NULL, 0));
     ev[3] = part_event(c, "response.content_part.added");
     cJSON_AddItemToObject(ev[3], "part", text_part("", 0));
-    return events(seq, ev, 4);
+    return srv_sse_events(ev, 4, seq);
 }
 
 char *srv_resp_sse_delta(const srv_resp_ctx *c, int64_t *seq, const char *text, size_t len) {
     cJSON *ev = part_event(c, "response.output_text.delta");
     add_text(ev, "delta", text, len);
     cJSON_AddArrayToObject(ev, "logprobs");
-    return events(seq, &ev, 1);
+    return srv_sse_events(&ev, 1, seq);
 }
 
 char *srv_resp_sse_end(const srv_resp_ctx *c, int64_t *seq, const char *text, size_t len, moe_finish finish,
@@ -417,16 +374,16 @@ char *srv_resp_sse_end(const srv_resp_ctx *c, int64_t *seq, const char *text, si
     cJSON_AddArrayToObject(ev[0], "logprobs");
     ev[1] = part_event(c, "response.content_part.done");
     cJSON_AddItemToObject(ev[1], "part", text_part(text, len));
-    ev[2] = typed("response.output_item.done");
+    ev[2] = srv_sse_typed("response.output_item.done");
     cJSON_AddNumberToObject(ev[2], "output_index", 0);
     cJSON_AddItemToObject(ev[2], "item", message_item(c, status, text, len));
-    ev[3] = typed(!strcmp(status, "completed") ? "response.completed" : "response.incomplete");
+    ev[3] = srv_sse_typed(!strcmp(status, "completed") ? "response.completed" : "response.incomplete");
     cJSON_AddItemToObject(ev[3], "response", response_object(c, status, text, len, input_tokens, output_tokens));
-    return events(seq, ev, 4);
+    return srv_sse_events(ev, 4, seq);
 }
 
 char *srv_resp_sse_error(int64_t *seq, const srv_oai_err *e) {
-    cJSON *ev = typed("error");
+    cJSON *ev = srv_sse_typed("error");
     if (e->code[0]) cJSON_AddStringToObject(ev, "code", e->code);
     else cJSON_AddNullToObject(ev, "code");
     char *m = moe_utf8_clean(e->message, strlen(e->message));
@@ -434,5 +391,5 @@ char *srv_resp_sse_error(int64_t *seq, const srv_oai_err *e) {
     free(m);
     if (e->param[0]) cJSON_AddStringToObject(ev, "param", e->param);
     else cJSON_AddNullToObject(ev, "param");
-    return events(seq, &ev, 1);
+    return srv_sse_events(&ev, 1, seq);
 }
