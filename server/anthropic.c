@@ -192,17 +192,9 @@ int srv_anth_parse(const char *body, size_t len, const srv_oai_limits *lim, bool
                    srv_oai_err *err) {
     memset(out, 0, sizeof *out);
     out->kind = SRV_OAI_CHAT;
-    int st = srv_oai_precheck(body, len, lim->max_depth, err);
-    if (st) return st; /* its paths are written OpenAI's way (messages[0].content) */
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(body, len, &end, false);
-    bool trailing = false;
-    for (const char *q = end; root && q && q < body + len; q++)
-        if (*q != ' ' && *q != '\n' && *q != '\r' && *q != '\t') trailing = true;
-    if (!root || trailing || !cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        return srv_oai_bad(err, NULL, "the request body must be one JSON object");
-    }
+    int st = 0;
+    cJSON *root = srv_oai_parse_object(body, len, lim->max_depth, err, &st);
+    if (!root) return st; /* precheck's paths are written OpenAI's way (messages[0].content) */
     cJSON *chat = cJSON_CreateObject();
     if (!chat) {
         cJSON_Delete(root);

@@ -171,6 +171,21 @@ int srv_oai_precheck(const char *body, size_t len, int max_depth, srv_oai_err *e
     return 0;
 }
 
+cJSON *srv_oai_parse_object(const char *body, size_t len, int max_depth, srv_oai_err *err, int *status) {
+    if ((*status = srv_oai_precheck(body, len, max_depth, err))) return NULL;
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(body, len, &end, false);
+    bool trailing = false;
+    for (const char *q = end; root && q && q < body + len; q++)
+        if (*q != ' ' && *q != '\n' && *q != '\r' && *q != '\t') trailing = true;
+    if (!root || trailing || !cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        *status = srv_oai_bad(err, NULL, "the request body must be one JSON object");
+        return NULL;
+    }
+    return root;
+}
+
 /* --- parsing helpers: each returns 0 or fills err and returns MOE_EINVAL --- */
 
 static bool is_null(const cJSON *v) { return !v || cJSON_IsNull(v); }

@@ -104,6 +104,13 @@ void srv_oai_engine_request(const srv_oai_req *r, size_t i, moe_request *out);
  * /tokenize). Returns 0 or MOE_EINVAL with err filled (400). */
 int srv_oai_precheck(const char *body, size_t len, int max_depth, srv_oai_err *err);
 
+/* srv_oai_precheck, then the body parsed as exactly one JSON object
+ * (nothing but white space after it). Returns the object (caller frees
+ * with cJSON_Delete), or NULL with err filled (400) and *status set
+ * (MOE_EINVAL). For the APIs that translate their bodies (Anthropic,
+ * Responses). */
+struct cJSON *srv_oai_parse_object(const char *body, size_t len, int max_depth, srv_oai_err *err, int *status);
+
 /* --- output --- */
 
 /* One generated token's logprob data. */

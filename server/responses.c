@@ -209,17 +209,9 @@ int srv_resp_parse(const char *body, size_t len, const srv_oai_limits *lim, srv_
     echo->max_output_tokens = -1;
     echo->temperature = 1;
     echo->top_p = 1;
-    int st = srv_oai_precheck(body, len, lim->max_depth, err);
-    if (st) return st;
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(body, len, &end, false);
-    bool trailing = false;
-    for (const char *q = end; root && q && q < body + len; q++)
-        if (*q != ' ' && *q != '\n' && *q != '\r' && *q != '\t') trailing = true;
-    if (!root || trailing || !cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        return srv_oai_bad(err, NULL, "the request body must be one JSON object");
-    }
+    int st = 0;
+    cJSON *root = srv_oai_parse_object(body, len, lim->max_depth, err, &st);
+    if (!root) return st;
     cJSON *chat = cJSON_CreateObject();
     st = chat ? translate(root, chat, echo, err) : MOE_ENOMEM;
     cJSON_Delete(root);
