@@ -1,13 +1,17 @@
 /* array.c - growable arrays; see array.h. */
 #include "array.h"
 
+#include <stddef.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "status.h"
 
 static int resize(void **p, int64_t *cap, int64_t n, size_t elem) {
     size_t bytes;
-    if (n < 0 || __builtin_mul_overflow((size_t)n, elem, &bytes)) return MOE_ENOMEM;
+    /* no object may exceed PTRDIFF_MAX bytes: refused here rather than
+     * handed to an allocator that may abort (ASan does) */
+    if (n < 0 || __builtin_mul_overflow((size_t)n, elem, &bytes) || bytes > (size_t)PTRDIFF_MAX) return MOE_ENOMEM;
     void *np = realloc(*p, bytes ? bytes : 1);
     if (!np) return MOE_ENOMEM;
     *p = np;
